@@ -1,0 +1,51 @@
+"""Configuration shared by every process, read from the environment (flags override it).
+
+| variable              | default                         | meaning                                        |
+|-----------------------|---------------------------------|------------------------------------------------|
+| FL_STATE_DIR          | .fl (in the repo)               | logs, chain database, IPFS repo, embedded store |
+| FL_CHAIN_URL          | http://127.0.0.1:8545           | JSON-RPC URL of the EVM node; "embedded" = eth-tester |
+| FL_IPFS_API           | http://127.0.0.1:5001           | IPFS HTTP RPC API; "embedded" = on-disk store   |
+| FL_CONTRACT_RECORD    | build/deployments.json          | where the deployed contract address is recorded |
+| FL_ORG_KEY            | Ganache deterministic account 0 | organization's private key                      |
+| FL_TIMEOUT            | 30                              | seconds for one IPFS or chain call              |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = REPO_ROOT / ".fl"
+    chain_url: str = "http://127.0.0.1:8545"
+    ipfs_api: str = "http://127.0.0.1:5001"
+    contract_record: Path = REPO_ROOT / "build" / "deployments.json"
+    org_key: str | None = None
+    timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        settings = cls(
+            state_dir=Path(env.get("FL_STATE_DIR", REPO_ROOT / ".fl")),
+            chain_url=env.get("FL_CHAIN_URL", cls.chain_url),
+            ipfs_api=env.get("FL_IPFS_API", cls.ipfs_api),
+            contract_record=Path(env.get("FL_CONTRACT_RECORD", REPO_ROOT / "build" / "deployments.json")),
+            org_key=env.get("FL_ORG_KEY") or None,
+            timeout=float(env.get("FL_TIMEOUT", cls.timeout)),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def embedded_chain(self) -> bool:
+        return self.chain_url == EMBEDDED
+
+    @property
+    def embedded_ipfs(self) -> bool:
+        return self.ipfs_api == EMBEDDED

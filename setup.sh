@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything the project needs, into the repo: .venv (Python) and node_modules (npm).
+# Idempotent: a step whose inputs have not changed since it last succeeded is skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+fail() { echo "setup.sh: $*" >&2; exit 1; }
+trap 'fail "step failed at line $LINENO (see the output above)"' ERR
+
+PYTHON=${PYTHON:-python3}
+STAMPS=.venv/.stamps
+
+command -v "$PYTHON" >/dev/null || fail "$PYTHON not found: install Python 3.11"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || fail "Python >= 3.10 is required"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup.sh: creating .venv"
+  "$PYTHON" -m venv .venv || fail "could not create .venv (is python3-venv installed?)"
+fi
+mkdir -p "$STAMPS"
+
+stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+
+req_hash=$(cat requirements.txt | sha256sum | cut -d' ' -f1)
+if ! stamp_ok requirements "$req_hash"; then
+  echo "setup.sh: installing Python packages (requirements.txt)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+  # recbole ships MovieLens-100K as plain files; only those files are read, never its code.
+  .venv/bin/python -m pip install --quiet --no-deps recbole==1.2.1
+  echo "$req_hash" > "$STAMPS/requirements"
+fi
+
+if [ -f package.json ]; then
+  command -v npm >/dev/null || fail "npm not found: install Node.js 20 and npm"
+  lock_hash=$(cat package.json package-lock.json | sha256sum | cut -d' ' -f1)
+  if ! stamp_ok npm "$lock_hash" || [ ! -d node_modules ]; then
+    echo "setup.sh: installing npm packages (npm ci)"
+    npm ci --no-audit --no-fund --loglevel=error
+    echo "$lock_hash" > "$STAMPS/npm"
+  fi
+fi
+
+echo "setup.sh: ready (.venv and node_modules)"
