@@ -1,0 +1,64 @@
+"""JSON API of a client (documented in README.md).
+
+Long actions (train, participate) run as a background job unless the body says {"wait": true};
+GET /api/job shows the job's step and training progress.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from client.service import ClientService
+from runtime import ActionError, JobRunner, json_body
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def service() -> ClientService:
+    return current_app.extensions["client"]
+
+
+def jobs() -> JobRunner:
+    return current_app.extensions["jobs"]
+
+
+def run_job(name: str, action):
+    body = json_body()
+    wait = body.get("wait", False)
+    if not isinstance(wait, bool):
+        raise ActionError("field 'wait' must be true or false", 400)
+    job = jobs().start(name, action, wait=wait)
+    return jsonify(job.as_dict()), (200 if wait else 202)
+
+
+@bp.get("/status")
+def status():
+    current = jobs().current
+    return jsonify({**service().status(), "job": current.as_dict() if current else None})
+
+
+@bp.get("/job")
+def job():
+    current = jobs().current
+    if current is None:
+        raise ActionError("no job has run yet", 404)
+    return jsonify(current.as_dict())
+
+
+@bp.post("/pull")
+def pull():
+    return run_job("pull", lambda job: service().pull())
+
+
+@bp.post("/train")
+def train():
+    return run_job("train", lambda job: service().train(job))
+
+
+@bp.post("/publish")
+def publish():
+    return run_job("publish", lambda job: service().publish())
+
+
+@bp.post("/participate")
+def participate():
+    return run_job("participate", lambda job: service().participate(job))

@@ -1,0 +1,199 @@
+"""A device's side of a round: pull the base model, train on local data with EWC, publish the delta.
+
+The local data never leaves this process: only the delta goes to IPFS and its CID to the chain.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from eth_account import Account
+
+import chain
+import storage
+from processor import codec, rounds
+from processor.tasks import get_task
+from runtime import ActionError, Job, PhaseTimer, describe_error, find_registry
+from settings import Settings
+
+log = logging.getLogger("client")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    client_id: int = 0
+    num_clients: int = 2
+    task: str = "mnist"
+    partition: str = "iid"  # iid, dirichlet, skewed, by-user
+    alpha: float = 0.5
+    seed: int = 0
+    ewc_lambda: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    update_dtype: str = "float32"  # float16 halves the bytes published
+    key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
+
+
+@dataclass
+class PulledBase:
+    round_id: int
+    cid: str
+    weights: dict
+    fisher: dict
+
+
+@dataclass
+class TrainedUpdate:
+    round_id: int
+    base_cid: str
+    result: rounds.LocalResult
+
+
+class ClientService:
+    def __init__(self, settings: Settings, config: ClientConfig, w3, store: storage.ContentStore,
+                 registry: chain.Registry | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.task = get_task(config.task)
+        self.w3 = w3
+        self.store = store
+        self._registry = registry
+        self.key = config.key or chain.DEV_KEYS[config.client_id + 1]
+        self.address = Account.from_key(self.key).address
+        self.x, self.y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
+                                               seed=config.seed, alpha=config.alpha)
+        self.base: PulledBase | None = None
+        self.trained: TrainedUpdate | None = None
+        self.last_tx: dict[str, Any] | None = None
+        self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
+
+    @property
+    def registry(self) -> chain.Registry:
+        if self._registry is None:  # the organization may deploy after this client started
+            self._registry = find_registry(self.w3, self.settings)
+        if self._registry is None:
+            raise ActionError("no contract is deployed on this chain yet", 409)
+        return self._registry
+
+    # ---- state -------------------------------------------------------------------------
+
+    def data_summary(self) -> dict[str, Any]:
+        labels, counts = np.unique(self.y, return_counts=True)
+        return {"samples": int(len(self.y)),
+                "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
+
+    def open_round(self) -> tuple[int, chain.RoundInfo]:
+        round_id = self.registry.current_round()
+        if round_id == 0:
+            raise ActionError("no round has started yet", 409)
+        info = self.registry.round(round_id)
+        if info.finalized:
+            raise ActionError(f"round {round_id} is finalized and the next has not started yet", 409)
+        return round_id, info
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "client_id": self.config.client_id, "address": self.address, "task": self.task.name,
+            "partition": self.config.partition, "ewc_lambda": self.config.ewc_lambda,
+            "epochs": self.config.epochs, "data": self.data_summary(),
+            "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
+            "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
+        }
+        try:
+            round_id = self.registry.current_round()
+            if round_id:
+                info = self.registry.round(round_id)
+                status["round"] = {"round": round_id, "base_cid": info.base_cid, "finalized": info.finalized,
+                                   "submitted": self.registry.has_submitted(round_id, self.address),
+                                   "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
+        except Exception as exc:  # an outage is shown, not raised: the page must still render
+            status["chain_error"] = describe_error(exc)
+        return status
+
+    def _trained_view(self) -> dict[str, Any] | None:
+        if self.trained is None:
+            return None
+        result = self.trained.result
+        return {"round": self.trained.round_id, "num_samples": result.num_samples,
+                "accuracy_before": result.metrics_before["accuracy"],
+                "accuracy_after": result.metrics_after["accuracy"]}
+
+    # ---- actions -----------------------------------------------------------------------
+
+    def pull(self, timer: PhaseTimer | None = None) -> dict[str, Any]:
+        timer = timer or PhaseTimer()
+        with self._lock:
+            with timer.phase("chain"):
+                round_id, info = self.open_round()
+            if self.base is None or self.base.cid != info.base_cid:
+                with timer.phase("ipfs"):
+                    data = self.store.get(info.base_cid)
+                with timer.phase("decoding"):
+                    weights, fisher, _ = codec.decode_model(self.task, data)
+                self.base = PulledBase(round_id, info.base_cid, weights, fisher)
+            self.base.round_id = round_id
+            return {"round": round_id, "base_cid": info.base_cid, "seconds": timer.as_dict()}
+
+    def train(self, job: Job | None = None, timer: PhaseTimer | None = None) -> dict[str, Any]:
+        timer = timer or PhaseTimer()
+        with self._lock:
+            if self.base is None:
+                raise ActionError("pull the base model first", 409)
+            cfg = self.config
+
+            def progress(epoch: int, total: int, logs: dict) -> None:
+                if job is not None:
+                    job.progress = {"epoch": epoch, "epochs": total,
+                                    **{k: round(float(v), 4) for k, v in (logs or {}).items()}}
+                log.info("client %d: epoch %d/%d %s", cfg.client_id, epoch, total, logs or "")
+
+            with timer.phase("training"):
+                result = rounds.local_update(
+                    self.task, self.base.weights, self.base.fisher, self.x, self.y, lam=cfg.ewc_lambda,
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                    seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress)
+            self.trained = TrainedUpdate(self.base.round_id, self.base.cid, result)
+            return {**self._trained_view(), "seconds": timer.as_dict()}
+
+    def publish(self, timer: PhaseTimer | None = None) -> dict[str, Any]:
+        timer = timer or PhaseTimer()
+        with self._lock:
+            if self.trained is None:
+                raise ActionError("train on the local data first", 409)
+            with timer.phase("chain"):
+                round_id, info = self.open_round()
+                if info.base_cid != self.trained.base_cid:
+                    raise ActionError(f"the trained update is for an older base model; round {round_id} "
+                                      f"starts from {info.base_cid}: pull and train again", 409)
+                if self.registry.has_submitted(round_id, self.address):
+                    raise ActionError(f"this client has already submitted to round {round_id}", 409)
+            result = self.trained.result
+            with timer.phase("encoding"):
+                data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=info.base_cid,
+                                          num_samples=result.num_samples, client=self.address,
+                                          dtype=self.config.update_dtype)
+            with timer.phase("ipfs"):
+                cid = self.store.add(data)
+            with timer.phase("chain"):
+                tx = self.registry.submit_update(self.key, round_id, cid, result.num_samples)
+            self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,
+                            "gas": tx.gas_used, "bytes": len(data)}
+            log.info("client %d: published %s (%d bytes) to round %d", self.config.client_id, cid, len(data), round_id)
+            return {**self.last_tx, "seconds": timer.as_dict()}
+
+    def participate(self, job: Job | None = None) -> dict[str, Any]:
+        """Pull, train and publish; a failure at any step publishes nothing."""
+        timer = PhaseTimer()
+        round_id, _ = self.open_round()
+        if self.registry.has_submitted(round_id, self.address):
+            raise ActionError(f"this client has already submitted to round {round_id}", 409)
+        for step, action in (("pull", lambda: self.pull(timer)), ("train", lambda: self.train(job, timer)),
+                             ("publish", lambda: self.publish(timer))):
+            if job is not None:
+                job.step = step
+            result = action()
+        return {**result, **(self._trained_view() or {}), "seconds": timer.as_dict()}

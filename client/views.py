@@ -1,0 +1,51 @@
+"""Server-rendered page of a client; every button is a form post that redirects back."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, flash, redirect, render_template, url_for
+
+from client.service import ClientService
+from runtime import JobRunner, describe_error
+
+bp = Blueprint("page", __name__)
+
+
+def service() -> ClientService:
+    return current_app.extensions["client"]
+
+
+def jobs() -> JobRunner:
+    return current_app.extensions["jobs"]
+
+
+@bp.get("/")
+def index():
+    return render_template("client.html", status=service().status(), job=jobs().current)
+
+
+def start(name: str, action):
+    try:
+        jobs().start(name, action)
+        flash(f"{name.capitalize()} started", "ok")
+    except Exception as exc:  # shown on the page; the page itself stays up
+        flash(describe_error(exc), "error")
+    return redirect(url_for("page.index"))
+
+
+@bp.post("/pull")
+def pull():
+    return start("pull", lambda job: service().pull())
+
+
+@bp.post("/train")
+def train():
+    return start("train", lambda job: service().train(job))
+
+
+@bp.post("/publish")
+def publish():
+    return start("publish", lambda job: service().publish())
+
+
+@bp.post("/participate")
+def participate():
+    return start("participate", lambda job: service().participate(job))

@@ -1,0 +1,265 @@
+"""`run.py demo`: the whole system on one machine, driven round by round through the apps' HTTP APIs.
+
+Full stack: Ganache, the IPFS daemon, the organization and N client processes, each a real
+process. Embedded (--embedded): eth-tester and the on-disk store, every role in this process,
+driven through Flask's test clients, so the same API and round code run either way.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+from tqdm import tqdm
+
+import chain
+import storage
+from plots import accuracy_png
+from services import ManagedProcess, http_answers
+from settings import EMBEDDED, REPO_ROOT, Settings
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    task: str = "mnist"
+    clients: int = 3
+    rounds: int = 5
+    partition: str = "iid"
+    ewc_lambda: float = 0.0
+    epochs: int = 1
+    embedded: bool = False
+    keep: bool = False
+    json_path: Path | None = None
+    plot_path: Path = REPO_ROOT / "results" / "demo_accuracy.png"
+    org_port: int = 5000
+    first_client_port: int = 5100
+
+
+class Endpoint(Protocol):
+    url: str
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]: ...
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+class HttpEndpoint:
+    """An app served by another process."""
+
+    def __init__(self, url: str, timeout: float = 600.0) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        response = requests.request(method, self.url + path, json=body, timeout=self.timeout)
+        return check_answer(method, self.url + path, response.status_code, response.json())
+
+
+class InProcessEndpoint:
+    """An app in this process, reached through Flask's test client (the embedded demo)."""
+
+    def __init__(self, app, name: str) -> None:
+        self.client = app.test_client()
+        self.url = f"in-process:{name}"
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
+        response = self.client.open(path, method=method, json=body)
+        return check_answer(method, self.url + path, response.status_code, response.get_json())
+
+
+def check_answer(method: str, url: str, status: int, payload: Any) -> dict[str, Any]:
+    if status >= 400:
+        message = payload.get("error") if isinstance(payload, dict) else payload
+        raise DemoError(f"{method} {url} answered {status}: {message}")
+    return payload
+
+
+def free_port(preferred: int) -> int:
+    """`preferred` if nothing listens there, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise DemoError("no free port")
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+# ---- bringing the system up ---------------------------------------------------------------
+
+
+def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[Endpoint, list[Endpoint]]:
+    run_dir = settings.state_dir / "demo"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    logs = run_dir / "logs"
+
+    if not http_answers(settings.chain_url, "POST"):
+        log(f"starting Ganache at {settings.chain_url}")
+    ganache = stack.enter_context(chain.Ganache(settings.chain_url, db_dir=run_dir / "chain",
+                                                log_path=logs / "ganache.log"))
+    if not storage.ipfs_answers(settings.ipfs_api):
+        log(f"starting the IPFS daemon at {settings.ipfs_api}")
+    stack.enter_context(storage.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
+                                                   log_path=logs / "ipfs.log"))
+    w3 = chain.connect(settings.chain_url)
+    record = run_dir / "deployments.json"
+    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
+    chain.record_deployment(record, w3, registry.address)
+    log(f"deployed the round registry at {registry.address} ({'reused' if ganache.reused else 'new'} chain)")
+
+    env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
+           "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run_py = str(REPO_ROOT / "run.py")
+
+    def app_process(name: str, port: int, args: list[str]) -> Endpoint:
+        url = f"http://127.0.0.1:{port}"
+        process = ManagedProcess(name, [sys.executable, run_py, *args, "--port", str(port)],
+                                 is_ready=lambda: http_answers(url + "/api/status"),
+                                 log_path=logs / f"{name}.log", env=env, cwd=REPO_ROOT, ready_timeout=180)
+        stack.callback(process.stop)
+        return process, HttpEndpoint(url)
+
+    starting = [app_process("organization", free_port(options.org_port), ["app", "--task", options.task])]
+    for k in range(options.clients):
+        starting.append(app_process(
+            f"client-{k}", free_port(options.first_client_port + k),
+            ["client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
+             "--partition", options.partition, "--ewc-lambda", str(options.ewc_lambda),
+             "--epochs", str(options.epochs)]))
+    log(f"starting the organization and {options.clients} clients (logs in {logs})")
+    for process, _ in starting:
+        process.start()
+    endpoints = [endpoint for _, endpoint in starting]
+    return endpoints[0], endpoints[1:]
+
+
+def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, list[Endpoint]]:
+    import client
+    import organization
+    from client.service import ClientConfig
+    from organization.service import OrganizationConfig
+
+    run_dir = settings.state_dir / "demo-embedded"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    settings = Settings.from_env(state_dir=run_dir, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
+                                 contract_record=run_dir / "deployments.json")
+    w3 = chain.connect(EMBEDDED)
+    store = storage.open_store(EMBEDDED, run_dir)
+    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
+    log(f"embedded chain and store; round registry at {registry.address}")
+    shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "REGISTRY": registry}
+    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=options.task)})
+    clients = [
+        client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
+            client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
+            ewc_lambda=options.ewc_lambda, epochs=options.epochs)})
+        for k in range(options.clients)
+    ]
+    return (InProcessEndpoint(org, "organization"),
+            [InProcessEndpoint(app, f"client-{k}") for k, app in enumerate(clients)])
+
+
+# ---- driving the rounds -------------------------------------------------------------------
+
+
+def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> dict[str, Any]:
+    started = time.perf_counter()
+    wait = options.embedded  # in one process the clients take turns
+    jobs = [endpoint.call("POST", "/api/participate", {"wait": wait}) for endpoint in clients]
+    total_epochs = options.epochs * len(clients)
+    with tqdm(total=total_epochs, desc=f"round {round_id} training", unit="epoch", file=sys.stderr,
+              leave=False) as bar:
+        while any(job["state"] == "running" for job in jobs):
+            time.sleep(0.5)
+            jobs = [endpoint.call("GET", "/api/job") for endpoint in clients]
+            bar.n = sum(job["progress"].get("epoch", 0) if job["state"] == "running" else options.epochs
+                        for job in jobs)
+            bar.refresh()
+    failed = [f"{endpoint.url}: {job['error']}" for endpoint, job in zip(clients, jobs) if job["state"] == "failed"]
+    for failure in failed:
+        log(f"round {round_id}: a client failed: {failure}")
+    published = [job["result"] for job in jobs if job["state"] == "done"]
+    result = org.call("POST", f"/api/rounds/{round_id}/aggregate")
+    seconds = time.perf_counter() - started
+    client_phases = [r["seconds"] for r in published]
+    return {
+        "round": round_id,
+        "accuracy": result["metrics"]["accuracy"],
+        "submissions": result["accepted"],
+        "gas": sum(r["gas"] for r in published) + result["finalize_gas"] + result["start_gas"],
+        "bytes": sum(r["bytes"] for r in published) + result["model_bytes"],
+        "seconds": round(seconds, 2),
+        "phases": {
+            "client": {phase: round(sum(p.get(phase, 0.0) for p in client_phases) / max(len(client_phases), 1), 3)
+                       for phase in sorted({phase for p in client_phases for phase in p})},
+            "organization": result["seconds"],
+        },
+    }
+
+
+def print_table(rows: list[dict[str, Any]], initial_accuracy: float) -> None:
+    print(f"\n{'round':>5} {'accuracy':>9} {'subm.':>5} {'gas':>9} {'bytes':>10} {'seconds':>8}")
+    print(f"{'init':>5} {100 * initial_accuracy:8.2f}%")
+    for row in rows:
+        print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}% {row['submissions']:>5} {row['gas']:>9} "
+              f"{row['bytes']:>10} {row['seconds']:>8.2f}")
+    print("\nwall time per phase (client phases: mean over clients, which train in parallel):")
+    for row in rows:
+        client = ", ".join(f"{k} {v:.2f}s" for k, v in row["phases"]["client"].items())
+        org = ", ".join(f"{k} {v:.2f}s" for k, v in row["phases"]["organization"].items())
+        print(f"  round {row['round']}: clients [{client}]; organization [{org}]")
+
+
+def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
+    with ExitStack() as stack:
+        if options.embedded:
+            org, clients = start_embedded(options, settings)
+        else:
+            org, clients = start_full_stack(options, settings, stack)
+        for endpoint in clients:
+            address = endpoint.call("GET", "/api/status")["address"]
+            org.call("POST", "/api/clients", {"address": address})
+        first = org.call("POST", "/api/rounds")
+        initial_accuracy = first["metrics"]["accuracy"]
+        log(f"round 1 opened; initial model test accuracy {100 * initial_accuracy:.2f}%")
+        rows = []
+        for round_id in tqdm(range(1, options.rounds + 1), desc="rounds", unit="round", file=sys.stderr):
+            row = run_round(round_id, org, clients, options)
+            rows.append(row)
+            log(f"round {round_id}: accuracy {100 * row['accuracy']:.2f}%, {row['submissions']} updates, "
+                f"{row['seconds']:.1f} s")
+        print_table(rows, initial_accuracy)
+        points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]
+        accuracy_png({"test accuracy": points}, title=f"{options.task}, {options.clients} clients",
+                     path=options.plot_path)
+        print(f"\nplot: {options.plot_path}")
+        report = {"task": options.task, "clients": options.clients, "initial_accuracy": initial_accuracy,
+                  "rounds": rows}
+        if options.json_path:
+            options.json_path.parent.mkdir(parents=True, exist_ok=True)
+            options.json_path.write_text(json.dumps(report, indent=1))
+            print(f"json: {options.json_path}")
+        if options.keep and not options.embedded:
+            print(f"\ndashboards: organization {org.url}; clients " + ", ".join(c.url for c in clients))
+            print("Ctrl-C stops everything.")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return report

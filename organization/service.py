@@ -1,0 +1,289 @@
+"""The organization's side of a round: publish the base model, validate and merge the clients' deltas.
+
+The chain is the source of truth for rounds; `history.json` only caches what the organization
+measured (accuracy, validation verdicts), so a restarted organization carries on from the chain.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from eth_account import Account
+
+import chain
+import storage
+from processor import codec, rounds
+from processor.tasks import get_task
+from runtime import ActionError, PhaseTimer, describe_error, find_registry
+from settings import Settings
+
+log = logging.getLogger("organization")
+
+
+@dataclass(frozen=True)
+class OrganizationConfig:
+    task: str = "mnist"
+    seed: int = 0
+    pretrain_epochs: int = 0  # 0 = random initial model; >0 = pretrained on the organization's own data
+    aggregation: str = "fedavg"  # fedavg, median, trimmed_mean
+    clip_norm: float | None = None  # clip each delta to this L2 norm before merging
+    max_delta_norm: float = 1e3  # deltas above this norm are rejected as malformed
+    max_update_bytes: int = 64 * 1024 * 1024
+    open_enrolment: bool = False
+
+
+class OrganizationService:
+    def __init__(
+        self,
+        settings: Settings,
+        config: OrganizationConfig,
+        w3,
+        store: storage.ContentStore,
+        registry: chain.Registry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.task = get_task(config.task)
+        self.w3 = w3
+        self.store = store
+        self.key = settings.org_key or chain.DEV_KEYS[0]
+        self.address = Account.from_key(self.key).address
+        self.registry = registry or find_registry(w3, settings)
+        self._lock = threading.Lock()  # one round-moving action at a time
+
+    # ---- state -------------------------------------------------------------------------
+
+    def require_registry(self) -> chain.Registry:
+        if self.registry is None:
+            raise ActionError("no contract is deployed on this chain yet: deploy it first", 409)
+        return self.registry
+
+    @property
+    def history_path(self) -> Path:
+        address = self.registry.address if self.registry else "undeployed"
+        return self.settings.state_dir / "organization" / address / "history.json"
+
+    def history(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.history_path.read_text())
+        except (OSError, ValueError):
+            return {"initial": None, "rounds": {}}
+
+    def _save_history(self, history: dict[str, Any]) -> None:
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.history_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, self.history_path)
+
+    def chain_status(self) -> dict[str, Any]:
+        try:
+            return {"ok": True, "url": self.settings.chain_url, "chain_id": self.w3.eth.chain_id,
+                    "block": self.w3.eth.block_number}
+        except Exception as exc:
+            return {"ok": False, "url": self.settings.chain_url, "error": describe_error(exc)}
+
+    def ipfs_status(self) -> dict[str, Any]:
+        try:
+            return {"ok": True, "backend": self.store.describe()}
+        except Exception as exc:
+            return {"ok": False, "error": describe_error(exc)}
+
+    def round_view(self, round_id: int) -> dict[str, Any]:
+        registry = self.require_registry()
+        if not 1 <= round_id <= registry.current_round():
+            raise ActionError(f"round {round_id} does not exist", 404)
+        info = registry.round(round_id)
+        verdicts = self.history()["rounds"].get(str(round_id), {}).get("verdicts", {})
+        submissions = [
+            {"client": sub.client, "cid": sub.cid, "num_samples": sub.num_samples,
+             "gateway": self.store.gateway_url(sub.cid), "verdict": verdicts.get(sub.client)}
+            for sub in self.all_submissions(round_id)
+        ]
+        return {
+            "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
+            "finalized": info.finalized, "submission_count": info.submissions,
+            "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
+            "result": self.history()["rounds"].get(str(round_id)),
+        }
+
+    def all_submissions(self, round_id: int, page: int = 100) -> list[chain.Submission]:
+        found: list[chain.Submission] = []
+        while True:
+            batch = self.require_registry().submissions(round_id, offset=len(found), limit=page)
+            found.extend(batch)
+            if len(batch) < page:
+                return found
+
+    def status(self) -> dict[str, Any]:
+        chain_state = self.chain_status()
+        status: dict[str, Any] = {
+            "task": self.task.name, "organization": self.address, "chain": chain_state,
+            "ipfs": self.ipfs_status(), "contract": None, "current_round": None,
+            "history": self.accuracy_history(),
+        }
+        if self.registry is not None and chain_state["ok"]:
+            status["contract"] = {"address": self.registry.address,
+                                  "open_enrolment": self.registry.open_enrolment()}
+            current = self.registry.current_round()
+            if current:
+                status["current_round"] = self.round_view(current)
+        return status
+
+    def accuracy_history(self) -> list[dict[str, Any]]:
+        """Test metrics of the initial model (round 0) and of each round's merged model."""
+        history = self.history()
+        points = [{"round": 0, **history["initial"]}] if history["initial"] else []
+        for key in sorted(history["rounds"], key=int):
+            entry = history["rounds"][key]
+            points.append({"round": int(key), **entry["metrics"]})
+        return points
+
+    def evaluate_on_test(self, weights) -> dict[str, float]:
+        data = self.task.data()
+        return self.task.evaluate(weights, data.x_test, data.y_test)
+
+    # ---- actions -----------------------------------------------------------------------
+
+    def deploy(self) -> str:
+        with self._lock:
+            if self.registry is not None:
+                raise ActionError(f"a contract is already deployed at {self.registry.address}", 409)
+            self.registry = chain.deploy_registry(self.w3, self.key, open_enrolment=self.config.open_enrolment)
+            chain.record_deployment(self.settings.contract_record, self.w3, self.registry.address)
+            log.info("deployed the round registry at %s", self.registry.address)
+            return self.registry.address
+
+    def add_client(self, address: str) -> dict[str, Any]:
+        registry = self.require_registry()
+        if not self.w3.is_address(address):
+            raise ActionError(f"'{address}' is not an Ethereum address", 400)
+        if registry.is_client(address):
+            return {"client": address, "added": False}
+        tx = registry.add_client(self.key, address)
+        return {"client": address, "added": True, "tx": tx.tx_hash, "gas": tx.gas_used}
+
+    def start_first_round(self) -> dict[str, Any]:
+        with self._lock:
+            registry = self.require_registry()
+            if registry.current_round() != 0:
+                raise ActionError("the first round has already started", 409)
+            timer = PhaseTimer()
+            with timer.phase("initial_model"):
+                weights = rounds.initial_model(self.task, seed=self.config.seed,
+                                               pretrain_epochs=self.config.pretrain_epochs)
+            with timer.phase("evaluation"):
+                metrics = self.evaluate_on_test(weights)
+            cid, _ = self._publish_model(weights, round_id=1, timer=timer)
+            history = self.history()
+            history["initial"] = metrics
+            self._save_history(history)
+            with timer.phase("chain"):
+                tx = registry.start_round(self.key, cid)
+            log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
+            return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
+                    "gas": tx.gas_used, "seconds": timer.as_dict()}
+
+    def _publish_model(self, weights, round_id: int, timer: PhaseTimer) -> tuple[str, int]:
+        """Fisher on the organization's validation data, encoded with the weights, added to IPFS.
+
+        Returns the CID and the size in bytes."""
+        with timer.phase("fisher"):
+            base = rounds.make_base(self.task, weights)
+        with timer.phase("encoding"):
+            data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id)
+        with timer.phase("ipfs"):
+            return self.store.add(data), len(data)
+
+    def aggregate(self, round_id: int) -> dict[str, Any]:
+        """Merge round `round_id`'s valid deltas, publish the result, finalize, open the next round.
+
+        Safe to repeat after a crash at any point: every step first checks what the chain already
+        records, and re-publishing the same model gives the same CID.
+        """
+        with self._lock:
+            registry = self.require_registry()
+            current = registry.current_round()
+            if not 1 <= round_id <= current:
+                raise ActionError(f"round {round_id} does not exist", 404)
+            info = registry.round(round_id)
+            if round_id < current:
+                raise ActionError(f"round {round_id} is already finalized", 409)
+            timer = PhaseTimer()
+            history = self.history()
+            entry = history["rounds"].get(str(round_id))
+            if info.finalized:
+                model_cid = info.model_cid  # finalized before a crash; only the next round is missing
+            else:
+                entry = self._merge_round(registry, round_id, info, timer)
+                history["rounds"][str(round_id)] = entry
+                self._save_history(history)
+                model_cid = entry["model_cid"]
+                with timer.phase("chain"):
+                    tx = registry.finalize_round(self.key, round_id, model_cid)
+                entry["finalize_gas"] = tx.gas_used
+            with timer.phase("chain"):
+                tx = registry.start_round(self.key, model_cid)
+            if entry is not None:
+                entry["start_gas"] = tx.gas_used
+                entry["seconds"] = {**entry.get("seconds", {}), **timer.as_dict()}
+                history["rounds"][str(round_id)] = entry
+                self._save_history(history)
+            log.info("round %d finalized with model %s; round %d open", round_id, model_cid, round_id + 1)
+            return {"round": round_id, "model_cid": model_cid, "next_round": round_id + 1, **(entry or {})}
+
+    def _merge_round(self, registry: chain.Registry, round_id: int, info, timer: PhaseTimer) -> dict[str, Any]:
+        with timer.phase("chain"):
+            submissions = self.all_submissions(round_id)
+        if not submissions:
+            raise ActionError(f"round {round_id} has no submissions yet", 409)
+        with timer.phase("ipfs"):
+            base_bytes = self.store.get(info.base_cid, max_bytes=self.config.max_update_bytes)
+        with timer.phase("decoding"):
+            base_weights, _, _ = codec.decode_model(self.task, base_bytes)
+
+        verdicts: dict[str, dict[str, Any]] = {}
+
+        def valid_deltas() -> Iterator[tuple[dict, int]]:
+            # One delta in memory at a time: fetched, checked, handed to the streaming merge.
+            for sub in submissions:
+                try:
+                    delta = self._fetch_delta(sub, round_id, info.base_cid, timer)
+                except (codec.CodecError, storage.StorageError, ValueError) as exc:
+                    verdicts[sub.client] = {"accepted": False, "reason": describe_error(exc)}
+                    log.warning("round %d: rejected %s from %s: %s", round_id, sub.cid, sub.client, exc)
+                    continue
+                verdicts[sub.client] = {"accepted": True, "reason": None}
+                yield delta, sub.num_samples
+
+        with timer.phase("aggregation"):
+            merged = rounds.aggregate(base_weights, valid_deltas(), method=self.config.aggregation,
+                                      clip_norm=self.config.clip_norm)
+        accepted = sum(v["accepted"] for v in verdicts.values())
+        if accepted == 0:
+            raise ActionError(f"round {round_id}: every submission was rejected: "
+                              + "; ".join(f"{c}: {v['reason']}" for c, v in verdicts.items()), 409)
+        with timer.phase("evaluation"):
+            metrics = self.evaluate_on_test(merged)
+        model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer)
+        log.info("round %d: merged %d of %d updates, test accuracy %.4f",
+                 round_id, accepted, len(submissions), metrics["accuracy"])
+        return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
+                "accepted": accepted, "verdicts": verdicts, "seconds": timer.as_dict()}
+
+    def _fetch_delta(self, sub: chain.Submission, round_id: int, base_cid: str, timer: PhaseTimer) -> dict:
+        with timer.phase("ipfs"):
+            data = self.store.get(sub.cid, max_bytes=self.config.max_update_bytes)
+        with timer.phase("validation"):
+            delta, meta = codec.decode_delta(self.task, data, expected_round=round_id,
+                                             expected_base_cid=base_cid)
+            if meta.get("client", "").lower() != sub.client.lower():
+                raise ValueError(f"the update names client {meta.get('client')!r}, but {sub.client} submitted it")
+            if int(meta["num_samples"]) != sub.num_samples:
+                raise ValueError(f"the update claims {meta['num_samples']} samples, the chain records {sub.num_samples}")
+            codec.validate_delta(self.task, delta, max_norm=self.config.max_delta_norm)
+        return delta

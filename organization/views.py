@@ -1,0 +1,59 @@
+"""Server-rendered dashboard of the organization; every button is a form post that redirects back."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
+
+from organization.service import OrganizationService
+from plots import accuracy_png
+from runtime import ActionError, describe_error
+
+bp = Blueprint("dashboard", __name__)
+
+
+def service() -> OrganizationService:
+    return current_app.extensions["organization"]
+
+
+@bp.get("/")
+def index():
+    return render_template("dashboard.html", status=service().status())
+
+
+@bp.get("/chart.png")
+def chart():
+    points = [(p["round"], p["accuracy"]) for p in service().accuracy_history()]
+    png = accuracy_png({"test accuracy": points}, title=f"{service().task.name}: accuracy per round")
+    return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
+
+
+def run_action(action, done: str):
+    try:
+        result = action()
+        flash(done.format(result=result), "ok")
+    except ActionError as exc:
+        flash(str(exc), "error")
+    except Exception as exc:  # shown on the page; the dashboard itself stays up
+        flash(describe_error(exc), "error")
+    return redirect(url_for("dashboard.index"))
+
+
+@bp.post("/deploy")
+def deploy():
+    return run_action(service().deploy, "Deployed the round registry at {result}")
+
+
+@bp.post("/clients")
+def add_client():
+    address = request.form.get("address", "").strip()
+    return run_action(lambda: service().add_client(address), "Client {result[client]} is enrolled")
+
+
+@bp.post("/rounds")
+def start_first_round():
+    return run_action(service().start_first_round, "Round 1 started from {result[base_cid]}")
+
+
+@bp.post("/rounds/<int:round_id>/aggregate")
+def aggregate(round_id: int):
+    return run_action(lambda: service().aggregate(round_id),
+                      "Round {result[round]} finalized: model {result[model_cid]}; round {result[next_round]} is open")

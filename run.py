@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Entry point of every process: app, client, deploy, chain, ipfs and demo. See README.md."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from settings import Settings  # noqa: E402
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chain-url", help="JSON-RPC URL of the chain, or 'embedded' (env FL_CHAIN_URL)")
+    parser.add_argument("--ipfs-api", help="IPFS HTTP API URL, or 'embedded' (env FL_IPFS_API)")
+    parser.add_argument("--state-dir", type=Path, help="logs, chain data, IPFS repo (env FL_STATE_DIR)")
+    parser.add_argument("--contract-record", type=Path, help="deployment record (env FL_CONTRACT_RECORD)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir,
+                             contract_record=args.contract_record)
+
+
+def wait_forever(what: str) -> None:
+    print(f"{what}; Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    from organization import create_app
+    from organization.service import OrganizationConfig
+
+    config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+                                aggregation=args.aggregation, clip_norm=args.clip_norm,
+                                open_enrolment=args.open_enrolment)
+    app = create_app({"SETTINGS": settings_from(args), "ORG_CONFIG": config})
+    app.run(host=args.host, port=args.port, threaded=True)
+
+
+def cmd_client(args: argparse.Namespace) -> None:
+    import chain
+    from client import create_app
+    from client.service import ClientConfig
+
+    key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
+    config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
+                          alpha=args.alpha, seed=args.seed, ewc_lambda=args.ewc_lambda, epochs=args.epochs,
+                          batch_size=args.batch_size, learning_rate=args.lr, update_dtype=args.update_dtype,
+                          key=key)
+    app = create_app({"SETTINGS": settings_from(args), "CLIENT_CONFIG": config})
+    app.run(host=args.host, port=args.port if args.port else 5100 + args.id, threaded=True)
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    import chain
+
+    settings = settings_from(args)
+    w3 = chain.connect(settings.chain_url)
+    registry = chain.deploy_registry(w3, settings.org_key or chain.DEV_KEYS[0], open_enrolment=args.open_enrolment)
+    chain.record_deployment(settings.contract_record, w3, registry.address)
+    print(f"deployed the round registry at {registry.address}; recorded in {settings.contract_record}")
+
+
+def cmd_chain(args: argparse.Namespace) -> None:
+    import chain
+
+    settings = settings_from(args)
+    with chain.Ganache(settings.chain_url, db_dir=settings.state_dir / "chain",
+                       log_path=settings.state_dir / "logs" / "ganache.log") as node:
+        wait_forever(f"Ganache {'already running' if node.reused else 'started'} at {settings.chain_url}")
+
+
+def cmd_ipfs(args: argparse.Namespace) -> None:
+    import storage
+
+    settings = settings_from(args)
+    with storage.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
+                                    log_path=settings.state_dir / "logs" / "ipfs.log") as daemon:
+        wait_forever(f"IPFS daemon {'already running' if daemon.reused else 'started'} at {settings.ipfs_api}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from demo import DemoError, DemoOptions, run_demo
+
+    options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
+                          ewc_lambda=args.ewc_lambda, epochs=args.epochs, embedded=args.embedded,
+                          keep=args.keep, json_path=args.json)
+    try:
+        run_demo(options, settings_from(args))
+    except (DemoError, KeyboardInterrupt) as exc:
+        sys.exit(f"demo stopped: {exc or 'interrupted'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        add_service_flags(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def training_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
+        sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
+        sub.add_argument("--ewc-lambda", type=float, default=0.0, help="EWC strength (0 = plain FedAvg)")
+        sub.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+
+    app = command("app", cmd_app, "the organization's app")
+    app.add_argument("--task", default="mnist")
+    app.add_argument("--host", default="127.0.0.1")
+    app.add_argument("--port", type=int, default=5000)
+    app.add_argument("--seed", type=int, default=0)
+    app.add_argument("--pretrain-epochs", type=int, default=0, help="pretrain the first model on the organization's data")
+    app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
+    app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
+    app.add_argument("--open-enrolment", action="store_true")
+
+    cli = command("client", cmd_client, "one device's app")
+    training_flags(cli)
+    cli.add_argument("--id", type=int, required=True, help="client number K (its data partition)")
+    cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
+    cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1)")
+    cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
+    cli.add_argument("--host", default="127.0.0.1")
+    cli.add_argument("--port", type=int, help="default 5100 + K")
+    cli.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--batch-size", type=int, default=32)
+    cli.add_argument("--lr", type=float, default=0.05)
+    cli.add_argument("--update-dtype", default="float32", choices=["float32", "float16"])
+
+    deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
+    deploy.add_argument("--open-enrolment", action="store_true")
+    command("chain", cmd_chain, "start Ganache")
+    command("ipfs", cmd_ipfs, "start the IPFS daemon")
+
+    demo = command("demo", cmd_demo, "the whole system, several rounds")
+    training_flags(demo)
+    demo.add_argument("--clients", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
+    demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
+    demo.add_argument("--json", type=Path, help="write the per-round results here")
+
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

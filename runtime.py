@@ -1,0 +1,170 @@
+"""What both Flask apps share: wiring settings to the chain and IPFS, JSON errors, phase timing."""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import chain
+import storage
+from settings import Settings
+
+
+class ActionError(Exception):
+    """A request that cannot be carried out now; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def open_store(settings: Settings) -> storage.ContentStore:
+    return storage.open_store(settings.ipfs_api, settings.state_dir, timeout=settings.timeout)
+
+
+def find_registry(w3, settings: Settings) -> chain.Registry | None:
+    """The deployed registry recorded for this chain, or None when there is none yet."""
+    address = chain.find_deployment(w3, settings.contract_record)
+    return chain.Registry(w3, address) if address else None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a page or a JSON answer: the exception's own words and its kind."""
+    if isinstance(exc, chain.ContractError):
+        return f"contract reverted: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# Outages of the chain or IPFS are reported as 503 so callers know to retry later.
+UNAVAILABLE = (chain.ChainUnavailable, storage.StorageUnavailable, storage.StorageTimeout)
+
+
+def install_json_errors(app: Flask) -> None:
+    """Every error under /api answers JSON {"error": message}; no request ends in a bare 500 page."""
+
+    def wants_json() -> bool:
+        return request.path.startswith("/api/")
+
+    @app.errorhandler(ActionError)
+    def action_error(exc: ActionError):
+        return jsonify(error=str(exc)), exc.status
+
+    @app.errorhandler(chain.ContractError)
+    def contract_error(exc):
+        return jsonify(error=describe_error(exc), contract_error=exc.name), 409
+
+    @app.errorhandler(UNAVAILABLE)
+    def unavailable(exc):
+        return jsonify(error=describe_error(exc)), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if not wants_json():
+            return exc
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        app.logger.error("unexpected error: %s", traceback.format_exc())
+        return jsonify(error=describe_error(exc)), 500
+
+
+def json_body(**fields: type | tuple[type, ...]) -> dict[str, Any]:
+    """The request's JSON object, with `fields` present and of the given types (400 otherwise)."""
+    body = request.get_json(silent=True)
+    if body is None:
+        body = {} if not request.get_data() else None
+    if not isinstance(body, dict):
+        raise ActionError("the request body must be a JSON object", 400)
+    for name, kind in fields.items():
+        if name not in body:
+            raise ActionError(f"missing field '{name}'", 400)
+        value = body[name]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ActionError(f"field '{name}' has the wrong type", 400)
+        if not isinstance(value, kind):
+            raise ActionError(f"field '{name}' has the wrong type", 400)
+    return body
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time per named phase (training, ipfs, chain, ...), summed over repeated phases."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in self.seconds.items()}
+
+
+@dataclass
+class Job:
+    """One background action of an app (training, aggregation), observable while it runs."""
+
+    name: str
+    state: str = "running"  # running, done, failed
+    step: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "state": self.state, "step": self.step, "progress": self.progress,
+            "result": self.result, "error": self.error, "started": self.started, "finished": self.finished,
+        }
+
+
+class JobRunner:
+    """Runs at most one job at a time in a background thread; a second one is refused with 409."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.current: Job | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None and self.current.state == "running"
+
+    def start(self, name: str, work: Callable[[Job], Any], wait: bool = False) -> Job:
+        with self._lock:
+            if self.busy:
+                raise ActionError(f"'{self.current.name}' is still running; wait for it to finish", 409)
+            job = self.current = Job(name)
+
+        failure: list[Exception] = []
+
+        def run() -> None:
+            try:
+                job.result = work(job)
+                job.state = "done"
+            except Exception as exc:  # the job reports its failure; the app keeps serving
+                failure.append(exc)
+                job.error = describe_error(exc)
+                job.state = "failed"
+            finally:
+                job.finished = time.time()
+
+        if wait:
+            run()
+            if failure:  # a caller that waited gets the error itself, with its HTTP status
+                raise failure[0]
+        else:
+            threading.Thread(target=run, name=name, daemon=True).start()
+        return job

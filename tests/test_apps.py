@@ -1,0 +1,146 @@
+"""The organization and client apps through Flask's test client, on the embedded chain and store."""
+from __future__ import annotations
+
+import pytest
+
+import chain
+import client
+import organization
+import storage
+from client.service import ClientConfig
+from organization.service import OrganizationConfig
+from settings import EMBEDDED, Settings
+
+TASK = "digits"
+
+
+@pytest.fixture()
+def system(tmp_path):
+    """An organization app and two client apps sharing one in-process chain and store."""
+    settings = Settings.from_env(state_dir=tmp_path, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
+                                 contract_record=tmp_path / "deployments.json")
+    w3 = chain.connect(EMBEDDED)
+    store = storage.open_store(EMBEDDED, tmp_path)
+    shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "TESTING": True}
+    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)})
+    clients = [
+        client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
+            client_id=k, num_clients=2, task=TASK, epochs=2, learning_rate=0.1)})
+        for k in range(2)
+    ]
+    return {"org": org.test_client(), "clients": [c.test_client() for c in clients], "w3": w3,
+            "store": store, "settings": settings}
+
+
+def deploy_and_enrol(system) -> None:
+    org = system["org"]
+    assert org.post("/api/deploy").status_code == 201
+    for c in system["clients"]:
+        address = c.get("/api/status").get_json()["address"]
+        assert org.post("/api/clients", json={"address": address}).status_code == 200
+
+
+def test_status_before_deployment(system):
+    status = system["org"].get("/api/status").get_json()
+    assert status["contract"] is None
+    assert status["chain"]["ok"] and status["ipfs"]["ok"]
+    answer = system["org"].post("/api/rounds")
+    assert answer.status_code == 409
+    assert "deploy" in answer.get_json()["error"]
+
+
+def test_bad_requests_get_4xx_with_a_message(system):
+    org = system["org"]
+    deploy_and_enrol(system)
+    cases = [
+        (org.post("/api/deploy"), 409),
+        (org.post("/api/clients", data="{not json", content_type="application/json"), 400),
+        (org.post("/api/clients", json=["a", "list"]), 400),
+        (org.post("/api/clients", json={}), 400),
+        (org.post("/api/clients", json={"address": 42}), 400),
+        (org.post("/api/clients", json={"address": "0x1234"}), 400),
+        (org.get("/api/rounds/7"), 404),
+        (org.post("/api/rounds/7/aggregate"), 404),
+        (org.get("/api/no-such-endpoint"), 404),
+        (system["clients"][0].post("/api/participate", json={"wait": "yes"}), 400),
+        (system["clients"][0].post("/api/pull", json={"wait": True}), 409),  # no round yet
+        (system["clients"][0].post("/api/publish", json={"wait": True}), 409),  # nothing trained
+        (system["clients"][0].get("/api/job"), 404),
+    ]
+    for answer, status in cases:
+        assert answer.status_code == status, answer.get_json()
+        assert answer.get_json()["error"]
+
+
+def test_a_round_through_the_apis(system):
+    org, clients = system["org"], system["clients"]
+    deploy_and_enrol(system)
+    first = org.post("/api/rounds")
+    assert first.status_code == 201
+    initial_accuracy = first.get_json()["metrics"]["accuracy"]
+    assert org.post("/api/rounds").status_code == 409  # only one first round
+
+    assert org.post("/api/rounds/1/aggregate").status_code == 409  # nothing submitted yet
+    for c in clients:
+        job = c.post("/api/participate", json={"wait": True}).get_json()
+        assert job["state"] == "done", job
+        assert job["result"]["round"] == 1 and job["result"]["gas"] > 0
+        assert 0.0 <= job["result"]["accuracy_after"] <= 1.0
+    again = clients[0].post("/api/participate", json={"wait": True})
+    assert again.status_code == 409 and "already submitted" in again.get_json()["error"]
+
+    view = org.get("/api/rounds/1").get_json()
+    assert view["submission_count"] == 2 and not view["finalized"]
+    result = org.post("/api/rounds/1/aggregate").get_json()
+    assert result["accepted"] == 2 and result["next_round"] == 2
+    assert all(v["accepted"] for v in result["verdicts"].values())
+    assert result["metrics"]["accuracy"] > initial_accuracy
+
+    status = org.get("/api/status").get_json()
+    assert status["current_round"]["round"] == 2
+    assert status["current_round"]["base_cid"] == result["model_cid"]
+    assert [p["round"] for p in status["history"]] == [0, 1]
+    finalized = org.get("/api/rounds/1").get_json()
+    assert finalized["finalized"] and finalized["model_cid"] == result["model_cid"]
+    assert org.post("/api/rounds/1/aggregate").status_code == 409  # never twice
+
+    # The published model is on the store, named by its CID, and decodes against the task.
+    from processor import codec
+    from processor.tasks import get_task
+
+    weights, fisher, meta = codec.decode_model(get_task(TASK), system["store"].get(result["model_cid"]))
+    assert set(weights) == set(fisher)
+
+    page = org.get("/").get_data(as_text=True)
+    assert "Round <span id=\"round\">2</span>" in page and result["model_cid"] in page
+    assert org.get("/chart.png").mimetype == "image/png"
+    client_page = clients[0].get("/").get_data(as_text=True)
+    assert "before" in client_page and "submitUpdate" in client_page
+
+
+def test_restarted_organization_carries_on(system, tmp_path):
+    org, clients = system["org"], system["clients"]
+    deploy_and_enrol(system)
+    org.post("/api/rounds")
+    for c in clients:
+        c.post("/api/participate", json={"wait": True})
+    registry = organization_registry(org)
+    # A second organization app on the same chain, store and state folder: a restart.
+    restarted = organization.create_app({
+        "SETTINGS": system["settings"], "W3": system["w3"], "STORE": system["store"], "REGISTRY": registry,
+        "ORG_CONFIG": OrganizationConfig(task=TASK)}).test_client()
+    assert restarted.get("/api/status").get_json()["current_round"]["submission_count"] == 2
+    assert restarted.post("/api/rounds/1/aggregate").status_code == 200
+    assert org.get("/api/status").get_json()["current_round"]["round"] == 2
+
+
+def organization_registry(org_client) -> chain.Registry:
+    return org_client.application.extensions["organization"].registry
+
+
+def test_form_posts_redirect_with_a_message(system):
+    org = system["org"]
+    answer = org.post("/rounds", follow_redirects=True)
+    assert answer.status_code == 200 and "deploy it first" in answer.get_data(as_text=True)
+    answer = org.post("/deploy", follow_redirects=True)
+    assert "Deployed the round registry" in answer.get_data(as_text=True)
