@@ -1,0 +1,478 @@
+"""The chain layer: compile, deploy and drive the RoundRegistry contract; run Ganache.
+
+Every transaction is signed locally with the sender's private key and sent raw, so nothing
+depends on accounts unlocked in the node. The same binding drives a real node over HTTP
+(Ganache here) and the embedded in-process chain (web3's EthereumTesterProvider, py-evm).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+from eth_abi import decode as abi_decode
+from eth_account import Account
+from eth_utils import keccak, to_checksum_address
+from web3 import EthereumTesterProvider, Web3
+from web3.exceptions import ContractLogicError, TimeExhausted
+
+from services import ManagedProcess, ServiceError
+
+REPO_ROOT = Path(__file__).resolve().parent
+CONTRACT_SOURCE = REPO_ROOT / "contracts" / "RoundRegistry.sol"
+SOLC_WRAPPER = REPO_ROOT / "tools" / "solc"
+GANACHE_BIN = REPO_ROOT / "node_modules" / ".bin" / "ganache"
+TRUFFLE_ARTIFACT = REPO_ROOT / "build" / "contracts" / "RoundRegistry.json"
+CONTRACT_NAME = "RoundRegistry"
+EVM_VERSION = "shanghai"  # Ganache 7.9 knows no later hardfork; solc >= 0.8.25 defaults to cancun
+EMBEDDED = "embedded"
+
+GANACHE_CHAIN_ID = 1337
+GANACHE_NETWORK_ID = 5777
+RECEIPT_TIMEOUT = 120.0
+HTTP_TIMEOUT = 30.0
+GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
+
+# Private keys of Ganache's --wallet.deterministic accounts (mnemonic "myth like bonus scare over
+# problem client lizard pioneer submit female collect", path m/44'/60'/0'/0/i). Account 0 is the
+# organization, account K+1 is client K. The embedded chain funds the same accounts at genesis.
+DEV_KEYS: list[str] = [
+    "0x4f3edf983ac636a65a842ce7c78d9aa706d3b113bce9c46f30d7d21715b23b1d",
+    "0x6cbed15c793ce57650b9877cf6fa156fbef513c4e6134f022a85b1ffdd59b2a1",
+    "0x6370fd033278c143179d81c5526140625662b8daa446c22ee2d73db3707e620c",
+    "0x646f1ce2fdad0e6deeeb5c7e8e5543bdde65e86029e2fd9fc169899c440a7913",
+    "0xadd53f9a7e588d003326d1cbf9e4a43c061aadd9bc938c843a79e7b4fd2ad743",
+    "0x395df67f0c2d2d9fe1ad08d1bc8b6627011959b79c53d7dd6a3536a33ab8a4fd",
+    "0xe485d098507f54e7733a205420dfddbe58db035fa577fc294ebd14db90767a52",
+    "0xa453611d9419d0e56f499079478fd72c37b251a94bfde4d19872c44cf65386e3",
+    "0x829e924fdf021ba3dbbc4225edfece9aca04b929d6e75613329ca6f1d31c0bb4",
+    "0xb0057716d5917badaf911b193b12b910811c1497b5bada8d7711f758981c3773",
+    "0x77c5495fbb039eed474fc940f29955ed0531693cc9212911efd35dff0373153f",
+    "0xd99b5b29e6da2528bf458b26237a6cf8655a3e3276c1cdc0de1f98cefee81c01",
+    "0x9b9c613a36396172eab2d34d72331c8ca83a358781883a535d2941f66db07b24",
+    "0x0874049f95d55fb76916262dc70571701b5c4cc5900c0691af75f1a8a52c8268",
+    "0x21d7212f3b4e5332fd465877b64926e3532653e2798a11255a46f533852dfe46",
+    "0x47b65307d0d654fd4f786b908c04af8fface7710fc998b37d219de19c39ee58c",
+    "0x66109972a14d82dbdb6894e61f74708f26128814b3359b64f8b66565679f7299",
+    "0x2eac15546def97adc6d69ca6e28eec831189baa2533e7910755d15403a0749e8",
+    "0x2e114163041d2fb8d45f9251db259a68ee6bdbfd6d10fe1ae87c5c4bcd6ba491",
+    "0xae9a2e131e9b359b198fa280de53ddbe2247730b881faae7af08e567e58915bd",
+]
+DEV_BALANCE_WEI = 1000 * 10**18  # Ganache's default balance
+
+
+class ChainUnavailable(Exception):
+    """The chain node does not answer."""
+
+
+class ContractError(Exception):
+    """The contract reverted; `.name` is its custom error ("AlreadySubmitted"), `.args` its arguments."""
+
+    def __init__(self, name: str, args: tuple = (), fields: dict[str, Any] | None = None) -> None:
+        super().__init__(*args)
+        self.name = name
+        self.fields = fields or {}
+        described = ", ".join(f"{k}={v}" for k, v in self.fields.items())
+        self.message = f"{CONTRACT_NAME} reverted: {name}({described})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class TxResult:
+    tx_hash: str
+    gas_used: int
+    block_number: int
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    round_id: int
+    base_cid: str
+    model_cid: str
+    finalized: bool
+    submissions: int
+    start_block: int
+    finalize_block: int
+
+
+@dataclass(frozen=True)
+class Submission:
+    client: str
+    cid: str
+    num_samples: int
+
+
+# ---- compiling --------------------------------------------------------------------------------
+
+
+@functools.cache
+def compile_registry() -> tuple[list[dict], str]:
+    """ABI and creation bytecode (0x-hex) of RoundRegistry, compiled with the npm solc via tools/solc."""
+    import solcx
+
+    source = CONTRACT_SOURCE.read_text()
+    standard_input = {
+        "language": "Solidity",
+        "sources": {CONTRACT_SOURCE.name: {"content": source}},
+        "settings": {
+            "evmVersion": EVM_VERSION,
+            "optimizer": {"enabled": True, "runs": 200},
+            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object"]}},
+        },
+    }
+    output = solcx.compile_standard(standard_input, solc_binary=SOLC_WRAPPER)
+    errors = [e for e in output.get("errors", []) if e.get("severity") == "error"]
+    if errors:
+        raise RuntimeError("solc failed:\n" + "\n".join(e["formattedMessage"] for e in errors))
+    compiled = output["contracts"][CONTRACT_SOURCE.name][CONTRACT_NAME]
+    return compiled["abi"], "0x" + compiled["evm"]["bytecode"]["object"]
+
+
+# ---- connecting -------------------------------------------------------------------------------
+
+_embedded_lock = threading.Lock()
+_embedded_w3: Web3 | None = None
+
+
+def _embedded_chain() -> Web3:
+    """One in-process py-evm chain per process, with the DEV_KEYS accounts funded at genesis."""
+    global _embedded_w3
+    with _embedded_lock:
+        if _embedded_w3 is None:
+            from eth_tester import EthereumTester, PyEVMBackend
+
+            # eth-tester's own accounts stay funded: it sends calls without a sender from the first.
+            genesis_state = PyEVMBackend.generate_genesis_state()
+            for key in DEV_KEYS:
+                genesis_state[bytes.fromhex(Account.from_key(key).address[2:])] = {
+                    "balance": DEV_BALANCE_WEI, "nonce": 0, "code": b"", "storage": {}}
+            tester = EthereumTester(PyEVMBackend(genesis_state=genesis_state))
+            _embedded_w3 = Web3(EthereumTesterProvider(tester))
+        return _embedded_w3
+
+
+def _rpc_answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        reply = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
+                              timeout=timeout)
+        return reply.ok and "result" in reply.json()
+    except (requests.RequestException, ValueError):
+        return False
+
+
+def connect(url: str, timeout: float = HTTP_TIMEOUT) -> Web3:
+    """A Web3 for `url`: "embedded" is the process-wide in-process chain, anything else JSON-RPC over HTTP."""
+    if url == EMBEDDED:
+        return _embedded_chain()
+    if not _rpc_answers(url, timeout=min(timeout, 5.0)):
+        raise ChainUnavailable(f"no Ethereum JSON-RPC node answers at {url} (start one with `python run.py chain`)")
+    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+
+
+# ---- revert decoding --------------------------------------------------------------------------
+
+
+@functools.cache
+def _error_signatures() -> dict[bytes, tuple[str, list[str], list[str]]]:
+    """4-byte selector -> (error name, argument names, argument types) for the ABI's custom errors."""
+    abi, _ = compile_registry()
+    found = {}
+    for entry in abi:
+        if entry["type"] == "error":
+            types = [i["type"] for i in entry["inputs"]]
+            selector = keccak(text=f"{entry['name']}({','.join(types)})")[:4]
+            found[selector] = (entry["name"], [i["name"] for i in entry["inputs"]], types)
+    return found
+
+
+def _revert_data(exc: BaseException) -> bytes | None:
+    """The raw revert data carried by a web3 or eth-tester exception, if any.
+
+    web3 puts "0x<selector>..." in `.data`; eth-tester raises bytes, which web3's tester provider
+    re-raises as text, so the exception chain is searched too."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        for value in (getattr(current, "data", None), *getattr(current, "args", ())):
+            if isinstance(value, dict):
+                value = value.get("data")
+            if isinstance(value, (bytes, bytearray)) and len(value) >= 4:
+                return bytes(value)
+            if isinstance(value, str) and value.startswith("0x") and len(value) >= 10:
+                try:
+                    return bytes.fromhex(value[2:])
+                except ValueError:
+                    pass
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def contract_error_from(exc: BaseException) -> ContractError | None:
+    """A ContractError for a revert raised by Ganache (web3) or eth-tester, else None."""
+    data = _revert_data(exc)
+    if data is not None:
+        known = _error_signatures().get(data[:4])
+        if known:
+            name, arg_names, arg_types = known
+            values = abi_decode(arg_types, data[4:])
+            values = tuple(to_checksum_address(v) if t == "address" else v for v, t in zip(values, arg_types))
+            return ContractError(name, values, dict(zip(arg_names, values)))
+    if isinstance(exc, ContractLogicError) or type(exc).__name__ == "TransactionFailed":
+        return ContractError("Reverted", (str(exc),), {"reason": str(exc)})
+    return None
+
+
+# ---- deployment records -----------------------------------------------------------------------
+
+
+def record_deployment(path: Path, w3: Web3, address: str) -> None:
+    """Record `address` for this chain in the JSON file at `path` (keyed by chain id, atomic write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        records = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        records = {}
+    records[str(w3.eth.chain_id)] = {"address": to_checksum_address(address), "contract": CONTRACT_NAME}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(records, out, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def find_deployment(w3: Web3, path: Path, artifact: Path = TRUFFLE_ARTIFACT) -> str | None:
+    """The registry's address on this chain: from the record at `path`, else from Truffle's artifact.
+
+    An address without code (a chain that was reset) does not count."""
+    candidates = []
+    try:
+        record = json.loads(Path(path).read_text()).get(str(w3.eth.chain_id))
+        if record:
+            candidates.append(record["address"])
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    try:
+        network = json.loads(Path(artifact).read_text())["networks"].get(str(w3.net.version))
+        if network:
+            candidates.append(network["address"])
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    for address in candidates:
+        if len(w3.eth.get_code(to_checksum_address(address))) > 0:
+            return to_checksum_address(address)
+    return None
+
+
+# ---- transactions -----------------------------------------------------------------------------
+
+_key_locks: dict[str, threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+
+
+def _lock_for(address: str) -> threading.Lock:
+    with _key_locks_guard:
+        return _key_locks.setdefault(address, threading.Lock())
+
+
+def _node_errors() -> tuple[type[BaseException], ...]:
+    return (requests.ConnectionError, requests.Timeout)
+
+
+def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
+    """Sign and send the transaction `build(params)` makes from `key`'s account; wait for its receipt.
+
+    Sending is serialized per account so that threads sharing a key never reuse a nonce."""
+    account = Account.from_key(key)
+    with _lock_for(account.address):
+        try:
+            params = {"from": account.address, "chainId": w3.eth.chain_id,
+                      "nonce": w3.eth.get_transaction_count(account.address, "pending")}
+            try:
+                tx = build(params)
+                tx["gas"] = int(w3.eth.estimate_gas(tx) * GAS_MARGIN)
+            except Exception as exc:
+                error = contract_error_from(exc)
+                if error is None:
+                    raise
+                raise error from exc
+            signed = account.sign_transaction(tx)
+            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+        except _node_errors() as exc:
+            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+    try:
+        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)
+    except TimeExhausted as exc:
+        raise ChainUnavailable(f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
+    except _node_errors() as exc:
+        raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+    if receipt["status"] != 1:
+        raise _replay_failure(w3, tx, receipt)
+    return TxResult(tx_hash.to_0x_hex(), receipt["gasUsed"], receipt["blockNumber"]), receipt
+
+
+def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError:
+    """The reason a mined transaction failed, by replaying it as a call on the state it met."""
+    call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
+    try:
+        w3.eth.call(call, block_identifier=receipt["blockNumber"] - 1)
+    except Exception as exc:
+        error = contract_error_from(exc)
+        if error is not None:
+            return error
+    return ContractError("Reverted", (receipt["transactionHash"].to_0x_hex(),),
+                         {"tx": receipt["transactionHash"].to_0x_hex()})
+
+
+def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False) -> "Registry":
+    """Deploy a new RoundRegistry owned by `key`'s account."""
+    abi, bytecode = compile_registry()
+    factory = w3.eth.contract(abi=abi, bytecode=bytecode)
+    _, receipt = _send(w3, key, lambda params: factory.constructor(open_enrolment).build_transaction(params))
+    return Registry(w3, receipt["contractAddress"])
+
+
+# ---- the binding ------------------------------------------------------------------------------
+
+
+class Registry:
+    """A deployed RoundRegistry: a method per contract function."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        abi, _ = compile_registry()
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self.contract = w3.eth.contract(address=self.address, abi=abi)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.address})"
+
+    def _transact(self, key: str, function: str, *args) -> TxResult:
+        result, _ = _send(self.w3, key, lambda params: self.contract.functions[function](*args).build_transaction(params))
+        return result
+
+    def _call(self, function: str, *args):
+        try:
+            return self.contract.functions[function](*args).call()
+        except _node_errors() as exc:
+            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        except Exception as exc:
+            error = contract_error_from(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    # transactions
+
+    def start_round(self, key: str, base_cid: str) -> TxResult:
+        return self._transact(key, "startRound", base_cid)
+
+    def submit_update(self, key: str, round_id: int, cid: str, num_samples: int) -> TxResult:
+        return self._transact(key, "submitUpdate", round_id, cid, num_samples)
+
+    def finalize_round(self, key: str, round_id: int, model_cid: str) -> TxResult:
+        return self._transact(key, "finalizeRound", round_id, model_cid)
+
+    def add_client(self, key: str, address: str) -> TxResult:
+        return self._transact(key, "addClient", to_checksum_address(address))
+
+    def remove_client(self, key: str, address: str) -> TxResult:
+        return self._transact(key, "removeClient", to_checksum_address(address))
+
+    # views
+
+    def current_round(self) -> int:
+        return self._call("currentRound")
+
+    def round(self, n: int) -> RoundInfo:
+        base_cid, model_cid, finalized, count, start_block, finalize_block = self._call("getRound", n)
+        return RoundInfo(n, base_cid, model_cid, finalized, count, start_block, finalize_block)
+
+    def submissions(self, n: int, offset: int = 0, limit: int = 100) -> list[Submission]:
+        return [Submission(client, cid, num_samples)
+                for client, cid, num_samples in self._call("getSubmissions", n, offset, limit)]
+
+    def has_submitted(self, n: int, address: str) -> bool:
+        return self._call("hasSubmitted", n, to_checksum_address(address))
+
+    def is_client(self, address: str) -> bool:
+        return self._call("isClient", to_checksum_address(address))
+
+    def open_enrolment(self) -> bool:
+        return self._call("openEnrolment")
+
+    def latest_model(self) -> tuple[int, str]:
+        round_id, cid = self._call("latestModel")
+        return round_id, cid
+
+    def owner(self) -> str:
+        return self._call("owner")
+
+    def events(self, name: str, from_block: int = 0) -> list[dict]:
+        """The contract's `name` events since `from_block`, decoded, oldest first."""
+        try:
+            logs = self.contract.events[name]().get_logs(from_block=from_block)
+        except _node_errors() as exc:
+            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        return [{"event": log["event"], "args": dict(log["args"]), "block_number": log["blockNumber"],
+                 "tx_hash": log["transactionHash"].to_0x_hex()} for log in logs]
+
+
+# ---- Ganache ----------------------------------------------------------------------------------
+
+
+class Ganache:
+    """A Ganache node at `url` keeping its chain in `db_dir` (a restart keeps the state).
+
+    A node already answering at `url` is reused and left running (`.reused`)."""
+
+    def __init__(self, url: str, db_dir: Path, log_path: Path, ready_timeout: float = 60.0) -> None:
+        parsed = urlparse(url)
+        if parsed.hostname is None or parsed.port is None:
+            raise ValueError(f"Ganache needs a URL with a host and a port, not {url!r}")
+        self.url = url
+        self.db_dir = Path(db_dir)
+        argv = [
+            str(GANACHE_BIN), "--host", parsed.hostname, "--port", str(parsed.port),
+            "--wallet.deterministic", "--wallet.totalAccounts", str(len(DEV_KEYS)),
+            "--chain.chainId", str(GANACHE_CHAIN_ID), "--chain.networkId", str(GANACHE_NETWORK_ID),
+            "--chain.hardfork", EVM_VERSION, "--database.dbPath", str(self.db_dir), "--logging.quiet",
+        ]
+        self.process = ManagedProcess("Ganache", argv, lambda: _rpc_answers(url, timeout=1.0),
+                                      log_path=log_path, cwd=REPO_ROOT, ready_timeout=ready_timeout)
+
+    @property
+    def reused(self) -> bool:
+        return self.process.reused
+
+    def start(self) -> "Ganache":
+        if not _rpc_answers(self.url) and not GANACHE_BIN.exists():
+            raise ServiceError(f"{GANACHE_BIN} is missing: run `bash setup.sh` to install the npm packages")
+        self.db_dir.mkdir(parents=True, exist_ok=True)
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self) -> "Ganache":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

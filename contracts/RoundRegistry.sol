@@ -1,0 +1,326 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.26;
+
+/// @title RoundRegistry
+/// @notice Public record of federated-learning rounds: the base model each round starts from (an
+///         IPFS CID), the model update every client published in it, and the model it produced.
+/// @dev Gas per submission does not depend on the number of clients or rounds: a submission writes
+///      two fresh storage slots and updates the round's packed header slot, and no transaction
+///      loops over clients or submissions.
+///
+///      CID storage. The system's CIDs are CIDv1, base32, sha2-256 ("bafkrei..." raw leaves,
+///      "bafybei..." dag-pb): 59 characters that encode 36 bytes (version 0x01, a one-byte codec,
+///      0x12 0x20, a 32-byte digest). Stored verbatim such a string takes three fresh slots (length
+///      and two data slots, about 66,000 gas); decoded it takes one slot for the digest plus the
+///      codec byte, which fits beside the client address and sample count. So submitUpdate decodes
+///      a CID of that form (about 5,000 gas of arithmetic, cheaper than the 44,000 of two extra
+///      slots) and getSubmissions re-encodes it; the canonical-form checks make the round trip exact.
+///      Any other CID (CIDv0 "Qm...", other bases or hashes) is accepted and stored verbatim, at a
+///      higher gas cost. The full CID is also in the UpdateSubmitted event.
+contract RoundRegistry {
+    /// @notice A round's header and CIDs.
+    /// @dev The first four fields share one slot: submitUpdate reads and updates only that slot.
+    struct Round {
+        uint64 startBlock;
+        uint64 finalizeBlock;
+        uint32 submissionCount;
+        bool finalized;
+        string baseCid;
+        string modelCid;
+    }
+
+    /// @dev One slot per submission; the CID itself lives in _cidDigest (and _verbatimCid).
+    struct SubmissionRecord {
+        address client;
+        uint64 numSamples;
+        // Multicodec of a compact CIDv1 (0x55 raw, 0x70 dag-pb, ...); 0 = CID kept verbatim.
+        uint8 cidCodec;
+    }
+
+    /// @notice A submission as returned by getSubmissions.
+    struct Submission {
+        address client;
+        string cid;
+        uint256 numSamples;
+    }
+
+    uint256 private constant CIDV1_BASE32_LENGTH = 59;
+    // Bits of the first eight base32 digits: version, codec, multihash code and length (32), then
+    // the first digest byte (8). The other 50 digits hold 248 digest bits and 2 zero padding bits.
+    uint256 private constant HEAD_DIGITS = 8;
+
+    /// @notice The organization: the only account that manages clients and rounds.
+    address public immutable owner;
+    /// @notice True when any account may submit; false when only allowlisted clients may.
+    bool public immutable openEnrolment;
+
+    uint256 private _currentRound;
+    uint256 private _latestFinalizedRound;
+    mapping(uint256 round => Round) private _rounds;
+    mapping(address client => bool) private _clients;
+    mapping(uint256 round => mapping(uint256 index => SubmissionRecord)) private _submissions;
+    // Non-zero exactly when the client has submitted in the round: the sha2-256 digest of a
+    // compact CID, or keccak256 of a verbatim one.
+    mapping(uint256 round => mapping(address client => bytes32)) private _cidDigest;
+    mapping(uint256 round => mapping(address client => string)) private _verbatimCid;
+
+    /// @notice The caller is not the owner.
+    error NotOwner(address caller);
+    /// @notice The client is not on the allowlist (and enrolment is not open).
+    error NotEnrolled(address client);
+    /// @notice The client is already on the allowlist.
+    error AlreadyEnrolled(address client);
+    /// @notice The zero address cannot be a client.
+    error ZeroAddress();
+    /// @notice The client has already submitted an update in this round.
+    error AlreadySubmitted(uint256 round, address client);
+    /// @notice The round has not started, or it is already finalized.
+    error RoundNotOpen(uint256 round);
+    /// @notice The round is already finalized.
+    error RoundAlreadyFinalized(uint256 round);
+    /// @notice A new round cannot start while this one is open.
+    error PreviousRoundOpen(uint256 round);
+    /// @notice A CID must not be empty.
+    error EmptyCid();
+    /// @notice A submission must report a positive number of samples.
+    error ZeroSamples();
+    /// @notice The sample count does not fit in 64 bits.
+    error TooManySamples(uint256 numSamples);
+
+    /// @notice Round `round` started from the model at `baseCid`.
+    event RoundStarted(uint256 indexed round, string baseCid);
+    /// @notice `client` published the update at `cid`, trained on `numSamples` samples.
+    event UpdateSubmitted(uint256 indexed round, address indexed client, string cid, uint256 numSamples);
+    /// @notice Round `round` produced the model at `modelCid` from `submissionCount` updates.
+    event RoundFinalized(uint256 indexed round, string modelCid, uint256 submissionCount);
+    /// @notice `client` may now submit updates.
+    event ClientAdded(address indexed client);
+    /// @notice `client` may no longer submit updates.
+    event ClientRemoved(address indexed client);
+
+    modifier onlyOwner() {
+        if (msg.sender != owner) revert NotOwner(msg.sender);
+        _;
+    }
+
+    /// @notice Deploys the registry owned by the sender.
+    /// @param openEnrolment_ True to let any account submit, false for an owner-managed allowlist.
+    constructor(bool openEnrolment_) {
+        owner = msg.sender;
+        openEnrolment = openEnrolment_;
+    }
+
+    // ---- clients ----------------------------------------------------------------------------
+
+    /// @notice Adds `client` to the allowlist (kept, but not consulted, under open enrolment).
+    /// @param client The client's account.
+    function addClient(address client) external onlyOwner {
+        if (client == address(0)) revert ZeroAddress();
+        if (_clients[client]) revert AlreadyEnrolled(client);
+        _clients[client] = true;
+        emit ClientAdded(client);
+    }
+
+    /// @notice Removes `client` from the allowlist; its past submissions stay on record.
+    /// @param client The client's account.
+    function removeClient(address client) external onlyOwner {
+        if (!_clients[client]) revert NotEnrolled(client);
+        _clients[client] = false;
+        emit ClientRemoved(client);
+    }
+
+    /// @notice Whether `client` is on the allowlist.
+    /// @param client The account to check.
+    /// @return True when the account is on the allowlist.
+    function isClient(address client) external view returns (bool) {
+        return _clients[client];
+    }
+
+    // ---- rounds -----------------------------------------------------------------------------
+
+    /// @notice Opens the next round, starting from the model at `baseCid`.
+    /// @dev The previous round, if any, must be finalized.
+    /// @param baseCid IPFS CID of the base model.
+    /// @return round The new round's number (rounds are numbered from 1).
+    function startRound(string calldata baseCid) external onlyOwner returns (uint256 round) {
+        if (bytes(baseCid).length == 0) revert EmptyCid();
+        uint256 previous = _currentRound;
+        if (previous != 0 && !_rounds[previous].finalized) revert PreviousRoundOpen(previous);
+        round = previous + 1;
+        _currentRound = round;
+        Round storage r = _rounds[round];
+        r.startBlock = uint64(block.number);
+        r.baseCid = baseCid;
+        emit RoundStarted(round, baseCid);
+    }
+
+    /// @notice Publishes the caller's model update for the open round.
+    /// @param round The open round's number.
+    /// @param cid IPFS CID of the update.
+    /// @param numSamples Number of local samples the update was trained on (its FedAvg weight).
+    function submitUpdate(uint256 round, string calldata cid, uint256 numSamples) external {
+        if (bytes(cid).length == 0) revert EmptyCid();
+        if (numSamples == 0) revert ZeroSamples();
+        if (numSamples > type(uint64).max) revert TooManySamples(numSamples);
+        if (!openEnrolment && !_clients[msg.sender]) revert NotEnrolled(msg.sender);
+        // A started, unfinalized round is necessarily the current one: no other can be open.
+        Round storage r = _rounds[round];
+        if (r.startBlock == 0 || r.finalized) revert RoundNotOpen(round);
+        if (_cidDigest[round][msg.sender] != 0) revert AlreadySubmitted(round, msg.sender);
+
+        (uint8 codec, bytes32 digest) = _decodeCid(cid);
+        if (codec == 0) {
+            digest = keccak256(bytes(cid));
+            _verbatimCid[round][msg.sender] = cid;
+        }
+        _cidDigest[round][msg.sender] = digest;
+        uint32 index = r.submissionCount;
+        r.submissionCount = index + 1;
+        _submissions[round][index] =
+            SubmissionRecord({client: msg.sender, numSamples: uint64(numSamples), cidCodec: codec});
+        emit UpdateSubmitted(round, msg.sender, cid, numSamples);
+    }
+
+    /// @notice Closes the open round with the model it produced.
+    /// @param round The open round's number.
+    /// @param modelCid IPFS CID of the merged model.
+    function finalizeRound(uint256 round, string calldata modelCid) external onlyOwner {
+        if (bytes(modelCid).length == 0) revert EmptyCid();
+        Round storage r = _rounds[round];
+        if (r.finalized) revert RoundAlreadyFinalized(round);
+        if (r.startBlock == 0) revert RoundNotOpen(round);
+        r.finalized = true;
+        r.finalizeBlock = uint64(block.number);
+        r.modelCid = modelCid;
+        _latestFinalizedRound = round;
+        emit RoundFinalized(round, modelCid, r.submissionCount);
+    }
+
+    /// @notice The number of the latest round started (0 before the first).
+    /// @return The current round's number.
+    function currentRound() external view returns (uint256) {
+        return _currentRound;
+    }
+
+    /// @notice A round's record; all zero for a round that has not started.
+    /// @param round The round's number.
+    /// @return baseCid CID of the model the round started from.
+    /// @return modelCid CID of the model it produced ("" until finalized).
+    /// @return finalized Whether the round is closed.
+    /// @return submissionCount Number of updates submitted.
+    /// @return startBlock Block in which the round started.
+    /// @return finalizeBlock Block in which it was finalized (0 until then).
+    function getRound(uint256 round)
+        external
+        view
+        returns (
+            string memory baseCid,
+            string memory modelCid,
+            bool finalized,
+            uint256 submissionCount,
+            uint256 startBlock,
+            uint256 finalizeBlock
+        )
+    {
+        Round storage r = _rounds[round];
+        return (r.baseCid, r.modelCid, r.finalized, r.submissionCount, r.startBlock, r.finalizeBlock);
+    }
+
+    /// @notice The model of the latest finalized round.
+    /// @return round Its number (0 when no round is finalized yet).
+    /// @return modelCid Its model's CID ("" when none).
+    function latestModel() external view returns (uint256 round, string memory modelCid) {
+        round = _latestFinalizedRound;
+        modelCid = _rounds[round].modelCid;
+    }
+
+    // ---- submissions ------------------------------------------------------------------------
+
+    /// @notice A page of a round's submissions, in the order they were made.
+    /// @param round The round's number.
+    /// @param offset Index of the first submission to return.
+    /// @param limit Maximum number of submissions to return.
+    /// @return page The submissions from `offset`, at most `limit` of them.
+    function getSubmissions(uint256 round, uint256 offset, uint256 limit)
+        external
+        view
+        returns (Submission[] memory page)
+    {
+        uint256 count = _rounds[round].submissionCount;
+        if (offset >= count) return new Submission[](0);
+        uint256 end = count - offset > limit ? offset + limit : count;
+        page = new Submission[](end - offset);
+        for (uint256 i = offset; i < end; ++i) {
+            SubmissionRecord storage s = _submissions[round][i];
+            page[i - offset] = Submission({client: s.client, cid: _cidOf(round, s), numSamples: s.numSamples});
+        }
+    }
+
+    /// @notice Whether `client` has submitted an update in `round`.
+    /// @param round The round's number.
+    /// @param client The client's account.
+    /// @return True when it has.
+    function hasSubmitted(uint256 round, address client) external view returns (bool) {
+        return _cidDigest[round][client] != 0;
+    }
+
+    // ---- CIDs -------------------------------------------------------------------------------
+
+    function _cidOf(uint256 round, SubmissionRecord storage s) private view returns (string memory) {
+        if (s.cidCodec == 0) return _verbatimCid[round][s.client];
+        return _encodeCid(s.cidCodec, _cidDigest[round][s.client]);
+    }
+
+    /// @dev Decodes a canonical CIDv1 base32 sha2-256 string with a one-byte codec; returns codec 0
+    ///      for anything else, which the caller then stores verbatim. Assembly because indexed
+    ///      calldata access in Solidity costs about 20,000 gas for the 58 digits, this about 3,500.
+    function _decodeCid(string calldata cid) private pure returns (uint8 codec, bytes32 digest) {
+        if (bytes(cid).length != CIDV1_BASE32_LENGTH) return (0, 0);
+        uint256 head;
+        uint256 tail;
+        bool valid;
+        assembly ("memory-safe") {
+            // Characters 0-31 and 32-58; the rest of the second word is never read.
+            let first := calldataload(cid.offset)
+            let second := calldataload(add(cid.offset, 32))
+            valid := eq(byte(0, first), 0x62) // multibase prefix "b": base32, lower case
+            for { let i := 1 } lt(i, CIDV1_BASE32_LENGTH) { i := add(i, 1) } {
+                let char := byte(i, first)
+                if gt(i, 31) { char := byte(sub(i, 32), second) }
+                let value := sub(char, 0x61) // a-z: 0-25
+                if gt(value, 25) {
+                    value := sub(char, 0x32) // 2-7: 26-31
+                    if gt(value, 5) { valid := 0 }
+                    value := add(value, 26)
+                }
+                switch gt(i, HEAD_DIGITS)
+                case 0 { head := or(shl(5, head), and(value, 31)) }
+                default { tail := or(shl(5, tail), and(value, 31)) }
+            }
+        }
+        // head: 0x01 <codec> 0x12 0x20 <digest byte 0>; tail: digest bytes 1-31, then 2 padding bits.
+        uint256 prefix = head >> 8;
+        codec = uint8(prefix >> 16);
+        if (!valid || prefix & 0xff00ffff != 0x01001220 || codec == 0 || codec >= 0x80 || tail & 3 != 0) {
+            return (0, 0);
+        }
+        digest = bytes32(((head & 0xff) << 248) | (tail >> 2));
+    }
+
+    function _encodeCid(uint8 codec, bytes32 digest) private pure returns (string memory) {
+        bytes memory alphabet = "abcdefghijklmnopqrstuvwxyz234567";
+        bytes memory text = new bytes(CIDV1_BASE32_LENGTH);
+        text[0] = "b";
+        uint256 head = (uint256(0x01001220 | (uint256(codec) << 16)) << 8) | (uint256(digest) >> 248);
+        uint256 tail = (uint256(digest) & ((1 << 248) - 1)) << 2;
+        for (uint256 i = HEAD_DIGITS; i > 0; --i) {
+            text[i] = alphabet[head & 31];
+            head >>= 5;
+        }
+        for (uint256 i = CIDV1_BASE32_LENGTH - 1; i > HEAD_DIGITS; --i) {
+            text[i] = alphabet[tail & 31];
+            tail >>= 5;
+        }
+        return string(text);
+    }
+}
