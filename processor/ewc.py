@@ -1,7 +1,7 @@
 """Keras models with Elastic Weight Consolidation, the diagonal Fisher, and weight dictionaries.
 
 EWC (Kirkpatrick et al. 2017) adds lambda/2 * sum_i F_i (w_i - w*_i)^2 to the local loss, where
-w* is the base model and F its diagonal Fisher information. Anchor, Fisher and lambda live in
+w* is the base model and F its diagonal Fisher information (minimised with a stable implicit step). Anchor, Fisher and lambda live in
 non-trainable variables: a new round assigns them, and the compiled train step is reused.
 """
 from __future__ import annotations
@@ -36,20 +36,28 @@ class EWCModel(keras.Model):
                          for w, a, f in zip(self.trainable_variables, self.anchor, self.fisher)])
 
     def train_step(self, data):
+        """One SGD step on the data loss, then the EWC penalty's step taken implicitly.
+
+        The explicit gradient step on lambda/2 * F (w - w*)^2 diverges once lr * lambda * F > 2,
+        which large Fisher entries reach quickly; the implicit (proximal) step
+        w <- w* + (w - w*) / (1 + lr * lambda * F) minimises the same objective, equals the
+        explicit step to first order, and is stable for every lambda. lambda = 0 leaves w as is.
+        """
         x, y = data
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-            penalty = self.ewc_penalty()
-            total = loss + 0.5 * self.ewc_lambda * penalty
-        gradients = tape.gradient(total, self.trainable_variables)
+        gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
+        pull = self.optimizer.learning_rate * self.ewc_lambda
+        for w, a, f in zip(self.trainable_variables, self.anchor, self.fisher):
+            w.assign(a + (w - a) / (1.0 + pull * f))
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss)
             else:
                 metric.update_state(y, y_pred)
-        return {**{m.name: m.result() for m in self.metrics}, "ewc_penalty": penalty}
+        return {**{m.name: m.result() for m in self.metrics}, "ewc_penalty": 0.5 * self.ewc_lambda * self.ewc_penalty()}
 
 
 def mlp(input_dim: int, hidden: tuple[int, ...], num_classes: int, seed: int) -> EWCModel:

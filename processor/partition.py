@@ -48,9 +48,9 @@ def skewed(labels: np.ndarray, num_clients: int, seed: int, majority: float = 0.
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for owner, group in enumerate(groups):
         members = rng.permutation(np.flatnonzero(np.isin(labels, group)))
-        keep = int(round(majority * len(members)))
-        parts[owner].append(members[:keep])
         others = [c for c in range(num_clients) if c != owner]
+        keep = int(round(majority * len(members))) if others else len(members)
+        parts[owner].append(members[:keep])
         for client, chunk in zip(others, np.array_split(members[keep:], max(len(others), 1))):
             parts[client].append(chunk)
     return [np.sort(np.concatenate(chunks)) for chunks in parts]

@@ -1,0 +1,89 @@
+"""EWC: the penalty's pull towards the anchor, the vectorised Fisher, no retracing between rounds."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from processor import rounds
+from processor.aggregate import l2_norm
+from processor.ewc import EWCModel, fisher_diagonal, get_weights, mlp, set_weights
+from processor.tasks import Task, get_task, load_digits
+
+TASK = get_task("digits")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return rounds.make_base(TASK, rounds.initial_model(TASK, seed=1))
+
+
+def client_shard():
+    return TASK.client_data(0, 3, scheme="skewed", seed=0)
+
+
+def test_huge_lambda_keeps_weights_at_the_anchor_while_lambda_zero_moves_them(base):
+    x, y = client_shard()
+    # The Fisher is tiny on some coordinates; a uniform importance makes "near" meaningful for all.
+    uniform = {n: np.ones_like(f) for n, f in base.fisher.items()}
+    free = rounds.local_update(TASK, base.weights, uniform, x, y, lam=0.0, epochs=2, batch_size=32, lr=0.1, seed=0)
+    held = rounds.local_update(TASK, base.weights, uniform, x, y, lam=1e4, epochs=2, batch_size=32, lr=0.1, seed=0)
+    assert l2_norm(free.delta) > 0.5
+    assert l2_norm(held.delta) < 0.02 * l2_norm(free.delta)
+    assert free.metrics_after["accuracy"] > free.metrics_before["accuracy"] + 0.2
+
+
+def test_ewc_with_the_fisher_moves_less_than_plain_training(base):
+    x, y = client_shard()
+    plain = rounds.local_update(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=2, batch_size=32, lr=0.1, seed=0)
+    ewc = rounds.local_update(TASK, base.weights, base.fisher, x, y, lam=500.0, epochs=2, batch_size=32, lr=0.1, seed=0)
+    weighted = lambda d: sum(float(np.sum(base.fisher[n] * d[n] ** 2)) for n in d)  # noqa: E731
+    assert weighted(ewc.delta) < weighted(plain.delta)
+
+
+def test_vectorised_fisher_equals_a_per_sample_reference_on_a_tiny_model():
+    model = mlp(4, (3,), 3, seed=7)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=37)
+    fast = fisher_diagonal(model, x, y, batch_size=16)  # three batches, the last partial
+
+    reference = {v.path: np.zeros(v.shape) for v in model.trainable_variables}
+    for xi, yi in zip(x, y):  # the slow reference the vectorised version must match
+        with tf.GradientTape() as tape:
+            logits = model(xi[None], training=False)
+            nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[int(yi)], logits=logits)
+        for v, g in zip(model.trainable_variables, tape.gradient(nll, model.trainable_variables)):
+            reference[v.path] += g.numpy() ** 2 / len(x)
+    assert set(fast) == set(reference)
+    for name in fast:
+        np.testing.assert_allclose(fast[name], reference[name], rtol=1e-4, atol=1e-7)
+    assert all(np.all(f >= 0) for f in fast.values())
+
+
+def test_a_new_round_reassigns_variables_without_retracing(monkeypatch):
+    traces = []
+    original = EWCModel.train_step
+
+    def counting_train_step(self, data):
+        traces.append(1)  # runs in Python only while TensorFlow traces the step
+        return original(self, data)
+
+    monkeypatch.setattr(EWCModel, "train_step", counting_train_step)
+    task = Task("digits", load_digits, 64, (32,), 10)  # a fresh working model, traced in this test
+    x, y = task.client_data(0, 2, seed=0)
+    weights = rounds.initial_model(task, seed=0)
+    for round_id, lam in enumerate([0.0, 10.0, 100.0]):
+        base = rounds.make_base(task, weights)
+        weights = rounds.aggregate(weights, [(rounds.local_update(task, base.weights, base.fisher, x, y, lam=lam,
+                                                                  epochs=1, batch_size=32, lr=0.1,
+                                                                  seed=round_id).delta, len(y))])
+        if round_id == 0:
+            traced_in_first_round = len(traces)
+    assert traced_in_first_round >= 1
+    assert len(traces) == traced_in_first_round
+
+
+def test_weights_dictionary_round_trip(base):
+    model = TASK.build_model(seed=3)
+    set_weights(model, base.weights)
+    for name, tensor in get_weights(model).items():
+        np.testing.assert_array_equal(tensor, base.weights[name])
