@@ -197,7 +197,7 @@ def _error_signatures() -> dict[bytes, tuple[str, list[str], list[str]]]:
 def _revert_data(exc: BaseException) -> bytes | None:
     """The raw revert data carried by a web3 or eth-tester exception, if any.
 
-    web3 puts "0x<selector>..." in `.data`; eth-tester raises bytes, which web3's tester provider
+    web3 puts "0x<selector>..." (or Ganache's details) in `.data`; eth-tester raises bytes, which web3's tester provider
     re-raises as text, so the exception chain is searched too."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
@@ -207,8 +207,8 @@ def _revert_data(exc: BaseException) -> bytes | None:
             continue
         seen.add(id(current))
         for value in (getattr(current, "data", None), *getattr(current, "args", ())):
-            if isinstance(value, dict):
-                value = value.get("data")
+            if isinstance(value, dict):  # Ganache: {"result": "0x<selector>...", "message": "revert", ...}
+                value = value.get("data") or value.get("result")
             if isinstance(value, (bytes, bytearray)) and len(value) >= 4:
                 return bytes(value)
             if isinstance(value, str) and value.startswith("0x") and len(value) >= 10:

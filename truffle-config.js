@@ -1,0 +1,33 @@
+// Truffle compiles offline with the npm solc in node_modules (a version number or range would make
+// it try to download one) and deploys to the Ganache the Python side uses (DESIGN section 8).
+const path = require("path");
+
+const chainUrl = new URL(process.env.FL_CHAIN_URL || "http://127.0.0.1:8545");
+
+module.exports = {
+  contracts_build_directory: path.join(__dirname, "build", "contracts"),
+  networks: {
+    // The chain at FL_CHAIN_URL (default: run.py's Ganache on 8545).
+    development: {
+      host: chainUrl.hostname,
+      port: Number(chainUrl.port || 8545),
+      network_id: "*",
+    },
+    // The Ganache the test session starts (tests/fixtures/chain.py).
+    test_session: {
+      host: "127.0.0.1",
+      port: 8645,
+      network_id: "*",
+    },
+  },
+  compilers: {
+    solc: {
+      version: path.join(__dirname, "node_modules", "solc"),
+      settings: {
+        // Ganache 7.9 knows no later hardfork; solc >= 0.8.25 defaults to cancun.
+        evmVersion: "shanghai",
+        optimizer: { enabled: true, runs: 200 },
+      },
+    },
+  },
+};
