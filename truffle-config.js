@@ -7,16 +7,10 @@ const chainUrl = new URL(process.env.FL_CHAIN_URL || "http://127.0.0.1:8545");
 module.exports = {
   contracts_build_directory: path.join(__dirname, "build", "contracts"),
   networks: {
-    // The chain at FL_CHAIN_URL (default: run.py's Ganache on 8545).
+    // The chain at FL_CHAIN_URL, as for the Python side (default: run.py's Ganache on 8545).
     development: {
       host: chainUrl.hostname,
       port: Number(chainUrl.port || 8545),
-      network_id: "*",
-    },
-    // The Ganache the test session starts (tests/fixtures/chain.py).
-    test_session: {
-      host: "127.0.0.1",
-      port: 8645,
       network_id: "*",
     },
   },

@@ -1,0 +1,187 @@
+"""RoundRegistry and the chain layer on the embedded chain (eth-tester, py-evm)."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from eth_account import Account
+
+import chain
+from tests.fixtures.chain import (CLIENT_KEYS, CLIENTS, DAG_PB, ORG_KEY, check_round_lifecycle, cid_for,
+                                  expect_revert)
+
+BASE = cid_for("base")
+
+
+@pytest.fixture(scope="module")
+def w3():
+    return chain.connect(chain.EMBEDDED)
+
+
+@pytest.fixture()
+def registry(w3) -> chain.Registry:
+    """A fresh registry with clients 0-2 enrolled and round 1 open."""
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    for address in CLIENTS[:3]:
+        registry.add_client(ORG_KEY, address)
+    registry.start_round(ORG_KEY, BASE)
+    return registry
+
+
+def test_embedded_chain_is_cached_and_funds_the_ganache_accounts(w3):
+    assert chain.connect(chain.EMBEDDED) is w3
+    for key in chain.DEV_KEYS:
+        assert w3.eth.get_balance(Account.from_key(key).address) > 10**18
+
+
+def test_round_lifecycle_with_events(w3):
+    check_round_lifecycle(w3)
+
+
+def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
+    stranger = CLIENT_KEYS[5]
+    cid = cid_for("update")
+    expect_revert("NotOwner", lambda: registry.start_round(CLIENT_KEYS[0], cid))
+    expect_revert("NotOwner", lambda: registry.finalize_round(CLIENT_KEYS[0], 1, cid))
+    expect_revert("NotOwner", lambda: registry.add_client(CLIENT_KEYS[0], CLIENTS[5]))
+    error = expect_revert("NotEnrolled", lambda: registry.submit_update(stranger, 1, cid, 10))
+    assert error.args == (Account.from_key(stranger).address,)
+    expect_revert("EmptyCid", lambda: registry.submit_update(CLIENT_KEYS[0], 1, "", 10))
+    expect_revert("ZeroSamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid, 0))
+    expect_revert("TooManySamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid, 2**64))
+    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[0], 2, cid, 10))  # future
+    expect_revert("PreviousRoundOpen", lambda: registry.start_round(ORG_KEY, cid))
+    expect_revert("EmptyCid", lambda: registry.start_round(ORG_KEY, ""))
+    expect_revert("RoundNotOpen", lambda: registry.finalize_round(ORG_KEY, 2, cid))
+
+    registry.submit_update(CLIENT_KEYS[0], 1, cid, 10)
+    error = expect_revert("AlreadySubmitted", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("again"), 5))
+    assert error.fields == {"round": 1, "client": CLIENTS[0]}
+    assert str(error) == f"RoundRegistry reverted: AlreadySubmitted(round=1, client={CLIENTS[0]})"
+
+    expect_revert("EmptyCid", lambda: registry.finalize_round(ORG_KEY, 1, ""))
+    registry.finalize_round(ORG_KEY, 1, cid_for("model"))
+    expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
+    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid, 10))  # closed
+    assert registry.round(1).submissions == 1
+
+
+def test_allowlist_management(registry):
+    expect_revert("AlreadyEnrolled", lambda: registry.add_client(ORG_KEY, CLIENTS[0]))
+    expect_revert("ZeroAddress", lambda: registry.add_client(ORG_KEY, "0x" + "00" * 20))
+    expect_revert("NotEnrolled", lambda: registry.remove_client(ORG_KEY, CLIENTS[7]))
+    registry.remove_client(ORG_KEY, CLIENTS[0])
+    assert not registry.is_client(CLIENTS[0])
+    expect_revert("NotEnrolled", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 1))
+    assert [e["args"]["client"] for e in registry.events("ClientRemoved")][-1] == CLIENTS[0]
+
+
+def test_open_enrolment_lets_any_account_submit_once(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+    assert registry.open_enrolment()
+    registry.start_round(ORG_KEY, BASE)
+    registry.submit_update(CLIENT_KEYS[9], 1, cid_for("anyone"), 3)
+    assert registry.has_submitted(1, CLIENTS[9]) and not registry.is_client(CLIENTS[9])
+    expect_revert("AlreadySubmitted", lambda: registry.submit_update(CLIENT_KEYS[9], 1, cid_for("x"), 3))
+    expect_revert("NotOwner", lambda: registry.finalize_round(CLIENT_KEYS[9], 1, cid_for("x")))
+
+
+def test_submissions_are_paged_in_submission_order(registry):
+    for k in (2, 0, 1):
+        registry.submit_update(CLIENT_KEYS[k], 1, cid_for(f"update {k}"), 10 + k)
+    everything = registry.submissions(1)
+    assert [s.client for s in everything] == [CLIENTS[2], CLIENTS[0], CLIENTS[1]]
+    assert registry.submissions(1, offset=0, limit=2) == everything[:2]
+    assert registry.submissions(1, offset=2, limit=2) == everything[2:]
+    assert registry.submissions(1, offset=3, limit=2) == []
+    assert registry.submissions(1, offset=1, limit=0) == []
+    assert registry.submissions(1, offset=1, limit=2**256 - 1) == everything[1:]
+    assert registry.submissions(7) == []
+
+
+# CIDs that are not canonical CIDv1 base32 sha2-256 are kept verbatim: each must come back unchanged.
+OTHER_CIDS = [
+    "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG",  # CIDv0
+    cid_for("upper").upper(),  # base32upper multibase
+    cid_for("padding")[:-1] + "b",  # non-zero padding bits: not what an encoder produces
+    cid_for("bad digit")[:30] + "1" + cid_for("bad digit")[31:],
+    cid_for("bad digit")[:40] + "{" + cid_for("bad digit")[41:],
+    cid_for("bad digit")[:58] + "8",
+    cid_for("short")[:-1],
+    cid_for("long") + "a",
+    "bb" + cid_for("wrong version")[2:],
+    cid_for("codec 0x80", 0x80),  # not a one-byte varint
+    cid_for("codec 0", 0),
+    "bafyreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",  # dag-cbor: compact too
+    "x",
+]
+
+
+def test_every_cid_reads_back_exactly_and_canonical_ones_are_compact(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+    canonical = [cid_for(bytes([i]) * i, codec) for i in range(8) for codec in (0x55, DAG_PB)]
+    gas = {}
+    for round_id, cid in enumerate(canonical + OTHER_CIDS, start=1):
+        registry.start_round(ORG_KEY, BASE)
+        gas[cid] = registry.submit_update(CLIENT_KEYS[0], round_id, cid, 1).gas_used
+        assert registry.submissions(round_id) == [chain.Submission(CLIENTS[0], cid, 1)]
+        registry.finalize_round(ORG_KEY, round_id, cid)
+    compact = [g for cid, g in gas.items() if cid in canonical]
+    assert max(compact) < 85_000 and max(compact) - min(compact) < 1_000
+    assert gas[OTHER_CIDS[-2]] < 85_000  # any one-byte codec
+    assert all(gas[cid] > 95_000 for cid in OTHER_CIDS[:-2])
+
+
+def test_submission_gas_does_not_grow_with_clients_or_rounds(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    for address in CLIENTS[:8]:
+        registry.add_client(ORG_KEY, address)
+    used = []
+    for round_id in (1, 2, 3):
+        registry.start_round(ORG_KEY, cid_for(f"base {round_id}"))
+        used += [registry.submit_update(key, round_id, cid_for(f"{round_id} {k}"), 100).gas_used
+                 for k, key in enumerate(CLIENT_KEYS[:8])]
+        registry.finalize_round(ORG_KEY, round_id, cid_for(f"model {round_id}"))
+    assert max(used) - min(used) <= 200  # calldata varies with the CID's zero bytes only
+
+
+def test_threads_sharing_one_key_never_reuse_a_nonce(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    errors = []
+
+    def enrol(address):
+        try:
+            registry.add_client(ORG_KEY, address)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enrol, args=(address,)) for address in CLIENTS[:6]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and all(registry.is_client(address) for address in CLIENTS[:6])
+
+
+def test_deployment_record_and_truffle_artifact(w3, tmp_path):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    record = tmp_path / "nested" / "deployments.json"
+    missing_artifact = tmp_path / "none.json"
+    assert chain.find_deployment(w3, record, artifact=missing_artifact) is None
+    chain.record_deployment(record, w3, registry.address.lower())
+    assert json.loads(record.read_text())[str(w3.eth.chain_id)]["address"] == registry.address
+    assert chain.find_deployment(w3, record, artifact=missing_artifact) == registry.address
+    assert list(record.parent.iterdir()) == [record]  # no temporary file left behind
+
+    # An address without code (a reset chain) is not a deployment; Truffle's artifact is the fallback.
+    chain.record_deployment(record, w3, "0x" + "12" * 20)
+    assert chain.find_deployment(w3, record, artifact=missing_artifact) is None
+    artifact = tmp_path / "RoundRegistry.json"
+    artifact.write_text(json.dumps({"networks": {str(w3.net.version): {"address": registry.address}}}))
+    assert chain.find_deployment(w3, record, artifact=artifact) == registry.address
+
+
+def test_an_absent_node_is_reported_as_unavailable():
+    with pytest.raises(chain.ChainUnavailable, match="127.0.0.1:9"):
+        chain.connect("http://127.0.0.1:9")
