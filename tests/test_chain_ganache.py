@@ -1,0 +1,87 @@
+"""The chain layer on a real Ganache node: the same contract, Truffle's deployment, restarts."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from eth_account import Account
+
+import chain
+from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, check_round_lifecycle, cid_for, expect_revert
+
+pytestmark = pytest.mark.ganache
+
+RESTART_URL = "http://127.0.0.1:8646"
+
+
+@pytest.fixture(scope="module")
+def w3(ganache_url):
+    return chain.connect(ganache_url)
+
+
+def test_ganache_accounts_are_the_dev_keys(w3):
+    assert w3.eth.chain_id == chain.GANACHE_CHAIN_ID and w3.net.version == str(chain.GANACHE_NETWORK_ID)
+    assert w3.eth.accounts[:len(chain.DEV_KEYS)] == [Account.from_key(key).address for key in chain.DEV_KEYS]
+
+
+def test_round_lifecycle_with_events(w3):
+    check_round_lifecycle(w3)
+
+
+def test_reverts_are_named_on_ganache(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    registry.add_client(ORG_KEY, CLIENTS[0])
+    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("early"), 5))
+    expect_revert("NotOwner", lambda: registry.start_round(CLIENT_KEYS[0], cid_for("base")))
+    registry.start_round(ORG_KEY, cid_for("base"))
+    expect_revert("NotEnrolled", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid_for("u"), 5))
+    expect_revert("ZeroSamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 0))
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 5)
+    error = expect_revert("AlreadySubmitted", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("v"), 5))
+    assert error.fields == {"round": 1, "client": CLIENTS[0]}
+    registry.finalize_round(ORG_KEY, 1, cid_for("model"))
+    expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
+
+
+def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, ganache_url, tmp_path):
+    truffle = chain.REPO_ROOT / "node_modules" / ".bin" / "truffle"
+    done = subprocess.run([str(truffle), "migrate", "--reset", "--network", "development"],
+                          cwd=chain.REPO_ROOT, env={**os.environ, "FL_CHAIN_URL": ganache_url},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    address = chain.find_deployment(w3, tmp_path / "no-record.json")
+    assert address is not None and address.lower() in done.stdout.lower()
+    registry = chain.Registry(w3, address)
+    assert registry.owner() == Account.from_key(ORG_KEY).address and not registry.open_enrolment()
+    registry.add_client(ORG_KEY, CLIENTS[0])
+    registry.start_round(ORG_KEY, cid_for("truffle base"))
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("truffle update"), 42)
+    assert registry.submissions(1) == [chain.Submission(CLIENTS[0], cid_for("truffle update"), 42)]
+
+
+def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
+    db, log = tmp_path / "db", tmp_path / "ganache.log"
+    with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
+        assert not node.reused
+        w3 = chain.connect(RESTART_URL)
+        registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+        record = tmp_path / "deployments.json"
+        chain.record_deployment(record, w3, registry.address)
+        registry.start_round(ORG_KEY, cid_for("base"))
+        registry.submit_update(CLIENT_KEYS[0], 1, cid_for("update"), 7)
+        # A second start at the same URL reuses the running node and leaves it alone.
+        with chain.Ganache(RESTART_URL, db_dir=tmp_path / "other", log_path=log) as again:
+            assert again.reused
+        assert chain.connect(RESTART_URL).eth.block_number == w3.eth.block_number
+    with pytest.raises(chain.ChainUnavailable):
+        chain.connect(RESTART_URL)
+
+    with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
+        assert not node.reused
+        w3 = chain.connect(RESTART_URL)
+        registry = chain.Registry(w3, chain.find_deployment(w3, record))
+        assert registry.current_round() == 1
+        assert registry.submissions(1) == [chain.Submission(CLIENTS[0], cid_for("update"), 7)]
+        registry.finalize_round(ORG_KEY, 1, cid_for("model"))  # nonces carry on after the restart
+        assert registry.latest_model() == (1, cid_for("model"))
