@@ -1,0 +1,114 @@
+"""Gas used by the round registry on Ganache, with 1, 10 and 100 enrolled clients.
+
+One deployment; round 1 has 1 client, round 2 has 10 and round 3 has 100, and every enrolled client
+submits a realistic CIDv1 ("bafkrei...", 59 characters). Clients beyond Ganache's 20 accounts get
+keys derived from a fixed seed and are funded from account 0. Progress goes to stderr; the last
+line on stdout is one JSON object:
+    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas"}
+
+    python benchmarks/gas.py --json            # a new Ganache on a free port, in a temporary folder
+    python benchmarks/gas.py --url http://127.0.0.1:8545   # that node (started there if none answers)
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from eth_account import Account  # noqa: E402
+from eth_utils import keccak  # noqa: E402
+
+import chain  # noqa: E402
+
+CLIENT_COUNTS = (1, 10, 100)
+CLIENT_FUNDS_WEI = 10**18
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def realistic_cid(label: str) -> str:
+    """A CIDv1 like the ones the system publishes: base32, raw leaves, sha2-256."""
+    binary = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(label.encode()).digest()
+    return "b" + base64.b32encode(binary).decode().lower().rstrip("=")
+
+
+def client_keys(count: int) -> list[str]:
+    """Ganache's accounts 1-19, then keys derived from a fixed seed (the same on every run)."""
+    keys = chain.DEV_KEYS[1:count + 1]
+    keys += ["0x" + keccak(text=f"gas benchmark client {i}").hex() for i in range(count - len(keys))]
+    return keys
+
+
+def fund(w3, payer_key: str, addresses: list[str]) -> None:
+    payer = Account.from_key(payer_key)
+    nonce = w3.eth.get_transaction_count(payer.address, "pending")
+    hashes = []
+    for offset, address in enumerate(addresses):
+        tx = {"to": address, "value": CLIENT_FUNDS_WEI, "gas": 21_000, "gasPrice": w3.eth.gas_price,
+              "nonce": nonce + offset, "chainId": w3.eth.chain_id}
+        hashes.append(w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction))
+    for tx_hash in hashes:
+        assert w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 1
+
+
+def measure(w3) -> dict:
+    org = chain.DEV_KEYS[0]
+    keys = client_keys(max(CLIENT_COUNTS))
+    unfunded = [Account.from_key(key).address for key in keys if key not in chain.DEV_KEYS]
+    progress(f"funding {len(unfunded)} extra client accounts")
+    fund(w3, org, unfunded)
+
+    registry = chain.deploy_registry(w3, org)
+    progress(f"deployed the round registry at {registry.address}")
+    register, start, finalize, submit = [], [], [], {}
+    enrolled = 0
+    for round_id, count in enumerate(CLIENT_COUNTS, start=1):
+        for key in keys[enrolled:count]:
+            register.append(registry.add_client(org, Account.from_key(key).address).gas_used)
+        enrolled = count
+        start.append(registry.start_round(org, realistic_cid(f"base {round_id}")).gas_used)
+        used = [registry.submit_update(key, round_id, realistic_cid(f"delta {round_id} {k}"), 500 + k).gas_used
+                for k, key in enumerate(keys[:count])]
+        finalize.append(registry.finalize_round(org, round_id, realistic_cid(f"model {round_id}")).gas_used)
+        submit[str(count)] = max(used)
+        progress(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
+    return {"submit_gas": submit, "start_round_gas": max(start), "finalize_gas": max(finalize),
+            "register_gas": max(register)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="chain URL (default: a new Ganache on a free port)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
+    args = parser.parse_args(argv)
+
+    url = args.url or f"http://127.0.0.1:{free_port()}"
+    with tempfile.TemporaryDirectory(prefix="gas-benchmark-") as folder:
+        with chain.Ganache(url, db_dir=Path(folder) / "db", log_path=Path(folder) / "ganache.log") as node:
+            progress(f"{'using the running' if node.reused else 'started'} Ganache at {url}")
+            result = measure(chain.connect(url))
+    if not args.json:
+        for name, value in result.items():
+            print(f"{name}: {value}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
