@@ -5,7 +5,9 @@ const path = require("path");
 const chainUrl = new URL(process.env.FL_CHAIN_URL || "http://127.0.0.1:8545");
 
 module.exports = {
-  contracts_build_directory: path.join(__dirname, "build", "contracts"),
+  // build/contracts is where chain.find_deployment looks; tests build elsewhere so that they never
+  // overwrite the address recorded for a developer's own chain (same network id 5777).
+  contracts_build_directory: process.env.FL_TRUFFLE_BUILD_DIR || path.join(__dirname, "build", "contracts"),
   networks: {
     // The chain at FL_CHAIN_URL, as for the Python side (default: run.py's Ganache on 8545).
     development: {

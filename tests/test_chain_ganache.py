@@ -46,11 +46,12 @@ def test_reverts_are_named_on_ganache(w3):
 
 def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, ganache_url, tmp_path):
     truffle = chain.REPO_ROOT / "node_modules" / ".bin" / "truffle"
+    build_dir = tmp_path / "build" / "contracts"
     done = subprocess.run([str(truffle), "migrate", "--reset", "--network", "development"],
-                          cwd=chain.REPO_ROOT, env={**os.environ, "FL_CHAIN_URL": ganache_url},
-                          capture_output=True, text=True, timeout=240)
+                          cwd=chain.REPO_ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "FL_CHAIN_URL": ganache_url, "FL_TRUFFLE_BUILD_DIR": str(build_dir)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    address = chain.find_deployment(w3, tmp_path / "no-record.json")
+    address = chain.find_deployment(w3, tmp_path / "no-record.json", artifact=build_dir / "RoundRegistry.json")
     assert address is not None and address.lower() in done.stdout.lower()
     registry = chain.Registry(w3, address)
     assert registry.owner() == Account.from_key(ORG_KEY).address and not registry.open_enrolment()
