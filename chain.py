@@ -39,6 +39,7 @@ GANACHE_NETWORK_ID = 5777
 RECEIPT_TIMEOUT = 120.0
 HTTP_TIMEOUT = 30.0
 GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
+NODE_ERRORS = (requests.ConnectionError, requests.Timeout)  # the node went away mid-call
 
 # Private keys of Ganache's --wallet.deterministic accounts (mnemonic "myth like bonus scare over
 # problem client lizard pioneer submit female collect", path m/44'/60'/0'/0/i). Account 0 is the
@@ -174,7 +175,8 @@ def connect(url: str, timeout: float = HTTP_TIMEOUT) -> Web3:
     if url == EMBEDDED:
         return _embedded_chain()
     if not _rpc_answers(url, timeout=min(timeout, 5.0)):
-        raise ChainUnavailable(f"no Ethereum JSON-RPC node answers at {url} (start one with `python run.py chain`)")
+        raise ChainUnavailable(
+            f"no Ethereum JSON-RPC node answers at {url} (start one with `python run.py chain`)")
     return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
 
 
@@ -197,8 +199,8 @@ def _error_signatures() -> dict[bytes, tuple[str, list[str], list[str]]]:
 def _revert_data(exc: BaseException) -> bytes | None:
     """The raw revert data carried by a web3 or eth-tester exception, if any.
 
-    web3 puts "0x<selector>..." (or Ganache's details) in `.data`; eth-tester raises bytes, which web3's tester provider
-    re-raises as text, so the exception chain is searched too."""
+    web3 puts "0x<selector>..." (or Ganache's details) in `.data`; eth-tester raises bytes, which
+    web3's tester provider re-raises as text, so the exception chain is searched too."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -282,6 +284,11 @@ def find_deployment(w3: Web3, path: Path, artifact: Path = TRUFFLE_ARTIFACT) -> 
 
 # ---- transactions -----------------------------------------------------------------------------
 
+def _unavailable(w3: Web3, exc: BaseException) -> ChainUnavailable:
+    url = getattr(w3.provider, "endpoint_uri", None) or EMBEDDED
+    return ChainUnavailable(f"the chain node at {url} stopped answering: {exc}")
+
+
 _key_locks: dict[str, threading.Lock] = {}
 _key_locks_guard = threading.Lock()
 
@@ -289,10 +296,6 @@ _key_locks_guard = threading.Lock()
 def _lock_for(address: str) -> threading.Lock:
     with _key_locks_guard:
         return _key_locks.setdefault(address, threading.Lock())
-
-
-def _node_errors() -> tuple[type[BaseException], ...]:
-    return (requests.ConnectionError, requests.Timeout)
 
 
 def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
@@ -314,14 +317,15 @@ def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
                 raise error from exc
             signed = account.sign_transaction(tx)
             tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-        except _node_errors() as exc:
-            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        except NODE_ERRORS as exc:
+            raise _unavailable(w3, exc) from exc
     try:
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)
     except TimeExhausted as exc:
-        raise ChainUnavailable(f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
-    except _node_errors() as exc:
-        raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        raise ChainUnavailable(
+            f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
+    except NODE_ERRORS as exc:
+        raise _unavailable(w3, exc) from exc
     if receipt["status"] != 1:
         raise _replay_failure(w3, tx, receipt)
     return TxResult(tx_hash.to_0x_hex(), receipt["gasUsed"], receipt["blockNumber"]), receipt
@@ -364,14 +368,15 @@ class Registry:
         return f"Registry({self.address})"
 
     def _transact(self, key: str, function: str, *args) -> TxResult:
-        result, _ = _send(self.w3, key, lambda params: self.contract.functions[function](*args).build_transaction(params))
+        function_call = self.contract.functions[function](*args)
+        result, _ = _send(self.w3, key, function_call.build_transaction)
         return result
 
     def _call(self, function: str, *args):
         try:
             return self.contract.functions[function](*args).call()
-        except _node_errors() as exc:
-            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        except NODE_ERRORS as exc:
+            raise _unavailable(self.w3, exc) from exc
         except Exception as exc:
             error = contract_error_from(exc)
             if error is None:
@@ -428,8 +433,8 @@ class Registry:
         """The contract's `name` events since `from_block`, decoded, oldest first."""
         try:
             logs = self.contract.events[name]().get_logs(from_block=from_block)
-        except _node_errors() as exc:
-            raise ChainUnavailable(f"the chain node stopped answering: {exc}") from exc
+        except NODE_ERRORS as exc:
+            raise _unavailable(self.w3, exc) from exc
         return [{"event": log["event"], "args": dict(log["args"]), "block_number": log["blockNumber"],
                  "tx_hash": log["transactionHash"].to_0x_hex()} for log in logs]
 

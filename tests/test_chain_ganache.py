@@ -38,7 +38,8 @@ def test_reverts_are_named_on_ganache(w3):
     expect_revert("NotEnrolled", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid_for("u"), 5))
     expect_revert("ZeroSamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 0))
     registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 5)
-    error = expect_revert("AlreadySubmitted", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("v"), 5))
+    error = expect_revert("AlreadySubmitted",
+                          lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("v"), 5))
     assert error.fields == {"round": 1, "client": CLIENTS[0]}
     registry.finalize_round(ORG_KEY, 1, cid_for("model"))
     expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
@@ -75,8 +76,12 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
         with chain.Ganache(RESTART_URL, db_dir=tmp_path / "other", log_path=log) as again:
             assert again.reused
         assert chain.connect(RESTART_URL).eth.block_number == w3.eth.block_number
-    with pytest.raises(chain.ChainUnavailable):
+    with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
         chain.connect(RESTART_URL)
+    with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
+        registry.current_round()
+    with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
+        registry.finalize_round(ORG_KEY, 1, cid_for("model"))
 
     with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
         assert not node.reused

@@ -56,7 +56,8 @@ def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
     expect_revert("RoundNotOpen", lambda: registry.finalize_round(ORG_KEY, 2, cid))
 
     registry.submit_update(CLIENT_KEYS[0], 1, cid, 10)
-    error = expect_revert("AlreadySubmitted", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("again"), 5))
+    error = expect_revert("AlreadySubmitted",
+                          lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("again"), 5))
     assert error.fields == {"round": 1, "client": CLIENTS[0]}
     assert str(error) == f"RoundRegistry reverted: AlreadySubmitted(round=1, client={CLIENTS[0]})"
 
