@@ -308,7 +308,9 @@ def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
             params = {"from": account.address, "chainId": w3.eth.chain_id,
                       "nonce": w3.eth.get_transaction_count(account.address, "pending")}
             try:
-                tx = build(params)
+                # A placeholder gas stops web3 from estimating on its own; one estimate is enough.
+                tx = build({**params, "gas": 1})
+                del tx["gas"]
                 tx["gas"] = int(w3.eth.estimate_gas(tx) * GAS_MARGIN)
             except Exception as exc:
                 error = contract_error_from(exc)
