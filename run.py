@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,11 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir,
                              contract_record=args.contract_record)
+
+
+def interrupt_on_sigterm(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every context manager stops the services it started."""
+    raise KeyboardInterrupt
 
 
 def wait_forever(what: str) -> None:
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--json", type=Path, help="write the per-round results here")
 
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     args.handler(args)
 
 
