@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -25,6 +26,9 @@ import requests
 from multiformats import CID, multihash
 
 from services import ManagedProcess, ServiceError
+
+# ipfshttpclient 0.7.0 passes urllib3 a `strict` flag that urllib3 2 only warns about.
+warnings.filterwarnings("ignore", message="The 'strict' parameter is no longer needed", category=FutureWarning)
 
 CHUNK_SIZE = 262_144
 LINKS_PER_NODE = 174
