@@ -375,12 +375,23 @@ def gateway_port_for(api_port: int) -> int | None:
     return port if port <= 65535 else None
 
 
-def _is_ipfs_process(pid: int) -> bool:
-    """True when `pid` is a live js-ipfs process (checked by command line, since pids get reused)."""
-    try:
-        return b"ipfs" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+def _repo_users(repo_dir: Path) -> list[int]:
+    """Pids of live IPFS processes using `repo_dir` (IPFS_PATH in their environment)."""
+    wanted = Path(repo_dir).resolve()
+    users = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"ipfs" not in (proc / "cmdline").read_bytes():
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        paths = [Path(os.fsdecode(entry[len(b"IPFS_PATH="):])) for entry in environ if entry.startswith(b"IPFS_PATH=")]
+        if any(path.resolve() == wanted for path in paths):
+            users.append(int(proc.name))
+    return users
 
 
 class IPFSDaemon(ManagedProcess):
@@ -397,7 +408,6 @@ class IPFSDaemon(ManagedProcess):
         self.api_url = f"http://127.0.0.1:{api_port}"
         self.gateway_url = f"http://127.0.0.1:{gateway_port}"
         self.config_path = self.repo_dir.parent / f"{self.repo_dir.name}.init-config.json"
-        self.pid_path = self.repo_dir.parent / f"{self.repo_dir.name}.daemon.pid"
         super().__init__(
             "IPFS daemon",
             [str(JSIPFS), "daemon", "--init-config", str(self.config_path), "--init-profile", "test",
@@ -432,18 +442,15 @@ class IPFSDaemon(ManagedProcess):
         }
 
     def _clear_stale_lock(self) -> None:
-        """Remove repo.lock left by a daemon that was killed; refuse if its process still lives."""
+        """Remove repo.lock left by a daemon that was killed; refuse if a live process uses the repo."""
         lock = self.repo_dir / "repo.lock"
         if not lock.exists():
             return
-        try:
-            pid = int(self.pid_path.read_text().strip())
-        except (OSError, ValueError):
-            pid = None
-        if pid is not None and _is_ipfs_process(pid):
-            raise ServiceError(f"the IPFS repo {self.repo_dir} is locked by process {pid}, which is still running "
-                               f"but does not answer at {self.api_url}; stop it or use another repo")
-        # js-ipfs locks with a directory (proper-lockfile) and only treats it as stale after 20 s.
+        users = _repo_users(self.repo_dir)
+        if users:
+            raise ServiceError(f"the IPFS repo {self.repo_dir} is locked by process {users[0]}, which is still "
+                               f"running but does not answer at {self.api_url}; stop it or use another repo")
+        # js-ipfs locks with a directory (proper-lockfile) and would wait 20 s to call it stale.
         if lock.is_dir():
             shutil.rmtree(lock, ignore_errors=True)
         else:
@@ -460,14 +467,7 @@ class IPFSDaemon(ManagedProcess):
         # js-ipfs applies --init-config to an existing repo too, so a changed port takes effect.
         self.config_path.write_text(json.dumps(self.init_config(), indent=2))
         super().start()
-        if self.process is not None:
-            self.pid_path.write_text(str(self.process.pid))
         return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        super().stop(timeout)
-        if not self.reused:
-            self.pid_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "IPFSDaemon":
         return self.start()

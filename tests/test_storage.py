@@ -19,6 +19,9 @@ import storage
 from multiformats import CID
 from services import ServiceError
 
+# pytest resets warning filters per test; storage.py silences this ipfshttpclient/urllib3 warning at run time.
+pytestmark = pytest.mark.filterwarnings("ignore:The 'strict' parameter:FutureWarning")
+
 KIB = 1024
 CHUNK = storage.CHUNK_SIZE
 # 0 B and one byte; exactly one chunk and one byte more; a few chunks; ~172 chunks (one level).
@@ -298,6 +301,10 @@ def test_stop_start_and_stale_lock_recovery_on_one_repo(tmp_path, ipfs_daemon):
 
     daemon.start()  # same repo after a clean stop
     assert storage.IPFSStore(daemon.api_url, timeout=10).get(cid) == b"survives restarts"
+    intruder = storage.IPFSDaemon(daemon.repo_dir, api_port=free_port(), gateway_port=free_port(),
+                                  log_path=tmp_path / "intruder.log")
+    with pytest.raises(ServiceError, match="locked by process"):
+        intruder.start()  # a live daemon's lock is never taken away
     daemon.kill()  # as a crash would: the repo lock stays behind
     assert (daemon.repo_dir / "repo.lock").exists()
 
