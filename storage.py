@@ -308,17 +308,21 @@ class IPFSStore:
     def get(self, cid: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:
         parse_cid(cid)
         timeout = self.timeout if timeout is None else timeout
-        kwargs = {"length": max_bytes + 1} if max_bytes is not None else {}
+        # Cut by the daemon itself one byte past max_bytes, and streamed, so an oversized file
+        # is never transferred or read whole. (cat's own offset/length are dropped when opts is
+        # given, hence length goes in opts.)
+        opts = self._opts(timeout, **({"length": max_bytes + 1} if max_bytes is not None else {}))
 
         def fetch() -> bytes:
-            # Streamed, and cut one byte past max_bytes by the daemon itself, so an oversized
-            # file is never read whole.
             buffer = bytearray()
-            for piece in self._client.cat(cid, opts=self._opts(timeout), timeout=timeout + 2,
-                                          stream=True, **kwargs):
-                buffer += piece
-                if max_bytes is not None and len(buffer) > max_bytes:
-                    raise ContentTooLarge(f"{cid} is more than the {max_bytes} bytes allowed")
+            pieces = self._client.cat(cid, opts=opts, timeout=timeout + 2, stream=True)
+            try:
+                for piece in pieces:
+                    buffer += piece
+                    if max_bytes is not None and len(buffer) > max_bytes:
+                        raise ContentTooLarge(f"{cid} is more than the {max_bytes} bytes allowed")
+            finally:
+                pieces.close()
             return bytes(buffer)
 
         return verify(cid, self._call(f"cat {cid}", timeout, fetch))
