@@ -38,6 +38,8 @@ def describe_error(exc: BaseException) -> str:
     """One line for a page or a JSON answer: the exception's own words and its kind."""
     if isinstance(exc, chain.ContractError):
         return f"contract reverted: {exc}"
+    if isinstance(exc, ActionError):  # already written for the user
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -59,9 +61,11 @@ def install_json_errors(app: Flask) -> None:
     def contract_error(exc):
         return jsonify(error=describe_error(exc), contract_error=exc.name), 409
 
-    @app.errorhandler(UNAVAILABLE)
     def unavailable(exc):
         return jsonify(error=describe_error(exc)), 503
+
+    for outage in UNAVAILABLE:
+        app.register_error_handler(outage, unavailable)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
