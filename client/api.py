@@ -26,7 +26,8 @@ def run_job(name: str, action):
     wait = body.get("wait", False)
     if not isinstance(wait, bool):
         raise ActionError("field 'wait' must be true or false", 400)
-    job = jobs().start(name, action, wait=wait)
+    svc = service()  # bound now: the job's thread runs outside this request's app context
+    job = jobs().start(name, lambda job: action(svc, job), wait=wait)
     return jsonify(job.as_dict()), (200 if wait else 202)
 
 
@@ -46,19 +47,19 @@ def job():
 
 @bp.post("/pull")
 def pull():
-    return run_job("pull", lambda job: service().pull())
+    return run_job("pull", lambda svc, job: svc.pull())
 
 
 @bp.post("/train")
 def train():
-    return run_job("train", lambda job: service().train(job))
+    return run_job("train", lambda svc, job: svc.train(job))
 
 
 @bp.post("/publish")
 def publish():
-    return run_job("publish", lambda job: service().publish())
+    return run_job("publish", lambda svc, job: svc.publish())
 
 
 @bp.post("/participate")
 def participate():
-    return run_job("participate", lambda job: service().participate(job))
+    return run_job("participate", lambda svc, job: svc.participate(job))

@@ -24,7 +24,8 @@ def index():
 
 def start(name: str, action):
     try:
-        jobs().start(name, action)
+        svc = service()  # bound now: the job's thread runs outside this request's app context
+        jobs().start(name, lambda job: action(svc, job))
         flash(f"{name.capitalize()} started", "ok")
     except Exception as exc:  # shown on the page; the page itself stays up
         flash(describe_error(exc), "error")
@@ -33,19 +34,19 @@ def start(name: str, action):
 
 @bp.post("/pull")
 def pull():
-    return start("pull", lambda job: service().pull())
+    return start("pull", lambda svc, job: svc.pull())
 
 
 @bp.post("/train")
 def train():
-    return start("train", lambda job: service().train(job))
+    return start("train", lambda svc, job: svc.train(job))
 
 
 @bp.post("/publish")
 def publish():
-    return start("publish", lambda job: service().publish())
+    return start("publish", lambda svc, job: svc.publish())
 
 
 @bp.post("/participate")
 def participate():
-    return start("participate", lambda job: service().participate(job))
+    return start("participate", lambda svc, job: svc.participate(job))
