@@ -67,6 +67,10 @@ def install_json_errors(app: Flask) -> None:
     for outage in UNAVAILABLE:
         app.register_error_handler(outage, unavailable)
 
+    @app.errorhandler(storage.StorageError)
+    def bad_content(exc):  # missing, mismatching or oversized content: IPFS answered, but not usefully
+        return jsonify(error=describe_error(exc)), 502
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if not wants_json():
