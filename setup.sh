@@ -41,4 +41,26 @@ if [ -f package.json ]; then
   fi
 fi
 
-echo "setup.sh: ready (.venv and node_modules)"
+# Chromium and ChromeDriver drive the browser tests (Debian packages chromium, chromium-driver).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup.sh: installing chromium and chromium-driver (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "setup.sh: chromium and chromedriver are missing and apt-get cannot run here;" \
+         "install the Debian packages chromium and chromium-driver, or the browser tests fail" >&2
+  fi
+fi
+
+# Benchmark-only packages (Flower, for benchmarks/vs_flower.py): `bash setup.sh --bench`.
+if [ "${1:-}" = "--bench" ]; then
+  bench_hash=$(cat benchmarks/requirements-bench.txt | sha256sum | cut -d' ' -f1)
+  if ! stamp_ok bench "$bench_hash"; then
+    echo "setup.sh: installing benchmark packages (benchmarks/requirements-bench.txt)"
+    .venv/bin/python -m pip install --quiet -r benchmarks/requirements-bench.txt
+    echo "$bench_hash" > "$STAMPS/bench"
+  fi
+fi
+
+echo "setup.sh: ready (.venv, node_modules, chromium)"
