@@ -1,14 +1,17 @@
 """What both Flask apps share: wiring settings to the chain and IPFS, JSON errors, phase timing."""
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
-from flask import Flask, jsonify, request
+from flask import Flask, abort, jsonify, request, session
 from werkzeug.exceptions import HTTPException
 
 import chain
@@ -45,6 +48,35 @@ def describe_error(exc: BaseException) -> str:
 
 # Outages of the chain or IPFS are reported as 503 so callers know to retry later.
 UNAVAILABLE = (chain.ChainUnavailable, storage.StorageUnavailable, storage.StorageTimeout)
+# A node that refuses connections may be restarting: worth a few retries. A timeout is not retried,
+# since content the node cannot find would only time out again.
+REFUSED = (chain.ChainUnavailable, storage.StorageUnavailable)
+
+log = logging.getLogger("runtime")
+T = TypeVar("T")
+
+
+def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
+    """`call()`, retried `settings.retries` times with doubling waits while the chain or IPFS node
+    refuses connections; the last outage is raised. Only for calls that are safe to repeat."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except REFUSED as exc:
+            if attempt >= settings.retries:
+                raise
+            wait = settings.retry_backoff * 2 ** attempt
+            log.warning("%s: %s; retrying in %.1f s", what, exc, wait)
+            time.sleep(wait)
+            attempt += 1
+
+
+def store_status(store: storage.ContentStore) -> dict[str, Any]:
+    """Whether the IPFS node answers (the embedded store always does), for the status pages."""
+    if isinstance(store, storage.IPFSStore) and not storage.ipfs_answers(store.api_url, timeout=1.0):
+        return {"ok": False, "error": f"no IPFS daemon answers at {store.api_url}"}
+    return {"ok": True, "backend": store.describe()}
 
 
 def install_json_errors(app: Flask) -> None:
@@ -64,6 +96,11 @@ def install_json_errors(app: Flask) -> None:
     def unavailable(exc):
         return jsonify(error=describe_error(exc)), 503
 
+    @app.errorhandler(413)
+    def too_large(exc):  # also for pages: a form post this large is no browser's doing
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return jsonify(error=f"the request body is larger than the {limit} bytes allowed"), 413
+
     for outage in UNAVAILABLE:
         app.register_error_handler(outage, unavailable)
 
@@ -81,6 +118,42 @@ def install_json_errors(app: Flask) -> None:
     def unexpected(exc: Exception):
         app.logger.error("unexpected error: %s", traceback.format_exc())
         return jsonify(error=describe_error(exc)), 500
+
+
+CSRF_FIELD = "csrf_token"
+
+
+def csrf_token() -> str:
+    """This browser session's token, put in every dashboard form (a cross-site page cannot read it)."""
+    if CSRF_FIELD not in session:
+        session[CSRF_FIELD] = secrets.token_urlsafe(32)
+    return session[CSRF_FIELD]
+
+
+def install_request_guards(app: Flask) -> None:
+    """Size cap for every body, a CSRF token for every form post, and no cross-site JSON posts.
+
+    Form posts (the dashboard buttons) carry the session's token. The JSON API has no session; a
+    browser marks a cross-site request with an Origin header naming another site, so those are refused.
+    """
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    @app.before_request
+    def guard():
+        limit = app.config.get("MAX_CONTENT_LENGTH")
+        if limit is not None and (request.content_length or 0) > limit:
+            abort(413)
+        if request.method != "POST":
+            return
+        if request.path.startswith("/api/"):
+            origin = request.headers.get("Origin")
+            if origin and urlsplit(origin).netloc != request.host:
+                abort(403, description=f"cross-site request from {origin} refused")
+            return
+        sent = request.form.get(CSRF_FIELD, "")
+        expected = session.get(CSRF_FIELD)
+        if not expected or not secrets.compare_digest(sent, expected):
+            abort(400, description="the form's security token is missing or stale: reload the page and try again")
 
 
 def json_body(**fields: type | tuple[type, ...]) -> dict[str, Any]:

@@ -8,6 +8,8 @@
 | FL_CONTRACT_RECORD    | build/deployments.json          | where the deployed contract address is recorded |
 | FL_ORG_KEY            | Ganache deterministic account 0 | organization's private key                      |
 | FL_TIMEOUT            | 30                              | seconds for one IPFS or chain call              |
+| FL_RETRIES            | 3                               | retries of a call the chain or IPFS refused     |
+| FL_RETRY_BACKOFF      | 0.5                             | seconds before the first retry, doubled after each |
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class Settings:
     contract_record: Path = REPO_ROOT / "build" / "deployments.json"
     org_key: str | None = None
     timeout: float = 30.0
+    retries: int = 3
+    retry_backoff: float = 0.5
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -39,6 +43,8 @@ class Settings:
             contract_record=Path(env.get("FL_CONTRACT_RECORD", REPO_ROOT / "build" / "deployments.json")),
             org_key=env.get("FL_ORG_KEY") or None,
             timeout=float(env.get("FL_TIMEOUT", cls.timeout)),
+            retries=int(env.get("FL_RETRIES", cls.retries)),
+            retry_backoff=float(env.get("FL_RETRY_BACKOFF", cls.retry_backoff)),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -10,7 +10,7 @@ from flask import Flask
 
 import chain
 from client.service import ClientConfig, ClientService
-from runtime import JobRunner, install_json_errors, open_store
+from runtime import JobRunner, install_json_errors, install_request_guards, open_store
 from settings import Settings
 
 
@@ -23,6 +23,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     settings: Settings = app.config.setdefault("SETTINGS", Settings.from_env())
     client_config: ClientConfig = app.config.setdefault("CLIENT_CONFIG", ClientConfig())
+    # Every app on 127.0.0.1 shares the browser's cookies (ports do not separate them): one name each.
+    app.config.setdefault("SESSION_COOKIE_NAME", f"fl-client-{client_config.client_id}")
     w3 = app.config.get("W3") or chain.connect(settings.chain_url)
     store = app.config.get("STORE") or open_store(settings)
     app.extensions["client"] = ClientService(settings, client_config, w3, store,
@@ -34,5 +36,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(views.bp)
     app.register_blueprint(api.bp)
+    install_request_guards(app)
     install_json_errors(app)
     return app

@@ -16,7 +16,7 @@ import chain
 import storage
 from processor import codec, rounds
 from processor.tasks import get_task
-from runtime import ActionError, Job, PhaseTimer, describe_error, find_registry
+from runtime import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
 from settings import Settings
 
 log = logging.getLogger("client")
@@ -87,10 +87,11 @@ class ClientService:
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
     def open_round(self) -> tuple[int, chain.RoundInfo]:
-        round_id = self.registry.current_round()
+        registry = self.registry
+        round_id = retrying(self.settings, "reading the current round", registry.current_round)
         if round_id == 0:
             raise ActionError("no round has started yet", 409)
-        info = self.registry.round(round_id)
+        info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
         if info.finalized:
             raise ActionError(f"round {round_id} is finalized and the next has not started yet", 409)
         return round_id, info
@@ -102,6 +103,7 @@ class ClientService:
             "epochs": self.config.epochs, "data": self.data_summary(),
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
+            "ipfs": store_status(self.store),
         }
         try:
             round_id = self.registry.current_round()
@@ -131,7 +133,8 @@ class ClientService:
                 round_id, info = self.open_round()
             if self.base is None or self.base.cid != info.base_cid:
                 with timer.phase("ipfs"):
-                    data = self.store.get(info.base_cid)
+                    data = retrying(self.settings, f"fetching the base {info.base_cid}",
+                                    lambda: self.store.get(info.base_cid))
                 with timer.phase("decoding"):
                     weights, fisher, _ = codec.decode_model(self.task, data)
                 self.base = PulledBase(round_id, info.base_cid, weights, fisher)
@@ -177,7 +180,7 @@ class ClientService:
                                           num_samples=result.num_samples, client=self.address,
                                           dtype=self.config.update_dtype)
             with timer.phase("ipfs"):
-                cid = self.store.add(data)
+                cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
             with timer.phase("chain"):
                 tx = self.registry.submit_update(self.key, round_id, cid, result.num_samples)
             self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,

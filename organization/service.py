@@ -19,7 +19,7 @@ import chain
 import storage
 from processor import codec, rounds
 from processor.tasks import get_task
-from runtime import ActionError, PhaseTimer, describe_error, find_registry
+from runtime import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
 from settings import Settings
 
 log = logging.getLogger("organization")
@@ -34,6 +34,7 @@ class OrganizationConfig:
     clip_norm: float | None = None  # clip each delta to this L2 norm before merging
     max_delta_norm: float = 1e3  # deltas above this norm are rejected as malformed
     max_update_bytes: int = 64 * 1024 * 1024
+    fetch_timeout: float = 30.0  # seconds to wait for one update; a CID nobody serves is rejected after it
     open_enrolment: bool = False
 
 
@@ -88,10 +89,7 @@ class OrganizationService:
             return {"ok": False, "url": self.settings.chain_url, "error": describe_error(exc)}
 
     def ipfs_status(self) -> dict[str, Any]:
-        try:
-            return {"ok": True, "backend": self.store.describe()}
-        except Exception as exc:
-            return {"ok": False, "error": describe_error(exc)}
+        return store_status(self.store)
 
     def round_view(self, round_id: int) -> dict[str, Any]:
         registry = self.require_registry()
@@ -207,10 +205,10 @@ class OrganizationService:
         """
         with self._lock:
             registry = self.require_registry()
-            current = registry.current_round()
+            current = retrying(self.settings, "reading the current round", registry.current_round)
             if not 1 <= round_id <= current:
                 raise ActionError(f"round {round_id} does not exist", 404)
-            info = registry.round(round_id)
+            info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
             if round_id < current:
                 raise ActionError(f"round {round_id} is already finalized", 409)
             timer = PhaseTimer()
@@ -223,6 +221,10 @@ class OrganizationService:
                 history["rounds"][str(round_id)] = entry
                 self._save_history(history)
                 model_cid = entry["model_cid"]
+                if os.environ.get("FL_FAULT_BEFORE_FINALIZE"):
+                    # Fault-injection tests: die where a crash hurts most, model published, round not final.
+                    log.error("FL_FAULT_BEFORE_FINALIZE is set: exiting before finalizing round %d", round_id)
+                    os._exit(70)
                 with timer.phase("chain"):
                     tx = registry.finalize_round(self.key, round_id, model_cid)
                 entry["finalize_gas"] = tx.gas_used
@@ -238,11 +240,13 @@ class OrganizationService:
 
     def _merge_round(self, registry: chain.Registry, round_id: int, info, timer: PhaseTimer) -> dict[str, Any]:
         with timer.phase("chain"):
-            submissions = self.all_submissions(round_id)
+            submissions = retrying(self.settings, f"reading round {round_id}'s submissions",
+                                   lambda: self.all_submissions(round_id))
         if not submissions:
             raise ActionError(f"round {round_id} has no submissions yet", 409)
         with timer.phase("ipfs"):
-            base_bytes = self.store.get(info.base_cid, max_bytes=self.config.max_update_bytes)
+            base_bytes = retrying(self.settings, f"fetching the base {info.base_cid}", lambda: self.store.get(
+                info.base_cid, max_bytes=self.config.max_update_bytes))
         with timer.phase("decoding"):
             base_weights, _, _ = codec.decode_model(self.task, base_bytes)
 
@@ -253,6 +257,8 @@ class OrganizationService:
             for sub in submissions:
                 try:
                     delta = self._fetch_delta(sub, round_id, info.base_cid, timer)
+                except storage.StorageUnavailable:
+                    raise  # an outage says nothing about the update: the round waits for IPFS to return
                 except (codec.CodecError, storage.StorageError, ValueError) as exc:
                     verdicts[sub.client] = {"accepted": False, "reason": describe_error(exc)}
                     log.warning("round %d: rejected %s from %s: %s", round_id, sub.cid, sub.client, exc)
@@ -277,7 +283,8 @@ class OrganizationService:
 
     def _fetch_delta(self, sub: chain.Submission, round_id: int, base_cid: str, timer: PhaseTimer) -> dict:
         with timer.phase("ipfs"):
-            data = self.store.get(sub.cid, max_bytes=self.config.max_update_bytes)
+            data = retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
+                sub.cid, timeout=self.config.fetch_timeout, max_bytes=self.config.max_update_bytes))
         with timer.phase("validation"):
             delta, meta = codec.decode_delta(self.task, data, expected_round=round_id,
                                              expected_base_cid=base_cid)

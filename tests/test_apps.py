@@ -1,6 +1,8 @@
 """The organization and client apps through Flask's test client, on the embedded chain and store."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import chain
@@ -138,9 +140,47 @@ def organization_registry(org_client) -> chain.Registry:
     return org_client.application.extensions["organization"].registry
 
 
+def form_token(app_client, page: str = "/") -> str:
+    """The CSRF token the page renders into its forms for this test client's session."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', app_client.get(page).get_data(as_text=True))
+    assert found, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
 def test_form_posts_redirect_with_a_message(system):
     org = system["org"]
-    answer = org.post("/rounds", follow_redirects=True)
+    token = form_token(org)
+    answer = org.post("/rounds", data={"csrf_token": token}, follow_redirects=True)
     assert answer.status_code == 200 and "deploy it first" in answer.get_data(as_text=True)
-    answer = org.post("/deploy", follow_redirects=True)
+    answer = org.post("/deploy", data={"csrf_token": token}, follow_redirects=True)
     assert "Deployed the round registry" in answer.get_data(as_text=True)
+
+
+def test_form_posts_without_the_session_token_are_refused(system):
+    org, client_app = system["org"], system["clients"][0]
+    for data in ({}, {"csrf_token": "forged"}):
+        answer = org.post("/deploy", data=data)
+        assert answer.status_code == 400 and "security token" in answer.get_data(as_text=True)
+    assert org.get("/api/status").get_json()["contract"] is None  # nothing was done
+    # A token belongs to the session that rendered it: another browser's token does not work here.
+    stranger = system["org"].application.test_client()
+    assert org.post("/deploy", data={"csrf_token": form_token(stranger)}).status_code == 400
+    assert org.get("/api/status").get_json()["contract"] is None
+
+    assert client_app.post("/participate").status_code == 400
+    assert client_app.get("/api/job").status_code == 404  # no job was started
+    answer = client_app.post("/participate", data={"csrf_token": form_token(client_app)}, follow_redirects=True)
+    assert answer.status_code == 200 and "Participate started" in answer.get_data(as_text=True)
+
+
+def test_cross_site_api_posts_and_oversized_bodies_are_refused(system):
+    org = system["org"]
+    answer = org.post("/api/deploy", headers={"Origin": "http://evil.example"})
+    assert answer.status_code == 403 and "cross-site" in answer.get_json()["error"]
+    assert org.get("/api/status").get_json()["contract"] is None
+    limit = org.application.config["MAX_CONTENT_LENGTH"]
+    for path in ("/api/clients", "/api/deploy", "/deploy"):
+        answer = org.post(path, data=b"x" * (limit + 1), content_type="application/json")
+        assert answer.status_code == 413 and "larger than" in answer.get_json()["error"]
+    assert org.get("/api/status").get_json()["contract"] is None
+    assert org.post("/api/deploy", headers={"Origin": "http://localhost"}).status_code == 201  # same site
