@@ -121,7 +121,7 @@ class OrganizationService:
         chain_state = self.chain_status()
         status: dict[str, Any] = {
             "task": self.task.name, "organization": self.address, "chain": chain_state,
-            "ipfs": self.ipfs_status(), "contract": None, "current_round": None,
+            "ipfs": self.ipfs_status(), "contract": None, "current_round": None, "previous_round": None,
             "history": self.accuracy_history(),
         }
         if self.registry is not None and chain_state["ok"]:
@@ -130,6 +130,8 @@ class OrganizationService:
             current = self.registry.current_round()
             if current:
                 status["current_round"] = self.round_view(current)
+            if current > 1:  # its verdicts say why updates were left out of the model in use now
+                status["previous_round"] = self.round_view(current - 1)
         return status
 
     def accuracy_history(self) -> list[dict[str, Any]]:
