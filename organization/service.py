@@ -197,7 +197,7 @@ class OrganizationService:
         with timer.phase("encoding"):
             data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id)
         with timer.phase("ipfs"):
-            return self.store.add(data), len(data)
+            return retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data)), len(data)
 
     def aggregate(self, round_id: int) -> dict[str, Any]:
         """Merge round `round_id`'s valid deltas, publish the result, finalize, open the next round.
