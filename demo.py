@@ -34,6 +34,11 @@ class DemoOptions:
     partition: str = "iid"
     ewc_lambda: float = 0.0
     epochs: int = 1
+    alpha: float = 0.5  # Dirichlet concentration
+    seed: int = 0  # initial model, partitions and batch order
+    batch_size: int = 32
+    lr: float = 0.05
+    update_dtype: str = "float32"
     embedded: bool = False
     keep: bool = False
     json_path: Path | None = None
@@ -130,17 +135,20 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
         url = f"http://127.0.0.1:{port}"
         process = ManagedProcess(name, [sys.executable, run_py, *args, "--port", str(port)],
                                  is_ready=lambda: http_answers(url + "/api/status"),
-                                 log_path=logs / f"{name}.log", env=env, cwd=REPO_ROOT, ready_timeout=180)
+                                 log_path=logs / f"{name}.log", env=env, cwd=REPO_ROOT, ready_timeout=600)
         stack.callback(process.stop)
         return process, HttpEndpoint(url)
 
-    starting = [app_process("organization", free_port(options.org_port), ["app", "--task", options.task])]
+    starting = [app_process("organization", free_port(options.org_port),
+                            ["app", "--task", options.task, "--seed", str(options.seed)])]
     for k in range(options.clients):
         starting.append(app_process(
             f"client-{k}", free_port(options.first_client_port + k),
             ["client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
              "--partition", options.partition, "--ewc-lambda", str(options.ewc_lambda),
-             "--epochs", str(options.epochs)]))
+             "--epochs", str(options.epochs), "--alpha", str(options.alpha), "--seed", str(options.seed),
+             "--batch-size", str(options.batch_size), "--lr", str(options.lr),
+             "--update-dtype", options.update_dtype]))
     log(f"starting the organization and {options.clients} clients (logs in {logs})")
     for process, _ in starting:
         process.start()
@@ -163,11 +171,12 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}")
     shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "REGISTRY": registry}
-    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=options.task)})
+    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=options.task, seed=options.seed)})
     clients = [
         client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
             client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
-            ewc_lambda=options.ewc_lambda, epochs=options.epochs)})
+            alpha=options.alpha, seed=options.seed, ewc_lambda=options.ewc_lambda, epochs=options.epochs,
+            batch_size=options.batch_size, learning_rate=options.lr, update_dtype=options.update_dtype)})
         for k in range(options.clients)
     ]
     return (InProcessEndpoint(org, "organization"),

@@ -97,8 +97,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
-                          ewc_lambda=args.ewc_lambda, epochs=args.epochs, embedded=args.embedded,
-                          keep=args.keep, json_path=args.json)
+                          ewc_lambda=args.ewc_lambda, epochs=args.epochs, alpha=args.alpha, seed=args.seed,
+                          batch_size=args.batch_size, lr=args.lr, update_dtype=args.update_dtype,
+                          embedded=args.embedded, keep=args.keep, json_path=args.json)
     try:
         run_demo(options, settings_from(args))
     except (DemoError, KeyboardInterrupt) as exc:
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
     demo.add_argument("--json", type=Path, help="write the per-round results here")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=0.05)
+    demo.add_argument("--update-dtype", default="float32", choices=["float32", "float16"])
 
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)

@@ -9,14 +9,14 @@ import json
 import struct
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import save
 
 from processor.aggregate import Weights, l2_norm
 from processor.tasks import Task
 
 FORMAT = "fl-ipfs/1"
 DELTA_DTYPES = {"float32": np.float32, "float16": np.float16}
+FILE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # safetensors is little-endian
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -70,7 +70,35 @@ def _check_metadata(task: Task, metadata: dict[str, str], kind: str) -> None:
             raise CodecError(f"metadata {key} is {metadata.get(key)!r}, expected {value!r}")
 
 
-def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtypes: dict[str, str]):
+def _all_finite(tensor: np.ndarray) -> bool:
+    flat = tensor.ravel()
+    # a BLAS dot is finite exactly when every value is, unless huge finite values overflow it:
+    # only then pay for the elementwise check
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.dot(flat, flat)) or np.all(np.isfinite(flat)))
+
+
+def _tensor_views(data: bytes, header_size: int, table: dict) -> dict[str, np.ndarray]:
+    """Read-only arrays over the tensors' bytes (no copy), once their offsets tile the body exactly."""
+    body = len(data) - 8 - header_size
+    position = 0
+    for name, entry in sorted(table.items(), key=lambda item: item[1].get("data_offsets", [-1])):
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CodecError(f"corrupt safetensors file: tensor {name} has data offsets {offsets!r}")
+        size = int(np.prod(entry["shape"], dtype=np.int64)) * FILE_DTYPES[entry["dtype"]].itemsize
+        if offsets[0] != position or offsets[1] - offsets[0] != size:
+            raise CodecError(f"corrupt safetensors file: tensor {name} at bytes {offsets} does not follow "
+                             f"byte {position} with {size} bytes")
+        position = offsets[1]
+    if position != body:
+        raise CodecError(f"corrupt safetensors file: the tensors cover {position} of its {body} data bytes")
+    return {name: np.frombuffer(data, FILE_DTYPES[entry["dtype"]], offset=8 + header_size + entry["data_offsets"][0],
+                                count=int(np.prod(entry["shape"], dtype=np.int64))).reshape(entry["shape"])
+            for name, entry in table.items()}
+
+
+def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtypes: tuple[str, ...]):
     table, metadata = read_header(data)
     _check_metadata(task, metadata, kind)
     expected = {f"{p}/{n}": shape for p in prefixes for n, shape in task.spec.items()}
@@ -81,23 +109,22 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtype
     if unknown:
         raise CodecError(f"unknown tensor(s): {', '.join(unknown)}")
     for name, entry in table.items():
-        if tuple(entry.get("shape", ())) != expected[name]:
-            raise CodecError(f"tensor {name} has shape {tuple(entry.get('shape', ()))}, expected {expected[name]}")
+        if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != expected[name]:
+            shape = tuple(entry.get("shape", ())) if isinstance(entry, dict) else entry
+            raise CodecError(f"tensor {name} has shape {shape}, expected {expected[name]}")
         if entry.get("dtype") not in dtypes:
             raise CodecError(f"tensor {name} has dtype {entry.get('dtype')}, expected {' or '.join(dtypes)}")
-    try:
-        tensors = load(bytes(data))
-    except SafetensorError as exc:
-        raise CodecError(f"corrupt safetensors file: {exc}") from None
+    (header_size,) = struct.unpack("<Q", data[:8])
+    tensors = _tensor_views(data, header_size, table)
     for name, tensor in tensors.items():
-        if not np.all(np.isfinite(tensor)):
+        if not _all_finite(tensor):
             raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
     return tensors, metadata
 
 
 def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, str]]:
     """(weights, fisher, metadata) of a base model built for `task`."""
-    tensors, metadata = _decode(task, data, "base", ("weights", "fisher"), {"F32": "float32"})
+    tensors, metadata = _decode(task, data, "base", ("weights", "fisher"), ("F32",))
     weights = {n: tensors[f"weights/{n}"] for n in task.spec}
     fisher = {n: tensors[f"fisher/{n}"] for n in task.spec}
     if any(np.any(f < 0) for f in fisher.values()):
@@ -107,8 +134,11 @@ def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, s
 
 def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
                  expected_base_cid: str | None = None) -> tuple[Weights, dict[str, str]]:
-    """(delta as float32, metadata) of a client's update, checked against the round it claims."""
-    tensors, metadata = _decode(task, data, "delta", ("delta",), {"F32": "float32", "F16": "float16"})
+    """(delta as float32, metadata) of a client's update, checked against the round it claims.
+
+    Float32 tensors are read-only views of `data` (no copy); float16 ones are converted.
+    """
+    tensors, metadata = _decode(task, data, "delta", ("delta",), ("F32", "F16"))
     if expected_round is not None and metadata.get("round") != str(expected_round):
         raise CodecError(f"the update is for round {metadata.get('round')}, expected round {expected_round}")
     if expected_base_cid is not None and metadata.get("base_cid") != expected_base_cid:
@@ -120,7 +150,7 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
     except ValueError:
         raise CodecError(f"metadata num_samples is {metadata.get('num_samples')!r}, "
                          "expected a positive integer") from None
-    return {n: tensors[f"delta/{n}"].astype(np.float32) for n in task.spec}, metadata
+    return {n: tensors[f"delta/{n}"].astype(np.float32, copy=False) for n in task.spec}, metadata
 
 
 def validate_delta(task: Task, delta: Weights, max_norm: float) -> None:
@@ -130,8 +160,10 @@ def validate_delta(task: Task, delta: Weights, max_norm: float) -> None:
     for name, shape in task.spec.items():
         if delta[name].shape != shape:
             raise CodecError(f"tensor {name} has shape {delta[name].shape}, expected {shape}")
-        if not np.all(np.isfinite(delta[name])):
-            raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
-    norm = l2_norm(delta)
-    if norm > max_norm:
+    norm = l2_norm(delta)  # finite exactly when every value is, short of overflowing float32
+    if not np.isfinite(norm):
+        for name in task.spec:
+            if not _all_finite(delta[name]):
+                raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
+    if not norm <= max_norm:
         raise CodecError(f"the delta's L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")
