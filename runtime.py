@@ -1,4 +1,5 @@
-"""What both Flask apps share: wiring settings to the chain and IPFS, JSON errors, phase timing."""
+"""What both Flask apps share: wiring settings to the chain and IPFS, retries, JSON errors, request
+guards (size cap, CSRF), phase timing."""
 from __future__ import annotations
 
 import logging
@@ -152,7 +153,7 @@ def install_request_guards(app: Flask) -> None:
             return
         sent = request.form.get(CSRF_FIELD, "")
         expected = session.get(CSRF_FIELD)
-        if not expected or not secrets.compare_digest(sent, expected):
+        if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):  # any characters
             abort(400, description="the form's security token is missing or stale: reload the page and try again")
 
 

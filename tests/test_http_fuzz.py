@@ -33,6 +33,8 @@ def apps(tmp_path_factory):
     address = device.get("/api/status").get_json()["address"]
     assert org.post("/api/clients", json={"address": address}).status_code == 200
     assert org.post("/api/rounds").status_code == 201
+    for page in (org, device):  # each session now holds a real token that forged ones must not match
+        assert 'name="csrf_token"' in page.get("/").get_data(as_text=True)
     return {"org": org, "client": device}
 
 
@@ -80,7 +82,9 @@ def test_json_endpoints_never_answer_5xx(apps, endpoint, round_id, body, content
 
 @FUZZ
 @given(endpoint=st.sampled_from([("org", p) for p in ORG_FORMS] + [("client", p) for p in CLIENT_FORMS]),
-       round_id=round_ids, form=st.dictionaries(st.text(max_size=12), st.text(max_size=40), max_size=3))
+       round_id=round_ids,
+       form=st.dictionaries(st.sampled_from(["csrf_token", "address"]) | st.text(max_size=12), st.text(max_size=40),
+                            max_size=3))
 def test_form_posts_with_random_fields_are_refused_with_400(apps, endpoint, round_id, form):
     app, path = endpoint
     answer = apps[app].post(path.format(n=round_id), data=form)
