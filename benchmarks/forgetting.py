@@ -45,7 +45,7 @@ def main() -> None:
     cli.add_argument("--epochs", type=int, default=2)
     cli.add_argument("--lr", type=float, default=0.05)
     cli.add_argument("--seed", type=int, default=0)
-    cli.add_argument("--pretrain-epochs", type=int, default=5,
+    cli.add_argument("--pretrain-epochs", type=int, default=20,
                      help="the organization pretrains the first base model on its validation data")
     cli.add_argument("--plot", type=Path, default=REPO_ROOT / "results" / "forgetting.png")
     cli.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
