@@ -194,7 +194,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
     with tqdm(total=total_epochs, desc=f"round {round_id} training", unit="epoch", file=sys.stderr,
               leave=False) as bar:
         while any(job["state"] == "running" for job in jobs):
-            time.sleep(0.5)
+            time.sleep(0.1)  # the round waits for the slowest client: notice it soon
             jobs = [endpoint.call("GET", "/api/job") for endpoint in clients]
             bar.n = sum(job["progress"].get("epoch", 0) if job["state"] == "running" else options.epochs
                         for job in jobs)
