@@ -34,7 +34,7 @@ class OrganizationConfig:
     clip_norm: float | None = None  # clip each delta to this L2 norm before merging
     max_delta_norm: float = 1e3  # deltas above this norm are rejected as malformed
     max_update_bytes: int = 64 * 1024 * 1024
-    fetch_timeout: float = 30.0  # seconds to wait for one update; a CID nobody serves is rejected after it
+    fetch_timeout: float | None = None  # seconds to wait for one update (None: FL_TIMEOUT); then it is rejected
     open_enrolment: bool = False
 
 

@@ -48,7 +48,7 @@ CLIENT_FORMS = ["/pull", "/train", "/publish", "/participate"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=12)
 # The fields the endpoints read, with values of any type, plus unknown fields.
 known_fields = st.dictionaries(st.sampled_from(["address", "wait", "round", "cid"]), json_values, max_size=3)
