@@ -171,7 +171,9 @@ contract RoundRegistry {
         if (_cidDigest[round][msg.sender] != 0) revert AlreadySubmitted(round, msg.sender);
 
         (uint8 codec, bytes32 digest) = _decodeCid(cid);
-        if (codec == 0) {
+        // An all-zero digest would read as "not submitted yet": keep such a CID verbatim instead.
+        if (codec == 0 || digest == 0) {
+            codec = 0;
             digest = keccak256(bytes(cid));
             _verbatimCid[round][msg.sender] = cid;
         }
