@@ -54,11 +54,14 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 
 # Benchmark-only packages (Flower, for benchmarks/vs_flower.py): `bash setup.sh --bench`.
+# Flower pins an older protobuf and packaging than ours, so it goes into a folder of its own that
+# only the benchmark's Flower process puts on its path.
 if [ "${1:-}" = "--bench" ]; then
   bench_hash=$(cat benchmarks/requirements-bench.txt | sha256sum | cut -d' ' -f1)
-  if ! stamp_ok bench "$bench_hash"; then
-    echo "setup.sh: installing benchmark packages (benchmarks/requirements-bench.txt)"
-    .venv/bin/python -m pip install --quiet -r benchmarks/requirements-bench.txt
+  if ! stamp_ok bench "$bench_hash" || [ ! -d .venv/flwr-overlay ]; then
+    echo "setup.sh: installing benchmark packages (benchmarks/requirements-bench.txt) into .venv/flwr-overlay"
+    rm -rf .venv/flwr-overlay
+    .venv/bin/python -m pip install --quiet --target .venv/flwr-overlay -r benchmarks/requirements-bench.txt
     echo "$bench_hash" > "$STAMPS/bench"
   fi
 fi
