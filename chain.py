@@ -298,6 +298,18 @@ def _lock_for(address: str) -> threading.Lock:
         return _key_locks.setdefault(address, threading.Lock())
 
 
+# Any address will do for eth_call; eth-tester charges its gas to it, so it must be funded there.
+VIEW_CALLER = Account.from_key(DEV_KEYS[0]).address
+_chain_ids: dict[int, int] = {}
+
+
+def _chain_id(w3: Web3) -> int:
+    """The node's chain id, asked once per connection: it never changes under a running node."""
+    if id(w3) not in _chain_ids:
+        _chain_ids[id(w3)] = w3.eth.chain_id
+    return _chain_ids[id(w3)]
+
+
 def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
     """Sign and send the transaction `build(params)` makes from `key`'s account; wait for its receipt.
 
@@ -305,7 +317,7 @@ def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
     account = Account.from_key(key)
     with _lock_for(account.address):
         try:
-            params = {"from": account.address, "chainId": w3.eth.chain_id,
+            params = {"from": account.address, "chainId": _chain_id(w3),
                       "nonce": w3.eth.get_transaction_count(account.address, "pending")}
             try:
                 # A placeholder gas stops web3 from estimating on its own; one estimate is enough.
@@ -376,7 +388,8 @@ class Registry:
 
     def _call(self, function: str, *args):
         try:
-            return self.contract.functions[function](*args).call()
+            # An explicit sender: without one web3 lists the node's accounts to pick one, every call.
+            return self.contract.functions[function](*args).call({"from": VIEW_CALLER})
         except NODE_ERRORS as exc:
             raise _unavailable(self.w3, exc) from exc
         except Exception as exc:

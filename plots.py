@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display here; render straight to PNG
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
@@ -20,6 +21,7 @@ def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
             rounds, accuracy = zip(*points)
             ax.plot(rounds, [100 * a for a in accuracy], marker="o", label=label)
     ax.set_xlabel("round (0 = initial model)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -19,7 +19,8 @@ def jobs() -> JobRunner:
 
 @bp.get("/")
 def index():
-    return render_template("client.html", status=service().status(), job=jobs().current)
+    job = jobs().current  # read before the status, so a finished job's effects are in the status
+    return render_template("client.html", status=service().status(), job=job)
 
 
 def start(name: str, action):
