@@ -38,6 +38,9 @@ class ClientConfig:
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
 
 
+OpenRound = tuple[int, chain.RoundInfo]  # the open round's number and its record on chain
+
+
 @dataclass
 class PulledBase:
     round_id: int
@@ -86,7 +89,7 @@ class ClientService:
         return {"samples": int(len(self.y)),
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
-    def open_round(self) -> tuple[int, chain.RoundInfo]:
+    def open_round(self) -> OpenRound:
         registry = self.registry
         round_id = retrying(self.settings, "reading the current round", registry.current_round)
         if round_id == 0:
@@ -126,11 +129,11 @@ class ClientService:
 
     # ---- actions -----------------------------------------------------------------------
 
-    def pull(self, timer: PhaseTimer | None = None) -> dict[str, Any]:
+    def pull(self, timer: PhaseTimer | None = None, opened: OpenRound | None = None) -> dict[str, Any]:
         timer = timer or PhaseTimer()
         with self._lock:
             with timer.phase("chain"):
-                round_id, info = self.open_round()
+                round_id, info = opened or self.open_round()
             if self.base is None or self.base.cid != info.base_cid:
                 with timer.phase("ipfs"):
                     data = retrying(self.settings, f"fetching the base {info.base_cid}",
@@ -162,17 +165,19 @@ class ClientService:
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, result)
             return {**self._trained_view(), "seconds": timer.as_dict()}
 
-    def publish(self, timer: PhaseTimer | None = None) -> dict[str, Any]:
+    def publish(self, timer: PhaseTimer | None = None, opened: OpenRound | None = None) -> dict[str, Any]:
+        """Publish the trained update. `opened`: the round as participate already read and checked it
+        (the contract still refuses a second submission)."""
         timer = timer or PhaseTimer()
         with self._lock:
             if self.trained is None:
                 raise ActionError("train on the local data first", 409)
             with timer.phase("chain"):
-                round_id, info = self.open_round()
+                round_id, info = opened or self.open_round()
                 if info.base_cid != self.trained.base_cid:
                     raise ActionError(f"the trained update is for an older base model; round {round_id} "
                                       f"starts from {info.base_cid}: pull and train again", 409)
-                if self.registry.has_submitted(round_id, self.address):
+                if opened is None and self.registry.has_submitted(round_id, self.address):
                     raise ActionError(f"this client has already submitted to round {round_id}", 409)
             result = self.trained.result
             with timer.phase("encoding"):
@@ -191,11 +196,12 @@ class ClientService:
     def participate(self, job: Job | None = None) -> dict[str, Any]:
         """Pull, train and publish; a failure at any step publishes nothing."""
         timer = PhaseTimer()
-        round_id, _ = self.open_round()
-        if self.registry.has_submitted(round_id, self.address):
-            raise ActionError(f"this client has already submitted to round {round_id}", 409)
-        for step, action in (("pull", lambda: self.pull(timer)), ("train", lambda: self.train(job, timer)),
-                             ("publish", lambda: self.publish(timer))):
+        with timer.phase("chain"):  # read once for all three steps
+            opened = self.open_round()
+            if self.registry.has_submitted(opened[0], self.address):
+                raise ActionError(f"this client has already submitted to round {opened[0]}", 409)
+        for step, action in (("pull", lambda: self.pull(timer, opened)), ("train", lambda: self.train(job, timer)),
+                             ("publish", lambda: self.publish(timer, opened))):
             if job is not None:
                 job.step = step
             result = action()
