@@ -18,13 +18,14 @@ import argparse
 import json
 import os
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.measure import best_seconds, log  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -33,10 +34,6 @@ from processor import codec  # noqa: E402
 from processor.tasks import Task  # noqa: E402
 
 DISTINCT = 10
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def bench_task() -> Task:
@@ -73,16 +70,6 @@ def plain_pass(blobs: Iterator[bytes]) -> np.ndarray:
             total = np.zeros_like(view)
         np.add(total, view, out=total)
     return total
-
-
-def best_seconds(action, repeats: int) -> float:
-    """Fastest of `repeats` runs: the least disturbed by the rest of the machine."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def peak_mb(action) -> float:

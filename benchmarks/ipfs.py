@@ -15,29 +15,16 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.measure import best_seconds, log  # noqa: E402
 
 import storage  # noqa: E402
 
 SIZES_MB = (1, 10, 50)
 MB = 1_000_000
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def best_seconds(action, repeats: int) -> float:
-    """Fastest of `repeats` runs: the least disturbed by the rest of the machine."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def measure(store: storage.ContentStore, repeats: int) -> dict[str, dict[str, float]]:

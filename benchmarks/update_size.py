@@ -22,12 +22,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.measure import log  # noqa: E402
+
 from processor import codec, rounds  # noqa: E402
 from processor.tasks import get_task  # noqa: E402
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def delta_bytes(task_name: str, dtype: str) -> int:

@@ -39,12 +39,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import log  # noqa: E402
+
 CLIENTS, TASK, ALPHA = 5, "mnist", 0.5
 FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", ROOT / ".venv" / "flwr-overlay"))
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- the Flower side (runs in a child process with Flower importable) -----------------------

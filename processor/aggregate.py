@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy.linalg.blas import saxpy
 
 Weights = dict[str, np.ndarray]
 
@@ -31,24 +32,21 @@ def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
 def weighted_mean(deltas: Iterable[tuple[Weights, int]]) -> Weights:
     """FedAvg: the mean of the deltas weighted by their sample counts, in one streaming pass.
 
-    One delta in memory at a time; the running sum and one scratch buffer are float32 and
-    reused, so each delta costs one multiply and one add over memory that is already mapped
-    (float64 and fresh temporaries per delta made this 3-4x slower). The rounding error of a
-    float32 sum of 1000 deltas (~1e-6 relative) is far below the noise of SGD; Flower's FedAvg
-    also sums in float32.
+    One delta in memory at a time; the running sum is float32 and updated in place with BLAS
+    saxpy (sum += n * delta in one fused pass, where NumPy needs a multiply and an add over a
+    temporary: 3x the memory traffic). The rounding error of a float32 sum of 1000 deltas (~1e-6
+    relative) is far below the noise of SGD; Flower's FedAvg also sums in float32.
     """
     total: Weights | None = None
-    scratch: Weights = {}
     samples = 0
     for delta, num_samples in deltas:
         if num_samples <= 0:
             raise ValueError(f"a delta must come with a positive sample count, got {num_samples}")
         if total is None:
             total = {name: np.zeros(t.shape, np.float32) for name, t in delta.items()}
-            scratch = {name: np.empty(t.shape, np.float32) for name, t in delta.items()}
         for name, t in delta.items():
-            np.multiply(t, np.float32(num_samples), out=scratch[name])
-            np.add(total[name], scratch[name], out=total[name])
+            # reshape(-1) of a contiguous array is a view: saxpy writes straight into the sum
+            saxpy(np.ascontiguousarray(t, np.float32).reshape(-1), total[name].reshape(-1), a=float(num_samples))
         samples += num_samples
     if total is None:
         raise ValueError("no deltas to aggregate")
