@@ -37,7 +37,10 @@ EMBEDDED = "embedded"
 GANACHE_CHAIN_ID = 1337
 GANACHE_NETWORK_ID = 5777
 RECEIPT_TIMEOUT = 120.0
-HTTP_TIMEOUT = 30.0
+# One JSON-RPC call. Ganache 7 now and then drops a response when several processes send
+# transactions at once (about 1 in 200 submissions here); web3 retries read calls after a
+# timeout, so a short one bounds that stall (it was 30 s). Healthy nodes answer in milliseconds.
+HTTP_TIMEOUT = 5.0
 GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
 NODE_ERRORS = (requests.ConnectionError, requests.Timeout)  # the node went away mid-call
 
