@@ -96,7 +96,8 @@ class OrganizationService:
         if not 1 <= round_id <= registry.current_round():
             raise ActionError(f"round {round_id} does not exist", 404)
         info = registry.round(round_id)
-        verdicts = self.history()["rounds"].get(str(round_id), {}).get("verdicts", {})
+        result = self.history()["rounds"].get(str(round_id))
+        verdicts = (result or {}).get("verdicts", {})
         submissions = [
             {"client": sub.client, "cid": sub.cid, "num_samples": sub.num_samples,
              "gateway": self.store.gateway_url(sub.cid), "verdict": verdicts.get(sub.client)}
@@ -106,7 +107,7 @@ class OrganizationService:
             "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
             "finalized": info.finalized, "submission_count": info.submissions,
             "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
-            "result": self.history()["rounds"].get(str(round_id)),
+            "result": result,
         }
 
     def all_submissions(self, round_id: int, page: int = 100) -> list[chain.Submission]:
