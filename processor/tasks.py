@@ -202,8 +202,7 @@ class Task:
             model = self.model()
             set_weights(model, weights)
             return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
-                                   for i in range(0, max(len(x), 1), batch_size)]) if len(x) else \
-                np.zeros((0, self.num_classes), np.float32)
+                                   for i in range(0, len(x), batch_size)])
 
     def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Accuracy and mean cross-entropy (and AUC for a two-class task) of `weights` on (x, y)."""
@@ -235,9 +234,9 @@ def get_task(name: str, data_path: Path | str | None = None) -> Task:
     if data_path is not None:
         if name != "interest":
             raise ValueError(f"task {name!r} does not take a data path")
-        folder = Path(data_path)
-        return Task("interest", lambda: load_interest(folder), _interest_width(), (64, 32), 2,
-                    default_partition="by-user")
+        # A copy may hold other occupations or genres than the bundled one: its width is its own.
+        data = load_interest(Path(data_path))
+        return Task("interest", lambda: data, data.x_train.shape[1], (64, 32), 2, default_partition="by-user")
     try:
         return TASKS[name]
     except KeyError:

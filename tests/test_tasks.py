@@ -4,6 +4,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
+from processor import rounds
 from processor.tasks import get_task, read_movielens
 
 
@@ -37,16 +38,17 @@ def test_interest_accepts_a_users_own_copy_in_grouplens_format(tmp_path):
     task = get_task("interest", data_path=tmp_path)
     data = task.data()
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 100
+    # The model fits this copy's features (2 occupations, 2 genres), not the bundled dataset's 44.
+    assert task.input_dim == data.x_train.shape[1] == 8
+    assert 0 <= task.evaluate(rounds.initial_model(task), data.x_test, data.y_test)["accuracy"] <= 1
     with pytest.raises(FileNotFoundError, match="neither ml-100k.inter"):
         get_task("interest", data_path=tmp_path / "missing").data()
 
 
 def test_evaluate_reports_accuracy_loss_and_auc_for_interest():
     task = get_task("interest")
-    from processor.rounds import initial_model
-
     data = task.data()
-    metrics = task.evaluate(initial_model(task), data.x_test[:2000], data.y_test[:2000])
+    metrics = task.evaluate(rounds.initial_model(task), data.x_test[:2000], data.y_test[:2000])
     assert set(metrics) == {"accuracy", "loss", "auc"}
     assert 0 <= metrics["auc"] <= 1
 
