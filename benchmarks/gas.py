@@ -12,8 +12,6 @@ line on stdout is one JSON object:
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import socket
 import sys
@@ -27,19 +25,11 @@ from eth_account import Account  # noqa: E402
 from eth_utils import keccak  # noqa: E402
 
 import chain  # noqa: E402
+from benchmarks.measure import log  # noqa: E402
+from storage import compute_cid  # noqa: E402
 
 CLIENT_COUNTS = (1, 10, 100)
 CLIENT_FUNDS_WEI = 10**18
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def realistic_cid(label: str) -> str:
-    """A CIDv1 like the ones the system publishes: base32, raw leaves, sha2-256."""
-    binary = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(label.encode()).digest()
-    return "b" + base64.b32encode(binary).decode().lower().rstrip("=")
 
 
 def client_keys(count: int) -> list[str]:
@@ -65,23 +55,24 @@ def measure(w3) -> dict:
     org = chain.DEV_KEYS[0]
     keys = client_keys(max(CLIENT_COUNTS))
     unfunded = [Account.from_key(key).address for key in keys if key not in chain.DEV_KEYS]
-    progress(f"funding {len(unfunded)} extra client accounts")
+    log(f"funding {len(unfunded)} extra client accounts")
     fund(w3, org, unfunded)
 
     registry = chain.deploy_registry(w3, org)
-    progress(f"deployed the round registry at {registry.address}")
+    log(f"deployed the round registry at {registry.address}")
     register, start, finalize, submit = [], [], [], {}
     enrolled = 0
     for round_id, count in enumerate(CLIENT_COUNTS, start=1):
         for key in keys[enrolled:count]:
             register.append(registry.add_client(org, Account.from_key(key).address).gas_used)
         enrolled = count
-        start.append(registry.start_round(org, realistic_cid(f"base {round_id}")).gas_used)
-        used = [registry.submit_update(key, round_id, realistic_cid(f"delta {round_id} {k}"), 500 + k).gas_used
+        start.append(registry.start_round(org, compute_cid(f"base {round_id}".encode())).gas_used)
+        used = [registry.submit_update(key, round_id, compute_cid(f"delta {round_id} {k}".encode()),
+                                       500 + k).gas_used
                 for k, key in enumerate(keys[:count])]
-        finalize.append(registry.finalize_round(org, round_id, realistic_cid(f"model {round_id}")).gas_used)
+        finalize.append(registry.finalize_round(org, round_id, compute_cid(f"model {round_id}".encode())).gas_used)
         submit[str(count)] = max(used)
-        progress(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
+        log(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
     return {"submit_gas": submit, "start_round_gas": max(start), "finalize_gas": max(finalize),
             "register_gas": max(register)}
 
@@ -101,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     url = args.url or f"http://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="gas-benchmark-") as folder:
         with chain.Ganache(url, db_dir=Path(folder) / "db", log_path=Path(folder) / "ganache.log") as node:
-            progress(f"{'using the running' if node.reused else 'started'} Ganache at {url}")
+            log(f"{'using the running' if node.reused else 'started'} Ganache at {url}")
             result = measure(chain.connect(url))
     if not args.json:
         for name, value in result.items():

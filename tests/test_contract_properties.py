@@ -5,14 +5,12 @@ events must agree with the model and with each other.
 """
 from __future__ import annotations
 
-import base64
-
 from eth_account import Account
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import chain
-from tests.fixtures.chain import CLIENT_KEYS, ORG_KEY, cid_for, expect_revert
+from tests.fixtures.chain import CLIENT_KEYS, ORG_KEY, cid_for, compact_cid, expect_revert
 
 CALLERS = [ORG_KEY, *CLIENT_KEYS[:3]]  # the owner and three clients
 ADDRESS = {key: Account.from_key(key).address for key in CALLERS}
@@ -22,12 +20,6 @@ owners = st.just(ORG_KEY) | st.sampled_from(CALLERS)
 submitters = st.sampled_from(CLIENT_KEYS[:2]) | st.sampled_from(CALLERS)
 MAX_SAMPLES = 2**64 - 1
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
-
-
-def compact_cid(codec: int, digest: bytes) -> str:
-    """A CIDv1 base32 sha2-256 string with this codec byte and digest (the form the contract decodes)."""
-    binary = bytes([0x01, codec, 0x12, 0x20]) + digest
-    return "b" + base64.b32encode(binary).decode().lower().rstrip("=")
 
 
 # Digests are drawn, not hashed, so that edge values (all zeros, all ones) turn up: a client may
