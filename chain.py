@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from web3 import EthereumTesterProvider, Web3
 from web3.exceptions import ContractLogicError, TimeExhausted
 
 from services import ManagedProcess, ServiceError
+from storage import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONTRACT_SOURCE = REPO_ROOT / "contracts" / "RoundRegistry.sol"
@@ -246,20 +245,12 @@ def contract_error_from(exc: BaseException) -> ContractError | None:
 def record_deployment(path: Path, w3: Web3, address: str) -> None:
     """Record `address` for this chain in the JSON file at `path` (keyed by chain id, atomic write)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         records = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         records = {}
     records[str(w3.eth.chain_id)] = {"address": to_checksum_address(address), "contract": CONTRACT_NAME}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(records, out, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, json.dumps(records, indent=2).encode())
 
 
 def find_deployment(w3: Web3, path: Path, artifact: Path = TRUFFLE_ARTIFACT) -> str | None:

@@ -135,6 +135,22 @@ def verify(cid: str, data: bytes) -> bytes:
     return data
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` so that readers, in this or any process, see the old file or the whole new one,
+    never a partial write: a temp file in the same folder, flushed to disk, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # --- the interface ----------------------------------------------------------------------------
 
 @runtime_checkable
@@ -178,18 +194,7 @@ class EmbeddedStore:
                 return cid
         except FileNotFoundError:
             pass
-        # Temp file in the same folder + os.replace: readers see the old file or the whole new
-        # one, never a partial write, and concurrent writers of the same CID write equal bytes.
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, data)  # concurrent writers of one CID write equal bytes
         return cid
 
     def get(self, cid: str, timeout: float | None = None, max_bytes: int | None = None) -> bytes:

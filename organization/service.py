@@ -76,10 +76,7 @@ class OrganizationService:
             return {"initial": None, "rounds": {}}
 
     def _save_history(self, history: dict[str, Any]) -> None:
-        self.history_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.history_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, self.history_path)
+        storage.write_atomically(self.history_path, json.dumps(history, indent=1).encode())
 
     def chain_status(self) -> dict[str, Any]:
         try:
