@@ -6,6 +6,7 @@ depends on accounts unlocked in the node. The same binding drives a real node ov
 """
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import threading
@@ -179,7 +180,10 @@ def connect(url: str, timeout: float = HTTP_TIMEOUT) -> Web3:
     if not _rpc_answers(url, timeout=min(timeout, 5.0)):
         raise ChainUnavailable(
             f"no Ethereum JSON-RPC node answers at {url} (start one with `python run.py chain`)")
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    # web3 asks for the chain id before every call and transaction it validates; it never changes
+    # under a running node, so it is asked once.
+    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}, cache_allowed_requests=True,
+                                  cacheable_requests={"eth_chainId"}))
 
 
 # ---- revert decoding --------------------------------------------------------------------------
@@ -198,6 +202,19 @@ def _error_signatures() -> dict[bytes, tuple[str, list[str], list[str]]]:
     return found
 
 
+def _bytes_literal(text: str) -> bytes | None:
+    """The bytes of a text like "execution reverted: b'$Z...'": eth-tester's eth_call reports
+    revert data only that way. ast.literal_eval evaluates literals and nothing else."""
+    text = text.removeprefix("execution reverted: ")
+    if not (text[:2] in ("b'", 'b"') and text[-1:] == text[1]):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    return value if isinstance(value, bytes) else None
+
+
 def _revert_data(exc: BaseException) -> bytes | None:
     """The raw revert data carried by a web3 or eth-tester exception, if any.
 
@@ -213,6 +230,8 @@ def _revert_data(exc: BaseException) -> bytes | None:
         for value in (getattr(current, "data", None), *getattr(current, "args", ())):
             if isinstance(value, dict):  # Ganache: {"result": "0x<selector>...", "message": "revert", ...}
                 value = value.get("data") or value.get("result")
+            if isinstance(value, str):
+                value = _bytes_literal(value) or value
             if isinstance(value, (bytes, bytearray)) and len(value) >= 4:
                 return bytes(value)
             if isinstance(value, str) and value.startswith("0x") and len(value) >= 10:
@@ -294,62 +313,85 @@ def _lock_for(address: str) -> threading.Lock:
 
 # Any address will do for eth_call; eth-tester charges its gas to it, so it must be funded there.
 VIEW_CALLER = Account.from_key(DEV_KEYS[0]).address
-_chain_ids: dict[int, int] = {}
+
+# Gas limits by (contract, function selector): the function's first estimate with GAS_MARGIN.
+# Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
+# contract's functions cost the same every call (no loops), so one estimate serves them all. A
+# transaction that would revert is then mined and fails, and its replay names the error.
+_gas_limits: dict[tuple[str, str], int] = {}
+_gas_limits_guard = threading.Lock()
 
 
-def _chain_id(w3: Web3) -> int:
-    """The node's chain id, asked once per connection: it never changes under a running node."""
-    if id(w3) not in _chain_ids:
-        _chain_ids[id(w3)] = w3.eth.chain_id
-    return _chain_ids[id(w3)]
+def _gas_limit(w3: Web3, tx: dict, refresh: bool = False) -> int:
+    """The gas limit for `tx` (built without one); `refresh` estimates anew."""
+    function = (str(tx.get("to")), str(tx["data"])[:10])
+    with _gas_limits_guard:
+        limit = None if refresh else _gas_limits.get(function)
+    if limit is None:
+        try:
+            limit = int(w3.eth.estimate_gas(tx) * GAS_MARGIN)
+        except Exception as exc:
+            error = contract_error_from(exc)
+            if error is None:
+                raise
+            raise error from exc
+        if tx.get("to"):  # a deployment is a one-off
+            with _gas_limits_guard:
+                _gas_limits[function] = max(limit, _gas_limits.get(function, 0))
+    return limit
 
 
 def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
     """Sign and send the transaction `build(params)` makes from `key`'s account; wait for its receipt.
 
-    Sending is serialized per account so that threads sharing a key never reuse a nonce."""
+    A transaction that runs out of its cached gas limit (its replay succeeds) is sent once more
+    with a fresh estimate."""
     account = Account.from_key(key)
+    tx, receipt = _send_once(w3, account, build, fresh_estimate=False)
+    if receipt["status"] != 1:
+        error = _replay_failure(w3, tx, receipt)
+        if error is None:
+            tx, receipt = _send_once(w3, account, build, fresh_estimate=True)
+            if receipt["status"] != 1:
+                error = _replay_failure(w3, tx, receipt) or ContractError(
+                    "OutOfGas", (receipt["transactionHash"].to_0x_hex(),),
+                    {"tx": receipt["transactionHash"].to_0x_hex(), "gas": tx["gas"]})
+        if error is not None:
+            raise error
+    return TxResult(receipt["transactionHash"].to_0x_hex(), receipt["gasUsed"], receipt["blockNumber"]), receipt
+
+
+def _send_once(w3: Web3, account, build, fresh_estimate: bool) -> tuple[dict, Any]:
+    """The transaction as sent and its receipt. Sending is serialized per account so that threads
+    sharing a key never reuse a nonce."""
     with _lock_for(account.address):
         try:
-            params = {"from": account.address, "chainId": _chain_id(w3),
+            params = {"from": account.address, "chainId": w3.eth.chain_id,
                       "nonce": w3.eth.get_transaction_count(account.address, "pending")}
-            try:
-                # A placeholder gas stops web3 from estimating on its own; one estimate is enough.
-                tx = build({**params, "gas": 1})
-                del tx["gas"]
-                tx["gas"] = int(w3.eth.estimate_gas(tx) * GAS_MARGIN)
-            except Exception as exc:
-                error = contract_error_from(exc)
-                if error is None:
-                    raise
-                raise error from exc
-            signed = account.sign_transaction(tx)
-            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+            tx = build({**params, "gas": 1})  # a placeholder gas stops web3 from estimating on its own
+            del tx["gas"]
+            tx["gas"] = _gas_limit(w3, tx, refresh=fresh_estimate)
+            tx_hash = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
         except NODE_ERRORS as exc:
             raise _unavailable(w3, exc) from exc
     try:
-        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)
+        return tx, w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)
     except TimeExhausted as exc:
-        raise ChainUnavailable(
-            f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
+        raise ChainUnavailable(f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
     except NODE_ERRORS as exc:
         raise _unavailable(w3, exc) from exc
-    if receipt["status"] != 1:
-        raise _replay_failure(w3, tx, receipt)
-    return TxResult(tx_hash.to_0x_hex(), receipt["gasUsed"], receipt["blockNumber"]), receipt
 
 
-def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError:
-    """The reason a mined transaction failed, by replaying it as a call on the state it met."""
+def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
+    """Why a mined transaction failed, by replaying it as a call on the state it met; None when
+    the replay succeeds, that is when the transaction ran out of gas."""
     call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
     try:
         w3.eth.call(call, block_identifier=receipt["blockNumber"] - 1)
     except Exception as exc:
-        error = contract_error_from(exc)
-        if error is not None:
-            return error
-    return ContractError("Reverted", (receipt["transactionHash"].to_0x_hex(),),
-                         {"tx": receipt["transactionHash"].to_0x_hex()})
+        return contract_error_from(exc) or ContractError(
+            "Reverted", (receipt["transactionHash"].to_0x_hex(),), {"tx": receipt["transactionHash"].to_0x_hex()})
+    return None
 
 
 def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False) -> "Registry":

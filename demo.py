@@ -7,6 +7,7 @@ driven through Flask's test clients, so the same API and round code run either w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -100,6 +101,13 @@ def free_port(preferred: int) -> int:
     raise DemoError("no free port")
 
 
+def tensorflow_threads(processes: int) -> dict[str, str]:
+    """TensorFlow's thread pools for one of `processes` training processes sharing this machine:
+    by default each would size its pools to every core, and they would preempt one another."""
+    threads = str(max(1, (os.cpu_count() or 1) // max(processes, 1)))
+    return {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads}
+
+
 def log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
@@ -128,7 +136,8 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
     log(f"deployed the round registry at {registry.address} ({'reused' if ganache.reused else 'new'} chain)")
 
     env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
-           "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
+           **tensorflow_threads(options.clients)}
     run_py = str(REPO_ROOT / "run.py")
 
     def app_process(name: str, port: int, args: list[str]) -> Endpoint:

@@ -68,6 +68,28 @@ def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
     assert registry.round(1).submissions == 1
 
 
+def test_a_revert_is_named_whether_the_estimate_or_the_mined_transaction_meets_it(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    # First addClient of this contract: its gas is estimated, and the estimate meets the revert.
+    expect_revert("NotOwner", lambda: registry.add_client(CLIENT_KEYS[0], CLIENTS[1]))
+    registry.add_client(ORG_KEY, CLIENTS[0])  # now addClient's gas limit is cached
+    failed_before = w3.eth.block_number
+    # No estimate now: the transaction is mined, fails, and its replay names the error.
+    error = expect_revert("AlreadyEnrolled", lambda: registry.add_client(ORG_KEY, CLIENTS[0]))
+    assert error.args == (CLIENTS[0],)
+    assert w3.eth.get_block(failed_before + 1)["transactions"], "the failing transaction was mined"
+
+
+def test_a_cached_gas_limit_that_runs_out_is_estimated_anew(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    registry.add_client(ORG_KEY, CLIENTS[0])
+    (function,) = [f for f in chain._gas_limits if f[0] == registry.address]
+    chain._gas_limits[function] = 25_000  # below what addClient needs
+    tx = registry.add_client(ORG_KEY, CLIENTS[1])
+    assert tx.gas_used > 25_000 and registry.is_client(CLIENTS[1])
+    assert chain._gas_limits[function] > tx.gas_used
+
+
 def test_allowlist_management(registry):
     expect_revert("AlreadyEnrolled", lambda: registry.add_client(ORG_KEY, CLIENTS[0]))
     expect_revert("ZeroAddress", lambda: registry.add_client(ORG_KEY, "0x" + "00" * 20))
