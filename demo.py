@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,23 +196,49 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
 # ---- driving the rounds -------------------------------------------------------------------
 
 
+def epochs_done(endpoint: Endpoint) -> int:
+    """The epochs a client's running job has finished (0 if it cannot say: progress only)."""
+    try:
+        return endpoint.call("GET", "/api/job")["progress"].get("epoch", 0)
+    except (DemoError, requests.RequestException):
+        return 0
+
+
+def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) -> list[tuple[dict | None, str | None]]:
+    """Every client pulls, trains and publishes; (result, error) per client.
+
+    Full stack: all at once, each call waiting for its client's job, so the round goes on the
+    moment the slowest client is done; meanwhile the bar follows their epochs. Embedded: the
+    clients take turns in this process."""
+    def participate(endpoint: Endpoint) -> tuple[dict | None, str | None]:
+        try:
+            return endpoint.call("POST", "/api/participate", {"wait": True})["result"], None
+        except DemoError as exc:
+            return None, str(exc)
+
+    if options.embedded:
+        outcomes = []
+        for endpoint in clients:
+            outcomes.append(participate(endpoint))
+            bar.update(options.epochs)
+        return outcomes
+    with ThreadPoolExecutor(len(clients)) as pool:
+        calls = [pool.submit(participate, endpoint) for endpoint in clients]
+        while wait(calls, timeout=0.5).not_done:
+            bar.n = sum(options.epochs if call.done() else epochs_done(endpoint) for endpoint, call in zip(clients, calls))
+            bar.refresh()
+        return [call.result() for call in calls]
+
+
 def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> dict[str, Any]:
     started = time.perf_counter()
-    wait = options.embedded  # in one process the clients take turns
-    jobs = [endpoint.call("POST", "/api/participate", {"wait": wait}) for endpoint in clients]
-    total_epochs = options.epochs * len(clients)
-    with tqdm(total=total_epochs, desc=f"round {round_id} training", unit="epoch", file=sys.stderr,
-              leave=False) as bar:
-        while any(job["state"] == "running" for job in jobs):
-            time.sleep(0.1)  # the round waits for the slowest client: notice it soon
-            jobs = [endpoint.call("GET", "/api/job") for endpoint in clients]
-            bar.n = sum(job["progress"].get("epoch", 0) if job["state"] == "running" else options.epochs
-                        for job in jobs)
-            bar.refresh()
-    failed = [f"{endpoint.url}: {job['error']}" for endpoint, job in zip(clients, jobs) if job["state"] == "failed"]
-    for failure in failed:
-        log(f"round {round_id}: a client failed: {failure}")
-    published = [job["result"] for job in jobs if job["state"] == "done"]
+    with tqdm(total=options.epochs * len(clients), desc=f"round {round_id} training", unit="epoch",
+              file=sys.stderr, leave=False) as bar:
+        outcomes = participate_all(clients, options, bar)
+    published = [result for result, _ in outcomes if result is not None]
+    for endpoint, (_, error) in zip(clients, outcomes):
+        if error is not None:
+            log(f"round {round_id}: a client failed: {endpoint.url}: {error}")
     result = org.call("POST", f"/api/rounds/{round_id}/aggregate")
     seconds = time.perf_counter() - started
     client_phases = [r["seconds"] for r in published]
