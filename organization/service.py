@@ -56,6 +56,7 @@ class OrganizationService:
         self.address = Account.from_key(self.key).address
         self.registry = registry or find_registry(w3, settings)
         self._lock = threading.Lock()  # one round-moving action at a time
+        self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
 
     # ---- state -------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class OrganizationService:
         submissions = [
             {"client": sub.client, "cid": sub.cid, "num_samples": sub.num_samples,
              "gateway": self.store.gateway_url(sub.cid), "verdict": verdicts.get(sub.client)}
-            for sub in self.all_submissions(round_id)
+            for sub in registry.logged_submissions(info)
         ]
         return {
             "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
@@ -106,14 +107,6 @@ class OrganizationService:
             "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
             "result": result,
         }
-
-    def all_submissions(self, round_id: int, page: int = 100) -> list[chain.Submission]:
-        found: list[chain.Submission] = []
-        while True:
-            batch = self.require_registry().submissions(round_id, offset=len(found), limit=page)
-            found.extend(batch)
-            if len(batch) < page:
-                return found
 
     def status(self) -> dict[str, Any]:
         chain_state = self.chain_status()
@@ -195,7 +188,9 @@ class OrganizationService:
         with timer.phase("encoding"):
             data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id)
         with timer.phase("ipfs"):
-            return retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data)), len(data)
+            cid = retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data))
+        self._published = (cid, weights)
+        return cid, len(data)
 
     def aggregate(self, round_id: int) -> dict[str, Any]:
         """Merge round `round_id`'s valid deltas, publish the result, finalize, open the next round.
@@ -241,14 +236,10 @@ class OrganizationService:
     def _merge_round(self, registry: chain.Registry, round_id: int, info, timer: PhaseTimer) -> dict[str, Any]:
         with timer.phase("chain"):
             submissions = retrying(self.settings, f"reading round {round_id}'s submissions",
-                                   lambda: self.all_submissions(round_id))
+                                   lambda: registry.logged_submissions(info))
         if not submissions:
             raise ActionError(f"round {round_id} has no submissions yet", 409)
-        with timer.phase("ipfs"):
-            base_bytes = retrying(self.settings, f"fetching the base {info.base_cid}", lambda: self.store.get(
-                info.base_cid, max_bytes=self.config.max_update_bytes))
-        with timer.phase("decoding"):
-            base_weights, _, _ = codec.decode_model(self.task, base_bytes)
+        base_weights = self._base_weights(info.base_cid, timer)
 
         verdicts: dict[str, dict[str, Any]] = {}
 
@@ -280,6 +271,17 @@ class OrganizationService:
                  round_id, accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
                 "accepted": accepted, "verdicts": verdicts, "seconds": timer.as_dict()}
+
+    def _base_weights(self, cid: str, timer: PhaseTimer) -> dict:
+        """The weights of the base model `cid`: kept from publishing it, or (after a restart) fetched."""
+        if self._published is not None and self._published[0] == cid:
+            return self._published[1]
+        with timer.phase("ipfs"):
+            data = retrying(self.settings, f"fetching the base {cid}",
+                            lambda: self.store.get(cid, max_bytes=self.config.max_update_bytes))
+        with timer.phase("decoding"):
+            weights, _, _ = codec.decode_model(self.task, data)
+        return weights
 
     def _fetch_delta(self, sub: chain.Submission, round_id: int, base_cid: str, timer: PhaseTimer) -> dict:
         with timer.phase("ipfs"):

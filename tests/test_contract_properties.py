@@ -205,6 +205,7 @@ class RegistryMachine(RuleBasedStateMachine):
             assert on_chain.submissions == len(from_events)
             assert [(s.client, s.cid, s.num_samples) for s in self.registry.submissions(round_id)] \
                 == from_events == record["submissions"]
+            assert self.registry.logged_submissions(on_chain) == self.registry.submissions(round_id)
             assert (on_chain.base_cid, on_chain.finalized) == (record["base"], record["model"] is not None)
             if record["model"] is not None:
                 assert finalized[round_id] == (on_chain.model_cid, on_chain.submissions)
