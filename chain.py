@@ -109,6 +109,15 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
+class ClientRound:
+    """The current round as one client sees it."""
+    round_id: int  # 0 before the first round
+    base_cid: str
+    finalized: bool
+    submitted: bool  # whether this client has submitted to it
+
+
+@dataclass(frozen=True)
 class Submission:
     client: str
     cid: str
@@ -485,6 +494,10 @@ class Registry:
 
     def open_enrolment(self) -> bool:
         return self._call("openEnrolment")
+
+    def current_round_for(self, address: str) -> ClientRound:
+        """The current round, its base, its state and whether `address` submitted to it, in one call."""
+        return ClientRound(*self._call("currentRoundFor", to_checksum_address(address)))
 
     def latest_model(self) -> tuple[int, str]:
         round_id, cid = self._call("latestModel")

@@ -38,9 +38,6 @@ class ClientConfig:
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
 
 
-OpenRound = tuple[int, chain.RoundInfo]  # the open round's number and its record on chain
-
-
 @dataclass
 class PulledBase:
     round_id: int
@@ -89,15 +86,21 @@ class ClientService:
         return {"samples": int(len(self.y)),
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
-    def open_round(self) -> OpenRound:
+    def open_round(self) -> chain.ClientRound:
+        """The open round as this client sees it (one chain call); 409 when none is open."""
         registry = self.registry
-        round_id = retrying(self.settings, "reading the current round", registry.current_round)
-        if round_id == 0:
+        opened = retrying(self.settings, "reading the current round", lambda: registry.current_round_for(self.address))
+        if opened.round_id == 0:
             raise ActionError("no round has started yet", 409)
-        info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
-        if info.finalized:
-            raise ActionError(f"round {round_id} is finalized and the next has not started yet", 409)
-        return round_id, info
+        if opened.finalized:
+            raise ActionError(f"round {opened.round_id} is finalized and the next has not started yet", 409)
+        return opened
+
+    def _unsubmitted_round(self) -> chain.ClientRound:
+        opened = self.open_round()
+        if opened.submitted:
+            raise ActionError(f"this client has already submitted to round {opened.round_id}", 409)
+        return opened
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -109,11 +112,10 @@ class ClientService:
             "ipfs": store_status(self.store),
         }
         try:
-            round_id = self.registry.current_round()
-            if round_id:
-                info = self.registry.round(round_id)
-                status["round"] = {"round": round_id, "base_cid": info.base_cid, "finalized": info.finalized,
-                                   "submitted": self.registry.has_submitted(round_id, self.address),
+            current = self.registry.current_round_for(self.address)
+            if current.round_id:
+                status["round"] = {"round": current.round_id, "base_cid": current.base_cid,
+                                   "finalized": current.finalized, "submitted": current.submitted,
                                    "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
         except Exception as exc:  # an outage is shown, not raised: the page must still render
             status["chain_error"] = describe_error(exc)
@@ -129,20 +131,20 @@ class ClientService:
 
     # ---- actions -----------------------------------------------------------------------
 
-    def pull(self, timer: PhaseTimer | None = None, opened: OpenRound | None = None) -> dict[str, Any]:
+    def pull(self, timer: PhaseTimer | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
         timer = timer or PhaseTimer()
         with self._lock:
             with timer.phase("chain"):
-                round_id, info = opened or self.open_round()
-            if self.base is None or self.base.cid != info.base_cid:
+                opened = opened or self.open_round()
+            if self.base is None or self.base.cid != opened.base_cid:
                 with timer.phase("ipfs"):
-                    data = retrying(self.settings, f"fetching the base {info.base_cid}",
-                                    lambda: self.store.get(info.base_cid))
+                    data = retrying(self.settings, f"fetching the base {opened.base_cid}",
+                                    lambda: self.store.get(opened.base_cid))
                 with timer.phase("decoding"):
                     weights, fisher, _ = codec.decode_model(self.task, data)
-                self.base = PulledBase(round_id, info.base_cid, weights, fisher)
-            self.base.round_id = round_id
-            return {"round": round_id, "base_cid": info.base_cid, "seconds": timer.as_dict()}
+                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher)
+            self.base.round_id = opened.round_id
+            return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
     def train(self, job: Job | None = None, timer: PhaseTimer | None = None) -> dict[str, Any]:
         timer = timer or PhaseTimer()
@@ -165,7 +167,7 @@ class ClientService:
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, result)
             return {**self._trained_view(), "seconds": timer.as_dict()}
 
-    def publish(self, timer: PhaseTimer | None = None, opened: OpenRound | None = None) -> dict[str, Any]:
+    def publish(self, timer: PhaseTimer | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
         """Publish the trained update. `opened`: the round as participate already read and checked it
         (the contract still refuses a second submission)."""
         timer = timer or PhaseTimer()
@@ -173,15 +175,14 @@ class ClientService:
             if self.trained is None:
                 raise ActionError("train on the local data first", 409)
             with timer.phase("chain"):
-                round_id, info = opened or self.open_round()
-                if info.base_cid != self.trained.base_cid:
-                    raise ActionError(f"the trained update is for an older base model; round {round_id} "
-                                      f"starts from {info.base_cid}: pull and train again", 409)
-                if opened is None and self.registry.has_submitted(round_id, self.address):
-                    raise ActionError(f"this client has already submitted to round {round_id}", 409)
+                opened = opened or self._unsubmitted_round()
+            round_id = opened.round_id
+            if opened.base_cid != self.trained.base_cid:
+                raise ActionError(f"the trained update is for an older base model; round {round_id} "
+                                  f"starts from {opened.base_cid}: pull and train again", 409)
             result = self.trained.result
             with timer.phase("encoding"):
-                data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=info.base_cid,
+                data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
                                           dtype=self.config.update_dtype)
             with timer.phase("ipfs"):
@@ -197,9 +198,7 @@ class ClientService:
         """Pull, train and publish; a failure at any step publishes nothing."""
         timer = PhaseTimer()
         with timer.phase("chain"):  # read once for all three steps
-            opened = self.open_round()
-            if self.registry.has_submitted(opened[0], self.address):
-                raise ActionError(f"this client has already submitted to round {opened[0]}", 409)
+            opened = self._unsubmitted_round()
         for step, action in (("pull", lambda: self.pull(timer, opened)), ("train", lambda: self.train(job, timer)),
                              ("publish", lambda: self.publish(timer, opened))):
             if job is not None:

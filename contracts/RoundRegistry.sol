@@ -230,6 +230,22 @@ contract RoundRegistry {
         return (r.baseCid, r.modelCid, r.finalized, r.submissionCount, r.startBlock, r.finalizeBlock);
     }
 
+    /// @notice The current round as `client` sees it, in one call: what a device reads before it trains.
+    /// @param client The client's account.
+    /// @return round The current round's number (0 before the first).
+    /// @return baseCid CID of the model it starts from ("" before the first round).
+    /// @return finalized Whether it is closed.
+    /// @return submitted Whether `client` has submitted an update to it.
+    function currentRoundFor(address client)
+        external
+        view
+        returns (uint256 round, string memory baseCid, bool finalized, bool submitted)
+    {
+        round = _currentRound;
+        Round storage r = _rounds[round];
+        return (round, r.baseCid, r.finalized, _cidDigest[round][client] != 0);
+    }
+
     /// @notice The model of the latest finalized round.
     /// @return round Its number (0 when no round is finalized yet).
     /// @return modelCid Its model's CID ("" when none).

@@ -173,6 +173,8 @@ class RegistryMachine(RuleBasedStateMachine):
             for address in map(ADDRESS.get, CALLERS[1:]):
                 assert self.registry.has_submitted(current, address) == (address in submitted_by), \
                     f"hasSubmitted({current}, {address}) disagrees with the submissions {record['submissions']}"
+                assert self.registry.current_round_for(address) == chain.ClientRound(
+                    current, record["base"], record["model"] is not None, address in submitted_by)
         finalized = [r for r, record in self.rounds.items() if record["model"] is not None]
         latest = max(finalized, default=0)
         assert self.registry.latest_model() == (latest, self.rounds[latest]["model"] if latest else "")
