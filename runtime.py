@@ -7,9 +7,11 @@ import secrets
 import threading
 import time
 import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from flask import Flask, abort, jsonify, request, session
@@ -55,6 +57,7 @@ REFUSED = (chain.ChainUnavailable, storage.StorageUnavailable)
 
 log = logging.getLogger("runtime")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
@@ -71,6 +74,19 @@ def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
             log.warning("%s: %s; retrying in %.1f s", what, exc, wait)
             time.sleep(wait)
             attempt += 1
+
+
+def fetched_ahead(items: Iterable[T], fetch: Callable[[T], R], ahead: int) -> Iterator[tuple[T, Future]]:
+    """(item, future of fetch(item)) in the order of `items`, with up to `ahead` fetches running
+    in threads meanwhile: the waits overlap, and at most `ahead` + 1 results are held at a time."""
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        running: deque[tuple[T, Future]] = deque()
+        for item in items:
+            running.append((item, pool.submit(fetch, item)))
+            if len(running) > ahead:
+                yield running.popleft()
+        while running:
+            yield running.popleft()
 
 
 def store_status(store: storage.ContentStore) -> dict[str, Any]:

@@ -19,10 +19,11 @@ import chain
 import storage
 from processor import codec, rounds
 from processor.tasks import get_task
-from runtime import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
+from runtime import ActionError, PhaseTimer, describe_error, fetched_ahead, find_registry, retrying, store_status
 from settings import Settings
 
 log = logging.getLogger("organization")
+FETCH_AHEAD = 4  # updates fetched at once while the merge checks and adds the one before
 
 
 @dataclass(frozen=True)
@@ -243,11 +244,17 @@ class OrganizationService:
 
         verdicts: dict[str, dict[str, Any]] = {}
 
+        def fetch(sub: chain.Submission) -> bytes:  # in a worker thread
+            return retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
+                sub.cid, timeout=self.config.fetch_timeout, max_bytes=self.config.max_update_bytes))
+
         def valid_deltas() -> Iterator[tuple[dict, int]]:
-            # One delta in memory at a time: fetched, checked, handed to the streaming merge.
-            for sub in submissions:
+            # Fetched a few ahead, checked and handed to the streaming merge one at a time.
+            for sub, fetching in fetched_ahead(submissions, fetch, FETCH_AHEAD):
                 try:
-                    delta = self._fetch_delta(sub, round_id, info.base_cid, timer)
+                    with timer.phase("ipfs"):
+                        data = fetching.result()
+                    delta = self._checked_delta(sub, data, round_id, info.base_cid, timer)
                 except storage.StorageUnavailable:
                     raise  # an outage says nothing about the update: the round waits for IPFS to return
                 except (codec.CodecError, storage.StorageError, ValueError) as exc:
@@ -283,10 +290,9 @@ class OrganizationService:
             weights, _, _ = codec.decode_model(self.task, data)
         return weights
 
-    def _fetch_delta(self, sub: chain.Submission, round_id: int, base_cid: str, timer: PhaseTimer) -> dict:
-        with timer.phase("ipfs"):
-            data = retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
-                sub.cid, timeout=self.config.fetch_timeout, max_bytes=self.config.max_update_bytes))
+    def _checked_delta(self, sub: chain.Submission, data: bytes, round_id: int, base_cid: str,
+                       timer: PhaseTimer) -> dict:
+        """The delta in `data`, the update `sub` names; ValueError or CodecError says why it is refused."""
         with timer.phase("validation"):
             delta, meta = codec.decode_delta(self.task, data, expected_round=round_id,
                                              expected_base_cid=base_cid)
