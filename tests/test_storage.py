@@ -19,9 +19,6 @@ import storage
 from multiformats import CID
 from services import ServiceError
 
-# pytest resets warning filters per test; storage.py silences this ipfshttpclient/urllib3 warning at run time.
-pytestmark = pytest.mark.filterwarnings("ignore:The 'strict' parameter:FutureWarning")
-
 KIB = 1024
 CHUNK = storage.CHUNK_SIZE
 # 0 B and one byte; exactly one chunk and one byte more; a few chunks; ~172 chunks (one level).
