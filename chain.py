@@ -110,10 +110,9 @@ class RoundInfo:
 
 @dataclass(frozen=True)
 class ClientRound:
-    """The current round as one client sees it."""
+    """The open round as one client sees it."""
     round_id: int  # 0 before the first round
     base_cid: str
-    finalized: bool
     submitted: bool  # whether this client has submitted to it
 
 
@@ -496,7 +495,7 @@ class Registry:
         return self._call("openEnrolment")
 
     def current_round_for(self, address: str) -> ClientRound:
-        """The current round, its base, its state and whether `address` submitted to it, in one call."""
+        """The open round, its base and whether `address` submitted to it, in one call."""
         return ClientRound(*self._call("currentRoundFor", to_checksum_address(address)))
 
     def latest_model(self) -> tuple[int, str]:

@@ -246,7 +246,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
         "round": round_id,
         "accuracy": result["metrics"]["accuracy"],
         "submissions": result["accepted"],
-        "gas": sum(r["gas"] for r in published) + result["finalize_gas"] + result["start_gas"],
+        "gas": sum(r["gas"] for r in published) + result["finalize_gas"],
         "bytes": sum(r["bytes"] for r in published) + result["model_bytes"],
         "seconds": round(seconds, 2),
         "phases": {

@@ -92,8 +92,6 @@ class ClientService:
         opened = retrying(self.settings, "reading the current round", lambda: registry.current_round_for(self.address))
         if opened.round_id == 0:
             raise ActionError("no round has started yet", 409)
-        if opened.finalized:
-            raise ActionError(f"round {opened.round_id} is finalized and the next has not started yet", 409)
         return opened
 
     def _unsubmitted_round(self) -> chain.ClientRound:
@@ -115,7 +113,7 @@ class ClientService:
             current = self.registry.current_round_for(self.address)
             if current.round_id:
                 status["round"] = {"round": current.round_id, "base_cid": current.base_cid,
-                                   "finalized": current.finalized, "submitted": current.submitted,
+                                   "submitted": current.submitted,
                                    "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
         except Exception as exc:  # an outage is shown, not raised: the page must still render
             status["chain_error"] = describe_error(exc)

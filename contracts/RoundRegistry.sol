@@ -4,6 +4,8 @@ pragma solidity 0.8.26;
 /// @title RoundRegistry
 /// @notice Public record of federated-learning rounds: the base model each round starts from (an
 ///         IPFS CID), the model update every client published in it, and the model it produced.
+///         The owner opens the first round; finalizing a round opens the next, from the model it
+///         produced, so from then on exactly one round is open.
 /// @dev Gas per submission does not depend on the number of clients or rounds: a submission writes
 ///      two fresh storage slots and updates the round's packed header slot, and no transaction
 ///      loops over clients or submissions.
@@ -27,7 +29,7 @@ contract RoundRegistry {
         uint64 finalizeBlock;
         uint32 submissionCount;
         bool finalized;
-        string baseCid;
+        string baseCid; // round 1 only: a later round's base is its predecessor's modelCid
         string modelCid;
     }
 
@@ -56,8 +58,8 @@ contract RoundRegistry {
     /// @notice True when any account may submit; false when only allowlisted clients may.
     bool public immutable openEnrolment;
 
+    // Rounds 1 to _currentRound - 1 are finalized; _currentRound (if not 0) is open.
     uint256 private _currentRound;
-    uint256 private _latestFinalizedRound;
     mapping(uint256 round => Round) private _rounds;
     mapping(address client => bool) private _clients;
     mapping(uint256 round => mapping(uint256 index => SubmissionRecord)) private _submissions;
@@ -80,7 +82,7 @@ contract RoundRegistry {
     error RoundNotOpen(uint256 round);
     /// @notice The round is already finalized.
     error RoundAlreadyFinalized(uint256 round);
-    /// @notice A new round cannot start while this one is open.
+    /// @notice Rounds have started: the next one opens when this open one is finalized.
     error PreviousRoundOpen(uint256 round);
     /// @notice A CID must not be empty.
     error EmptyCid();
@@ -140,15 +142,14 @@ contract RoundRegistry {
 
     // ---- rounds -----------------------------------------------------------------------------
 
-    /// @notice Opens the next round, starting from the model at `baseCid`.
-    /// @dev The previous round, if any, must be finalized.
+    /// @notice Opens the first round, starting from the model at `baseCid`.
+    /// @dev Later rounds open as their predecessor is finalized (finalizeRound).
     /// @param baseCid IPFS CID of the base model.
-    /// @return round The new round's number (rounds are numbered from 1).
+    /// @return round The new round's number, 1.
     function startRound(string calldata baseCid) external onlyOwner returns (uint256 round) {
         if (bytes(baseCid).length == 0) revert EmptyCid();
-        uint256 previous = _currentRound;
-        if (previous != 0 && !_rounds[previous].finalized) revert PreviousRoundOpen(previous);
-        round = previous + 1;
+        if (_currentRound != 0) revert PreviousRoundOpen(_currentRound);
+        round = 1;
         _currentRound = round;
         Round storage r = _rounds[round];
         r.startBlock = uint64(block.number);
@@ -185,19 +186,24 @@ contract RoundRegistry {
         emit UpdateSubmitted(round, msg.sender, cid, numSamples);
     }
 
-    /// @notice Closes the open round with the model it produced.
+    /// @notice Closes the open round with the model it produced and opens the next round from
+    ///         that model, in one transaction: no moment passes without an open round.
     /// @param round The open round's number.
-    /// @param modelCid IPFS CID of the merged model.
+    /// @param modelCid IPFS CID of the merged model, the next round's base.
     function finalizeRound(uint256 round, string calldata modelCid) external onlyOwner {
         if (bytes(modelCid).length == 0) revert EmptyCid();
         Round storage r = _rounds[round];
         if (r.finalized) revert RoundAlreadyFinalized(round);
         if (r.startBlock == 0) revert RoundNotOpen(round);
+        // An open round is necessarily the current one, so the next is round + 1.
         r.finalized = true;
         r.finalizeBlock = uint64(block.number);
         r.modelCid = modelCid;
-        _latestFinalizedRound = round;
         emit RoundFinalized(round, modelCid, r.submissionCount);
+        uint256 next = round + 1;
+        _currentRound = next;
+        _rounds[next].startBlock = uint64(block.number); // its base is r.modelCid (_baseCidOf)
+        emit RoundStarted(next, modelCid);
     }
 
     /// @notice The number of the latest round started (0 before the first).
@@ -227,30 +233,28 @@ contract RoundRegistry {
         )
     {
         Round storage r = _rounds[round];
-        return (r.baseCid, r.modelCid, r.finalized, r.submissionCount, r.startBlock, r.finalizeBlock);
+        return (_baseCidOf(round), r.modelCid, r.finalized, r.submissionCount, r.startBlock, r.finalizeBlock);
     }
 
-    /// @notice The current round as `client` sees it, in one call: what a device reads before it trains.
+    /// @notice The open round as `client` sees it, in one call: what a device reads before it trains.
     /// @param client The client's account.
-    /// @return round The current round's number (0 before the first).
+    /// @return round The open round's number (0 before the first round).
     /// @return baseCid CID of the model it starts from ("" before the first round).
-    /// @return finalized Whether it is closed.
     /// @return submitted Whether `client` has submitted an update to it.
     function currentRoundFor(address client)
         external
         view
-        returns (uint256 round, string memory baseCid, bool finalized, bool submitted)
+        returns (uint256 round, string memory baseCid, bool submitted)
     {
         round = _currentRound;
-        Round storage r = _rounds[round];
-        return (round, r.baseCid, r.finalized, _cidDigest[round][client] != 0);
+        return (round, _baseCidOf(round), _cidDigest[round][client] != 0);
     }
 
     /// @notice The model of the latest finalized round.
     /// @return round Its number (0 when no round is finalized yet).
     /// @return modelCid Its model's CID ("" when none).
     function latestModel() external view returns (uint256 round, string memory modelCid) {
-        round = _latestFinalizedRound;
+        round = _currentRound > 1 ? _currentRound - 1 : 0;
         modelCid = _rounds[round].modelCid;
     }
 
@@ -285,6 +289,12 @@ contract RoundRegistry {
     }
 
     // ---- CIDs -------------------------------------------------------------------------------
+
+    /// @dev Round 1 keeps its base; every later round starts from its predecessor's model (and a
+    ///      round that has not started has neither).
+    function _baseCidOf(uint256 round) private view returns (string memory) {
+        return round <= 1 ? _rounds[round].baseCid : _rounds[round - 1].modelCid;
+    }
 
     function _cidOf(uint256 round, SubmissionRecord storage s) private view returns (string memory) {
         if (s.cidCodec == 0) return _verbatimCid[round][s.client];

@@ -194,45 +194,34 @@ class OrganizationService:
         return cid, len(data)
 
     def aggregate(self, round_id: int) -> dict[str, Any]:
-        """Merge round `round_id`'s valid deltas, publish the result, finalize, open the next round.
+        """Merge round `round_id`'s valid deltas, publish the result, and finalize the round, which
+        opens the next one from the result.
 
-        Safe to repeat after a crash at any point: every step first checks what the chain already
-        records, and re-publishing the same model gives the same CID.
+        Safe to repeat after a crash at any point: until the round is finalized on chain nothing
+        is final, and re-publishing the same model gives the same CID.
         """
         with self._lock:
             registry = self.require_registry()
-            current = retrying(self.settings, "reading the current round", registry.current_round)
-            if not 1 <= round_id <= current:
-                raise ActionError(f"round {round_id} does not exist", 404)
             info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
-            if round_id < current:
+            if round_id < 1 or info.start_block == 0:
+                raise ActionError(f"round {round_id} does not exist", 404)
+            if info.finalized:
                 raise ActionError(f"round {round_id} is already finalized", 409)
             timer = PhaseTimer()
+            entry = self._merge_round(registry, round_id, info, timer)
             history = self.history()
-            entry = history["rounds"].get(str(round_id))
-            if info.finalized:
-                model_cid = info.model_cid  # finalized before a crash; only the next round is missing
-            else:
-                entry = self._merge_round(registry, round_id, info, timer)
-                history["rounds"][str(round_id)] = entry
-                self._save_history(history)
-                model_cid = entry["model_cid"]
-                if os.environ.get("FL_FAULT_BEFORE_FINALIZE"):
-                    # Fault-injection tests: die where a crash hurts most, model published, round not final.
-                    log.error("FL_FAULT_BEFORE_FINALIZE is set: exiting before finalizing round %d", round_id)
-                    os._exit(70)
-                with timer.phase("chain"):
-                    tx = registry.finalize_round(self.key, round_id, model_cid)
-                entry["finalize_gas"] = tx.gas_used
+            history["rounds"][str(round_id)] = entry
+            self._save_history(history)  # what the merge measured, before the round is final
+            if os.environ.get("FL_FAULT_BEFORE_FINALIZE"):
+                # Fault-injection tests: die where a crash hurts most, model published, round not final.
+                log.error("FL_FAULT_BEFORE_FINALIZE is set: exiting before finalizing round %d", round_id)
+                os._exit(70)
             with timer.phase("chain"):
-                tx = registry.start_round(self.key, model_cid)
-            if entry is not None:
-                entry["start_gas"] = tx.gas_used
-                entry["seconds"] = {**entry.get("seconds", {}), **timer.as_dict()}
-                history["rounds"][str(round_id)] = entry
-                self._save_history(history)
-            log.info("round %d finalized with model %s; round %d open", round_id, model_cid, round_id + 1)
-            return {"round": round_id, "model_cid": model_cid, "next_round": round_id + 1, **(entry or {})}
+                tx = registry.finalize_round(self.key, round_id, entry["model_cid"])
+            entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict())
+            self._save_history(history)
+            log.info("round %d finalized with model %s; round %d open", round_id, entry["model_cid"], round_id + 1)
+            return {"round": round_id, "next_round": round_id + 1, **entry}
 
     def _merge_round(self, registry: chain.Registry, round_id: int, info, timer: PhaseTimer) -> dict[str, Any]:
         with timer.phase("chain"):

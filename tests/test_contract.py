@@ -66,6 +66,10 @@ def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
     expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
     expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid, 10))  # closed
     assert registry.round(1).submissions == 1
+    # Finalizing opened round 2 from the model; only that one can be finalized now.
+    assert registry.current_round() == 2 and registry.round(2).base_cid == cid_for("model")
+    expect_revert("PreviousRoundOpen", lambda: registry.start_round(ORG_KEY, cid))
+    expect_revert("RoundNotOpen", lambda: registry.finalize_round(ORG_KEY, 3, cid))
 
 
 def test_a_revert_is_named_whether_the_estimate_or_the_mined_transaction_meets_it(w3):
@@ -145,8 +149,8 @@ def test_every_cid_reads_back_exactly_and_canonical_ones_are_compact(w3):
     registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
     canonical = [cid_for(bytes([i]) * i, codec) for i in range(8) for codec in (0x55, DAG_PB)]
     gas = {}
+    registry.start_round(ORG_KEY, BASE)
     for round_id, cid in enumerate(canonical + OTHER_CIDS, start=1):
-        registry.start_round(ORG_KEY, BASE)
         gas[cid] = registry.submit_update(CLIENT_KEYS[0], round_id, cid, 1).gas_used
         assert registry.submissions(round_id) == [chain.Submission(CLIENTS[0], cid, 1)]
         registry.finalize_round(ORG_KEY, round_id, cid)
@@ -161,8 +165,8 @@ def test_submission_gas_does_not_grow_with_clients_or_rounds(w3):
     for address in CLIENTS[:8]:
         registry.add_client(ORG_KEY, address)
     used = []
+    registry.start_round(ORG_KEY, cid_for("base"))
     for round_id in (1, 2, 3):
-        registry.start_round(ORG_KEY, cid_for(f"base {round_id}"))
         used += [registry.submit_update(key, round_id, cid_for(f"{round_id} {k}"), 100).gas_used
                  for k, key in enumerate(CLIENT_KEYS[:8])]
         registry.finalize_round(ORG_KEY, round_id, cid_for(f"model {round_id}"))

@@ -88,7 +88,7 @@ class RegistryMachine(RuleBasedStateMachine):
         violated = set()
         if base == "":
             violated.add("EmptyCid")
-        if self.current and self.rounds[self.current]["model"] is None:
+        if self.current:  # after the first round, the open one is always the next to finalize
             violated.add("PreviousRoundOpen")
         got = outcome(lambda: self.registry.start_round(caller, base))
         if self.check(got, self.owner_only(caller, violated)):
@@ -139,6 +139,8 @@ class RegistryMachine(RuleBasedStateMachine):
         got = outcome(lambda: self.registry.finalize_round(caller, round_id, model))
         if self.check(got, self.owner_only(caller, violated)):
             record["model"] = model
+            self.current += 1  # the next round opens from the model
+            self.rounds[self.current] = {"base": model, "model": None, "submissions": []}
 
     @rule(caller=owners, client=st.sampled_from(CALLERS[1:]))
     def add_client(self, caller, client):
@@ -174,7 +176,7 @@ class RegistryMachine(RuleBasedStateMachine):
                 assert self.registry.has_submitted(current, address) == (address in submitted_by), \
                     f"hasSubmitted({current}, {address}) disagrees with the submissions {record['submissions']}"
                 assert self.registry.current_round_for(address) == chain.ClientRound(
-                    current, record["base"], record["model"] is not None, address in submitted_by)
+                    current, record["base"], address in submitted_by)
         finalized = [r for r, record in self.rounds.items() if record["model"] is not None]
         latest = max(finalized, default=0)
         assert self.registry.latest_model() == (latest, self.rounds[latest]["model"] if latest else "")

@@ -216,7 +216,7 @@ def test_organization_killed_before_finalizing_then_restarted(stack):
     assert stack.org.process.returncode == 70
     assert not stack.registry.round(round_id).finalized
     status = get(CLIENT_PORTS[0], "/api/status").json()
-    assert status["round"]["round"] == round_id and not status["round"]["finalized"]
+    assert status["round"]["round"] == round_id and status["round"]["submitted"]
 
     stack.org.stop()
     stack.org = stack.org_process()
