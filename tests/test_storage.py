@@ -167,15 +167,20 @@ def test_stopped_daemon_gives_a_clear_error():
 
 
 class LyingNode(BaseHTTPRequestHandler):
-    """An HTTP RPC API whose add names the wrong CID and whose cat serves other bytes."""
+    """An HTTP RPC API whose add names the wrong CID (or answers nonsense to a one-byte add), whose
+    cat serves other bytes, and whose pin fails with the daemon's JSON error."""
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status = 200
         if self.path.startswith("/api/v0/add"):
-            body = json.dumps({"Name": "x", "Hash": ABSENT_CID, "Size": "1"}).encode()
+            one_byte = b"\r\n\r\nx\r\n--" in sent
+            body = b"<html>not json</html>" if one_byte else json.dumps({"Name": "x", "Hash": ABSENT_CID}).encode()
+        elif self.path.startswith("/api/v0/pin"):
+            status, body = 500, json.dumps({"Message": "pin: repo is read-only", "Code": 0}).encode()
         else:
             body = b"not the content you asked for"
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -198,6 +203,10 @@ def test_bytes_from_a_lying_node_are_rejected(lying_store):
         lying_store.get(EMPTY_FILE_CID)
     with pytest.raises(storage.ContentMismatch, match="expected"):
         lying_store.add(b"some bytes")
+    with pytest.raises(storage.StorageError, match="answered no CID"):
+        lying_store.add(b"x")
+    with pytest.raises(storage.StorageError, match="repo is read-only"):
+        lying_store.pin(EMPTY_FILE_CID)
 
 
 # --- the real daemon --------------------------------------------------------------------------
