@@ -10,6 +10,8 @@ import ast
 import functools
 import json
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,6 +324,26 @@ def _lock_for(address: str) -> threading.Lock:
 # Any address will do for eth_call; eth-tester charges its gas to it, so it must be funded there.
 VIEW_CALLER = Account.from_key(DEV_KEYS[0]).address
 
+# EIP-1559 fees by connection, asked at most every FEE_TTL seconds instead of twice per
+# transaction (web3 reads the priority fee and the latest block for each one it builds). The cap
+# of twice the base fee plus the tip outlasts six full blocks of base-fee rises.
+FEE_TTL = 10.0
+_fees: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Web3 -> (asked at, fee fields)
+_fees_guard = threading.Lock()
+
+
+def _fee_fields(w3: Web3) -> dict[str, int]:
+    with _fees_guard:
+        asked, fields = _fees.get(w3, (-FEE_TTL, {}))
+    if time.monotonic() - asked >= FEE_TTL:
+        tip = w3.eth.max_priority_fee
+        base_fee = w3.eth.get_block("latest")["baseFeePerGas"]
+        fields = {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * base_fee + tip}
+        with _fees_guard:
+            _fees[w3] = (time.monotonic(), fields)
+    return fields
+
+
 # Gas limits by (contract, function selector): the function's first estimate with GAS_MARGIN.
 # Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
 # contract's functions cost the same every call (no loops), so one estimate serves them all. A
@@ -375,7 +397,7 @@ def _send_once(w3: Web3, account, build, fresh_estimate: bool) -> tuple[dict, An
     with _lock_for(account.address):
         try:
             params = {"from": account.address, "chainId": w3.eth.chain_id,
-                      "nonce": w3.eth.get_transaction_count(account.address, "pending")}
+                      "nonce": w3.eth.get_transaction_count(account.address, "pending"), **_fee_fields(w3)}
             tx = build({**params, "gas": 1})  # a placeholder gas stops web3 from estimating on its own
             del tx["gas"]
             tx["gas"] = _gas_limit(w3, tx, refresh=fresh_estimate)

@@ -1,10 +1,12 @@
 """The chain layer on a real Ganache node: the same contract, Truffle's deployment, restarts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
 import pytest
+import requests
 from eth_account import Account
 
 import chain
@@ -27,6 +29,26 @@ def test_ganache_accounts_are_the_dev_keys(w3):
 
 def test_round_lifecycle_with_events(w3):
     check_round_lifecycle(w3)
+
+
+def test_a_submission_costs_four_requests_once_fees_and_gas_are_known(w3, monkeypatch):
+    """The view a client reads, then its nonce, the raw transaction and the receipt: the chain id,
+    the fees and the gas estimate are not asked again for every transaction."""
+    asked = []
+    post = requests.Session.post
+
+    def counted_post(session, url, data=None, **kwargs):
+        asked.append(json.loads(data)["method"])  # what reaches the node, not what a cache answered
+        return post(session, url, data=data, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "post", counted_post)
+    registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+    registry.start_round(ORG_KEY, cid_for("base"))
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("first"), 10)
+    asked.clear()
+    assert registry.current_round_for(CLIENTS[1]) == chain.ClientRound(1, cid_for("base"), False)
+    registry.submit_update(CLIENT_KEYS[1], 1, cid_for("second"), 10)
+    assert asked == ["eth_call", "eth_getTransactionCount", "eth_sendRawTransaction", "eth_getTransactionReceipt"]
 
 
 def test_reverts_are_named_on_ganache(w3):
