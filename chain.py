@@ -344,10 +344,11 @@ def _fee_fields(w3: Web3) -> dict[str, int]:
     return fields
 
 
-# Gas limits by (contract, function selector): the function's first estimate with GAS_MARGIN.
+# Gas limits by (contract, function selector): the largest estimate seen with GAS_MARGIN.
 # Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
-# contract's functions cost the same every call (no loops), so one estimate serves them all. A
-# transaction that would revert is then mined and fails, and its replay names the error.
+# contract's functions cost about the same every call (no loops), so one estimate serves them all.
+# A transaction that would revert is then mined and fails, and its replay names the error; one
+# that needs more (a CID kept verbatim costs ~65,000 more) runs out, and is estimated and sent again.
 _gas_limits: dict[tuple[str, str], int] = {}
 _gas_limits_guard = threading.Lock()
 
