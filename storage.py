@@ -264,7 +264,7 @@ class IPFSStore:
         self._session = requests.Session()  # keep-alive: connections are reused, not opened per call
 
     def _call(self, what: str, timeout: float, fn):
-        """Run `fn` (one or more API requests), mapping failures onto the storage errors."""
+        """Run `fn`, mapping the failures of the requests it makes onto the storage errors."""
         try:
             return fn()
         except requests.ConnectTimeout:
@@ -283,12 +283,14 @@ class IPFSStore:
         return (f"no IPFS daemon answers at {self.api_url} ({what}); start one with `python run.py ipfs` "
                 "or point FL_IPFS_API at a running node")
 
-    def _post(self, what: str, command: str, timeout: float, params: dict, **kwargs) -> requests.Response:
-        """POST /api/v0/`command`. The daemon gives up at `timeout` (a cat of an absent CID otherwise
-        hangs forever); the client waits a little longer so that the daemon's own error arrives first."""
-        reply = self._session.post(f"{self.api_url}/api/v0/{command}",
-                                   params={**params, "timeout": f"{max(timeout, 0.001):.3f}s"},
-                                   timeout=timeout + 2, **kwargs)
+    def _post(self, command: str, timeout: float, params: dict, **kwargs) -> requests.Response:
+        """POST /api/v0/`command`, its failures mapped onto the storage errors. The daemon gives up
+        at `timeout` (a cat of an absent CID otherwise hangs forever); the client waits a little
+        longer so that the daemon's own error arrives first."""
+        what = f"{command} {params.get('arg', '')}".strip()
+        reply = self._call(what, timeout, lambda: self._session.post(
+            f"{self.api_url}/api/v0/{command}", params={**params, "timeout": f"{max(timeout, 0.001):.3f}s"},
+            timeout=timeout + 2, **kwargs))
         if reply.ok:
             return reply
         try:
@@ -304,15 +306,12 @@ class IPFSStore:
         data = bytes(data)
         params = {"cid-version": 1, "raw-leaves": "true", "pin": "true", "cid-base": "base32"}
 
-        def add_file() -> str:
-            reply = self._post("add", "add", self.timeout, params,
-                               files={"file": ("file", data, "application/octet-stream")})
-            try:
-                return json.loads(reply.text.strip().splitlines()[-1])["Hash"]  # a JSON line per file added
-            except (ValueError, IndexError, KeyError, TypeError):
-                raise StorageError(f"add at {self.api_url} answered no CID: {reply.text[:200]!r}") from None
-
-        cid = str(parse_cid(self._call("add", self.timeout, add_file)).set(base="base32"))
+        reply = self._post("add", self.timeout, params, files={"file": ("file", data, "application/octet-stream")})
+        try:
+            named = json.loads(reply.text.strip().splitlines()[-1])["Hash"]  # a JSON line per file added
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise StorageError(f"add at {self.api_url} answered no CID: {reply.text[:200]!r}") from None
+        cid = str(parse_cid(named).set(base="base32"))
         expected = compute_cid(data)
         if cid != expected:
             # Every later get verifies against compute_cid, so a node with other settings would
@@ -330,18 +329,18 @@ class IPFSStore:
 
         def fetch() -> bytes:
             buffer = bytearray()
-            with self._post(f"cat {cid}", "cat", timeout, params, stream=True) as reply:
+            with self._post("cat", timeout, params, stream=True) as reply:
                 for piece in reply.iter_content(CHUNK_SIZE):
                     buffer += piece
                     if max_bytes is not None and len(buffer) > max_bytes:
                         raise ContentTooLarge(f"{cid} is more than the {max_bytes} bytes allowed")
             return bytes(buffer)
 
-        return verify(cid, self._call(f"cat {cid}", timeout, fetch))
+        return verify(cid, self._call(f"cat {cid}", timeout, fetch))  # also maps a failure mid-stream
 
     def pin(self, cid: str) -> None:
         parse_cid(cid)
-        self._call(f"pin {cid}", self.timeout, lambda: self._post(f"pin {cid}", "pin/add", self.timeout, {"arg": cid}))
+        self._post("pin/add", self.timeout, {"arg": cid})
 
     def has(self, cid: str) -> bool:
         parse_cid(cid)
@@ -349,8 +348,7 @@ class IPFSStore:
         # the wait for a block the node lacks is kept short.
         timeout = min(self.timeout, 1.0)
         try:
-            self._call(f"block/stat {cid}", timeout, lambda: self._post(
-                f"block/stat {cid}", "block/stat", timeout, {"arg": cid, "offline": "true"}))
+            self._post("block/stat", timeout, {"arg": cid, "offline": "true"})
             return True
         except StorageTimeout:
             return False
