@@ -90,11 +90,17 @@ class OrganizationService:
     def ipfs_status(self) -> dict[str, Any]:
         return store_status(self.store)
 
+    @staticmethod
+    def _started_round(registry: chain.Registry, round_id: int) -> chain.RoundInfo:
+        """Round `round_id`'s record on chain; 404 for a round that has not started."""
+        info = registry.round(round_id) if round_id >= 1 else None
+        if info is None or info.start_block == 0:
+            raise ActionError(f"round {round_id} does not exist", 404)
+        return info
+
     def round_view(self, round_id: int) -> dict[str, Any]:
         registry = self.require_registry()
-        if not 1 <= round_id <= registry.current_round():
-            raise ActionError(f"round {round_id} does not exist", 404)
-        info = registry.round(round_id)
+        info = self._started_round(registry, round_id)
         result = self.history()["rounds"].get(str(round_id))
         verdicts = (result or {}).get("verdicts", {})
         submissions = [
@@ -202,9 +208,8 @@ class OrganizationService:
         """
         with self._lock:
             registry = self.require_registry()
-            info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
-            if round_id < 1 or info.start_block == 0:
-                raise ActionError(f"round {round_id} does not exist", 404)
+            info = retrying(self.settings, f"reading round {round_id}",
+                            lambda: self._started_round(registry, round_id))
             if info.finalized:
                 raise ActionError(f"round {round_id} is already finalized", 409)
             timer = PhaseTimer()

@@ -63,6 +63,7 @@ def test_bad_requests_get_4xx_with_a_message(system):
         (org.post("/api/clients", json={"address": 42}), 400),
         (org.post("/api/clients", json={"address": "0x1234"}), 400),
         (org.get("/api/rounds/7"), 404),
+        (org.get("/api/rounds/0"), 404),
         (org.post("/api/rounds/7/aggregate"), 404),
         (org.get("/api/no-such-endpoint"), 404),
         (system["clients"][0].post("/api/participate", json={"wait": "yes"}), 400),
