@@ -141,7 +141,7 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
            **tensorflow_threads(options.clients)}
     run_py = str(REPO_ROOT / "run.py")
 
-    def app_process(name: str, port: int, args: list[str]) -> Endpoint:
+    def app_process(name: str, port: int, args: list[str]) -> tuple[ManagedProcess, Endpoint]:
         url = f"http://127.0.0.1:{port}"
         process = ManagedProcess(name, [sys.executable, run_py, *args, "--port", str(port)],
                                  is_ready=lambda: http_answers(url + "/api/status"),
