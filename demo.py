@@ -24,7 +24,7 @@ from tqdm import tqdm
 import chain
 import storage
 from plots import accuracy_png
-from services import ManagedProcess, http_answers
+from services import ManagedProcess, http_answers, machine_busy_seconds
 from settings import EMBEDDED, REPO_ROOT, Settings
 
 
@@ -231,7 +231,7 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
 
 
 def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> dict[str, Any]:
-    started = time.perf_counter()
+    started, busy = time.perf_counter(), machine_busy_seconds()
     with tqdm(total=options.epochs * len(clients), desc=f"round {round_id} training", unit="epoch",
               file=sys.stderr, leave=False) as bar:
         outcomes = participate_all(clients, options, bar)
@@ -240,7 +240,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
         if error is not None:
             log(f"round {round_id}: a client failed: {endpoint.url}: {error}")
     result = org.call("POST", f"/api/rounds/{round_id}/aggregate")
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, machine_busy_seconds() - busy
     client_phases = [r["seconds"] for r in published]
     return {
         "round": round_id,
@@ -249,6 +249,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
         "gas": sum(r["gas"] for r in published) + result["finalize_gas"],
         "bytes": sum(r["bytes"] for r in published) + result["model_bytes"],
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),  # every process on the machine: its cores' busy time
         "phases": {
             "client": {phase: round(sum(p.get(phase, 0.0) for p in client_phases) / max(len(client_phases), 1), 3)
                        for phase in sorted({phase for p in client_phases for phase in p})},
@@ -258,11 +259,12 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
 
 
 def print_table(rows: list[dict[str, Any]], initial_accuracy: float) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9} {'subm.':>5} {'gas':>9} {'bytes':>10} {'seconds':>8}")
+    print(f"\n{'round':>5} {'accuracy':>9} {'subm.':>5} {'gas':>9} {'bytes':>10} {'seconds':>8} {'CPU-s':>6}")
     print(f"{'init':>5} {100 * initial_accuracy:8.2f}%")
     for row in rows:
         print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}% {row['submissions']:>5} {row['gas']:>9} "
-              f"{row['bytes']:>10} {row['seconds']:>8.2f}")
+              f"{row['bytes']:>10} {row['seconds']:>8.2f} {row['cpu_seconds']:>6.2f}")
+    print("(CPU-s: the machine's cores' busy time during the round, all processes)")
     print("\nwall time per phase (client phases: mean over clients, which train in parallel):")
     for row in rows:
         client = ", ".join(f"{k} {v:.2f}s" for k, v in row["phases"]["client"].items())

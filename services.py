@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import psutil
 import requests
 
 
 class ServiceError(RuntimeError):
     """A service could not be started or did not become ready."""
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all of this machine's cores have spent busy (any process) since it booted."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
 
 
 def http_answers(url: str, method: str = "GET", timeout: float = 1.0) -> bool:

@@ -14,14 +14,17 @@ the only difference is the orchestration:
 - ours_embedded: every role in one process (eth-tester, the on-disk store), lambda 0.
 Per round seconds: ours from the clients' start to the organization's finished aggregation and
 evaluation; Flower's between successive evaluate_fn calls (training, transfer, aggregation and
-evaluation). Start-up (processes, ray, contract deployment) is excluded on both sides.
+evaluation). Start-up (processes, ray, contract deployment) is excluded on both sides. CPU-seconds
+per round: the busy time of all the machine's cores over the same interval (every process of
+either side: clients, servers, daemons, ray), which says how close a side is to the cores' limit.
 
 Flower must stay out of the runtime environment: its protobuf pin (<7) conflicts with ours, so
 this script runs the Flower side in a child process with FLOWER_PATH (default
 .venv/flwr-overlay, made by `pip install --target .venv/flwr-overlay -r
 benchmarks/requirements-bench.txt`) ahead on sys.path. Progress goes to stderr; with --json
 the last stdout line is {"flower", "ours_fedavg", "ours_ewc", "ours_embedded": {"accuracy_per_round",
-"seconds_per_round"}, "ratio_seconds_per_round", "accuracy_gap_pp"}.
+"seconds_per_round", "cpu_seconds_per_round"}, "ratio_seconds_per_round", "ratio_cpu_seconds_per_round",
+"accuracy_gap_pp"}.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import log  # noqa: E402
+from services import machine_busy_seconds  # noqa: E402
 
 CLIENTS, TASK, ALPHA = 5, "mnist", 0.5
 FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", ROOT / ".venv" / "flwr-overlay"))
@@ -86,7 +90,7 @@ def run_flower(rounds: int, seed: int, epochs: int, batch_size: int, lr: float) 
         return Client().to_client()
 
     def evaluate(server_round, parameters, config):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), machine_busy_seconds()))
         metrics = task.evaluate(dict(zip(names, parameters)), data.x_test, data.y_test)
         accuracy.append(metrics["accuracy"])
         log(f"flower round {server_round}: accuracy {100 * metrics['accuracy']:.2f}%")
@@ -106,7 +110,8 @@ def run_flower(rounds: int, seed: int, epochs: int, batch_size: int, lr: float) 
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     # the first call evaluates the initial model; each later one closes a round
     return {"initial_accuracy": accuracy[0], "accuracy_per_round": accuracy[1:],
-            "seconds_per_round": [round(b - a, 2) for a, b in zip(stamps, stamps[1:])]}
+            "seconds_per_round": [round(b[0] - a[0], 2) for a, b in zip(stamps, stamps[1:])],
+            "cpu_seconds_per_round": [round(b[1] - a[1], 2) for a, b in zip(stamps, stamps[1:])]}
 
 
 def flower_in_child(args: argparse.Namespace) -> dict:
@@ -143,7 +148,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
         sys.stdout = stdout
     rows = report["rounds"]
     return {"initial_accuracy": report["initial_accuracy"], "accuracy_per_round": [r["accuracy"] for r in rows],
-            "seconds_per_round": [r["seconds"] for r in rows], "phases_per_round": [r["phases"] for r in rows]}
+            "seconds_per_round": [r["seconds"] for r in rows], "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows],
+            "phases_per_round": [r["phases"] for r in rows]}
 
 
 def main() -> None:
@@ -174,8 +180,9 @@ def main() -> None:
             "ours_embedded": lambda: run_ours(args, 0.0, True, "ours_embedded")}
     report: dict = {label: runs[label]() for label in args.only}
     if "flower" in report and "ours_fedavg" in report:
-        report["ratio_seconds_per_round"] = round(statistics.median(report["ours_fedavg"]["seconds_per_round"]) /
-                                                  statistics.median(report["flower"]["seconds_per_round"]), 3)
+        for figure in ("seconds_per_round", "cpu_seconds_per_round"):
+            report[f"ratio_{figure}"] = round(statistics.median(report["ours_fedavg"][figure]) /
+                                              statistics.median(report["flower"][figure]), 3)
         report["accuracy_gap_pp"] = round(100 * (report["ours_fedavg"]["accuracy_per_round"][-1] -
                                                  report["flower"]["accuracy_per_round"][-1]), 2)
     from plots import accuracy_png

@@ -19,6 +19,7 @@ def check_report(report: dict, rounds: int, clients: int) -> None:
     assert [row["round"] for row in report["rounds"]] == list(range(1, rounds + 1))
     assert all(row["submissions"] == clients for row in report["rounds"])
     assert all(row["gas"] > 0 and row["bytes"] > 0 for row in report["rounds"])
+    assert all(0 < row["cpu_seconds"] for row in report["rounds"])  # training alone keeps a core busy
     assert report["rounds"][-1]["accuracy"] > report["initial_accuracy"] + 0.2
 
 

@@ -1,10 +1,11 @@
-"""runtime helpers that the services share."""
+"""Helpers that the services share (runtime, services)."""
 from __future__ import annotations
 
 import threading
 import time
 
 from runtime import fetched_ahead
+from services import machine_busy_seconds
 
 
 def test_fetched_ahead_keeps_the_order_and_overlaps_a_bounded_number_of_fetches():
@@ -49,3 +50,11 @@ def test_fetched_ahead_stops_fetching_when_the_consumer_stops():
         if item == 3:
             break
     assert len(fetched) <= 6
+
+
+def test_machine_busy_seconds_counts_at_least_this_process_busy_time():
+    machine, process = machine_busy_seconds(), time.process_time()
+    while time.process_time() - process < 0.3:  # keep one core busy for 0.3 CPU-seconds
+        sum(range(1000))
+    # the kernel counts in ticks (10 ms); everything else running only adds to the machine's figure
+    assert machine_busy_seconds() - machine >= time.process_time() - process - 0.05
