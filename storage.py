@@ -166,7 +166,7 @@ class ContentStore(Protocol):
         """An HTTP URL a browser can fetch `cid` from, if there is one."""
 
     def describe(self) -> str:
-        """One line naming the backend, for status pages and logs."""
+        """One line naming the backend, for status pages and logs; StorageError if it does not answer."""
 
 
 class EmbeddedStore:
@@ -361,12 +361,13 @@ class IPFSStore:
         return f"{self.gateway}/ipfs/{cid}" if self.gateway else None
 
     def describe(self) -> str:
+        reply = self._post("version", 1.0, {})
         try:
-            version = requests.post(f"{self.api_url}/api/v0/version", timeout=2).json()
+            version = reply.json()
             agent = "js-ipfs" if "ipfs-core" in version else "Kubo" if "Golang" in version else "IPFS"
             return f"IPFS daemon at {self.api_url} ({agent} {version.get('Version', '?')})"
-        except (requests.RequestException, ValueError):
-            return f"IPFS daemon at {self.api_url} (not answering)"
+        except (ValueError, TypeError, AttributeError):
+            raise StorageError(f"version at {self.api_url} answered no version: {reply.text[:200]!r}") from None
 
 
 def open_store(api: str, state_dir: Path, timeout: float = 30.0) -> ContentStore:
