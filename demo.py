@@ -225,7 +225,8 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
     with ThreadPoolExecutor(len(clients)) as pool:
         calls = [pool.submit(participate, endpoint) for endpoint in clients]
         while wait(calls, timeout=0.5).not_done:
-            bar.n = sum(options.epochs if call.done() else epochs_done(endpoint) for endpoint, call in zip(clients, calls))
+            bar.n = sum(options.epochs if call.done() else epochs_done(endpoint)
+                        for endpoint, call in zip(clients, calls))
             bar.refresh()
         return [call.result() for call in calls]
 

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=5000)
     app.add_argument("--seed", type=int, default=0)
-    app.add_argument("--pretrain-epochs", type=int, default=0, help="pretrain the first model on the organization's data")
+    app.add_argument("--pretrain-epochs", type=int, default=0,
+                     help="pretrain the first model on the organization's data")
     app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     app.add_argument("--open-enrolment", action="store_true")

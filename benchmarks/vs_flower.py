@@ -148,8 +148,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
         sys.stdout = stdout
     rows = report["rounds"]
     return {"initial_accuracy": report["initial_accuracy"], "accuracy_per_round": [r["accuracy"] for r in rows],
-            "seconds_per_round": [r["seconds"] for r in rows], "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows],
-            "phases_per_round": [r["phases"] for r in rows]}
+            "seconds_per_round": [r["seconds"] for r in rows],
+            "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows], "phases_per_round": [r["phases"] for r in rows]}
 
 
 def main() -> None:

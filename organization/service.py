@@ -293,6 +293,7 @@ class OrganizationService:
             if meta.get("client", "").lower() != sub.client.lower():
                 raise ValueError(f"the update names client {meta.get('client')!r}, but {sub.client} submitted it")
             if int(meta["num_samples"]) != sub.num_samples:
-                raise ValueError(f"the update claims {meta['num_samples']} samples, the chain records {sub.num_samples}")
+                raise ValueError(f"the update claims {meta['num_samples']} samples, "
+                                 f"the chain records {sub.num_samples}")
             codec.validate_delta(self.task, delta, max_norm=self.config.max_delta_norm)
         return delta

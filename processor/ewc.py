@@ -1,8 +1,9 @@
 """Keras models with Elastic Weight Consolidation, the diagonal Fisher, and weight dictionaries.
 
 EWC (Kirkpatrick et al. 2017) adds lambda/2 * sum_i F_i (w_i - w*_i)^2 to the local loss, where
-w* is the base model and F its diagonal Fisher information (minimised with a stable implicit step). Anchor, Fisher and lambda live in
-non-trainable variables: a new round assigns them, and the compiled train step is reused.
+w* is the base model and F its diagonal Fisher information (minimised with a stable implicit
+step). Anchor, Fisher and lambda live in non-trainable variables: a new round assigns them, and
+the compiled train step is reused.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def test_interest_reads_movielens_from_the_recbole_wheel():
 
 
 def test_interest_accepts_a_users_own_copy_in_grouplens_format(tmp_path):
-    (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t{(u + i) % 5 + 1}\t0\n" for u in range(1, 21) for i in range(1, 6)))
+    (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t{(u + i) % 5 + 1}\t0\n"
+                                             for u in range(1, 21) for i in range(1, 6)))
     (tmp_path / "u.user").write_text("".join(f"{u}|{20 + u}|{'MF'[u % 2]}|{['writer', 'artist'][u % 2]}|0\n"
                                              for u in range(1, 21)))
     (tmp_path / "u.genre").write_text("Action|0\nComedy|1\n")
