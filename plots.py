@@ -1,4 +1,5 @@
-"""Accuracy-per-round plots, shared by the organization's dashboard, the demo and the benchmarks."""
+"""Per-round plots: accuracy (the organization's dashboard, the demo, the benchmarks) and the cost
+of a round (benchmarks/vs_flower.py)."""
 from __future__ import annotations
 
 import io
@@ -16,17 +17,41 @@ def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
                  path: Path | None = None) -> bytes:
     """Plot one line per curve of (round, accuracy) points; write to `path` if given; return PNG bytes."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    _plot_rounds(ax, {label: [(r, 100 * a) for r, a in points] for label, points in curves.items()},
+                 "round (0 = initial model)", "test accuracy (%)")
+    ax.set_title(title)
+    return _png(fig, path)
+
+
+def round_cost_png(runs: Mapping[str, Mapping[str, Sequence[float]]], title: str, path: Path | None = None,
+                   first_round: int = 2) -> bytes:
+    """Wall seconds and the machine's CPU-seconds per round, one line per run, from `first_round` on
+    (the first round carries start-up costs). Each run holds "seconds_per_round" and
+    "cpu_seconds_per_round"; written to `path` if given; returns PNG bytes."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
+    for ax, figure, ylabel in zip(axes, ("seconds_per_round", "cpu_seconds_per_round"),
+                                  ("wall seconds per round", "CPU-seconds per round (all processes)")):
+        _plot_rounds(ax, {label: list(enumerate(run[figure], start=1))[first_round - 1:]
+                          for label, run in runs.items()}, "round", ylabel)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(title)
+    return _png(fig, path)
+
+
+def _plot_rounds(ax, curves: Mapping[str, Sequence[tuple[int, float]]], xlabel: str, ylabel: str) -> None:
     for label, points in curves.items():
         if points:
-            rounds, accuracy = zip(*points)
-            ax.plot(rounds, [100 * a for a in accuracy], marker="o", label=label)
-    ax.set_xlabel("round (0 = initial model)")
+            rounds, values = zip(*points)
+            ax.plot(rounds, values, marker="o", label=label)
+    ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()
+
+
+def _png(fig, path: Path | None) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -2,6 +2,8 @@
 
     python benchmarks/vs_flower.py [--json] [--rounds 10] [--lam 3000] [--plot results/vs_flower.png]
 
+Plots: accuracy per round (--plot) and, beside it, wall and CPU-seconds per round (*_cost.png).
+
 The work: task mnist, the Keras model of processor.tasks with initial weights from --seed,
 dirichlet(alpha 0.5) partitions over 5 clients, 1 local epoch of SGD (batch 32, lr 0.05) per
 round, every client every round, test accuracy after each round. Both sides train with
@@ -185,12 +187,15 @@ def main() -> None:
                                               statistics.median(report["flower"][figure]), 3)
         report["accuracy_gap_pp"] = round(100 * (report["ours_fedavg"]["accuracy_per_round"][-1] -
                                                  report["flower"]["accuracy_per_round"][-1]), 2)
-    from plots import accuracy_png
+    from plots import accuracy_png, round_cost_png
 
+    runs = {label: run for label, run in report.items() if isinstance(run, dict)}
+    title = f"{TASK}, {CLIENTS} clients, dirichlet(alpha {ALPHA})"
     accuracy_png({label: list(enumerate([run["initial_accuracy"]] + run["accuracy_per_round"]))
-                  for label, run in report.items() if isinstance(run, dict)},
-                 title=f"{TASK}, {CLIENTS} clients, dirichlet(alpha {ALPHA})", path=args.plot)
-    log(f"plot: {args.plot}")
+                  for label, run in runs.items()}, title=title, path=args.plot)
+    cost_plot = args.plot.with_name(f"{args.plot.stem}_cost{args.plot.suffix}")
+    round_cost_png(runs, title=f"{title}: the cost of a round", path=cost_plot)
+    log(f"plots: {args.plot}, {cost_plot}")
     if args.json:
         print(json.dumps(report))
 
