@@ -1,4 +1,5 @@
 """EWC: the penalty's pull towards the anchor, the vectorised Fisher, no retracing between rounds."""
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -87,3 +88,29 @@ def test_weights_dictionary_round_trip(base):
     set_weights(model, base.weights)
     for name, tensor in get_weights(model).items():
         np.testing.assert_array_equal(tensor, base.weights[name])
+
+
+def test_the_batch_order_comes_from_the_seed_alone(base):
+    """Clients in separate processes and in one process must train alike: whatever else has set
+    TensorFlow's global seed, the same seed gives the same weights, and another seed other ones."""
+    x, y = client_shard()
+
+    def trained(seed: int, global_seed: int) -> dict:
+        keras.utils.set_random_seed(global_seed)  # what building a model or other code may do
+        return rounds.train(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=2, batch_size=16, lr=0.1,
+                            seed=seed)
+
+    first = trained(seed=5, global_seed=0)
+    again = trained(seed=5, global_seed=123)
+    other = trained(seed=6, global_seed=0)
+    assert all(np.array_equal(first[n], again[n]) for n in first)
+    assert not all(np.array_equal(first[n], other[n]) for n in first)
+
+
+def test_every_epoch_reports_its_progress(base):
+    x, y = client_shard()
+    reports = []
+    rounds.train(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=3, batch_size=32, lr=0.1, seed=0,
+                 progress=lambda epoch, epochs, logs: reports.append((epoch, epochs, sorted(logs))))
+    assert [(epoch, epochs) for epoch, epochs, _ in reports] == [(1, 3), (2, 3), (3, 3)]
+    assert all("loss" in names for _, _, names in reports)
