@@ -16,6 +16,7 @@ from processor.tasks import Task
 
 FORMAT = "fl-ipfs/1"
 DELTA_DTYPES = {"float32": np.float32, "float16": np.float16}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 FILE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # safetensors is little-endian
 MAX_HEADER_BYTES = 1 << 20
 
@@ -38,9 +39,12 @@ def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int) -
 
 def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
                  dtype: str = "float32") -> bytes:
-    """A client's update (local minus base), optionally stored as float16 to halve its size."""
+    """A client's update (local minus base), optionally stored as float16 to halve its size; as
+    float32 all the same when a value lies beyond float16's range (it would become infinite)."""
     if dtype not in DELTA_DTYPES:
         raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(DELTA_DTYPES)}")
+    if dtype == "float16" and any(np.max(np.abs(delta[n]), initial=0.0) > FLOAT16_MAX for n in task.spec):
+        dtype = "float32"
     tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], DELTA_DTYPES[dtype]) for n in task.spec}
     return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
                                             num_samples=num_samples, client=client, dtype=dtype))

@@ -60,6 +60,16 @@ def test_float16_delta_is_about_half_the_size_and_close():
         assert decoded[name].dtype == np.float32
 
 
+def test_a_float16_delta_out_of_its_range_is_published_as_float32():
+    delta = random_weights(4, scale=0.01)
+    name = next(iter(TASK.spec))
+    delta[name].flat[0] = 1e5  # float16 tops out at 65504
+    decoded, meta = codec.decode_delta(TASK, encoded_delta(delta, dtype="float16"))
+    assert meta["dtype"] == "float32"
+    for name in TASK.spec:
+        np.testing.assert_array_equal(decoded[name], delta[name])
+
+
 def prefixed(weights):
     return {f"delta/{n}": t for n, t in weights.items()}
 
