@@ -40,7 +40,7 @@ class DemoOptions:
     seed: int = 0  # initial model, partitions and batch order
     batch_size: int = 32
     lr: float = 0.05
-    update_dtype: str = "float32"
+    update_dtype: str = "float16"
     embedded: bool = False
     keep: bool = False
     json_path: Path | None = None

@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
         sub.add_argument("--ewc-lambda", type=float, default=0.0, help="EWC strength (0 = plain FedAvg)")
         sub.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+        sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+        sub.add_argument("--batch-size", type=int, default=32)
+        sub.add_argument("--lr", type=float, default=0.05)
+        sub.add_argument("--update-dtype", default="float16", choices=["float16", "float32"],
+                         help="a client's update on IPFS: float16 halves its bytes (no accuracy cost measured: "
+                              "benchmarks/update_size.py)")
 
     app = command("app", cmd_app, "the organization's app")
     app.add_argument("--task", default="mnist")
@@ -141,11 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
     cli.add_argument("--host", default="127.0.0.1")
     cli.add_argument("--port", type=int, help="default 5100 + K")
-    cli.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     cli.add_argument("--seed", type=int, default=0)
-    cli.add_argument("--batch-size", type=int, default=32)
-    cli.add_argument("--lr", type=float, default=0.05)
-    cli.add_argument("--update-dtype", default="float32", choices=["float32", "float16"])
 
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
     deploy.add_argument("--open-enrolment", action="store_true")
@@ -159,11 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
     demo.add_argument("--json", type=Path, help="write the per-round results here")
-    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=0.05)
-    demo.add_argument("--update-dtype", default="float32", choices=["float32", "float16"])
 
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)

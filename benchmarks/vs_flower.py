@@ -12,7 +12,8 @@ the only difference is the orchestration:
 - flower: Flower 1.41's simulation engine (ray, 5 virtual SuperNodes, 1 CPU each) runs the
   federated loop with its FedAvg strategy; the test accuracy comes from its evaluate_fn.
 - ours_fedavg / ours_ewc: the full stack (Ganache, the IPFS daemon, the organization and 5
-  client processes), lambda 0 and lambda --lam, driven by demo.run_demo.
+  client processes), lambda 0 and lambda --lam, driven by demo.run_demo. Our clients publish
+  their updates as float16 (the default; --update-dtype float32 for Flower's wire precision).
 - ours_embedded: every role in one process (eth-tester, the on-disk store), lambda 0.
 Per round seconds: ours from the clients' start to the organization's finished aggregation and
 evaluation; Flower's between successive evaluate_fn calls (training, transfer, aggregation and
@@ -138,7 +139,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, ewc_lambda=lam, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, embedded=embedded, plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
+                          lr=args.lr, update_dtype=args.update_dtype, embedded=embedded,
+                          plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
                           org_port=5640, first_client_port=5650)
     settings = Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir)
     log(f"{label}: {'embedded' if embedded else 'full stack'}, lambda {lam:g}")
@@ -149,7 +151,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
     finally:
         sys.stdout = stdout
     rows = report["rounds"]
-    return {"initial_accuracy": report["initial_accuracy"], "accuracy_per_round": [r["accuracy"] for r in rows],
+    return {"update_dtype": args.update_dtype, "initial_accuracy": report["initial_accuracy"],
+            "accuracy_per_round": [r["accuracy"] for r in rows],
             "seconds_per_round": [r["seconds"] for r in rows],
             "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows], "phases_per_round": [r["phases"] for r in rows]}
 
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--lam", type=float, default=3000.0, help="EWC lambda of the ours_ewc run")
+    parser.add_argument("--update-dtype", default="float16", choices=["float16", "float32"],
+                        help="how our clients publish updates (Flower sends float32 arrays)")
     parser.add_argument("--chain-url", default="http://127.0.0.1:8945")
     parser.add_argument("--ipfs-api", default="http://127.0.0.1:5401")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "fl-vs-flower")
