@@ -133,7 +133,7 @@ def compute_cid(data: bytes) -> str:
 def verify(cid: str, data: bytes) -> bytes:
     """Return `data` if it hashes to `cid`, else raise ContentMismatch."""
     expected = parse_cid(cid)
-    actual = CID.decode(compute_cid(data))
+    actual = parse_cid(compute_cid(data))  # remembered: the same decoding as `cid` when they agree
     if bytes(actual) != bytes(expected):
         raise ContentMismatch(f"content for {cid} hashes to {actual} instead: refusing it")
     return data
