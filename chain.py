@@ -109,6 +109,12 @@ class RoundInfo:
     start_block: int
     finalize_block: int
 
+    @classmethod
+    def opened(cls, round_id: int, base_cid: str, block: int) -> "RoundInfo":
+        """Round `round_id` as the transaction mined in `block` opened it (startRound, or
+        finalizeRound of the round before): open, from `base_cid`, nothing submitted yet."""
+        return cls(round_id, base_cid, "", False, 0, block, 0)
+
 
 @dataclass(frozen=True)
 class ClientRound:
