@@ -15,7 +15,7 @@ from processor.aggregate import Weights, l2_norm
 from processor.tasks import Task
 
 FORMAT = "fl-ipfs/1"
-DELTA_DTYPES = {"float32": np.float32, "float16": np.float16}
+STORED_DTYPES = {"float32": np.float32, "float16": np.float16}  # of deltas and of the Fisher
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 FILE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # safetensors is little-endian
 MAX_HEADER_BYTES = 1 << 20
@@ -30,22 +30,31 @@ def _metadata(task: Task, kind: str, **fields) -> dict[str, str]:
             **{k: str(v) for k, v in fields.items()}}
 
 
+def _fitting(values: Weights, dtype: str) -> str:
+    """`dtype`, or float32 when a value lies beyond float16's range (it would become infinite)."""
+    if dtype == "float16" and any(np.max(np.abs(v), initial=0.0) > FLOAT16_MAX for v in values.values()):
+        return "float32"
+    return dtype
+
+
 def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int) -> bytes:
-    """A base model: its weights and the Fisher information that anchors EWC, as float32."""
+    """A base model: its weights as float32 and the Fisher information that anchors EWC as float16
+    (a quarter less to move to every client; EWC's results are the same to 3 decimals,
+    benchmarks/README.md); as float32 should a value lie beyond float16's range."""
+    fisher_dtype = _fitting(fisher, "float16")
     tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
-    tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], np.float32) for n in task.spec})
+    tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], STORED_DTYPES[fisher_dtype]) for n in task.spec})
     return save(tensors, metadata=_metadata(task, "base", round=round_id))
 
 
 def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
                  dtype: str = "float32") -> bytes:
     """A client's update (local minus base), optionally stored as float16 to halve its size; as
-    float32 all the same when a value lies beyond float16's range (it would become infinite)."""
-    if dtype not in DELTA_DTYPES:
-        raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(DELTA_DTYPES)}")
-    if dtype == "float16" and any(np.max(np.abs(delta[n]), initial=0.0) > FLOAT16_MAX for n in task.spec):
-        dtype = "float32"
-    tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], DELTA_DTYPES[dtype]) for n in task.spec}
+    float32 all the same when a value lies beyond float16's range."""
+    if dtype not in STORED_DTYPES:
+        raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
+    dtype = _fitting(delta, dtype)
+    tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], STORED_DTYPES[dtype]) for n in task.spec}
     return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
                                             num_samples=num_samples, client=client, dtype=dtype))
 
@@ -102,7 +111,9 @@ def _tensor_views(data: bytes, header_size: int, table: dict) -> dict[str, np.nd
             for name, entry in table.items()}
 
 
-def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtypes: tuple[str, ...]):
+def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, ...]]):
+    """The tensors of `data` as float32, each under a prefix of `prefixes` (mapped to the file
+    dtypes allowed for it), and its metadata."""
     table, metadata = read_header(data)
     _check_metadata(task, metadata, kind)
     expected = {f"{p}/{n}": shape for p in prefixes for n, shape in task.spec.items()}
@@ -116,6 +127,7 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtype
         if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != expected[name]:
             shape = tuple(entry.get("shape", ())) if isinstance(entry, dict) else entry
             raise CodecError(f"tensor {name} has shape {shape}, expected {expected[name]}")
+        dtypes = prefixes[name.split("/", 1)[0]]
         if entry.get("dtype") not in dtypes:
             raise CodecError(f"tensor {name} has dtype {entry.get('dtype')}, expected {' or '.join(dtypes)}")
     (header_size,) = struct.unpack("<Q", data[:8])
@@ -133,7 +145,7 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: tuple[str, ...], dtype
 
 def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, str]]:
     """(weights, fisher, metadata) of a base model built for `task`."""
-    tensors, metadata = _decode(task, data, "base", ("weights", "fisher"), ("F32",))
+    tensors, metadata = _decode(task, data, "base", {"weights": ("F32",), "fisher": ("F32", "F16")})
     weights = {n: tensors[f"weights/{n}"] for n in task.spec}
     fisher = {n: tensors[f"fisher/{n}"] for n in task.spec}
     if any(np.any(f < 0) for f in fisher.values()):
@@ -147,7 +159,7 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
 
     Float32 tensors are read-only views of `data` (no copy); float16 ones are converted.
     """
-    tensors, metadata = _decode(task, data, "delta", ("delta",), ("F32", "F16"))
+    tensors, metadata = _decode(task, data, "delta", {"delta": ("F32", "F16")})
     if expected_round is not None and metadata.get("round") != str(expected_round):
         raise CodecError(f"the update is for round {metadata.get('round')}, expected round {expected_round}")
     if expected_base_cid is not None and metadata.get("base_cid") != expected_base_cid:

@@ -33,13 +33,28 @@ def raw_delta(tensors, **meta):
     return save(tensors, metadata=metadata)
 
 
-def test_model_round_trip_is_exact():
+def test_model_round_trip_keeps_the_weights_exact_and_the_fisher_in_float16():
     weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
-    decoded_w, decoded_f, meta = codec.decode_model(TASK, codec.encode_model(TASK, weights, fisher, round_id=4))
+    encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
+    table, _ = codec.read_header(encoded)
+    assert {table[f"weights/{n}"]["dtype"] for n in TASK.spec} == {"F32"}
+    assert {table[f"fisher/{n}"]["dtype"] for n in TASK.spec} == {"F16"}
+    decoded_w, decoded_f, meta = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded_w[name], weights[name])
-        np.testing.assert_array_equal(decoded_f[name], fisher[name])
+        np.testing.assert_allclose(decoded_f[name], fisher[name], rtol=1e-3)
+        assert decoded_f[name].dtype == np.float32
     assert meta["round"] == "4" and meta["kind"] == "base" and meta["arch"] == TASK.arch_id
+
+
+def test_a_fisher_out_of_float16_range_is_published_as_float32():
+    weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
+    next(iter(fisher.values())).flat[0] = 1e6
+    encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
+    assert {entry["dtype"] for name, entry in codec.read_header(encoded)[0].items()} == {"F32"}
+    _, decoded_f, _ = codec.decode_model(TASK, encoded)
+    for name in TASK.spec:
+        np.testing.assert_array_equal(decoded_f[name], fisher[name])
 
 
 def test_delta_round_trip_is_exact_and_carries_its_metadata():
@@ -122,6 +137,14 @@ def test_a_model_is_not_accepted_as_a_delta_nor_a_delta_as_a_model():
         codec.decode_delta(TASK, codec.encode_model(TASK, random_weights(), random_weights(), round_id=1))
     with pytest.raises(CodecError, match="metadata kind is 'delta', expected 'base'"):
         codec.decode_model(TASK, encoded_delta())
+
+
+def test_a_model_with_float16_weights_is_rejected():
+    weights = {f"weights/{n}": w.astype(np.float16) for n, w in random_weights().items()}
+    fisher = {f"fisher/{n}": w.astype(np.float16) for n, w in random_weights().items()}
+    metadata = {"format": codec.FORMAT, "kind": "base", "task": "digits", "arch": TASK.arch_id, "round": "1"}
+    with pytest.raises(CodecError, match="weights/.* has dtype F16, expected F32$"):
+        codec.decode_model(TASK, save({**weights, **fisher}, metadata=metadata))
 
 
 def test_a_model_for_another_task_is_rejected():
