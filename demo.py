@@ -102,11 +102,13 @@ def free_port(preferred: int) -> int:
     raise DemoError("no free port")
 
 
-def tensorflow_threads(processes: int) -> dict[str, str]:
-    """TensorFlow's thread pools for one of `processes` training processes sharing this machine:
-    by default each would size its pools to every core, and they would preempt one another."""
+def compute_threads(processes: int) -> dict[str, str]:
+    """Thread pools (TensorFlow's and NumPy's OpenBLAS) for one of `processes` training processes
+    sharing this machine: by default each would size its pools to every core, and they would
+    preempt one another. OpenBLAS's idle workers also spin for a while after every threaded call:
+    0.1-0.15 CPU-seconds per full-stack round (benchmarks/README.md)."""
     threads = str(max(1, (os.cpu_count() or 1) // max(processes, 1)))
-    return {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads}
+    return {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
 
 
 def log(message: str) -> None:
@@ -138,7 +140,7 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
 
     env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
            "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
-           **tensorflow_threads(options.clients)}
+           **compute_threads(options.clients)}
     run_py = str(REPO_ROOT / "run.py")
 
     def app_process(name: str, port: int, args: list[str]) -> tuple[ManagedProcess, Endpoint]:

@@ -7,6 +7,7 @@ import pytest
 
 import chain
 import storage
+import demo
 from demo import DemoOptions, run_demo
 from processor import codec
 from processor.tasks import get_task
@@ -30,6 +31,14 @@ def test_embedded_demo_runs_every_role_in_one_process(tmp_path):
     check_report(report, rounds=2, clients=2)
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("cores, processes, threads", [(2, 5, "1"), (8, 2, "4"), (8, 3, "2"), (1, 1, "1")])
+def test_each_process_of_the_stack_gets_its_share_of_the_cores(monkeypatch, cores, processes, threads):
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: cores)
+    pools = demo.compute_threads(processes)
+    assert set(pools) == {"TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OPENBLAS_NUM_THREADS"}
+    assert set(pools.values()) == {threads}
 
 
 @pytest.mark.e2e
