@@ -82,14 +82,15 @@ def set_weights(model: keras.Model, weights: Weights) -> None:
         variable.assign(weights[variable.path])
 
 
-def fisher_diagonal(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Weights:
+def fisher_diagonal(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> Weights:
     """The diagonal empirical Fisher: the mean over samples of each squared per-sample gradient
     of the log-likelihood of the true label.
 
     The model must be a chain of Dense layers (as `mlp` builds). A sample's kernel gradient is
     the outer product of the layer's input a and the gradient g of its pre-activation, so the
     summed squares are (a^2)^T (g^2): one batched backward pass and a matmul per layer, instead
-    of a backward pass per sample (30-50x faster than tf.vectorized_map here).
+    of a backward pass per sample (30-50x faster than tf.vectorized_map here). Batches of 1024
+    take the mnist organization's 500 validation samples at once: 5.5 ms against 7.2 in batches of 256.
     """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not all(isinstance(layer, keras.layers.Dense) and layer.use_bias for layer in layers):
