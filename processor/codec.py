@@ -30,7 +30,7 @@ def _metadata(task: Task, kind: str, **fields) -> dict[str, str]:
             **{k: str(v) for k, v in fields.items()}}
 
 
-def _fitting(values: Weights, dtype: str) -> str:
+def _storable_dtype(values: Weights, dtype: str) -> str:
     """`dtype`, or float32 when a value lies beyond float16's range (it would become infinite)."""
     if dtype == "float16" and any(np.max(np.abs(v), initial=0.0) > FLOAT16_MAX for v in values.values()):
         return "float32"
@@ -41,7 +41,7 @@ def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int) -
     """A base model: its weights as float32 and the Fisher information that anchors EWC as float16
     (a quarter less to move to every client; EWC's results are the same to 3 decimals,
     benchmarks/README.md); as float32 should a value lie beyond float16's range."""
-    fisher_dtype = _fitting(fisher, "float16")
+    fisher_dtype = _storable_dtype(fisher, "float16")
     tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
     tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], STORED_DTYPES[fisher_dtype]) for n in task.spec})
     return save(tensors, metadata=_metadata(task, "base", round=round_id))
@@ -53,7 +53,7 @@ def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_s
     float32 all the same when a value lies beyond float16's range."""
     if dtype not in STORED_DTYPES:
         raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
-    dtype = _fitting(delta, dtype)
+    dtype = _storable_dtype(delta, dtype)
     tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], STORED_DTYPES[dtype]) for n in task.spec}
     return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
                                             num_samples=num_samples, client=client, dtype=dtype))
