@@ -6,8 +6,8 @@ import json
 import pytest
 
 import chain
-import storage
 import demo
+import storage
 from demo import DemoOptions, run_demo
 from processor import codec
 from processor.tasks import get_task
