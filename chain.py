@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import sys
 import threading
 import time
 import weakref
@@ -27,6 +28,15 @@ from web3.exceptions import ContractLogicError, TimeExhausted
 from services import ManagedProcess, ServiceError
 from storage import write_atomically
 
+# py_ecc, imported by web3, raises the recursion limit to 100,000. C code that recurses (the JSON
+# decoder reading every answer of the node) then overflows an 8 MB thread stack before Python's
+# guard fires, and the process dies. Back to a limit the stacks hold with room to spare, and
+# roomier stacks for the threads started from now on (the apps' request threads among them).
+RECURSION_LIMIT = 10_000
+THREAD_STACK_BYTES = 32 * 1024 * 1024
+sys.setrecursionlimit(RECURSION_LIMIT)
+threading.stack_size(THREAD_STACK_BYTES)
+
 REPO_ROOT = Path(__file__).resolve().parent
 CONTRACT_SOURCE = REPO_ROOT / "contracts" / "RoundRegistry.sol"
 SOLC_WRAPPER = REPO_ROOT / "tools" / "solc"
@@ -43,6 +53,8 @@ RECEIPT_TIMEOUT = 120.0
 # transactions at once (about 1 in 200 submissions here); web3 retries read calls after a
 # timeout, so a short one bounds that stall (it was 30 s). Healthy nodes answer in milliseconds.
 HTTP_TIMEOUT = 5.0
+DEFAULT_MAX_SAMPLES = 1_000_000  # the most samples a submission may claim (its FedAvg weight), unless deployed otherwise
+MAX_ROUND = 2**256 - 1  # round numbers are uint256 on chain
 GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
 NODE_ERRORS = (requests.ConnectionError, requests.Timeout)  # the node went away mid-call
 
@@ -104,16 +116,11 @@ class RoundInfo:
     round_id: int
     base_cid: str
     model_cid: str
+    closed: bool  # to submissions
     finalized: bool
     submissions: int
     start_block: int
     finalize_block: int
-
-    @classmethod
-    def opened(cls, round_id: int, base_cid: str, block: int) -> "RoundInfo":
-        """Round `round_id` as the transaction mined in `block` opened it (startRound, or
-        finalizeRound of the round before): open, from `base_cid`, nothing submitted yet."""
-        return cls(round_id, base_cid, "", False, 0, block, 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class ClientRound:
     """The open round as one client sees it."""
     round_id: int  # 0 before the first round
     base_cid: str
+    open: bool  # whether it still accepts submissions
     submitted: bool  # whether this client has submitted to it
 
 
@@ -431,11 +439,13 @@ def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
     return None
 
 
-def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False) -> "Registry":
-    """Deploy a new RoundRegistry owned by `key`'s account."""
+def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False,
+                    max_samples: int = DEFAULT_MAX_SAMPLES) -> "Registry":
+    """Deploy a new RoundRegistry owned by `key`'s account, accepting at most `max_samples` per submission."""
     abi, bytecode = compile_registry()
     factory = w3.eth.contract(abi=abi, bytecode=bytecode)
-    _, receipt = _send(w3, key, lambda params: factory.constructor(open_enrolment).build_transaction(params))
+    _, receipt = _send(w3, key, lambda params: factory.constructor(open_enrolment, max_samples)
+                       .build_transaction(params))
     return Registry(w3, receipt["contractAddress"])
 
 
@@ -479,6 +489,9 @@ class Registry:
     def submit_update(self, key: str, round_id: int, cid: str, num_samples: int) -> TxResult:
         return self._transact(key, "submitUpdate", round_id, cid, num_samples)
 
+    def close_round(self, key: str, round_id: int) -> TxResult:
+        return self._transact(key, "closeRound", round_id)
+
     def finalize_round(self, key: str, round_id: int, model_cid: str) -> TxResult:
         return self._transact(key, "finalizeRound", round_id, model_cid)
 
@@ -494,8 +507,8 @@ class Registry:
         return self._call("currentRound")
 
     def round(self, n: int) -> RoundInfo:
-        base_cid, model_cid, finalized, count, start_block, finalize_block = self._call("getRound", n)
-        return RoundInfo(n, base_cid, model_cid, finalized, count, start_block, finalize_block)
+        base_cid, model_cid, closed, finalized, count, start_block, finalize_block = self._call("getRound", n)
+        return RoundInfo(n, base_cid, model_cid, closed, finalized, count, start_block, finalize_block)
 
     def submissions(self, n: int, offset: int = 0, limit: int = 100) -> list[Submission]:
         return [Submission(client, cid, num_samples)
@@ -522,6 +535,9 @@ class Registry:
 
     def open_enrolment(self) -> bool:
         return self._call("openEnrolment")
+
+    def max_samples(self) -> int:
+        return self._call("maxSamples")
 
     def current_round_for(self, address: str) -> ClientRound:
         """The open round, its base and whether `address` submitted to it, in one call."""

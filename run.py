@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,6 +27,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
                              contract_record=args.contract_record)
 
 
+def app_settings(args: argparse.Namespace) -> Settings:
+    """An app's settings: its bind address is one of the Host names it answers."""
+    settings = settings_from(args)
+    if args.host in settings.allowed_hosts or args.host in ("0.0.0.0", "::"):
+        return settings
+    return replace(settings, allowed_hosts=(*settings.allowed_hosts, args.host))
+
+
 def interrupt_on_sigterm(signum, frame) -> None:
     """SIGTERM unwinds like Ctrl-C, so every context manager stops the services it started."""
     raise KeyboardInterrupt
@@ -41,18 +50,21 @@ def wait_forever(what: str) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> None:
+    from runtime import serve
     from organization import create_app
     from organization.service import OrganizationConfig
+    from processor.screen import MergePolicy
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                                aggregation=args.aggregation, clip_norm=args.clip_norm,
-                                open_enrolment=args.open_enrolment)
-    app = create_app({"SETTINGS": settings_from(args), "ORG_CONFIG": config})
-    app.run(host=args.host, port=args.port, threaded=True)
+                                merge=MergePolicy(aggregation=args.aggregation, clip_norm=args.clip_norm),
+                                open_enrolment=args.open_enrolment, max_samples=args.max_samples)
+    app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
+    serve(app, args.host, args.port)
 
 
 def cmd_client(args: argparse.Namespace) -> None:
     import chain
+    from runtime import serve
     from client import create_app
     from client.service import ClientConfig
 
@@ -61,8 +73,8 @@ def cmd_client(args: argparse.Namespace) -> None:
                           alpha=args.alpha, seed=args.seed, ewc_lambda=args.ewc_lambda, epochs=args.epochs,
                           batch_size=args.batch_size, learning_rate=args.lr, update_dtype=args.update_dtype,
                           key=key)
-    app = create_app({"SETTINGS": settings_from(args), "CLIENT_CONFIG": config})
-    app.run(host=args.host, port=args.port if args.port else 5100 + args.id, threaded=True)
+    app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
+    serve(app, args.host, args.port if args.port else 5100 + args.id)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -70,7 +82,8 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     settings = settings_from(args)
     w3 = chain.connect(settings.chain_url)
-    registry = chain.deploy_registry(w3, settings.org_key or chain.DEV_KEYS[0], open_enrolment=args.open_enrolment)
+    registry = chain.deploy_registry(w3, settings.org_key or chain.DEV_KEYS[0], open_enrolment=args.open_enrolment,
+                                     max_samples=args.max_samples)
     chain.record_deployment(settings.contract_record, w3, registry.address)
     print(f"deployed the round registry at {registry.address}; recorded in {settings.contract_record}")
 
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     app.add_argument("--open-enrolment", action="store_true")
+    app.add_argument("--max-samples", type=int, default=1_000_000,
+                     help="the most samples a submission may claim, when this app deploys the contract")
 
     cli = command("client", cmd_client, "one device's app")
     training_flags(cli)
@@ -151,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
 
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
     deploy.add_argument("--open-enrolment", action="store_true")
+    deploy.add_argument("--max-samples", type=int, default=1_000_000,
+                        help="the most samples a submission may claim (its FedAvg weight)")
     command("chain", cmd_chain, "start Ganache")
     command("ipfs", cmd_ipfs, "start the IPFS daemon")
 

@@ -7,15 +7,16 @@ import secrets
 import threading
 import time
 import traceback
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
+import orjson
 from flask import Flask, abort, jsonify, request, session
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
 import chain
 import storage
@@ -57,7 +58,6 @@ REFUSED = (chain.ChainUnavailable, storage.StorageUnavailable)
 
 log = logging.getLogger("runtime")
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
@@ -76,17 +76,15 @@ def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
             attempt += 1
 
 
-def fetched_ahead(items: Iterable[T], fetch: Callable[[T], R], ahead: int) -> Iterator[tuple[T, Future]]:
-    """(item, future of fetch(item)) in the order of `items`, with up to `ahead` fetches running
-    in threads meanwhile: the waits overlap, and at most `ahead` + 1 results are held at a time."""
-    with ThreadPoolExecutor(max_workers=ahead) as pool:
-        running: deque[tuple[T, Future]] = deque()
-        for item in items:
-            running.append((item, pool.submit(fetch, item)))
-            if len(running) > ahead:
-                yield running.popleft()
-        while running:
-            yield running.popleft()
+class BoundedRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler with a socket timeout: a client that announces a body and never
+    sends it (or sends it a byte at a time) holds a worker thread for at most this long."""
+    timeout = 10
+
+
+def serve(app: Flask, host: str, port: int) -> None:
+    """Serve `app` until interrupted, one thread per request."""
+    app.run(host=host, port=port, threaded=True, request_handler=BoundedRequestHandler)
 
 
 def store_status(store: storage.ContentStore) -> dict[str, Any]:
@@ -148,13 +146,27 @@ def csrf_token() -> str:
     return session[CSRF_FIELD]
 
 
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Request bodies decoded by orjson: it refuses nesting beyond 1,024 levels without recursing
+    on Python's stack, where the standard decoder follows the recursion limit (which dependencies
+    raise) into a stack overflow."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+
 def install_request_guards(app: Flask) -> None:
-    """Size cap for every body, a CSRF token for every form post, and no cross-site JSON posts.
+    """Allowed Host names, a size cap for every body, bounded JSON, a CSRF token for every form
+    post, and no cross-site JSON posts.
 
     Form posts (the dashboard buttons) carry the session's token. The JSON API has no session; a
-    browser marks a cross-site request with an Origin header naming another site, so those are refused.
+    browser marks a cross-site request with an Origin header naming another site, so those are
+    refused. A page on another site that rebinds its own name to this machine's address sends its
+    own name as Host: only the names in `Settings.allowed_hosts` are served (400 otherwise).
     """
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.json = BoundedJSONProvider(app)
+    app.config["TRUSTED_HOSTS"] = list(app.config["SETTINGS"].allowed_hosts)
 
     @app.before_request
     def guard():

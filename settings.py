@@ -10,6 +10,7 @@
 | FL_TIMEOUT            | 30                              | seconds for one IPFS or chain call              |
 | FL_RETRIES            | 3                               | retries of a call the chain or IPFS refused     |
 | FL_RETRY_BACKOFF      | 0.5                             | seconds before the first retry, doubled after each |
+| FL_ALLOWED_HOSTS      | localhost,127.0.0.1             | Host names the apps answer (and the address they bind) |
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Settings:
     timeout: float = 30.0
     retries: int = 3
     retry_backoff: float = 0.5
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -45,6 +47,8 @@ class Settings:
             timeout=float(env.get("FL_TIMEOUT", cls.timeout)),
             retries=int(env.get("FL_RETRIES", cls.retries)),
             retry_backoff=float(env.get("FL_RETRY_BACKOFF", cls.retry_backoff)),
+            allowed_hosts=tuple(h.strip() for h in env.get("FL_ALLOWED_HOSTS", "").split(",") if h.strip())
+            or cls.allowed_hosts,
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -98,6 +98,9 @@ class ClientService:
         opened = self.open_round()
         if opened.submitted:
             raise ActionError(f"this client has already submitted to round {opened.round_id}", 409)
+        if not opened.open:
+            raise ActionError(f"round {opened.round_id} is closed to submissions: the organization is merging it",
+                              409)
         return opened
 
     def status(self) -> dict[str, Any]:
@@ -113,7 +116,7 @@ class ClientService:
             current = self.registry.current_round_for(self.address)
             if current.round_id:
                 status["round"] = {"round": current.round_id, "base_cid": current.base_cid,
-                                   "submitted": current.submitted,
+                                   "open": current.open, "submitted": current.submitted,
                                    "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
         except Exception as exc:  # an outage is shown, not raised: the page must still render
             status["chain_error"] = describe_error(exc)

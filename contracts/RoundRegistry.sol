@@ -4,8 +4,9 @@ pragma solidity 0.8.26;
 /// @title RoundRegistry
 /// @notice Public record of federated-learning rounds: the base model each round starts from (an
 ///         IPFS CID), the model update every client published in it, and the model it produced.
-///         The owner opens the first round; finalizing a round opens the next, from the model it
-///         produced, so from then on exactly one round is open.
+///         The owner opens the first round, closes each round to submissions before merging
+///         it, and finalizing a round opens the next from the model it produced: from then on
+///         exactly one round is current.
 /// @dev Gas per submission does not depend on the number of clients or rounds: a submission writes
 ///      two fresh storage slots and updates the round's packed header slot, and no transaction
 ///      loops over clients or submissions.
@@ -28,6 +29,7 @@ contract RoundRegistry {
         uint64 startBlock;
         uint64 finalizeBlock;
         uint32 submissionCount;
+        bool closed; // to submissions: what the organization merges is then fixed
         bool finalized;
         string baseCid; // round 1 only: a later round's base is its predecessor's modelCid
         string modelCid;
@@ -49,6 +51,9 @@ contract RoundRegistry {
     }
 
     uint256 private constant CIDV1_BASE32_LENGTH = 59;
+    /// @notice The longest CID accepted: every CID in use (CIDv0 is 46 characters, CIDv1 base32
+    ///         sha2-256 59) with room to spare, and a bound on what a submission can make others read.
+    uint256 public constant MAX_CID_LENGTH = 100;
     // Bits of the first eight base32 digits: version, codec, multihash code and length (32), then
     // the first digest byte (8). The other 50 digits hold 248 digest bits and 2 zero padding bits.
     uint256 private constant HEAD_DIGITS = 8;
@@ -57,6 +62,8 @@ contract RoundRegistry {
     address public immutable owner;
     /// @notice True when any account may submit; false when only allowlisted clients may.
     bool public immutable openEnrolment;
+    /// @notice The largest sample count a submission may report: a bound on any client's FedAvg weight.
+    uint64 public immutable maxSamples;
 
     // Rounds 1 to _currentRound - 1 are finalized; _currentRound (if not 0) is open.
     uint256 private _currentRound;
@@ -78,23 +85,31 @@ contract RoundRegistry {
     error ZeroAddress();
     /// @notice The client has already submitted an update in this round.
     error AlreadySubmitted(uint256 round, address client);
-    /// @notice The round has not started, or it is already finalized.
+    /// @notice The round has not started, or it is closed to submissions.
     error RoundNotOpen(uint256 round);
+    /// @notice The round must be closed to submissions before it is finalized.
+    error RoundNotClosed(uint256 round);
     /// @notice The round is already finalized.
     error RoundAlreadyFinalized(uint256 round);
     /// @notice Rounds have started: the next one opens when this open one is finalized.
     error PreviousRoundOpen(uint256 round);
     /// @notice A CID must not be empty.
     error EmptyCid();
+    /// @notice The CID is longer than MAX_CID_LENGTH.
+    error CidTooLong(uint256 length, uint256 maxLength);
     /// @notice A submission must report a positive number of samples.
     error ZeroSamples();
-    /// @notice The sample count does not fit in 64 bits.
-    error TooManySamples(uint256 numSamples);
+    /// @notice The sample count is above maxSamples.
+    error TooManySamples(uint256 numSamples, uint256 maxSamples);
+    /// @notice maxSamples must be positive.
+    error ZeroMaxSamples();
 
     /// @notice Round `round` started from the model at `baseCid`.
     event RoundStarted(uint256 indexed round, string baseCid);
     /// @notice `client` published the update at `cid`, trained on `numSamples` samples.
     event UpdateSubmitted(uint256 indexed round, address indexed client, string cid, uint256 numSamples);
+    /// @notice Round `round` accepts no more submissions; `submissionCount` of them will be merged.
+    event RoundClosed(uint256 indexed round, uint256 submissionCount);
     /// @notice Round `round` produced the model at `modelCid` from `submissionCount` updates.
     event RoundFinalized(uint256 indexed round, string modelCid, uint256 submissionCount);
     /// @notice `client` may now submit updates.
@@ -109,9 +124,12 @@ contract RoundRegistry {
 
     /// @notice Deploys the registry owned by the sender.
     /// @param openEnrolment_ True to let any account submit, false for an owner-managed allowlist.
-    constructor(bool openEnrolment_) {
+    /// @param maxSamples_ The largest sample count a submission may report.
+    constructor(bool openEnrolment_, uint64 maxSamples_) {
+        if (maxSamples_ == 0) revert ZeroMaxSamples();
         owner = msg.sender;
         openEnrolment = openEnrolment_;
+        maxSamples = maxSamples_;
     }
 
     // ---- clients ----------------------------------------------------------------------------
@@ -147,7 +165,7 @@ contract RoundRegistry {
     /// @param baseCid IPFS CID of the base model.
     /// @return round The new round's number, 1.
     function startRound(string calldata baseCid) external onlyOwner returns (uint256 round) {
-        if (bytes(baseCid).length == 0) revert EmptyCid();
+        _checkCidLength(baseCid);
         if (_currentRound != 0) revert PreviousRoundOpen(_currentRound);
         round = 1;
         _currentRound = round;
@@ -162,13 +180,13 @@ contract RoundRegistry {
     /// @param cid IPFS CID of the update.
     /// @param numSamples Number of local samples the update was trained on (its FedAvg weight).
     function submitUpdate(uint256 round, string calldata cid, uint256 numSamples) external {
-        if (bytes(cid).length == 0) revert EmptyCid();
+        _checkCidLength(cid);
         if (numSamples == 0) revert ZeroSamples();
-        if (numSamples > type(uint64).max) revert TooManySamples(numSamples);
+        if (numSamples > maxSamples) revert TooManySamples(numSamples, maxSamples);
         if (!openEnrolment && !_clients[msg.sender]) revert NotEnrolled(msg.sender);
-        // A started, unfinalized round is necessarily the current one: no other can be open.
+        // A started round not yet closed is necessarily the current one: no other can be open.
         Round storage r = _rounds[round];
-        if (r.startBlock == 0 || r.finalized) revert RoundNotOpen(round);
+        if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
         if (_cidDigest[round][msg.sender] != 0) revert AlreadySubmitted(round, msg.sender);
 
         (uint8 codec, bytes32 digest) = _decodeCid(cid);
@@ -186,16 +204,27 @@ contract RoundRegistry {
         emit UpdateSubmitted(round, msg.sender, cid, numSamples);
     }
 
-    /// @notice Closes the open round with the model it produced and opens the next round from
-    ///         that model, in one transaction: no moment passes without an open round.
+    /// @notice Closes the open round to submissions, so that the set the organization merges is
+    ///         fixed: every submission counted on chain is one it reads.
     /// @param round The open round's number.
+    function closeRound(uint256 round) external onlyOwner {
+        Round storage r = _rounds[round];
+        if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
+        r.closed = true;
+        emit RoundClosed(round, r.submissionCount);
+    }
+
+    /// @notice Finalizes the closed round with the model it produced and opens the next round
+    ///         from that model, in one transaction.
+    /// @param round The closed round's number.
     /// @param modelCid IPFS CID of the merged model, the next round's base.
     function finalizeRound(uint256 round, string calldata modelCid) external onlyOwner {
-        if (bytes(modelCid).length == 0) revert EmptyCid();
+        _checkCidLength(modelCid);
         Round storage r = _rounds[round];
         if (r.finalized) revert RoundAlreadyFinalized(round);
         if (r.startBlock == 0) revert RoundNotOpen(round);
-        // An open round is necessarily the current one, so the next is round + 1.
+        if (!r.closed) revert RoundNotClosed(round);
+        // A closed, unfinalized round is necessarily the current one, so the next is round + 1.
         r.finalized = true;
         r.finalizeBlock = uint64(block.number);
         r.modelCid = modelCid;
@@ -216,7 +245,8 @@ contract RoundRegistry {
     /// @param round The round's number.
     /// @return baseCid CID of the model the round started from.
     /// @return modelCid CID of the model it produced ("" until finalized).
-    /// @return finalized Whether the round is closed.
+    /// @return closed Whether the round is closed to submissions.
+    /// @return finalized Whether the round has produced its model.
     /// @return submissionCount Number of updates submitted.
     /// @return startBlock Block in which the round started.
     /// @return finalizeBlock Block in which it was finalized (0 until then).
@@ -226,6 +256,7 @@ contract RoundRegistry {
         returns (
             string memory baseCid,
             string memory modelCid,
+            bool closed,
             bool finalized,
             uint256 submissionCount,
             uint256 startBlock,
@@ -233,21 +264,23 @@ contract RoundRegistry {
         )
     {
         Round storage r = _rounds[round];
-        return (_baseCidOf(round), r.modelCid, r.finalized, r.submissionCount, r.startBlock, r.finalizeBlock);
+        return (_baseCidOf(round), r.modelCid, r.closed, r.finalized, r.submissionCount, r.startBlock,
+            r.finalizeBlock);
     }
 
     /// @notice The open round as `client` sees it, in one call: what a device reads before it trains.
     /// @param client The client's account.
     /// @return round The open round's number (0 before the first round).
     /// @return baseCid CID of the model it starts from ("" before the first round).
+    /// @return open Whether it still accepts submissions (false once closed, and before the first round).
     /// @return submitted Whether `client` has submitted an update to it.
     function currentRoundFor(address client)
         external
         view
-        returns (uint256 round, string memory baseCid, bool submitted)
+        returns (uint256 round, string memory baseCid, bool open, bool submitted)
     {
         round = _currentRound;
-        return (round, _baseCidOf(round), _cidDigest[round][client] != 0);
+        return (round, _baseCidOf(round), round != 0 && !_rounds[round].closed, _cidDigest[round][client] != 0);
     }
 
     /// @notice The model of the latest finalized round.
@@ -289,6 +322,12 @@ contract RoundRegistry {
     }
 
     // ---- CIDs -------------------------------------------------------------------------------
+
+    function _checkCidLength(string calldata cid) private pure {
+        uint256 length = bytes(cid).length;
+        if (length == 0) revert EmptyCid();
+        if (length > MAX_CID_LENGTH) revert CidTooLong(length, MAX_CID_LENGTH);
+    }
 
     /// @dev Round 1 keeps its base; every later round starts from its predecessor's model (and a
     ///      round that has not started has neither).

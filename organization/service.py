@@ -9,21 +9,27 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from eth_account import Account
 
 import chain
 import storage
 from processor import codec, rounds
+from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
-from runtime import ActionError, PhaseTimer, describe_error, fetched_ahead, find_registry, retrying, store_status
+from runtime import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
 from settings import Settings
 
 log = logging.getLogger("organization")
-FETCH_AHEAD = 4  # updates fetched at once while the merge checks and adds the one before
+# Updates fetched at once. Content no node holds costs a fetch its whole timeout, so this many
+# absent CIDs cost one timeout together, and the round's fetches end within two (FETCH_DEADLINES).
+FETCH_WORKERS = 64
+FETCH_DEADLINES = 2
 
 
 @dataclass(frozen=True)
@@ -31,12 +37,11 @@ class OrganizationConfig:
     task: str = "mnist"
     seed: int = 0
     pretrain_epochs: int = 0  # 0 = random initial model; >0 = pretrained on the organization's own data
-    aggregation: str = "fedavg"  # fedavg, median, trimmed_mean
-    clip_norm: float | None = None  # clip each delta to this L2 norm before merging
-    max_delta_norm: float = 1e3  # deltas above this norm are rejected as malformed
+    merge: MergePolicy = field(default_factory=MergePolicy)  # how updates are checked, bounded and merged
     max_update_bytes: int = 64 * 1024 * 1024
     fetch_timeout: float | None = None  # seconds to wait for one update (None: FL_TIMEOUT); then it is rejected
     open_enrolment: bool = False
+    max_samples: int = chain.DEFAULT_MAX_SAMPLES  # the contract's cap on a submission's sample count
 
 
 class OrganizationService:
@@ -58,7 +63,6 @@ class OrganizationService:
         self.registry = registry or find_registry(w3, settings)
         self._lock = threading.Lock()  # one round-moving action at a time
         self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
-        self._opened: chain.RoundInfo | None = None  # the last round this process opened, as it opened it
 
     # ---- state -------------------------------------------------------------------------
 
@@ -94,7 +98,7 @@ class OrganizationService:
     @staticmethod
     def _started_round(registry: chain.Registry, round_id: int) -> chain.RoundInfo:
         """Round `round_id`'s record on chain; 404 for a round that has not started."""
-        info = registry.round(round_id) if round_id >= 1 else None
+        info = registry.round(round_id) if 1 <= round_id <= chain.MAX_ROUND else None
         if info is None or info.start_block == 0:
             raise ActionError(f"round {round_id} does not exist", 404)
         return info
@@ -111,7 +115,7 @@ class OrganizationService:
         ]
         return {
             "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
-            "finalized": info.finalized, "submission_count": info.submissions,
+            "closed": info.closed, "finalized": info.finalized, "submission_count": info.submissions,
             "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
             "result": result,
         }
@@ -152,7 +156,8 @@ class OrganizationService:
         with self._lock:
             if self.registry is not None:
                 raise ActionError(f"a contract is already deployed at {self.registry.address}", 409)
-            self.registry = chain.deploy_registry(self.w3, self.key, open_enrolment=self.config.open_enrolment)
+            self.registry = chain.deploy_registry(self.w3, self.key, open_enrolment=self.config.open_enrolment,
+                                                  max_samples=self.config.max_samples)
             chain.record_deployment(self.settings.contract_record, self.w3, self.registry.address)
             log.info("deployed the round registry at %s", self.registry.address)
             return self.registry.address
@@ -183,7 +188,6 @@ class OrganizationService:
             self._save_history(history)
             with timer.phase("chain"):
                 tx = registry.start_round(self.key, cid)
-            self._opened = chain.RoundInfo.opened(1, cid, tx.block_number)
             log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
                     "gas": tx.gas_used, "seconds": timer.as_dict()}
@@ -202,18 +206,19 @@ class OrganizationService:
         return cid, len(data)
 
     def aggregate(self, round_id: int) -> dict[str, Any]:
-        """Merge round `round_id`'s valid deltas, publish the result, and finalize the round, which
-        opens the next one from the result.
+        """Close round `round_id` to submissions, merge its valid deltas, publish the result, and
+        finalize the round, which opens the next one from the result.
 
-        Safe to repeat after a crash at any point: until the round is finalized on chain nothing
-        is final, and re-publishing the same model gives the same CID.
+        Every submission the chain counts gets a verdict: closing first fixes the set. Safe to
+        repeat after a crash at any point: until the round is finalized on chain nothing is final,
+        and re-publishing the same model gives the same CID.
         """
         with self._lock:
             registry = self.require_registry()
             timer = PhaseTimer()
             with timer.phase("chain"):
-                info = self._round_to_merge(registry, round_id)
-            entry = self._merge_round(registry, round_id, info, timer)
+                info = self._closed_round(registry, round_id)
+            entry = self._merge_round(registry, info, timer)
             history = self.history()
             history["rounds"][str(round_id)] = entry
             self._save_history(history)  # what the merge measured, before the round is final
@@ -223,67 +228,79 @@ class OrganizationService:
                 os._exit(70)
             with timer.phase("chain"):
                 tx = registry.finalize_round(self.key, round_id, entry["model_cid"])
-            self._opened = chain.RoundInfo.opened(round_id + 1, entry["model_cid"], tx.block_number)
             entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict())
             self._save_history(history)
             log.info("round %d finalized with model %s; round %d open", round_id, entry["model_cid"], round_id + 1)
             return {"round": round_id, "next_round": round_id + 1, **entry}
 
-    def _round_to_merge(self, registry: chain.Registry, round_id: int) -> chain.RoundInfo:
-        """Round `round_id`'s record; the round this process opened is known without asking the chain
-        (a view call each round: 7 ms of Ganache's CPU). Should another process with the same key
-        finalize it meanwhile, finalizeRound reverts with RoundAlreadyFinalized."""
-        if self._opened is not None and self._opened.round_id == round_id:
-            return self._opened
+    def _closed_round(self, registry: chain.Registry, round_id: int) -> chain.RoundInfo:
+        """Round `round_id`'s record once it is closed to submissions (closed here if it is not yet)."""
         info = retrying(self.settings, f"reading round {round_id}", lambda: self._started_round(registry, round_id))
         if info.finalized:
             raise ActionError(f"round {round_id} is already finalized", 409)
+        if not info.closed:
+            if info.submissions == 0:
+                raise ActionError(f"round {round_id} has no submissions yet", 409)
+            registry.close_round(self.key, round_id)
+            info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
         return info
 
-    def _merge_round(self, registry: chain.Registry, round_id: int, info, timer: PhaseTimer) -> dict[str, Any]:
+    def _merge_round(self, registry: chain.Registry, info: chain.RoundInfo, timer: PhaseTimer) -> dict[str, Any]:
+        round_id = info.round_id
         with timer.phase("chain"):
             submissions = retrying(self.settings, f"reading round {round_id}'s submissions",
                                    lambda: registry.logged_submissions(info))
-        if not submissions:
-            raise ActionError(f"round {round_id} has no submissions yet", 409)
+        if len(submissions) != info.submissions:
+            raise ActionError(f"round {round_id} has {info.submissions} submissions on chain, but the node returned "
+                              f"{len(submissions)} of their events; try again", 503)
         base_weights = self._base_weights(info.base_cid, timer)
-
-        verdicts: dict[str, dict[str, Any]] = {}
-
-        def fetch(sub: chain.Submission) -> bytes:  # in a worker thread
-            return retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
-                sub.cid, timeout=self.config.fetch_timeout, max_bytes=self.config.max_update_bytes))
-
-        def valid_deltas() -> Iterator[tuple[dict, int]]:
-            # Fetched a few ahead, checked and handed to the streaming merge one at a time.
-            for sub, fetching in fetched_ahead(submissions, fetch, FETCH_AHEAD):
-                try:
-                    with timer.phase("ipfs"):
-                        data = fetching.result()
-                    delta = self._checked_delta(sub, data, round_id, info.base_cid, timer)
-                except storage.StorageUnavailable:
-                    raise  # an outage says nothing about the update: the round waits for IPFS to return
-                except (codec.CodecError, storage.StorageError, ValueError) as exc:
-                    verdicts[sub.client] = {"accepted": False, "reason": describe_error(exc)}
-                    log.warning("round %d: rejected %s from %s: %s", round_id, sub.cid, sub.client, exc)
-                    continue
-                verdicts[sub.client] = {"accepted": True, "reason": None}
-                yield delta, sub.num_samples
-
+        with timer.phase("ipfs"):
+            received = self._fetch_updates(submissions)
         with timer.phase("aggregation"):
-            merged = rounds.aggregate(base_weights, valid_deltas(), method=self.config.aggregation,
-                                      clip_norm=self.config.clip_norm)
-        accepted = sum(v["accepted"] for v in verdicts.values())
-        if accepted == 0:
-            raise ActionError(f"round {round_id}: every submission was rejected: "
-                              + "; ".join(f"{c}: {v['reason']}" for c, v in verdicts.items()), 409)
+            merge = merge_round(self.task, base_weights, received, round_id, info.base_cid, self.config.merge)
+        verdicts = {client: verdict.as_dict() for client, verdict in merge.verdicts.items()}
+        for client, verdict in verdicts.items():
+            if not verdict["accepted"]:
+                log.warning("round %d: rejected the update of %s: %s", round_id, client, verdict["reason"])
+        merged = merge.weights
+        if merged is None:
+            log.warning("round %d: every update was rejected; the next round starts from the same weights", round_id)
+            merged = base_weights
         with timer.phase("evaluation"):
             metrics = self.evaluate_on_test(merged)
         model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer)
         log.info("round %d: merged %d of %d updates, test accuracy %.4f",
-                 round_id, accepted, len(submissions), metrics["accuracy"])
+                 round_id, merge.accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
-                "accepted": accepted, "verdicts": verdicts, "seconds": timer.as_dict()}
+                "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict()}
+
+    def _fetch_updates(self, submissions: list[chain.Submission]) -> list[Received]:
+        """Every submission's bytes, fetched concurrently under one deadline for the round; what
+        could not be fetched carries the reason instead. An IPFS outage is raised: the round waits."""
+        timeout = self.config.fetch_timeout or self.settings.timeout
+        deadline = time.monotonic() + FETCH_DEADLINES * timeout
+
+        def fetch(sub: chain.Submission) -> Received:  # in a worker thread
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Received(sub.client, sub.num_samples, fetch_error=(
+                    f"not fetched within the round's {FETCH_DEADLINES * timeout:g} s for fetching updates"))
+            try:
+                data = retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
+                    sub.cid, timeout=min(timeout, remaining), max_bytes=self.config.max_update_bytes))
+            except storage.StorageUnavailable:
+                raise
+            except storage.StorageError as exc:
+                return Received(sub.client, sub.num_samples, fetch_error=describe_error(exc))
+            except Exception as exc:  # a defect: still this update's verdict, not the round's failure
+                log.exception("fetching the update %s of %s failed unexpectedly", sub.cid, sub.client)
+                return Received(sub.client, sub.num_samples, fetch_error=f"the update could not be fetched "
+                                                                         f"({type(exc).__name__}: {exc})")
+            return Received(sub.client, sub.num_samples, data)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(submissions))),
+                                thread_name_prefix="fetch") as pool:
+            return list(pool.map(fetch, submissions))
 
     def _base_weights(self, cid: str, timer: PhaseTimer) -> dict:
         """The weights of the base model `cid`: kept from publishing it, or (after a restart) fetched."""
@@ -295,17 +312,3 @@ class OrganizationService:
         with timer.phase("decoding"):
             weights, _, _ = codec.decode_model(self.task, data)
         return weights
-
-    def _checked_delta(self, sub: chain.Submission, data: bytes, round_id: int, base_cid: str,
-                       timer: PhaseTimer) -> dict:
-        """The delta in `data`, the update `sub` names; ValueError or CodecError says why it is refused."""
-        with timer.phase("validation"):
-            delta, meta = codec.decode_delta(self.task, data, expected_round=round_id,
-                                             expected_base_cid=base_cid)
-            if meta.get("client", "").lower() != sub.client.lower():
-                raise ValueError(f"the update names client {meta.get('client')!r}, but {sub.client} submitted it")
-            if int(meta["num_samples"]) != sub.num_samples:
-                raise ValueError(f"the update claims {meta['num_samples']} samples, "
-                                 f"the chain records {sub.num_samples}")
-            codec.validate_delta(self.task, delta, max_norm=self.config.max_delta_norm)
-        return delta

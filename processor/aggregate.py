@@ -20,6 +20,13 @@ def l2_norm(tensors: Weights) -> float:
         return float(np.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in tensors.values())))
 
 
+def cosine(a: Weights, b: Weights) -> float:
+    """The cosine of the angle between `a` and `b` taken as flat vectors (0 when either is zero)."""
+    dot = sum(float(np.dot(a[name].ravel().astype(np.float64), b[name].ravel().astype(np.float64))) for name in a)
+    norms = l2_norm(a) * l2_norm(b)
+    return dot / norms if norms > 0 else 0.0
+
+
 def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
     """`delta` scaled down to L2 norm `max_norm` when it is longer; unchanged otherwise."""
     norm = l2_norm(delta)

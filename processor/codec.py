@@ -5,13 +5,16 @@ task's architecture before a tensor is used: names, shapes, dtype, finite values
 """
 from __future__ import annotations
 
-import json
+import math
 import struct
+from typing import Annotated
 
 import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from safetensors.numpy import save
 
-from processor.aggregate import Weights, l2_norm
+from processor.aggregate import Weights
 from processor.tasks import Task
 
 FORMAT = "fl-ipfs/1"
@@ -59,21 +62,75 @@ def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_s
                                             num_samples=num_samples, client=client, dtype=dtype))
 
 
-def read_header(data: bytes) -> tuple[dict, dict[str, str]]:
-    """The tensor table and the metadata of safetensors bytes, read without touching the tensors."""
+# Bounds of the header's schema: far above what any task's model needs, and small enough that no
+# header can cost much to check.
+MAX_TENSORS = 256
+MAX_DIMS = 8
+MAX_NAME = 200
+MAX_METADATA = 32
+MAX_METADATA_VALUE = 512
+
+_Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
+
+
+class TensorEntry(BaseModel):
+    """One tensor's entry in a safetensors header."""
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    dtype: Annotated[str, StringConstraints(max_length=8)]
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(max_length=MAX_DIMS)]
+    data_offsets: Annotated[list[Annotated[int, Field(ge=0, le=2**62)]], Field(min_length=2, max_length=2)]
+
+
+class DeltaMetadata(BaseModel):
+    """The fields of a delta's metadata that the organization reads, beyond those of every artifact."""
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    round: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")]
+    base_cid: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
+    num_samples: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,19}$")]
+    client: Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+
+
+_TABLE = TypeAdapter(Annotated[dict[_Name, TensorEntry], Field(max_length=MAX_TENSORS)])
+_METADATA = TypeAdapter(Annotated[dict[_Name, Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]],
+                                  Field(max_length=MAX_METADATA)], config=ConfigDict(strict=True))
+
+
+def _schema_error(what: str, exc: ValidationError) -> CodecError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    shown = repr(first["input"])
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    message = first["msg"][:1].lower() + first["msg"][1:]
+    return CodecError(f"{what}{' ' + where if where else ''}: {message}, got {shown}{more}")
+
+
+def read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensor table and the metadata of safetensors bytes, read without touching the tensors
+    and checked against the header's schema: anything that does not fit is a CodecError."""
     if len(data) < 8:
         raise CodecError(f"not a safetensors file: {len(data)} bytes is shorter than its header length")
     (size,) = struct.unpack("<Q", data[:8])
     if size > MAX_HEADER_BYTES or 8 + size > len(data):
         raise CodecError(f"not a safetensors file, or truncated: header of {size} bytes in a {len(data)}-byte file")
     try:
-        header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, ValueError) as exc:
+        # orjson refuses nesting beyond 1,024 levels by itself, with no recursion on Python's stack
+        header = orjson.loads(data[8:8 + size])
+    except orjson.JSONDecodeError as exc:
         raise CodecError(f"not a safetensors file: its header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CodecError("not a safetensors file: its header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
+    try:
+        metadata = _METADATA.validate_python(header.pop("__metadata__", {}))
+    except ValidationError as exc:
+        raise _schema_error("metadata", exc) from None
+    try:
+        table = _TABLE.validate_python(header)
+    except ValidationError as exc:
+        raise _schema_error("tensor", exc) from None
+    return table, metadata
 
 
 def _check_metadata(task: Task, metadata: dict[str, str], kind: str) -> None:
@@ -91,23 +148,21 @@ def _all_finite(tensor: np.ndarray) -> bool:
         return bool(np.isfinite(np.dot(flat, flat)) or np.all(np.isfinite(flat)))
 
 
-def _tensor_views(data: bytes, header_size: int, table: dict) -> dict[str, np.ndarray]:
+def _tensor_views(data: bytes, header_size: int, table: dict[str, TensorEntry]) -> dict[str, np.ndarray]:
     """Read-only arrays over the tensors' bytes (no copy), once their offsets tile the body exactly."""
     body = len(data) - 8 - header_size
     position = 0
-    for name, entry in sorted(table.items(), key=lambda item: item[1].get("data_offsets", [-1])):
-        offsets = entry.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CodecError(f"corrupt safetensors file: tensor {name} has data offsets {offsets!r}")
-        size = int(np.prod(entry["shape"], dtype=np.int64)) * FILE_DTYPES[entry["dtype"]].itemsize
-        if offsets[0] != position or offsets[1] - offsets[0] != size:
-            raise CodecError(f"corrupt safetensors file: tensor {name} at bytes {offsets} does not follow "
-                             f"byte {position} with {size} bytes")
-        position = offsets[1]
+    for name, entry in sorted(table.items(), key=lambda item: item[1].data_offsets):
+        start, end = entry.data_offsets
+        size = math.prod(entry.shape) * FILE_DTYPES[entry.dtype].itemsize
+        if start != position or end - start != size:
+            raise CodecError(f"corrupt safetensors file: tensor {name} at bytes {entry.data_offsets} does not "
+                             f"follow byte {position} with {size} bytes")
+        position = end
     if position != body:
         raise CodecError(f"corrupt safetensors file: the tensors cover {position} of its {body} data bytes")
-    return {name: np.frombuffer(data, FILE_DTYPES[entry["dtype"]], offset=8 + header_size + entry["data_offsets"][0],
-                                count=int(np.prod(entry["shape"], dtype=np.int64))).reshape(entry["shape"])
+    return {name: np.frombuffer(data, FILE_DTYPES[entry.dtype], offset=8 + header_size + entry.data_offsets[0],
+                                count=math.prod(entry.shape)).reshape(entry.shape)
             for name, entry in table.items()}
 
 
@@ -124,12 +179,11 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, .
     if unknown:
         raise CodecError(f"unknown tensor(s): {', '.join(unknown)}")
     for name, entry in table.items():
-        if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != expected[name]:
-            shape = tuple(entry.get("shape", ())) if isinstance(entry, dict) else entry
-            raise CodecError(f"tensor {name} has shape {shape}, expected {expected[name]}")
+        if tuple(entry.shape) != expected[name]:
+            raise CodecError(f"tensor {name} has shape {tuple(entry.shape)}, expected {expected[name]}")
         dtypes = prefixes[name.split("/", 1)[0]]
-        if entry.get("dtype") not in dtypes:
-            raise CodecError(f"tensor {name} has dtype {entry.get('dtype')}, expected {' or '.join(dtypes)}")
+        if entry.dtype not in dtypes:
+            raise CodecError(f"tensor {name} has dtype {entry.dtype}, expected {' or '.join(dtypes)}")
     (header_size,) = struct.unpack("<Q", data[:8])
     tensors = _tensor_views(data, header_size, table)
     for name, tensor in tensors.items():
@@ -160,31 +214,12 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
     Float32 tensors are read-only views of `data` (no copy); float16 ones are converted.
     """
     tensors, metadata = _decode(task, data, "delta", {"delta": ("F32", "F16")})
-    if expected_round is not None and metadata.get("round") != str(expected_round):
-        raise CodecError(f"the update is for round {metadata.get('round')}, expected round {expected_round}")
-    if expected_base_cid is not None and metadata.get("base_cid") != expected_base_cid:
-        raise CodecError(f"the update was trained from base {metadata.get('base_cid')}, "
-                         f"expected {expected_base_cid}")
     try:
-        if int(metadata.get("num_samples", "")) <= 0:
-            raise ValueError
-    except ValueError:
-        raise CodecError(f"metadata num_samples is {metadata.get('num_samples')!r}, "
-                         "expected a positive integer") from None
+        fields = DeltaMetadata.model_validate(metadata)
+    except ValidationError as exc:
+        raise _schema_error("metadata", exc) from None
+    if expected_round is not None and fields.round != str(expected_round):
+        raise CodecError(f"the update is for round {fields.round}, expected round {expected_round}")
+    if expected_base_cid is not None and fields.base_cid != expected_base_cid:
+        raise CodecError(f"the update was trained from base {fields.base_cid}, expected {expected_base_cid}")
     return {n: tensors[f"delta/{n}"] for n in task.spec}, metadata
-
-
-def validate_delta(task: Task, delta: Weights, max_norm: float) -> None:
-    """Reject a delta that does not fit the task's model or whose L2 norm exceeds `max_norm`."""
-    if set(delta) != set(task.spec):
-        raise CodecError(f"the delta's tensors {sorted(delta)} do not match the model's {sorted(task.spec)}")
-    for name, shape in task.spec.items():
-        if delta[name].shape != shape:
-            raise CodecError(f"tensor {name} has shape {delta[name].shape}, expected {shape}")
-    norm = l2_norm(delta)  # finite exactly when every value is, short of overflowing float32
-    if not np.isfinite(norm):
-        for name in task.spec:
-            if not _all_finite(delta[name]):
-                raise CodecError(f"tensor {name} holds non-finite values (NaN or Inf)")
-    if not norm <= max_norm:
-        raise CodecError(f"the delta's L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}")

@@ -10,7 +10,7 @@ import requests
 from eth_account import Account
 
 import chain
-from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, check_round_lifecycle, cid_for, expect_revert
+from tests.fixtures.chain import close_and_finalize, CLIENT_KEYS, CLIENTS, ORG_KEY, check_round_lifecycle, cid_for, expect_revert
 
 pytestmark = pytest.mark.ganache
 
@@ -46,7 +46,7 @@ def test_a_submission_costs_four_requests_once_fees_and_gas_are_known(w3, monkey
     registry.start_round(ORG_KEY, cid_for("base"))
     registry.submit_update(CLIENT_KEYS[0], 1, cid_for("first"), 10)
     asked.clear()
-    assert registry.current_round_for(CLIENTS[1]) == chain.ClientRound(1, cid_for("base"), False)
+    assert registry.current_round_for(CLIENTS[1]) == chain.ClientRound(1, cid_for("base"), True, False)
     registry.submit_update(CLIENT_KEYS[1], 1, cid_for("second"), 10)
     assert asked == ["eth_call", "eth_getTransactionCount", "eth_sendRawTransaction", "eth_getTransactionReceipt"]
 
@@ -63,7 +63,7 @@ def test_reverts_are_named_on_ganache(w3):
     error = expect_revert("AlreadySubmitted",
                           lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("v"), 5))
     assert error.fields == {"round": 1, "client": CLIENTS[0]}
-    registry.finalize_round(ORG_KEY, 1, cid_for("model"))
+    close_and_finalize(registry, 1, cid_for("model"))
     expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
 
 
@@ -103,7 +103,7 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
     with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
         registry.current_round()
     with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
-        registry.finalize_round(ORG_KEY, 1, cid_for("model"))
+        close_and_finalize(registry, 1, cid_for("model"))
 
     with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
         assert not node.reused
@@ -111,5 +111,5 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
         registry = chain.Registry(w3, chain.find_deployment(w3, record))
         assert registry.current_round() == 1
         assert registry.submissions(1) == [chain.Submission(CLIENTS[0], cid_for("update"), 7)]
-        registry.finalize_round(ORG_KEY, 1, cid_for("model"))  # nonces carry on after the restart
+        close_and_finalize(registry, 1, cid_for("model"))  # nonces carry on after the restart
         assert registry.latest_model() == (1, cid_for("model"))

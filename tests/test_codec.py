@@ -1,7 +1,8 @@
 """The safetensors codec: exact round trips, and a clear rejection of anything malformed."""
-import pickle
-import struct
 import json
+import pickle
+import re
+import struct
 
 import numpy as np
 import pytest
@@ -37,8 +38,8 @@ def test_model_round_trip_keeps_the_weights_exact_and_the_fisher_in_float16():
     weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
     encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
     table, _ = codec.read_header(encoded)
-    assert {table[f"weights/{n}"]["dtype"] for n in TASK.spec} == {"F32"}
-    assert {table[f"fisher/{n}"]["dtype"] for n in TASK.spec} == {"F16"}
+    assert {table[f"weights/{n}"].dtype for n in TASK.spec} == {"F32"}
+    assert {table[f"fisher/{n}"].dtype for n in TASK.spec} == {"F16"}
     decoded_w, decoded_f, meta = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded_w[name], weights[name])
@@ -51,7 +52,7 @@ def test_a_fisher_out_of_float16_range_is_published_as_float32():
     weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
     next(iter(fisher.values())).flat[0] = 1e6
     encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
-    assert {entry["dtype"] for name, entry in codec.read_header(encoded)[0].items()} == {"F32"}
+    assert {entry.dtype for entry in codec.read_header(encoded)[0].values()} == {"F32"}
     _, decoded_f, _ = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded_f[name], fisher[name])
@@ -107,7 +108,7 @@ def with_value(value):
     (raw_delta({k: v for k, v in prefixed(random_weights()).items() if k != "delta/hidden_0/bias"}),
      r"missing tensor\(s\): delta/hidden_0/bias"),
     (raw_delta(prefixed(random_weights()), arch="mlp-64-999-10"), "metadata arch is 'mlp-64-999-10'"),
-    (raw_delta(prefixed(random_weights()), num_samples="-5"), "num_samples is '-5'"),
+    (raw_delta(prefixed(random_weights()), num_samples="-5"), "metadata num_samples: string should match pattern"),
     (encoded_delta()[:-7], "corrupt safetensors file"),
     (encoded_delta()[:40], "truncated"),
     (b"", "shorter than its header"),
@@ -154,8 +155,57 @@ def test_a_model_for_another_task_is_rejected():
         codec.decode_model(TASK, codec.encode_model(mnist, other, other, round_id=1))
 
 
-def test_validate_delta_bounds_the_norm():
-    delta = random_weights(5)
-    codec.validate_delta(TASK, delta, max_norm=1e3)
-    with pytest.raises(CodecError, match="exceeds the bound"):
-        codec.validate_delta(TASK, {n: t * 1e6 for n, t in delta.items()}, max_norm=1e3)
+def header_bytes(header) -> bytes:
+    """Safetensors bytes whose header is `header` (any JSON value), with no tensor data."""
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body
+
+
+BASE_HEADER = {"__metadata__": {"format": codec.FORMAT, "kind": "delta", "task": "digits", "arch": TASK.arch_id},
+               "delta/output/bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"__metadata__": [1, 2]}, "metadata: input should be a valid dictionary"),
+    ({"__metadata__": "text"}, "metadata: input should be a valid dictionary"),
+    ({"__metadata__": {**BASE_HEADER["__metadata__"], "client": 5}}, "metadata client: input should be a valid string"),
+    ({"__metadata__": {**BASE_HEADER["__metadata__"], "num_samples": [1]}}, "metadata num_samples: input should be"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": 10, "data_offsets": [0, 40]}},
+     "tensor delta/output/bias.shape: input should be a valid list"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": [10], "data_offsets": "0-40"}},
+     "tensor delta/output/bias.data_offsets: input should be a valid list"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": [10], "data_offsets": {"0": 40}}},
+     "tensor delta/output/bias.data_offsets: input should be a valid list"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": [True], "data_offsets": [0, 40]}},
+     "tensor delta/output/bias.shape.0: input should be a valid integer"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 40]}},
+     "tensor delta/output/bias.shape.0: input should be less than or equal to"),
+    ({"delta/output/bias": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40], "extra": 1}},
+     "tensor delta/output/bias.extra: extra inputs are not permitted"),
+    ({"delta/output/bias": [1, 2]}, "tensor delta/output/bias: input should be a valid dictionary"),
+])
+def test_header_fields_of_the_wrong_json_type_are_rejected_by_the_schema(change, message):
+    with pytest.raises(CodecError, match=re.escape(message)):
+        codec.decode_delta(TASK, header_bytes({**BASE_HEADER, **change}))
+
+
+@pytest.mark.parametrize("value, message", [
+    (b"1e400", "not JSON"),  # no infinite float sneaks through
+    (b"[" * 100_000 + b"]" * 100_000, "depth limit exceeded"),  # refused, not a stack overflow
+    (b'{"a": ' * 2_000 + b"1" + b"}" * 2_000, "depth limit exceeded"),
+])
+def test_hostile_header_json_is_refused_without_recursion(value, message):
+    with pytest.raises(CodecError, match=message):
+        codec.read_header(header_bytes(value))
+
+
+def test_delta_metadata_fields_are_checked_by_the_schema():
+    for field, value, message in [("client", "not an address", "metadata client: string should match pattern"),
+                                  ("round", "1e400", "metadata round: string should match pattern"),
+                                  ("num_samples", "1e400", "metadata num_samples: string should match pattern"),
+                                  ("num_samples", "9" * 30, "metadata num_samples: string should match pattern")]:
+        with pytest.raises(CodecError, match=message):
+            codec.decode_delta(TASK, raw_delta(prefixed(random_weights()), **{field: value}))
+    metadata = {k: v for k, v in codec.read_header(encoded_delta())[1].items() if k != "client"}
+    with pytest.raises(CodecError, match="metadata client: field required"):
+        codec.decode_delta(TASK, save(prefixed(random_weights()), metadata=metadata))

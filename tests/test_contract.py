@@ -8,7 +8,7 @@ import pytest
 from eth_account import Account
 
 import chain
-from tests.fixtures.chain import (CLIENT_KEYS, CLIENTS, DAG_PB, ORG_KEY, check_round_lifecycle, cid_for,
+from tests.fixtures.chain import (close_and_finalize, CLIENT_KEYS, CLIENTS, DAG_PB, ORG_KEY, check_round_lifecycle, cid_for,
                                   expect_revert)
 
 BASE = cid_for("base")
@@ -49,7 +49,14 @@ def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
     assert error.args == (Account.from_key(stranger).address,)
     expect_revert("EmptyCid", lambda: registry.submit_update(CLIENT_KEYS[0], 1, "", 10))
     expect_revert("ZeroSamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid, 0))
-    expect_revert("TooManySamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid, 2**64))
+    error = expect_revert("TooManySamples", lambda: registry.submit_update(
+        CLIENT_KEYS[0], 1, cid, chain.DEFAULT_MAX_SAMPLES + 1))
+    assert error.fields == {"numSamples": chain.DEFAULT_MAX_SAMPLES + 1, "maxSamples": chain.DEFAULT_MAX_SAMPLES}
+    error = expect_revert("CidTooLong", lambda: registry.submit_update(CLIENT_KEYS[0], 1, "b" * 101, 10))
+    assert error.fields == {"length": 101, "maxLength": 100}
+    expect_revert("CidTooLong", lambda: registry.start_round(ORG_KEY, "b" * 101))
+    expect_revert("NotOwner", lambda: registry.close_round(CLIENT_KEYS[0], 1))
+    expect_revert("RoundNotOpen", lambda: registry.close_round(ORG_KEY, 2))
     expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[0], 2, cid, 10))  # future
     expect_revert("PreviousRoundOpen", lambda: registry.start_round(ORG_KEY, cid))
     expect_revert("EmptyCid", lambda: registry.start_round(ORG_KEY, ""))
@@ -62,14 +69,27 @@ def test_unauthorized_and_invalid_calls_revert_with_named_errors(registry):
     assert str(error) == f"RoundRegistry reverted: AlreadySubmitted(round=1, client={CLIENTS[0]})"
 
     expect_revert("EmptyCid", lambda: registry.finalize_round(ORG_KEY, 1, ""))
+    expect_revert("RoundNotClosed", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
+    registry.close_round(ORG_KEY, 1)
+    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid, 10))  # closed
+    expect_revert("CidTooLong", lambda: registry.finalize_round(ORG_KEY, 1, "b" * 101))
     registry.finalize_round(ORG_KEY, 1, cid_for("model"))
     expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
-    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid, 10))  # closed
+    expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid, 10))  # finalized
     assert registry.round(1).submissions == 1
     # Finalizing opened round 2 from the model; only that one can be finalized now.
     assert registry.current_round() == 2 and registry.round(2).base_cid == cid_for("model")
     expect_revert("PreviousRoundOpen", lambda: registry.start_round(ORG_KEY, cid))
     expect_revert("RoundNotOpen", lambda: registry.finalize_round(ORG_KEY, 3, cid))
+
+
+def test_the_sample_cap_is_set_at_deployment(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True, max_samples=500)
+    assert registry.max_samples() == 500
+    registry.start_round(ORG_KEY, BASE)
+    expect_revert("TooManySamples", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 501))
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 500)
+    expect_revert("ZeroMaxSamples", lambda: chain.deploy_registry(w3, ORG_KEY, max_samples=0))
 
 
 def test_a_revert_is_named_whether_the_estimate_or_the_mined_transaction_meets_it(w3):
@@ -153,7 +173,7 @@ def test_every_cid_reads_back_exactly_and_canonical_ones_are_compact(w3):
     for round_id, cid in enumerate(canonical + OTHER_CIDS, start=1):
         gas[cid] = registry.submit_update(CLIENT_KEYS[0], round_id, cid, 1).gas_used
         assert registry.submissions(round_id) == [chain.Submission(CLIENTS[0], cid, 1)]
-        registry.finalize_round(ORG_KEY, round_id, cid)
+        close_and_finalize(registry, round_id, cid)
     compact = [g for cid, g in gas.items() if cid in canonical]
     assert max(compact) < 85_000 and max(compact) - min(compact) < 1_000
     assert gas[OTHER_CIDS[-2]] < 85_000  # any one-byte codec
@@ -169,7 +189,7 @@ def test_submission_gas_does_not_grow_with_clients_or_rounds(w3):
     for round_id in (1, 2, 3):
         used += [registry.submit_update(key, round_id, cid_for(f"{round_id} {k}"), 100).gas_used
                  for k, key in enumerate(CLIENT_KEYS[:8])]
-        registry.finalize_round(ORG_KEY, round_id, cid_for(f"model {round_id}"))
+        close_and_finalize(registry, round_id, cid_for(f"model {round_id}"))
     assert max(used) - min(used) <= 200  # calldata varies with the CID's zero bytes only
 
 

@@ -18,7 +18,7 @@ INITIALLY_ENROLLED = [ADDRESS[key] for key in CLIENT_KEYS[:2]]  # the third star
 # Callers are mostly the ones allowed to make the call, so that sequences get far; anyone sometimes.
 owners = st.just(ORG_KEY) | st.sampled_from(CALLERS)
 submitters = st.sampled_from(CLIENT_KEYS[:2]) | st.sampled_from(CALLERS)
-MAX_SAMPLES = 2**64 - 1
+MAX_SAMPLES = chain.DEFAULT_MAX_SAMPLES
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 
 
@@ -34,10 +34,17 @@ cids = compact_cids | st.one_of(  # half of them compact, the form clients reall
     st.builds(cid_for, st.binary(max_size=8)),
     st.just("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"),  # CIDv0, kept verbatim
     st.text(max_size=64),  # anything at all, including ""
+    st.text(alphabet="b", min_size=99, max_size=102),  # about the length cap
 )
 sample_counts = st.integers(1, 10_000) | st.sampled_from([0, 1, MAX_SAMPLES, MAX_SAMPLES + 1])
 # Relative to the current round: mostly the current one, sometimes an old one or the next.
 round_offsets = st.just(0) | st.integers(-2, 1)
+
+
+def cid_errors(cid: str) -> set[str]:
+    """The errors a CID argument meets: empty, or longer than the contract's cap."""
+    length = len(cid.encode())
+    return {"EmptyCid"} if length == 0 else {"CidTooLong"} if length > 100 else set()
 
 
 def outcome(action) -> str | None:
@@ -85,30 +92,27 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(caller=owners, base=cids)
     def start_round(self, caller, base):
-        violated = set()
-        if base == "":
-            violated.add("EmptyCid")
+        violated = cid_errors(base)
         if self.current:  # after the first round, the open one is always the next to finalize
             violated.add("PreviousRoundOpen")
         got = outcome(lambda: self.registry.start_round(caller, base))
         if self.check(got, self.owner_only(caller, violated)):
             self.current += 1
-            self.rounds[self.current] = {"base": base, "model": None, "submissions": []}
+            self.rounds[self.current] = {"base": base, "model": None, "closed": False, "submissions": []}
 
     @rule(caller=submitters, offset=round_offsets, cid=cids, samples=sample_counts)
     def submit_update(self, caller, offset, cid, samples):
         round_id, client = self.round_id(offset), ADDRESS[caller]
         record = self.rounds.get(round_id)
         violated = set()
-        if cid == "":
-            violated.add("EmptyCid")
+        violated |= cid_errors(cid)
         if samples == 0:
             violated.add("ZeroSamples")
         if samples > MAX_SAMPLES:
             violated.add("TooManySamples")
         if client not in self.enrolled:
             violated.add("NotEnrolled")
-        if record is None or record["model"] is not None:
+        if record is None or record["closed"]:
             violated.add("RoundNotOpen")
         elif any(s[0] == client for s in record["submissions"]):
             violated.add("AlreadySubmitted")
@@ -117,7 +121,7 @@ class RegistryMachine(RuleBasedStateMachine):
             record["submissions"].append((client, cid, samples))
 
     def round_is_open(self) -> bool:
-        return bool(self.current) and self.rounds[self.current]["model"] is None
+        return bool(self.current) and not self.rounds[self.current]["closed"]
 
     # The calls honest clients make, so that open rounds fill up and clients come back for more.
     @precondition(round_is_open)
@@ -125,22 +129,31 @@ class RegistryMachine(RuleBasedStateMachine):
     def submit_to_the_open_round(self, caller, cid, samples):
         self.submit_update(caller, 0, cid, samples)
 
+    @rule(caller=owners, offset=round_offsets)
+    def close_round(self, caller, offset):
+        round_id = self.round_id(offset)
+        record = self.rounds.get(round_id)
+        violated = {"RoundNotOpen"} if record is None or record["closed"] else set()
+        if self.check(outcome(lambda: self.registry.close_round(caller, round_id)),
+                      self.owner_only(caller, violated)):
+            record["closed"] = True
+
     @rule(caller=owners, offset=round_offsets, model=cids)
     def finalize_round(self, caller, offset, model):
         round_id = self.round_id(offset)
         record = self.rounds.get(round_id)
-        violated = set()
-        if model == "":
-            violated.add("EmptyCid")
+        violated = cid_errors(model)
         if record is None:
             violated.add("RoundNotOpen")
         elif record["model"] is not None:
             violated.add("RoundAlreadyFinalized")
+        elif not record["closed"]:
+            violated.add("RoundNotClosed")
         got = outcome(lambda: self.registry.finalize_round(caller, round_id, model))
         if self.check(got, self.owner_only(caller, violated)):
             record["model"] = model
             self.current += 1  # the next round opens from the model
-            self.rounds[self.current] = {"base": model, "model": None, "submissions": []}
+            self.rounds[self.current] = {"base": model, "model": None, "closed": False, "submissions": []}
 
     @rule(caller=owners, client=st.sampled_from(CALLERS[1:]))
     def add_client(self, caller, client):
@@ -167,8 +180,9 @@ class RegistryMachine(RuleBasedStateMachine):
         if current:
             record = self.rounds[current]
             on_chain = self.registry.round(current)
-            assert (on_chain.base_cid, on_chain.model_cid, on_chain.finalized, on_chain.submissions) == (
-                record["base"], record["model"] or "", record["model"] is not None, len(record["submissions"]))
+            assert (on_chain.base_cid, on_chain.model_cid, on_chain.closed, on_chain.finalized,
+                    on_chain.submissions) == (record["base"], record["model"] or "", record["closed"],
+                                              record["model"] is not None, len(record["submissions"]))
             assert [(s.client, s.cid, s.num_samples) for s in self.registry.submissions(current)] \
                 == record["submissions"]
             submitted_by = {client for client, _, _ in record["submissions"]}
@@ -176,7 +190,7 @@ class RegistryMachine(RuleBasedStateMachine):
                 assert self.registry.has_submitted(current, address) == (address in submitted_by), \
                     f"hasSubmitted({current}, {address}) disagrees with the submissions {record['submissions']}"
                 assert self.registry.current_round_for(address) == chain.ClientRound(
-                    current, record["base"], address in submitted_by)
+                    current, record["base"], not record["closed"], address in submitted_by)
         finalized = [r for r, record in self.rounds.items() if record["model"] is not None]
         latest = max(finalized, default=0)
         assert self.registry.latest_model() == (latest, self.rounds[latest]["model"] if latest else "")
@@ -201,6 +215,9 @@ class RegistryMachine(RuleBasedStateMachine):
         assert set(submitted) <= set(self.rounds), "an update was accepted for a round that never opened"
         finalized = {e["args"]["round"]: (e["args"]["modelCid"], e["args"]["submissionCount"])
                      for e in self.registry.events("RoundFinalized", self.from_block)}
+        closed = {e["args"]["round"]: e["args"]["submissionCount"]
+                  for e in self.registry.events("RoundClosed", self.from_block)}
+        assert closed == {r: len(record["submissions"]) for r, record in self.rounds.items() if record["closed"]}
         for round_id, record in self.rounds.items():
             from_events = submitted.get(round_id, [])
             clients = [client for client, _, _ in from_events]

@@ -20,7 +20,7 @@ def weights(seed=0, scale=0.1):
 
 
 def encoded(delta, dtype="float32"):
-    return codec.encode_delta(TASK, delta, round_id=1, base_cid=CID, num_samples=10, client="0x1", dtype=dtype)
+    return codec.encode_delta(TASK, delta, round_id=1, base_cid=CID, num_samples=10, client="0x" + "1" * 40, dtype=dtype)
 
 
 def with_header(data: bytes, edit) -> bytes:
@@ -63,17 +63,6 @@ def test_huge_finite_values_pass_and_nan_fails_in_either_dtype():
         bad[name].flat[3] = np.nan
         with pytest.raises(CodecError, match="non-finite"):
             codec.decode_delta(TASK, encoded(bad, dtype))
-
-
-def test_validate_delta_names_the_non_finite_tensor_and_bounds_the_norm():
-    delta = weights()
-    name = list(TASK.spec)[-1]
-    delta[name] = delta[name].copy()
-    delta[name].flat[0] = np.inf
-    with pytest.raises(CodecError, match=f"tensor {name} holds non-finite"):
-        codec.validate_delta(TASK, delta, max_norm=1e3)
-    with pytest.raises(CodecError, match="exceeds the bound"):
-        codec.validate_delta(TASK, weights(scale=100.0), max_norm=1.0)
 
 
 def test_float32_fedavg_matches_a_float64_mean_of_a_thousand_deltas():

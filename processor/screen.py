@@ -1,0 +1,180 @@
+"""The organization's check-and-merge of one round: a verdict for every update, and the merge of
+those accepted. Pure functions over bytes already fetched; no chain or IPFS code here.
+
+Nothing one update holds can fail the round: whatever goes wrong while checking it becomes its
+verdict (`Rejected` for what the checks refuse; any other exception is a defect of the checks, and
+the caller logs it, but it still ends as that update's verdict).
+
+One client's influence on the merged model is bounded by the round's own updates, not by constants
+an attacker can fill up to: its FedAvg weight is capped at `weight_multiple` times the median
+sample count, its delta is scaled down to `clip_multiple` times the median delta norm, and a delta
+longer than `reject_multiple` times that median is refused as anomalous, and so is one that points
+away from the coordinate-wise median of the round's deltas (a robust consensus while most clients
+are honest): a sign-flipped update is refused outright, not only shortened.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from processor import aggregate as agg
+from processor import codec, rounds
+from processor.aggregate import Weights
+from processor.tasks import Task
+
+log = logging.getLogger("processor.screen")
+
+
+class Rejected(Exception):
+    """An update refused by the checks; the message is its verdict's reason."""
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    aggregation: str = "fedavg"  # fedavg, median or trimmed_mean
+    weight_multiple: float | None = 1.0  # FedAvg weight <= this x the round's median sample count
+    clip_multiple: float | None = 1.0  # each delta scaled down to this x the round's median norm
+    reject_multiple: float | None = 10.0  # a delta longer than this x the median norm is refused
+    min_cosine: float | None = 0.0  # a delta pointing away from the coordinate-wise median is refused
+    clip_norm: float | None = None  # also scale every delta down to this absolute L2 norm
+    max_norm: float = 1e6  # an absolute bound, far above any honest delta: refused beyond it
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in rounds.AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {', '.join(rounds.AGGREGATIONS)}")
+        for name in ("weight_multiple", "clip_multiple", "reject_multiple", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Received:
+    """One submission as the chain records it, with what fetching its CID gave: the bytes, or why not."""
+    client: str
+    num_samples: int
+    data: bytes | None = None
+    fetch_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str | None = None
+    norm: float | None = None  # the delta's L2 norm as received
+    weight: int | None = None  # its FedAvg weight after the cap
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "reason": self.reason, "norm": self.norm, "weight": self.weight}
+
+
+@dataclass
+class RoundMerge:
+    """The merged model (None when no update was accepted) and a verdict per client."""
+    weights: Weights | None
+    verdicts: dict[str, Verdict]
+
+    @property
+    def accepted(self) -> int:
+        return sum(v.accepted for v in self.verdicts.values())
+
+
+def compared(value: float, bound: float) -> tuple[str, str]:
+    """`value` and `bound` written with as many significant digits as it takes to tell them apart."""
+    for digits in range(4, 18):
+        shown = f"{value:.{digits}g}", f"{bound:.{digits}g}"
+        if shown[0] != shown[1] or value == bound:
+            return shown
+    return repr(value), repr(bound)
+
+
+def check_update(task: Task, update: Received, round_id: int, base_cid: str, max_norm: float) -> tuple[Weights, float]:
+    """The delta `update` carries and its L2 norm, after every check that needs no other update.
+
+    Raises Rejected with the reason."""
+    if update.data is None:
+        raise Rejected(update.fetch_error or "the update could not be fetched")
+    try:
+        delta, meta = codec.decode_delta(task, update.data, expected_round=round_id, expected_base_cid=base_cid)
+    except codec.CodecError as exc:
+        raise Rejected(str(exc)) from None
+    if meta["client"].lower() != update.client.lower():
+        raise Rejected(f"the update names client {meta['client']!r}, but {update.client} submitted it")
+    if int(meta["num_samples"]) != update.num_samples:
+        raise Rejected(f"the update claims {meta['num_samples']} samples, the chain records {update.num_samples}")
+    norm = agg.l2_norm(delta)  # infinite when finite values overflow float32's dot: refused below
+    if not norm <= max_norm:
+        shown, bound = compared(norm, max_norm)
+        raise Rejected(f"the delta's L2 norm {shown} exceeds the bound {bound}")
+    return delta, norm
+
+
+def capped_weights(sample_counts: Sequence[int], multiple: float | None) -> list[int]:
+    """Each sample count, capped at `multiple` times their median (at least 1): no client's claim of
+    more data buys it more than that share of the average."""
+    if multiple is None or not sample_counts:
+        return list(sample_counts)
+    cap = max(1, math.floor(multiple * float(np.median(sample_counts))))
+    return [min(n, cap) for n in sample_counts]
+
+
+def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], round_id: int, base_cid: str,
+                policy: MergePolicy = MergePolicy()) -> RoundMerge:
+    """Check every update, bound each one's influence by the round's medians, and merge the rest."""
+    verdicts: dict[str, Verdict] = {}
+    checked: list[tuple[Received, Weights, float]] = []
+    for update in updates:
+        try:
+            delta, norm = check_update(task, update, round_id, base_cid, policy.max_norm)
+        except Rejected as exc:
+            verdicts[update.client] = Verdict(False, str(exc))
+            continue
+        except Exception as exc:  # a defect of the checks: still this update's verdict, never the round's failure
+            log.exception("round %d: checking the update of %s failed unexpectedly", round_id, update.client)
+            verdicts[update.client] = Verdict(False, f"the update could not be checked ({type(exc).__name__}: {exc})")
+            continue
+        checked.append((update, delta, norm))
+
+    if checked and policy.reject_multiple is not None:
+        median = float(np.median([norm for _, _, norm in checked]))
+        bound = policy.reject_multiple * median
+        kept = []
+        for update, delta, norm in checked:
+            if norm > bound:
+                shown, limit = compared(norm, bound)
+                verdicts[update.client] = Verdict(False, f"the delta's L2 norm {shown} exceeds {policy.reject_multiple:g} "
+                                                         f"times the round's median ({limit})", norm=norm)
+            else:
+                kept.append((update, delta, norm))
+        checked = kept
+
+    if len(checked) > 2 and policy.min_cosine is not None:
+        consensus = agg.coordinate_median([delta for _, delta, _ in checked])
+        kept = []
+        for update, delta, norm in checked:
+            cosine = agg.cosine(delta, consensus)
+            if cosine < policy.min_cosine:
+                verdicts[update.client] = Verdict(
+                    False, f"the delta points away from the round's consensus (cosine {cosine:.3f} with the "
+                           f"coordinate-wise median of the updates, below {policy.min_cosine:g})", norm=norm)
+            else:
+                kept.append((update, delta, norm))
+        checked = kept
+
+    if not checked:
+        return RoundMerge(None, verdicts)
+    clip = None
+    if policy.clip_multiple is not None:
+        clip = policy.clip_multiple * float(np.median([norm for _, _, norm in checked]))
+    if policy.clip_norm is not None:
+        clip = policy.clip_norm if clip is None else min(clip, policy.clip_norm)
+    weights = capped_weights([update.num_samples for update, _, _ in checked], policy.weight_multiple)
+    for (update, _, norm), weight in zip(checked, weights):
+        verdicts[update.client] = Verdict(True, None, norm=norm, weight=weight)
+
+    deltas = [(delta, weight) for (_, delta, _), weight in zip(checked, weights)]
+    return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts)
