@@ -16,7 +16,7 @@ import orjson
 from flask import Flask, abort, jsonify, request, session
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import WSGIRequestHandler
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 import chain
 import storage
@@ -82,9 +82,16 @@ class BoundedRequestHandler(WSGIRequestHandler):
     timeout = 10
 
 
+def http_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
+    """Werkzeug's threaded server for `app` at host:port, with bounded body reads."""
+    return make_server(host, port, app, threaded=True, request_handler=BoundedRequestHandler)
+
+
 def serve(app: Flask, host: str, port: int) -> None:
     """Serve `app` until interrupted, one thread per request."""
-    app.run(host=host, port=port, threaded=True, request_handler=BoundedRequestHandler)
+    server = http_server(app, host, port)
+    print(f" * Running on http://{host}:{server.port}", flush=True)
+    server.serve_forever()
 
 
 def store_status(store: storage.ContentStore) -> dict[str, Any]:
@@ -173,6 +180,11 @@ def install_request_guards(app: Flask) -> None:
         limit = app.config.get("MAX_CONTENT_LENGTH")
         if limit is not None and (request.content_length or 0) > limit:
             abort(413)
+        if limit is not None and request.content_length is None and "wsgi.input_terminated" in request.environ:
+            # A chunked body is read through a stream that stops at the cap without a word: read
+            # it now, and one byte more, which raises 413 when the body goes on past the cap.
+            if len(request.get_data(cache=True)) == limit:
+                request.stream.read(1)
         if request.method != "POST":
             return
         if request.path.startswith("/api/"):

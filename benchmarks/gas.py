@@ -61,7 +61,7 @@ def measure(w3) -> dict:
 
     registry = chain.deploy_registry(w3, org)
     log(f"deployed the round registry at {registry.address}")
-    register, finalize, submit = [], [], {}
+    register, close, finalize, submit = [], [], [], {}
     start = registry.start_round(org, compute_cid(b"base 1")).gas_used
     enrolled = 0
     for round_id, count in enumerate(CLIENT_COUNTS, start=1):
@@ -71,10 +71,11 @@ def measure(w3) -> dict:
         used = [registry.submit_update(key, round_id, compute_cid(f"delta {round_id} {k}".encode()),
                                        500 + k).gas_used
                 for k, key in enumerate(keys[:count])]
+        close.append(registry.close_round(org, round_id).gas_used)
         finalize.append(registry.finalize_round(org, round_id, compute_cid(f"model {round_id}".encode())).gas_used)
         submit[str(count)] = max(used)
         log(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
-    return {"submit_gas": submit, "start_round_gas": start, "finalize_gas": max(finalize),
+    return {"submit_gas": submit, "start_round_gas": start, "close_gas": max(close), "finalize_gas": max(finalize),
             "register_gas": max(register)}
 
 

@@ -75,7 +75,7 @@ def test_bad_requests_get_4xx_with_a_message(system):
         assert answer.get_json()["error"]
 
 
-def test_a_round_through_the_apis(system, monkeypatch):
+def test_a_round_through_the_apis(system):
     org, clients = system["org"], system["clients"]
     deploy_and_enrol(system)
     first = org.post("/api/rounds")
@@ -94,14 +94,15 @@ def test_a_round_through_the_apis(system, monkeypatch):
 
     view = org.get("/api/rounds/1").get_json()
     assert view["submission_count"] == 2 and not view["finalized"]
-    rounds_read = []
-    read_round = chain.Registry.round
-    monkeypatch.setattr(chain.Registry, "round", lambda self, n: rounds_read.append(n) or read_round(self, n))
     result = org.post("/api/rounds/1/aggregate").get_json()
-    assert rounds_read == []  # the organization opened round 1 itself: no view call to know it
-    monkeypatch.undo()
-    assert result["accepted"] == 2 and result["next_round"] == 2
-    assert all(v["accepted"] for v in result["verdicts"].values())
+    assert result["accepted"] == 2 and result["next_round"] == 2 and result["submissions"] == 2
+    assert all(v["accepted"] and v["reason"] is None and v["weight"] > 0 and v["norm"] > 0
+               for v in result["verdicts"].values())
+    # Closed to submissions before its submissions were read, then finalized with all of them.
+    registry = organization_registry(org)
+    [closed] = registry.events("RoundClosed")
+    [final] = registry.events("RoundFinalized")
+    assert closed["args"] == {"round": 1, "submissionCount": 2} and closed["block_number"] < final["block_number"]
     assert result["metrics"]["accuracy"] > initial_accuracy
 
     status = org.get("/api/status").get_json()
@@ -142,7 +143,7 @@ def test_restarted_organization_carries_on(system, tmp_path):
     assert org.get("/api/status").get_json()["current_round"]["round"] == 2
     # The first app still holds round 1 as it opened it; the chain refuses its late finalization.
     late = org.post("/api/rounds/1/aggregate")
-    assert late.status_code == 409 and late.get_json()["contract_error"] == "RoundAlreadyFinalized"
+    assert late.status_code == 409 and late.get_json()["error"] == "round 1 is already finalized"
 
 
 def organization_registry(org_client) -> chain.Registry:
