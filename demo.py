@@ -41,6 +41,7 @@ class DemoOptions:
     batch_size: int = 32
     lr: float = 0.05
     update_dtype: str = "float16"
+    bounds: str = "median"  # how the organization bounds one client's influence (processor.screen.BOUNDS)
     embedded: bool = False
     keep: bool = False
     json_path: Path | None = None
@@ -152,7 +153,7 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
         return process, HttpEndpoint(url)
 
     starting = [app_process("organization", free_port(options.org_port),
-                            ["app", "--task", options.task, "--seed", str(options.seed)])]
+                            ["app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds])]
     for k in range(options.clients):
         starting.append(app_process(
             f"client-{k}", free_port(options.first_client_port + k),
@@ -173,6 +174,7 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     import organization
     from client.service import ClientConfig
     from organization.service import OrganizationConfig
+    from processor.screen import policy_for
 
     run_dir = settings.state_dir / "demo-embedded"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -183,7 +185,8 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}")
     shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "REGISTRY": registry}
-    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=options.task, seed=options.seed)})
+    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(
+        task=options.task, seed=options.seed, merge=policy_for(options.bounds))})
     clients = [
         client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
             client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,

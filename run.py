@@ -53,10 +53,10 @@ def cmd_app(args: argparse.Namespace) -> None:
     from runtime import serve
     from organization import create_app
     from organization.service import OrganizationConfig
-    from processor.screen import MergePolicy
+    from processor.screen import policy_for
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                                merge=MergePolicy(aggregation=args.aggregation, clip_norm=args.clip_norm),
+                                merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 open_enrolment=args.open_enrolment, max_samples=args.max_samples)
     app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
     serve(app, args.host, args.port)
@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                           ewc_lambda=args.ewc_lambda, epochs=args.epochs, alpha=args.alpha, seed=args.seed,
                           batch_size=args.batch_size, lr=args.lr, update_dtype=args.update_dtype,
-                          embedded=args.embedded, keep=args.keep, json_path=args.json)
+                          bounds=args.bounds, embedded=args.embedded, keep=args.keep, json_path=args.json)
     try:
         run_demo(options, settings_from(args))
     except (DemoError, KeyboardInterrupt) as exc:
@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         add_service_flags(sub)
         sub.set_defaults(handler=handler)
         return sub
+
+    def bounds_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--bounds", default="median", choices=["median", "none"],
+                         help="bound each client's influence by the round's medians (weight, norm, direction), "
+                              "or not at all: plain FedAvg, as Flower's")
 
     def training_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="pretrain the first model on the organization's data")
     app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
+    bounds_flag(app)
     app.add_argument("--open-enrolment", action="store_true")
     app.add_argument("--max-samples", type=int, default=1_000_000,
                      help="the most samples a submission may claim, when this app deploys the contract")
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = command("demo", cmd_demo, "the whole system, several rounds")
     training_flags(demo)
     demo.add_argument("--clients", type=int, default=3)
+    bounds_flag(demo)
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")

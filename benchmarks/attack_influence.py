@@ -6,8 +6,10 @@ mnist, 5 clients, dirichlet(0.5), the clients' default training. After `--warmup
 (merged with the default policy), four honest clients train on the round's base and the fifth
 sends a crafted delta claiming the most samples the contract accepts, at the longest norm the
 checks let through. For each attack the round's test accuracy is compared with the merge of the
-four honest updates alone (same policy). The same attacks against plain FedAvg (no caps, the
-old fixed norm bound of 1e3) show what the bounds are worth. Progress on stderr, one JSON line last.
+four honest updates alone (same policy): `accuracy_change_pp` is attacked minus honest-only, so a
+drop is negative; the goal is no drop beyond 3 pp. The same attacks against plain FedAvg (no caps,
+no consensus check, the old fixed norm bound of 1e3) show what the bounds are worth. Progress on
+stderr, one JSON line last.
 """
 from __future__ import annotations
 
@@ -16,16 +18,17 @@ import json
 
 import numpy as np
 
+import chain
 from benchmarks.measure import log
 from processor import codec, rounds
-from processor.screen import MergePolicy, Received, merge_round
+from processor.screen import MergePolicy, Received, merge_round, policy_for
 from processor.tasks import get_task
 
 CLIENTS = 5
-MAX_SAMPLES = 2**32 - 1  # the contract's default cap on a submission's sample count
 BASE_CID = "bafkreibase"  # the checks compare it, nothing fetches it
-UNDEFENDED = MergePolicy(weight_multiple=None, clip_multiple=None, reject_multiple=None, min_cosine=None, max_norm=1e3)
-ATTACKS = ("sign_flip", "model_replacement", "scaled_honest", "honest_claiming_max_samples")
+UNDEFENDED = policy_for("none", max_norm=1e3)
+ATTACKS = ("sign_flip", "sign_flip_evading_cosine", "model_replacement", "scaled_honest",
+           "honest_claiming_max_samples")
 
 
 def address(k: int) -> str:
@@ -51,6 +54,14 @@ def attack_delta(name: str, task, base, honest, attacker_update, target, honest_
     mean = {n: np.mean([u.delta[n] for u in honest], axis=0) for n in base.weights}
     if name == "sign_flip":
         return longest_admitted({n: -t for n, t in mean.items()}, honest_norms, policy)
+    if name == "sign_flip_evading_cosine":  # as much of the flip as keeps a positive cosine with the consensus
+        consensus = {n: np.median([u.delta[n] for u in honest], axis=0) for n in base.weights}
+        c_norm = np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in consensus.values()))
+        along = sum(float(np.sum(-mean[n].astype(np.float64) * consensus[n])) for n in base.weights) / c_norm**2
+        orthogonal = {n: -mean[n] - along * consensus[n] for n in base.weights}
+        o_norm = np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in orthogonal.values()))
+        return longest_admitted({n: orthogonal[n] / o_norm + 0.05 * consensus[n] / c_norm for n in base.weights},
+                                honest_norms, policy)
     if name == "model_replacement":  # Bagdasaryan et al. 2020: towards a model of the attacker's choosing
         return longest_admitted({n: target[n] - base.weights[n] for n in base.weights}, honest_norms, policy)
     if name == "scaled_honest":
@@ -91,7 +102,7 @@ def run_seed(task, seed: int, warmup: int, policy: MergePolicy) -> dict:
         for name in ATTACKS:
             delta = attack_delta(name, task, base, honest, attacker_update, target, norms, merge_policy)
             attacked = accuracy(merge_policy, [*honest_received, encoded(task, delta, round_id, CLIENTS - 1,
-                                                                         MAX_SAMPLES)])
+                                                                         chain.DEFAULT_MAX_SAMPLES)])
             moved[name] = round(100 * (attacked - honest_only), 2)
         result[label] = {"honest_only_accuracy": round(honest_only, 4), "accuracy_change_pp": moved}
         log(f"seed {seed} {label}: honest-only {honest_only:.4f}, change in pp {moved}")
@@ -108,14 +119,16 @@ def main() -> None:
     task = get_task(args.task)
     policy = MergePolicy()
     runs = {seed: run_seed(task, seed, args.warmup, policy) for seed in args.seeds}
-    worst = max(abs(v) for r in runs.values() for v in r["defended"]["accuracy_change_pp"].values())
-    worst_undefended = max(abs(v) for r in runs.values() for v in r["undefended"]["accuracy_change_pp"].values())
+    def worst(label: str, of=lambda v: -v) -> float:  # the largest drop (or, with abs, the largest move)
+        return max(of(v) for r in runs.values() for v in r[label]["accuracy_change_pp"].values())
+
     print(json.dumps({"benchmark": "attack_influence", "task": args.task, "clients": CLIENTS,
                       "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1,
                       "policy": {k: getattr(policy, k) for k in ("weight_multiple", "clip_multiple",
                                                                  "reject_multiple")},
-                      "runs": runs, "worst_change_pp": worst, "worst_change_pp_undefended": worst_undefended,
-                      "goal_pp": 3.0, "met": worst <= 3.0}))
+                      "runs": runs, "worst_drop_pp": worst("defended"), "worst_move_pp": worst("defended", abs),
+                      "worst_drop_pp_undefended": worst("undefended"), "goal_drop_pp": 3.0,
+                      "met": worst("defended") <= 3.0}))
 
 
 if __name__ == "__main__":

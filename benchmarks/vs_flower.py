@@ -14,6 +14,8 @@ the only difference is the orchestration:
 - ours_fedavg / ours_ewc: the full stack (Ganache, the IPFS daemon, the organization and 5
   client processes), lambda 0 and lambda --lam, driven by demo.run_demo. Our clients publish
   their updates as float16 (the default; --update-dtype float32 for Flower's wire precision).
+  The organization merges with plain FedAvg, as Flower's strategy does (`--bounds none`; by
+  default it bounds each client's influence by the round's medians: benchmarks/attack_influence.py).
 - ours_embedded: every role in one process (eth-tester, the on-disk store), lambda 0.
 Per round seconds: ours from the clients' start to the organization's finished aggregation and
 evaluation; Flower's between successive evaluate_fn calls (training, transfer, aggregation and
@@ -139,7 +141,7 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, ewc_lambda=lam, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, update_dtype=args.update_dtype, embedded=embedded,
+                          lr=args.lr, update_dtype=args.update_dtype, bounds="none", embedded=embedded,
                           plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
                           org_port=5640, first_client_port=5650)
     settings = Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir)

@@ -52,6 +52,20 @@ class MergePolicy:
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
 
 
+BOUNDS = ("median", "none")  # how one client's influence is bounded: by the round's medians, or not at all
+
+
+def policy_for(bounds: str = "median", **settings) -> MergePolicy:
+    """The policy with the round's median bounds (the default), or with none of them: plain FedAvg
+    as Flower's, for like-for-like comparisons."""
+    if bounds not in BOUNDS:
+        raise ValueError(f"unknown bounds {bounds!r}; choose one of {', '.join(BOUNDS)}")
+    if bounds == "none":
+        settings = {"weight_multiple": None, "clip_multiple": None, "reject_multiple": None, "min_cosine": None,
+                    **settings}
+    return MergePolicy(**settings)
+
+
 @dataclass(frozen=True)
 class Received:
     """One submission as the chain records it, with what fetching its CID gave: the bytes, or why not."""

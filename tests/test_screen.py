@@ -12,7 +12,7 @@ from processor.tasks import get_task
 TASK = get_task("digits")
 BASE_CID = "bafkreibase"
 ROUND = 3
-PLAIN = MergePolicy(weight_multiple=None, clip_multiple=None, reject_multiple=None, min_cosine=None)
+PLAIN = screen.policy_for("none")
 
 
 def address(k: int) -> str:
