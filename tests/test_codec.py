@@ -209,3 +209,10 @@ def test_delta_metadata_fields_are_checked_by_the_schema():
     metadata = {k: v for k, v in codec.read_header(encoded_delta())[1].items() if k != "client"}
     with pytest.raises(CodecError, match="metadata client: field required"):
         codec.decode_delta(TASK, save(prefixed(random_weights()), metadata=metadata))
+
+
+def test_nesting_at_the_header_size_cap_is_refused_and_past_it_the_header_is_not_read():
+    with pytest.raises(CodecError, match="depth limit exceeded"):
+        codec.read_header(header_bytes(b"[" * codec.MAX_HEADER_BYTES))
+    with pytest.raises(CodecError, match=f"header of {codec.MAX_HEADER_BYTES + 1} bytes"):
+        codec.read_header(header_bytes(b"[" * (codec.MAX_HEADER_BYTES + 1)))
