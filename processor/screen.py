@@ -10,7 +10,9 @@ an attacker can fill up to: its FedAvg weight is capped at `weight_multiple` tim
 sample count, its delta is scaled down to `clip_multiple` times the median delta norm, and a delta
 longer than `reject_multiple` times that median is refused as anomalous, and so is one that points
 away from the coordinate-wise median of the round's deltas (a robust consensus while most clients
-are honest): a sign-flipped update is refused outright, not only shortened.
+are honest): a sign-flipped update is refused outright, not only shortened. The weights that remain
+are scaled by each delta's cosine with that median (as FLTrust scales by the cosine with a trusted
+update), so a delta that only grazes the consensus, mostly pushing elsewhere, counts for little.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class MergePolicy:
     clip_multiple: float | None = 1.0  # each delta scaled down to this x the round's median norm
     reject_multiple: float | None = 10.0  # a delta longer than this x the median norm is refused
     min_cosine: float | None = 0.0  # a delta pointing away from the coordinate-wise median is refused
+    cosine_weighting: bool = True  # FedAvg weights scaled by each delta's cosine with that median
     clip_norm: float | None = None  # also scale every delta down to this absolute L2 norm
     max_norm: float = 1e6  # an absolute bound, far above any honest delta: refused beyond it
 
@@ -62,7 +65,7 @@ def policy_for(bounds: str = "median", **settings) -> MergePolicy:
         raise ValueError(f"unknown bounds {bounds!r}; choose one of {', '.join(BOUNDS)}")
     if bounds == "none":
         settings = {"weight_multiple": None, "clip_multiple": None, "reject_multiple": None, "min_cosine": None,
-                    **settings}
+                    "cosine_weighting": False, **settings}
     return MergePolicy(**settings)
 
 
@@ -166,12 +169,13 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
                 kept.append((update, delta, norm))
         checked = kept
 
-    if len(checked) > 2 and policy.min_cosine is not None:
+    cosines: dict[str, float] = {}
+    if len(checked) > 2 and (policy.min_cosine is not None or policy.cosine_weighting):
         consensus = agg.coordinate_median([delta for _, delta, _ in checked])
         kept = []
         for update, delta, norm in checked:
-            cosine = agg.cosine(delta, consensus)
-            if cosine < policy.min_cosine:
+            cosine = cosines[update.client] = agg.cosine(delta, consensus)
+            if policy.min_cosine is not None and cosine < policy.min_cosine:
                 verdicts[update.client] = Verdict(
                     False, f"the delta points away from the round's consensus (cosine {cosine:.3f} with the "
                            f"coordinate-wise median of the updates, below {policy.min_cosine:g})", norm=norm)
@@ -187,6 +191,9 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
     if policy.clip_norm is not None:
         clip = policy.clip_norm if clip is None else min(clip, policy.clip_norm)
     weights = capped_weights([update.num_samples for update, _, _ in checked], policy.weight_multiple)
+    if policy.cosine_weighting and cosines:
+        weights = [max(1, round(w * max(0.0, cosines[update.client])))
+                   for (update, _, _), w in zip(checked, weights)]
     for (update, _, norm), weight in zip(checked, weights):
         verdicts[update.client] = Verdict(True, None, norm=norm, weight=weight)
 

@@ -89,7 +89,7 @@ def test_weights_are_capped_at_the_median_sample_count():
     assert screen.capped_weights([10, 20, 30], 2.0) == [10, 20, 30]
     assert screen.capped_weights([10, 20, 30], None) == [10, 20, 30]
     updates = [received(k, honest_delta(k), n) for k, n in enumerate([100, 120, 110, 1_000_000])]
-    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID)
+    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, MergePolicy(cosine_weighting=False))
     assert [merge.verdicts[address(k)].weight for k in range(4)] == [100, 115, 110, 115]
 
 
@@ -98,7 +98,7 @@ def test_deltas_are_clipped_to_the_median_norm_and_the_far_too_long_refused():
     scaled = {n: t * 5 for n, t in honest_delta(4).items()}  # 5x: merged, but only as long as the median
     huge = {n: t * 50 for n, t in honest_delta(5).items()}  # beyond 10x the median: refused
     updates = [received(k, d) for k, d in enumerate(deltas)] + [received(4, scaled), received(5, huge)]
-    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID)
+    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, MergePolicy(cosine_weighting=False))
     norms = [agg.l2_norm(d) for d in [*deltas, scaled]]
     median = float(np.median([*norms, agg.l2_norm(huge)]))
     assert not merge.verdicts[address(5)].accepted
@@ -141,3 +141,15 @@ def test_norm_messages_never_show_two_equal_numbers():
 def test_a_policy_with_impossible_settings_is_refused(field, value):
     with pytest.raises(ValueError, match=field if field != "aggregation" else "unknown aggregation"):
         MergePolicy(**{field: value})
+
+
+def test_weights_are_scaled_by_each_deltas_cosine_with_the_consensus():
+    deltas = [honest_delta(k) for k in range(3)]
+    sideways = {n: np.random.default_rng(50).normal(size=s).astype(np.float32) * 0.1 for n, s in TASK.spec.items()}
+    updates = [received(k, d) for k, d in enumerate([*deltas, sideways])]
+    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID)
+    consensus = agg.coordinate_median([*deltas, sideways])
+    for k, delta in enumerate([*deltas, sideways]):
+        expected = max(1, round(100 * max(0.0, agg.cosine(delta, consensus))))
+        assert merge.verdicts[address(k)].weight == expected
+    assert merge.verdicts[address(3)].weight < min(merge.verdicts[address(k)].weight for k in range(3)) / 2
