@@ -41,7 +41,10 @@ def test_interest_accepts_a_users_own_copy_in_grouplens_format(tmp_path):
     assert len(data.y_train) + len(data.y_val) + len(data.y_test) == 100
     # The model fits this copy's features (2 occupations, 2 genres), not the bundled dataset's 44.
     assert task.input_dim == data.x_train.shape[1] == 8
-    assert 0 <= task.evaluate(rounds.initial_model(task), data.x_test, data.y_test)["accuracy"] <= 1
+    weights = rounds.initial_model(task)
+    predicted = task.logits(weights, data.x_test).argmax(axis=1)
+    assert task.evaluate(weights, data.x_test, data.y_test)["accuracy"] == pytest.approx(
+        np.mean(predicted == data.y_test))
     with pytest.raises(FileNotFoundError, match="neither ml-100k.inter"):
         get_task("interest", data_path=tmp_path / "missing").data()
 
@@ -51,7 +54,12 @@ def test_evaluate_reports_accuracy_loss_and_auc_for_interest():
     data = task.data()
     metrics = task.evaluate(rounds.initial_model(task), data.x_test[:2000], data.y_test[:2000])
     assert set(metrics) == {"accuracy", "loss", "auc"}
-    assert 0 <= metrics["auc"] <= 1
+    # AUC is the chance that an interested pair scores above an uninterested one (Mann-Whitney)
+    logits = task.logits(rounds.initial_model(task), data.x_test[:2000]).astype(np.float64)
+    score, y = logits[:, 1] - logits[:, 0], data.y_test[:2000]
+    positive, negative = score[y == 1], score[y == 0]
+    wins = (positive[:, None] > negative[None, :]).mean() + 0.5 * (positive[:, None] == negative[None, :]).mean()
+    assert metrics["auc"] == pytest.approx(wins, abs=1e-9)
 
 
 def test_unknown_task_is_named():
