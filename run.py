@@ -50,6 +50,7 @@ def wait_forever(what: str) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> None:
+    import chain
     from runtime import serve
     from organization import create_app
     from organization.service import OrganizationConfig
@@ -57,7 +58,8 @@ def cmd_app(args: argparse.Namespace) -> None:
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
-                                open_enrolment=args.open_enrolment, max_samples=args.max_samples)
+                                open_enrolment=args.open_enrolment,
+                                max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES)
     app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
     serve(app, args.host, args.port)
 
@@ -83,7 +85,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     w3 = chain.connect(settings.chain_url)
     registry = chain.deploy_registry(w3, settings.org_key or chain.DEV_KEYS[0], open_enrolment=args.open_enrolment,
-                                     max_samples=args.max_samples)
+                                     max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES)
     chain.record_deployment(settings.contract_record, w3, registry.address)
     print(f"deployed the round registry at {registry.address}; recorded in {settings.contract_record}")
 
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                          help="bound each client's influence by the round's medians (weight, norm, direction), "
                               "or not at all: plain FedAvg, as Flower's")
 
+    def max_samples_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--max-samples", type=int, help="the most samples a submission may claim (its FedAvg "
+                                                         "weight) in a contract deployed here (default 1,000,000)")
+
     def training_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
         sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
@@ -157,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     bounds_flag(app)
     app.add_argument("--open-enrolment", action="store_true")
-    app.add_argument("--max-samples", type=int, default=1_000_000,
-                     help="the most samples a submission may claim, when this app deploys the contract")
+    max_samples_flag(app)
 
     cli = command("client", cmd_client, "one device's app")
     training_flags(cli)
@@ -172,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
     deploy.add_argument("--open-enrolment", action="store_true")
-    deploy.add_argument("--max-samples", type=int, default=1_000_000,
-                        help="the most samples a submission may claim (its FedAvg weight)")
+    max_samples_flag(deploy)
     command("chain", cmd_chain, "start Ganache")
     command("ipfs", cmd_ipfs, "start the IPFS daemon")
 

@@ -14,6 +14,7 @@ stderr, one JSON line last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 import chain
 from benchmarks.measure import log
 from processor import codec, rounds
+from processor.aggregate import l2_norm
 from processor.screen import MergePolicy, Received, merge_round, policy_for
 from processor.tasks import get_task
 
@@ -43,7 +45,7 @@ def encoded(task, delta, round_id: int, client: int, num_samples: int) -> Receiv
 
 def longest_admitted(direction: dict, honest_norms: list[float], policy: MergePolicy) -> dict:
     """`direction` scaled to just under the longest norm `policy` lets through beside these honest norms."""
-    norm = float(np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in direction.values())))
+    norm = l2_norm(direction)
     limit = policy.max_norm
     if policy.reject_multiple is not None:  # the attacker's own norm counts in the median: the largest
         limit = min(limit, policy.reject_multiple * float(np.median([*honest_norms, np.inf])))
@@ -56,10 +58,10 @@ def attack_delta(name: str, task, base, honest, attacker_update, target, honest_
         return longest_admitted({n: -t for n, t in mean.items()}, honest_norms, policy)
     if name == "sign_flip_evading_cosine":  # as much of the flip as keeps a positive cosine with the consensus
         consensus = {n: np.median([u.delta[n] for u in honest], axis=0) for n in base.weights}
-        c_norm = np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in consensus.values()))
+        c_norm = l2_norm(consensus)
         along = sum(float(np.sum(-mean[n].astype(np.float64) * consensus[n])) for n in base.weights) / c_norm**2
         orthogonal = {n: -mean[n] - along * consensus[n] for n in base.weights}
-        o_norm = np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in orthogonal.values()))
+        o_norm = l2_norm(orthogonal)
         return longest_admitted({n: orthogonal[n] / o_norm + 0.05 * consensus[n] / c_norm for n in base.weights},
                                 honest_norms, policy)
     if name == "model_replacement":  # Bagdasaryan et al. 2020: towards a model of the attacker's choosing
@@ -96,8 +98,7 @@ def run_seed(task, seed: int, warmup: int, policy: MergePolicy) -> dict:
     result = {"base_accuracy": task.evaluate(base.weights, data.x_test, data.y_test)["accuracy"]}
     for label, merge_policy in (("defended", policy), ("undefended", UNDEFENDED)):
         honest_only = accuracy(merge_policy, honest_received)
-        norms = [float(np.sqrt(sum(float(np.sum(t.astype(np.float64) ** 2)) for t in u.delta.values())))
-                 for u in honest]
+        norms = [l2_norm(u.delta) for u in honest]
         moved = {}
         for name in ATTACKS:
             delta = attack_delta(name, task, base, honest, attacker_update, target, norms, merge_policy)
@@ -119,13 +120,13 @@ def main() -> None:
     task = get_task(args.task)
     policy = MergePolicy()
     runs = {seed: run_seed(task, seed, args.warmup, policy) for seed in args.seeds}
+
     def worst(label: str, of=lambda v: -v) -> float:  # the largest drop (or, with abs, the largest move)
         return max(of(v) for r in runs.values() for v in r[label]["accuracy_change_pp"].values())
 
     print(json.dumps({"benchmark": "attack_influence", "task": args.task, "clients": CLIENTS,
                       "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1,
-                      "policy": {k: getattr(policy, k) for k in ("weight_multiple", "clip_multiple",
-                                                                 "reject_multiple")},
+                      "policy": dataclasses.asdict(policy),
                       "runs": runs, "worst_drop_pp": worst("defended"), "worst_move_pp": worst("defended", abs),
                       "worst_drop_pp_undefended": worst("undefended"), "goal_drop_pp": 3.0,
                       "met": worst("defended") <= 3.0}))
