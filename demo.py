@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import requests
 from tqdm import tqdm
 
-import chain
-import storage
-from plots import accuracy_png
-from services import ManagedProcess, http_answers, machine_busy_seconds
-from settings import EMBEDDED, REPO_ROOT, Settings
+from infra import chain, ipfs
+from infra.files import REPO_ROOT
+from infra.plots import accuracy_png
+from infra.processes import ManagedProcess, http_answers, machine_busy_seconds
+from infra.settings import EMBEDDED, Settings
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,9 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
         log(f"starting Ganache at {settings.chain_url}")
     ganache = stack.enter_context(chain.Ganache(settings.chain_url, db_dir=run_dir / "chain",
                                                 log_path=logs / "ganache.log"))
-    if not storage.ipfs_answers(settings.ipfs_api):
+    if not ipfs.ipfs_answers(settings.ipfs_api):
         log(f"starting the IPFS daemon at {settings.ipfs_api}")
-    stack.enter_context(storage.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
+    stack.enter_context(ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
                                                    log_path=logs / "ipfs.log"))
     w3 = chain.connect(settings.chain_url)
     record = run_dir / "deployments.json"
@@ -181,7 +181,7 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     settings = Settings.from_env(state_dir=run_dir, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
                                  contract_record=run_dir / "deployments.json")
     w3 = chain.connect(EMBEDDED)
-    store = storage.open_store(EMBEDDED, run_dir)
+    store = ipfs.open_store(EMBEDDED, run_dir)
     registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}")
     shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "REGISTRY": registry}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from settings import Settings  # noqa: E402
+from infra.settings import Settings  # noqa: E402
 
 
 def add_service_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +50,8 @@ def wait_forever(what: str) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> None:
-    import chain
-    from runtime import serve
+    from infra import chain
+    from infra.webapp import serve
     from organization import create_app
     from organization.service import OrganizationConfig
     from processor.screen import policy_for
@@ -65,10 +65,10 @@ def cmd_app(args: argparse.Namespace) -> None:
 
 
 def cmd_client(args: argparse.Namespace) -> None:
-    import chain
-    from runtime import serve
     from client import create_app
     from client.service import ClientConfig
+    from infra import chain
+    from infra.webapp import serve
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
@@ -80,7 +80,7 @@ def cmd_client(args: argparse.Namespace) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    import chain
+    from infra import chain
 
     settings = settings_from(args)
     w3 = chain.connect(settings.chain_url)
@@ -91,7 +91,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
 
 def cmd_chain(args: argparse.Namespace) -> None:
-    import chain
+    from infra import chain
 
     settings = settings_from(args)
     with chain.Ganache(settings.chain_url, db_dir=settings.state_dir / "chain",
@@ -100,10 +100,10 @@ def cmd_chain(args: argparse.Namespace) -> None:
 
 
 def cmd_ipfs(args: argparse.Namespace) -> None:
-    import storage
+    from infra import ipfs
 
     settings = settings_from(args)
-    with storage.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
+    with ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
                                     log_path=settings.state_dir / "logs" / "ipfs.log") as daemon:
         wait_forever(f"IPFS daemon {'already running' if daemon.reused else 'started'} at {settings.ipfs_api}")
 

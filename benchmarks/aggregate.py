@@ -1,6 +1,6 @@
 """FedAvg of N client deltas held as safetensors bytes, against one plain pass over the same bytes.
 
-    python benchmarks/aggregate.py [--json] [--sizes 10 100 1000] [--repeats 3]
+    python -m benchmarks.aggregate [--json] [--sizes 10 100 1000] [--repeats 3]
 
 The model is an MLP 784-1024-200-10 (1,010,850 float32 parameters, a 4 MB delta). The
 aggregation is what the organization runs per accepted update: codec.decode_delta (header,
@@ -17,21 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tracemalloc
-from pathlib import Path
 from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.measure import best_seconds, log  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from processor import aggregate as agg  # noqa: E402
-from processor import codec  # noqa: E402
-from processor.tasks import Task  # noqa: E402
+from benchmarks.measure import best_seconds, log
+from processor import aggregate as agg
+from processor import codec
+from processor.tasks import Task
 
 DISTINCT = 10
 

@@ -19,8 +19,8 @@ import json
 
 import numpy as np
 
-import chain
 from benchmarks.measure import log
+from infra import chain
 from processor import codec, rounds
 from processor.aggregate import l2_norm
 from processor.screen import MergePolicy, Received, merge_round, policy_for

@@ -1,6 +1,6 @@
 """Catastrophic forgetting: plain FedAvg against FedAvg with EWC on the original's skewed split.
 
-    python benchmarks/forgetting.py --json [--rounds 5] [--lam 20] [--plot results/forgetting.png]
+    python -m benchmarks.forgetting --json [--rounds 5] [--lam 20] [--plot results/forgetting.png]
 
 Two clients: A holds 90% of digits 0-4 and 10% of 5-9, B the reverse. "Retained accuracy" is a
 client's locally trained model on the test digits it holds little of; "forgetting" is how much
@@ -15,15 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from plots import accuracy_png  # noqa: E402
-from processor.partition import minority_classes  # noqa: E402
-from processor.simulation import SimulationConfig, SimulationResult, simulate  # noqa: E402
-from processor.tasks import get_task  # noqa: E402
+from infra.files import REPO_ROOT
+from infra.plots import accuracy_png
+from processor.partition import minority_classes
+from processor.simulation import SimulationConfig, SimulationResult, simulate
+from processor.tasks import get_task
 
 
 def summarise(result: SimulationResult) -> dict:

@@ -7,27 +7,23 @@ line on stdout is one JSON object:
     {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas"}
 start_round_gas opens the first round; finalize_gas closes a round and opens the next.
 
-    python benchmarks/gas.py --json            # a new Ganache on a free port, in a temporary folder
-    python benchmarks/gas.py --url http://127.0.0.1:8545   # that node (started there if none answers)
+    python -m benchmarks.gas --json            # a new Ganache on a free port, in a temporary folder
+    python -m benchmarks.gas --url http://127.0.0.1:8545   # that node (started there if none answers)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from eth_account import Account
+from eth_utils import keccak
 
-from eth_account import Account  # noqa: E402
-from eth_utils import keccak  # noqa: E402
-
-import chain  # noqa: E402
-from benchmarks.measure import log  # noqa: E402
-from storage import compute_cid  # noqa: E402
+from benchmarks.measure import log
+from infra import chain
+from infra.ipfs import compute_cid
 
 CLIENT_COUNTS = (1, 10, 100)
 CLIENT_FUNDS_WEI = 10**18

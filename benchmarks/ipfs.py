@@ -1,9 +1,9 @@
 """Add and get throughput of the IPFS daemon and of the embedded store, for 1, 10 and 50 MB.
 
-    python benchmarks/ipfs.py [--json] [--api-port 5121] [--repeats 3]
+    python -m benchmarks.ipfs [--json] [--api-port 5121] [--repeats 3]
 
 Starts js-ipfs on a non-default port in a temporary repo (or reuses a daemon already answering
-there), and measures through storage.IPFSStore and storage.EmbeddedStore, so the figures include
+there), and measures through ipfs.IPFSStore and ipfs.EmbeddedStore, so the figures include
 what the apps pay: the HTTP transfer and the CID verification of every get. Progress goes to
 stderr; with --json the last stdout line is
 {"daemon": {"1": {"add_MBps", "get_MBps"}, "10": ..., "50": ...}, "embedded": {same}}.
@@ -13,21 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.measure import best_seconds, log  # noqa: E402
-
-import storage  # noqa: E402
+from benchmarks.measure import best_seconds, log
+from infra import ipfs
 
 SIZES_MB = (1, 10, 50)
 MB = 1_000_000
 
 
-def measure(store: storage.ContentStore, repeats: int) -> dict[str, dict[str, float]]:
+def measure(store: ipfs.ContentStore, repeats: int) -> dict[str, dict[str, float]]:
     results = {}
     for size_mb in SIZES_MB:
         # Fresh random bytes per repeat, so that no add finds its blocks already stored.
@@ -52,11 +48,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ipfs-bench-") as tmp:
         tmp = Path(tmp)
         api = f"http://127.0.0.1:{args.api_port}"
-        with storage.IPFSDaemon.for_api(api, repo_dir=tmp / "repo", log_path=tmp / "ipfs.log") as daemon:
-            store = storage.IPFSStore(api, timeout=120)
+        with ipfs.IPFSDaemon.for_api(api, repo_dir=tmp / "repo", log_path=tmp / "ipfs.log") as daemon:
+            store = ipfs.IPFSStore(api, timeout=120)
             log(f"{store.describe()} ({'reused' if daemon.reused else 'started for this run'})")
             results = {"daemon": measure(store, args.repeats)}
-        embedded = storage.EmbeddedStore(tmp / "store")
+        embedded = ipfs.EmbeddedStore(tmp / "store")
         log(embedded.describe())
         results["embedded"] = measure(embedded, args.repeats)
 

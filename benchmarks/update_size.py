@@ -1,6 +1,6 @@
 """Bytes of one client update as float32 and as float16, and what float16 costs in accuracy.
 
-    python benchmarks/update_size.py [--json] [--rounds 5] [--clients 3]
+    python -m benchmarks.update_size [--json] [--rounds 5] [--clients 3]
 
 Size: a real mnist delta (one local epoch from the initial model) encoded by codec.encode_delta
 both ways; the safetensors header is counted. Accuracy cost: the embedded demo (every role in
@@ -20,12 +20,10 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.measure import log  # noqa: E402
-
-from processor import codec, rounds  # noqa: E402
-from processor.tasks import get_task  # noqa: E402
+from benchmarks.measure import log
+from processor import codec, rounds
+from processor.tasks import get_task
 
 
 def delta_bytes(task_name: str, dtype: str) -> int:
@@ -40,7 +38,7 @@ def delta_bytes(task_name: str, dtype: str) -> int:
 
 def final_accuracy(args: argparse.Namespace, dtype: str, state_dir: Path) -> float:
     from demo import DemoOptions, run_demo
-    from settings import Settings
+    from infra.settings import Settings
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                           update_dtype=dtype, embedded=True, plot_path=state_dir / f"{dtype}.png")

@@ -1,6 +1,6 @@
 """Flower and this system side by side on the same work: accuracy and wall time per round.
 
-    python benchmarks/vs_flower.py [--json] [--rounds 10] [--lam 3000] [--plot results/vs_flower.png]
+    python -m benchmarks.vs_flower [--json] [--rounds 10] [--lam 3000] [--plot results/vs_flower.png]
 
 Plots: accuracy per round (--plot) and, beside it, wall and CPU-seconds per round (*_cost.png).
 
@@ -44,14 +44,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from benchmarks.measure import log  # noqa: E402
-from services import machine_busy_seconds  # noqa: E402
+from benchmarks.measure import log
+from infra.files import REPO_ROOT
+from infra.processes import machine_busy_seconds
 
 CLIENTS, TASK, ALPHA = 5, "mnist", 0.5
-FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", ROOT / ".venv" / "flwr-overlay"))
+FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", REPO_ROOT / ".venv" / "flwr-overlay"))
 
 
 # ---- the Flower side (runs in a child process with Flower importable) -----------------------
@@ -125,8 +124,8 @@ def flower_in_child(args: argparse.Namespace) -> dict:
                  f"pip install --target {FLOWER_PATH} -r benchmarks/requirements-bench.txt")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "flower.json"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FLOWER_PATH), str(ROOT)])}
-        subprocess.run([sys.executable, __file__, "--flower-only", str(out), "--rounds", str(args.rounds),
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FLOWER_PATH), str(REPO_ROOT)])}
+        subprocess.run([sys.executable, "-m", "benchmarks.vs_flower", "--flower-only", str(out), "--rounds", str(args.rounds),
                         "--seed", str(args.seed), "--epochs", str(args.epochs), "--batch-size",
                         str(args.batch_size), "--lr", str(args.lr)], env=env, check=True, stdout=sys.stderr)
         return json.loads(out.read_text())
@@ -137,7 +136,7 @@ def flower_in_child(args: argparse.Namespace) -> dict:
 
 def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -> dict:
     from demo import DemoOptions, run_demo
-    from settings import Settings
+    from infra.settings import Settings
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, ewc_lambda=lam, epochs=args.epochs, batch_size=args.batch_size,
@@ -173,7 +172,7 @@ def main() -> None:
     parser.add_argument("--chain-url", default="http://127.0.0.1:8945")
     parser.add_argument("--ipfs-api", default="http://127.0.0.1:5401")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "fl-vs-flower")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "vs_flower.png")
+    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "results" / "vs_flower.png")
     parser.add_argument("--only", nargs="+", choices=["flower", "ours_fedavg", "ours_ewc", "ours_embedded"],
                         default=["flower", "ours_fedavg", "ours_ewc", "ours_embedded"])
     parser.add_argument("--flower-only", type=Path, help=argparse.SUPPRESS)  # the child process
@@ -194,7 +193,7 @@ def main() -> None:
                                               statistics.median(report["flower"][figure]), 3)
         report["accuracy_gap_pp"] = round(100 * (report["ours_fedavg"]["accuracy_per_round"][-1] -
                                                  report["flower"]["accuracy_per_round"][-1]), 2)
-    from plots import accuracy_png, round_cost_png
+    from infra.plots import accuracy_png, round_cost_png
 
     runs = {label: run for label, run in report.items() if isinstance(run, dict)}
     title = f"{TASK}, {CLIENTS} clients, dirichlet(alpha {ALPHA})"

@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Flask
 
-import chain
 from client.service import ClientConfig, ClientService
-from runtime import JobRunner, install_json_errors, install_request_guards, open_store
-from settings import Settings
+from infra import chain
+from infra.settings import Settings
+from infra.webapp import JobRunner, install_json_errors, install_request_guards, open_store
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from client.service import ClientService
-from runtime import ActionError, JobRunner, json_body
+from infra.webapp import ActionError, JobRunner, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 from eth_account import Account
 
-import chain
-import storage
+from infra import chain, ipfs
+from infra.settings import Settings
+from infra.webapp import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
 from processor import codec, rounds
 from processor.tasks import get_task
-from runtime import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
-from settings import Settings
 
 log = logging.getLogger("client")
 
@@ -54,7 +53,7 @@ class TrainedUpdate:
 
 
 class ClientService:
-    def __init__(self, settings: Settings, config: ClientConfig, w3, store: storage.ContentStore,
+    def __init__(self, settings: Settings, config: ClientConfig, w3, store: ipfs.ContentStore,
                  registry: chain.Registry | None = None) -> None:
         self.settings = settings
         self.config = config

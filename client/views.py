@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, flash, redirect, render_template, url_for
 
 from client.service import ClientService
-from runtime import JobRunner, describe_error
+from infra.webapp import JobRunner, describe_error
 
 bp = Blueprint("page", __name__)
 

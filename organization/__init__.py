@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Flask
 
-import chain
+from infra import chain
+from infra.settings import Settings
+from infra.webapp import install_json_errors, install_request_guards, open_store
 from organization.service import OrganizationConfig, OrganizationService
-from runtime import install_json_errors, install_request_guards, open_store
-from settings import Settings
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from infra.webapp import json_body
 from organization.service import OrganizationService
-from runtime import json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

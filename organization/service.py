@@ -17,13 +17,12 @@ from typing import Any
 
 from eth_account import Account
 
-import chain
-import storage
+from infra import chain, ipfs
+from infra.settings import Settings
+from infra.webapp import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
 from processor import codec, rounds
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
-from runtime import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
-from settings import Settings
 
 log = logging.getLogger("organization")
 # Updates fetched at once. Content no node holds costs a fetch its whole timeout, so this many
@@ -50,7 +49,7 @@ class OrganizationService:
         settings: Settings,
         config: OrganizationConfig,
         w3,
-        store: storage.ContentStore,
+        store: ipfs.ContentStore,
         registry: chain.Registry | None = None,
     ) -> None:
         self.settings = settings
@@ -83,7 +82,7 @@ class OrganizationService:
             return {"initial": None, "rounds": {}}
 
     def _save_history(self, history: dict[str, Any]) -> None:
-        storage.write_atomically(self.history_path, json.dumps(history, indent=1).encode())
+        ipfs.write_atomically(self.history_path, json.dumps(history, indent=1).encode())
 
     def chain_status(self) -> dict[str, Any]:
         try:
@@ -288,9 +287,9 @@ class OrganizationService:
             try:
                 data = retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
                     sub.cid, timeout=min(timeout, remaining), max_bytes=self.config.max_update_bytes))
-            except storage.StorageUnavailable:
+            except ipfs.StorageUnavailable:
                 raise
-            except storage.StorageError as exc:
+            except ipfs.StorageError as exc:
                 return Received(sub.client, sub.num_samples, fetch_error=describe_error(exc))
             except Exception as exc:  # a defect: still this update's verdict, not the round's failure
                 log.exception("fetching the update %s of %s failed unexpectedly", sub.cid, sub.client)

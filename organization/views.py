@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
 
+from infra.plots import accuracy_png
+from infra.webapp import ActionError, describe_error
 from organization.service import OrganizationService
-from plots import accuracy_png
-from runtime import ActionError, describe_error
 
 bp = Blueprint("dashboard", __name__)
 

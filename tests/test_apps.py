@@ -5,13 +5,12 @@ import re
 
 import pytest
 
-import chain
 import client
 import organization
-import storage
 from client.service import ClientConfig
+from infra import chain, ipfs
+from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
-from settings import EMBEDDED, Settings
 
 TASK = "digits"
 
@@ -22,7 +21,7 @@ def system(tmp_path):
     settings = Settings.from_env(state_dir=tmp_path, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
                                  contract_record=tmp_path / "deployments.json")
     w3 = chain.connect(EMBEDDED)
-    store = storage.open_store(EMBEDDED, tmp_path)
+    store = ipfs.open_store(EMBEDDED, tmp_path)
     shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "TESTING": True}
     org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)})
     clients = [

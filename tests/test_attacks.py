@@ -16,14 +16,13 @@ from eth_account import Account
 from markupsafe import escape
 from safetensors.numpy import save
 
-import chain
 import organization
-import storage
+from infra import chain, ipfs
+from infra.settings import Settings
+from organization.service import OrganizationConfig
 from processor import codec, rounds
 from processor.screen import Received, merge_round
 from processor.tasks import get_task
-from organization.service import OrganizationConfig
-from settings import Settings
 
 pytestmark = [pytest.mark.attack, pytest.mark.ganache, pytest.mark.ipfs_daemon]
 
@@ -47,7 +46,7 @@ def org(tmp_path_factory, ganache_url, ipfs_api):
     app = organization.create_app({
         "SETTINGS": Settings.from_env(state_dir=tmp, chain_url=ganache_url, ipfs_api=ipfs_api,
                                       contract_record=tmp / "deployments.json"),
-        "W3": chain.connect(ganache_url), "STORE": storage.open_store(ipfs_api, tmp), "ORG_CONFIG": config,
+        "W3": chain.connect(ganache_url), "STORE": ipfs.open_store(ipfs_api, tmp), "ORG_CONFIG": config,
     }).test_client()
     assert app.post("/api/deploy").status_code == 201
     for key in [*HONEST_KEYS, *ATTACKER_KEYS, POISONER_KEY]:
@@ -130,7 +129,7 @@ def test_bad_updates_are_rejected_and_the_honest_round_completes(org, tmp_path):
         ("huge norm (x1e6)", lambda k: delta_file({n: t * 1e6 for n, t in template.items()}, **meta(k)),
          "exceeds the bound"),
         ("wrong round", lambda k: valid(k, round=round_id + 1), f"for round {round_id + 1}, expected round {round_id}"),
-        ("wrong base CID", lambda k: valid(k, base_cid=storage.compute_cid(b"another base")), "trained from base"),
+        ("wrong base CID", lambda k: valid(k, base_cid=ipfs.compute_cid(b"another base")), "trained from base"),
         ("garbage bytes", lambda k: np.random.default_rng(1).bytes(4096), "not a safetensors file"),
         ("truncated safetensors", lambda k: valid(k)[:-100], "corrupt safetensors file"),
         ("CID not on IPFS", None, f"took more than {FETCH_TIMEOUT:g} s"),
@@ -141,7 +140,7 @@ def test_bad_updates_are_rejected_and_the_honest_round_completes(org, tmp_path):
     registry = service(org).registry
     for (name, make, _), key in zip(attacks, ATTACKER_KEYS):
         if make is None:  # a CID nobody serves: the fetch must time out, not hang
-            registry.submit_update(key, round_id, storage.compute_cid(b"never added " + key.encode()), samples)
+            registry.submit_update(key, round_id, ipfs.compute_cid(b"never added " + key.encode()), samples)
         else:
             submit(org, key, round_id, make(key), samples)
 
@@ -271,7 +270,7 @@ def open_org(tmp_path_factory, ganache_url, ipfs_api):
     app = organization.create_app({
         "SETTINGS": Settings.from_env(state_dir=tmp, chain_url=ganache_url, ipfs_api=ipfs_api,
                                       contract_record=tmp / "deployments.json"),
-        "W3": w3, "STORE": storage.open_store(ipfs_api, tmp), "ORG_CONFIG": config}).test_client()
+        "W3": w3, "STORE": ipfs.open_store(ipfs_api, tmp), "ORG_CONFIG": config}).test_client()
     assert app.post("/api/deploy").status_code == 201
     assert app.post("/api/rounds").status_code == 201
     funder = Account.from_key(chain.DEV_KEYS[19])
@@ -296,7 +295,7 @@ def test_fifty_absent_cids_cost_one_fetch_deadline_and_the_honest_updates_are_me
                                                       num_samples=update.num_samples, client=address(key)),
                update.num_samples)
     for i, key in enumerate(strangers):
-        registry.submit_update(key, round_id, storage.compute_cid(f"nobody has this {i}".encode()), 100)
+        registry.submit_update(key, round_id, ipfs.compute_cid(f"nobody has this {i}".encode()), 100)
     started = time.monotonic()
     result = org.post(f"/api/rounds/{round_id}/aggregate").get_json()
     took = time.monotonic() - started

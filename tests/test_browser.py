@@ -19,11 +19,11 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from demo import free_port
-from services import ManagedProcess, http_answers
+from infra.files import REPO_ROOT
+from infra.processes import ManagedProcess, http_answers
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.ganache, pytest.mark.ipfs_daemon]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOTS = REPO_ROOT / "results" / "browser"

@@ -9,8 +9,17 @@ import pytest
 import requests
 from eth_account import Account
 
-import chain
-from tests.fixtures.chain import close_and_finalize, CLIENT_KEYS, CLIENTS, ORG_KEY, check_round_lifecycle, cid_for, expect_revert
+from infra import chain
+from infra.files import REPO_ROOT
+from tests.fixtures.chain import (
+    CLIENT_KEYS,
+    CLIENTS,
+    ORG_KEY,
+    check_round_lifecycle,
+    cid_for,
+    close_and_finalize,
+    expect_revert,
+)
 
 pytestmark = pytest.mark.ganache
 
@@ -68,10 +77,10 @@ def test_reverts_are_named_on_ganache(w3):
 
 
 def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, ganache_url, tmp_path):
-    truffle = chain.REPO_ROOT / "node_modules" / ".bin" / "truffle"
+    truffle = REPO_ROOT / "node_modules" / ".bin" / "truffle"
     build_dir = tmp_path / "build" / "contracts"
     done = subprocess.run([str(truffle), "migrate", "--reset", "--network", "development"],
-                          cwd=chain.REPO_ROOT, capture_output=True, text=True, timeout=240,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "FL_CHAIN_URL": ganache_url, "FL_TRUFFLE_BUILD_DIR": str(build_dir)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     address = chain.find_deployment(w3, tmp_path / "no-record.json", artifact=build_dir / "RoundRegistry.json")

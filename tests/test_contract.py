@@ -7,9 +7,17 @@ import threading
 import pytest
 from eth_account import Account
 
-import chain
-from tests.fixtures.chain import (close_and_finalize, CLIENT_KEYS, CLIENTS, DAG_PB, ORG_KEY, check_round_lifecycle, cid_for,
-                                  expect_revert)
+from infra import chain
+from tests.fixtures.chain import (
+    CLIENT_KEYS,
+    CLIENTS,
+    DAG_PB,
+    ORG_KEY,
+    check_round_lifecycle,
+    cid_for,
+    close_and_finalize,
+    expect_revert,
+)
 
 BASE = cid_for("base")
 

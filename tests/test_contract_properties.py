@@ -6,10 +6,11 @@ events must agree with the model and with each other.
 from __future__ import annotations
 
 from eth_account import Account
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import chain
+from infra import chain
 from tests.fixtures.chain import CLIENT_KEYS, ORG_KEY, cid_for, compact_cid, expect_revert
 
 CALLERS = [ORG_KEY, *CLIENT_KEYS[:3]]  # the owner and three clients

@@ -5,13 +5,12 @@ import json
 
 import pytest
 
-import chain
 import demo
-import storage
 from demo import DemoOptions, run_demo
+from infra import chain, ipfs
+from infra.settings import Settings
 from processor import codec
 from processor.tasks import get_task
-from settings import Settings
 
 TASK = "digits"
 
@@ -57,7 +56,7 @@ def test_full_stack_as_separate_processes(tmp_path, ganache_url, ipfs_api):
     address = chain.find_deployment(w3, tmp_path / "demo" / "deployments.json")
     registry = chain.Registry(w3, address)
     assert registry.current_round() == 3
-    store = storage.open_store(ipfs_api, tmp_path)
+    store = ipfs.open_store(ipfs_api, tmp_path)
     task = get_task(TASK)
     data = task.data()
     for round_id in (1, 2):

@@ -19,10 +19,9 @@ import pytest
 import requests
 from eth_account import Account
 
-import chain
-import storage
-from services import ManagedProcess, http_answers
-from settings import REPO_ROOT
+from infra import chain, ipfs
+from infra.files import REPO_ROOT
+from infra.processes import ManagedProcess, http_answers
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -42,8 +41,8 @@ class Stack:
     def __init__(self, folder) -> None:
         self.folder = folder
         self.ganache = chain.Ganache(GANACHE_URL, db_dir=folder / "chain", log_path=folder / "logs" / "ganache.log")
-        self.ipfs = storage.IPFSDaemon(folder / "ipfs", api_port=IPFS_API_PORT,
-                                       gateway_port=storage.gateway_port_for(IPFS_API_PORT),
+        self.ipfs = ipfs.IPFSDaemon(folder / "ipfs", api_port=IPFS_API_PORT,
+                                       gateway_port=ipfs.gateway_port_for(IPFS_API_PORT),
                                        log_path=folder / "logs" / "ipfs.log")
         self.record = folder / "deployments.json"
         self.org: ManagedProcess | None = None

@@ -12,13 +12,12 @@ from eth_account import Account
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import chain
 import organization
-import storage
+from infra import chain, ipfs
+from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
 from processor import codec
 from processor.tasks import get_task
-from settings import EMBEDDED, Settings
 
 TASK = get_task("digits")
 HONEST_KEY, ATTACKER_KEY = chain.DEV_KEYS[1], chain.DEV_KEYS[2]
@@ -31,7 +30,7 @@ def org(tmp_path_factory):
     app = organization.create_app({
         "SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
                                       contract_record=tmp / "deployments.json"),
-        "W3": chain.connect(EMBEDDED), "STORE": storage.open_store(EMBEDDED, tmp),
+        "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp),
         "ORG_CONFIG": OrganizationConfig(task=TASK.name, open_enrolment=True)})
     web = app.test_client()
     assert web.post("/api/deploy").status_code == 201

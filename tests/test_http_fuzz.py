@@ -7,13 +7,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import chain
 import client
 import organization
-import storage
 from client.service import ClientConfig
+from infra import chain, ipfs
+from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
-from settings import EMBEDDED, Settings
 
 TASK = "digits"
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -25,7 +24,7 @@ def apps(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     shared = {"SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
                                             contract_record=tmp / "deployments.json"),
-              "W3": chain.connect(EMBEDDED), "STORE": storage.open_store(EMBEDDED, tmp)}
+              "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp)}
     org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)}).test_client()
     device = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
         client_id=0, num_clients=2, task=TASK, epochs=1)}).test_client()

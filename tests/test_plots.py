@@ -5,7 +5,7 @@ import io
 
 import matplotlib.pyplot as plt
 
-from plots import accuracy_png, round_cost_png
+from infra.plots import accuracy_png, round_cost_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

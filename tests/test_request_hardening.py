@@ -9,14 +9,12 @@ import time
 
 import pytest
 
-import chain
 import client
 import organization
-import runtime
-import storage
 from client.service import ClientConfig
+from infra import chain, ipfs, webapp
+from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
-from settings import EMBEDDED, Settings
 
 TASK = "digits"
 BODY_CAP = 64 * 1024
@@ -27,7 +25,7 @@ def apps(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
     shared = {"SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
                                             contract_record=tmp / "deployments.json"),
-              "W3": chain.connect(EMBEDDED), "STORE": storage.open_store(EMBEDDED, tmp)}
+              "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp)}
     org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)})
     device = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(client_id=0, num_clients=2, task=TASK)})
     assert org.test_client().post("/api/deploy").status_code == 201
@@ -54,7 +52,7 @@ def test_the_recursion_limit_that_web3_raises_is_put_back_so_deep_json_cannot_ov
     stack of a thread (a segfault) on 100,000 nested brackets. Now it raises RecursionError."""
     program = (
         "import json, sys, threading\n"
-        "import chain\n"
+        "from infra import chain\n"
         "assert sys.getrecursionlimit() == chain.RECURSION_LIMIT, sys.getrecursionlimit()\n"
         "def decode():\n"
         "    try:\n"
@@ -103,7 +101,7 @@ def test_round_numbers_beyond_uint256_are_404(apps, round_id):
 @pytest.fixture()
 def served(apps):
     """The organization app behind the real (threaded) HTTP server the processes run."""
-    server = runtime.http_server(apps["org"], "127.0.0.1", 0)
+    server = webapp.http_server(apps["org"], "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.port
@@ -130,7 +128,7 @@ def test_a_body_that_never_arrives_holds_a_worker_only_until_the_read_timeout(se
         while stalled.recv(65536):  # the server gives up on the body and closes the connection
             pass
     waited = time.monotonic() - started
-    assert runtime.BoundedRequestHandler.timeout - 1 <= waited <= runtime.BoundedRequestHandler.timeout + 10
+    assert webapp.BoundedRequestHandler.timeout - 1 <= waited <= webapp.BoundedRequestHandler.timeout + 10
 
 
 def test_a_chunked_body_over_the_cap_gets_413(served):

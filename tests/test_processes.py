@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from services import machine_busy_seconds
+from infra.processes import machine_busy_seconds
 
 
 def test_machine_busy_seconds_counts_at_least_this_process_busy_time():

@@ -25,8 +25,9 @@ from eth_utils import keccak, to_checksum_address
 from web3 import EthereumTesterProvider, Web3
 from web3.exceptions import ContractLogicError, TimeExhausted
 
-from services import ManagedProcess, ServiceError
-from storage import write_atomically
+from infra.files import REPO_ROOT, write_atomically
+from infra.processes import ManagedProcess, ServiceError
+from infra.settings import EMBEDDED
 
 # py_ecc, imported by web3, raises the recursion limit to 100,000. C code that recurses (the JSON
 # decoder reading every answer of the node) then overflows an 8 MB thread stack before Python's
@@ -37,14 +38,12 @@ THREAD_STACK_BYTES = 32 * 1024 * 1024
 sys.setrecursionlimit(RECURSION_LIMIT)
 threading.stack_size(THREAD_STACK_BYTES)
 
-REPO_ROOT = Path(__file__).resolve().parent
 CONTRACT_SOURCE = REPO_ROOT / "contracts" / "RoundRegistry.sol"
 SOLC_WRAPPER = REPO_ROOT / "tools" / "solc"
 GANACHE_BIN = REPO_ROOT / "node_modules" / ".bin" / "ganache"
 TRUFFLE_ARTIFACT = REPO_ROOT / "build" / "contracts" / "RoundRegistry.json"
 CONTRACT_NAME = "RoundRegistry"
 EVM_VERSION = "shanghai"  # Ganache 7.9 knows no later hardfork; solc >= 0.8.25 defaults to cancun
-EMBEDDED = "embedded"
 
 GANACHE_CHAIN_ID = 1337
 GANACHE_NETWORK_ID = 5777

@@ -18,9 +18,8 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-import chain
-import storage
-from settings import Settings
+from infra import chain, ipfs
+from infra.settings import Settings
 
 
 class ActionError(Exception):
@@ -31,8 +30,8 @@ class ActionError(Exception):
         self.status = status
 
 
-def open_store(settings: Settings) -> storage.ContentStore:
-    return storage.open_store(settings.ipfs_api, settings.state_dir, timeout=settings.timeout)
+def open_store(settings: Settings) -> ipfs.ContentStore:
+    return ipfs.open_store(settings.ipfs_api, settings.state_dir, timeout=settings.timeout)
 
 
 def find_registry(w3, settings: Settings) -> chain.Registry | None:
@@ -51,12 +50,12 @@ def describe_error(exc: BaseException) -> str:
 
 
 # Outages of the chain or IPFS are reported as 503 so callers know to retry later.
-UNAVAILABLE = (chain.ChainUnavailable, storage.StorageUnavailable, storage.StorageTimeout)
+UNAVAILABLE = (chain.ChainUnavailable, ipfs.StorageUnavailable, ipfs.StorageTimeout)
 # A node that refuses connections may be restarting: worth a few retries. A timeout is not retried,
 # since content the node cannot find would only time out again.
-REFUSED = (chain.ChainUnavailable, storage.StorageUnavailable)
+REFUSED = (chain.ChainUnavailable, ipfs.StorageUnavailable)
 
-log = logging.getLogger("runtime")
+log = logging.getLogger("webapp")
 T = TypeVar("T")
 
 
@@ -94,11 +93,11 @@ def serve(app: Flask, host: str, port: int) -> None:
     server.serve_forever()
 
 
-def store_status(store: storage.ContentStore) -> dict[str, Any]:
+def store_status(store: ipfs.ContentStore) -> dict[str, Any]:
     """Whether the IPFS node answers (the embedded store always does), for the status pages."""
     try:
         return {"ok": True, "backend": store.describe()}
-    except storage.StorageError as exc:
+    except ipfs.StorageError as exc:
         return {"ok": False, "error": str(exc)}
 
 
@@ -127,7 +126,7 @@ def install_json_errors(app: Flask) -> None:
     for outage in UNAVAILABLE:
         app.register_error_handler(outage, unavailable)
 
-    @app.errorhandler(storage.StorageError)
+    @app.errorhandler(ipfs.StorageError)
     def bad_content(exc):  # missing, mismatching or oversized content: IPFS answered, but not usefully
         return jsonify(error=describe_error(exc)), 502
 

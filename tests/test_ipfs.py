@@ -13,20 +13,21 @@ from pathlib import Path
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import storage
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from multiformats import CID
-from services import ServiceError
+
+from infra import ipfs
+from infra.processes import ServiceError
 
 KIB = 1024
-CHUNK = storage.CHUNK_SIZE
+CHUNK = ipfs.CHUNK_SIZE
 # 0 B and one byte; exactly one chunk and one byte more; a few chunks; ~172 chunks (one level).
 ROUND_TRIP_SIZES = [0, 1, 256 * KIB, 256 * KIB + 1, 5_000_000, 45_000_000]
 TWO_LEVELS = 174 * CHUNK + 1  # one leaf more than a single node can link: the DAG gets a second level
 EMPTY_FILE_CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"  # Kubo, --cid-version=1
 # A well-formed CID that no test ever adds.
-ABSENT_CID = storage.compute_cid(b"never added by any test: 5c0b1e")
+ABSENT_CID = ipfs.compute_cid(b"never added by any test: 5c0b1e")
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,31 +42,31 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def embedded(tmp_path) -> storage.EmbeddedStore:
-    return storage.EmbeddedStore(tmp_path / "store")
+def embedded(tmp_path) -> ipfs.EmbeddedStore:
+    return ipfs.EmbeddedStore(tmp_path / "store")
 
 
 @pytest.fixture()
-def daemon_store(ipfs_api) -> storage.IPFSStore:
-    return storage.IPFSStore(ipfs_api, timeout=30)
+def daemon_store(ipfs_api) -> ipfs.IPFSStore:
+    return ipfs.IPFSStore(ipfs_api, timeout=30)
 
 
 # --- CIDs -------------------------------------------------------------------------------------
 
 def test_cid_setting_is_v1_raw_leaves_base32():
-    assert storage.compute_cid(b"") == EMPTY_FILE_CID
-    assert storage.compute_cid(payload(CHUNK)).startswith("bafkrei")
-    assert storage.compute_cid(payload(CHUNK + 1)).startswith("bafybei")
+    assert ipfs.compute_cid(b"") == EMPTY_FILE_CID
+    assert ipfs.compute_cid(payload(CHUNK)).startswith("bafkrei")
+    assert ipfs.compute_cid(payload(CHUNK + 1)).startswith("bafybei")
 
 
 @pytest.mark.parametrize("bad", ["", "notacid", "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvy!!"])
 def test_malformed_cid_is_a_clear_storage_error(embedded, bad):
-    with pytest.raises(storage.StorageError, match="CID"):
+    with pytest.raises(ipfs.StorageError, match="CID"):
         embedded.get(bad)
 
 
 def test_cid_v0_is_refused_with_the_setting_named(embedded):
-    with pytest.raises(storage.StorageError, match="CIDv1"):
+    with pytest.raises(ipfs.StorageError, match="CIDv1"):
         embedded.get("QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH")
 
 
@@ -75,7 +76,7 @@ def test_cid_v0_is_refused_with_the_setting_named(embedded):
 def test_embedded_round_trip(embedded, size):
     data = payload(size)
     cid = embedded.add(data)
-    assert cid == storage.compute_cid(data)
+    assert cid == ipfs.compute_cid(data)
     assert embedded.has(cid)
     assert embedded.get(cid) == data
     assert embedded.add(data) == cid  # adding again is harmless
@@ -93,7 +94,7 @@ def test_embedded_rejects_tampered_bytes(embedded):
     tampered = bytearray(path.read_bytes())
     tampered[12345] ^= 0x01
     path.write_bytes(tampered)
-    with pytest.raises(storage.ContentMismatch, match=cid):
+    with pytest.raises(ipfs.ContentMismatch, match=cid):
         embedded.get(cid)
     # Adding the true bytes again repairs the file.
     embedded.add(payload(300 * KIB))
@@ -102,18 +103,18 @@ def test_embedded_rejects_tampered_bytes(embedded):
 
 def test_embedded_missing_cid_is_not_found_at_once(embedded):
     started = time.monotonic()
-    with pytest.raises(storage.ContentNotFound, match=ABSENT_CID):
+    with pytest.raises(ipfs.ContentNotFound, match=ABSENT_CID):
         embedded.get(ABSENT_CID, timeout=2)
     assert time.monotonic() - started < 1
     assert not embedded.has(ABSENT_CID)
-    with pytest.raises(storage.ContentNotFound):
+    with pytest.raises(ipfs.ContentNotFound):
         embedded.pin(ABSENT_CID)
 
 
 def test_embedded_max_bytes(embedded):
     cid = embedded.add(payload(1000))
     assert embedded.get(cid, max_bytes=1000) == payload(1000)
-    with pytest.raises(storage.ContentTooLarge, match="999"):
+    with pytest.raises(ipfs.ContentTooLarge, match="999"):
         embedded.get(cid, max_bytes=999)
 
 
@@ -124,7 +125,7 @@ def test_embedded_describe_and_no_gateway(embedded):
 
 def _write_many(root: str, seed: int, rounds: int) -> list[str]:
     """Worker for the concurrency test: one shared payload and one of its own, many times each."""
-    store = storage.EmbeddedStore(Path(root))
+    store = ipfs.EmbeddedStore(Path(root))
     cids = []
     for i in range(rounds):
         cids.append(store.add(payload(600 * KIB)))
@@ -134,10 +135,10 @@ def _write_many(root: str, seed: int, rounds: int) -> list[str]:
 
 def test_two_processes_writing_at_once_leave_the_store_intact(tmp_path):
     root = tmp_path / "shared-store"
-    storage.EmbeddedStore(root)
+    ipfs.EmbeddedStore(root)
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         results = pool.starmap(_write_many, [(str(root), 1, 15), (str(root), 2, 15)])
-    store = storage.EmbeddedStore(root)
+    store = ipfs.EmbeddedStore(root)
     written = {cid for cids in results for cid in cids}
     assert len(written) == 1 + 2 * 15
     assert sorted(p.name for p in root.iterdir()) == sorted(written)  # no temp files left behind
@@ -146,24 +147,24 @@ def test_two_processes_writing_at_once_leave_the_store_intact(tmp_path):
 
 
 def test_open_store_chooses_the_backend(tmp_path):
-    assert isinstance(storage.open_store("embedded", tmp_path), storage.EmbeddedStore)
-    store = storage.open_store("http://127.0.0.1:5001", tmp_path, timeout=5)
-    assert isinstance(store, storage.IPFSStore) and store.timeout == 5
+    assert isinstance(ipfs.open_store("embedded", tmp_path), ipfs.EmbeddedStore)
+    store = ipfs.open_store("http://127.0.0.1:5001", tmp_path, timeout=5)
+    assert isinstance(store, ipfs.IPFSStore) and store.timeout == 5
     assert store.gateway_url(EMPTY_FILE_CID) == f"http://127.0.0.1:8080/ipfs/{EMPTY_FILE_CID}"
-    assert isinstance(store, storage.ContentStore)
+    assert isinstance(store, ipfs.ContentStore)
 
 
 # --- a node that is down, or that lies --------------------------------------------------------
 
 def test_stopped_daemon_gives_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}"
-    store = storage.IPFSStore(url, timeout=5)
-    assert not storage.ipfs_answers(url)
+    store = ipfs.IPFSStore(url, timeout=5)
+    assert not ipfs.ipfs_answers(url)
     for call in (lambda: store.add(b"x"), lambda: store.get(EMPTY_FILE_CID), lambda: store.pin(EMPTY_FILE_CID)):
-        with pytest.raises(storage.StorageUnavailable) as caught:
+        with pytest.raises(ipfs.StorageUnavailable) as caught:
             call()
         assert url in str(caught.value) and "python run.py ipfs" in str(caught.value)
-    with pytest.raises(storage.StorageUnavailable, match="python run.py ipfs"):
+    with pytest.raises(ipfs.StorageUnavailable, match="python run.py ipfs"):
         store.describe()
 
 
@@ -194,19 +195,19 @@ class LyingNode(BaseHTTPRequestHandler):
 def lying_store():
     server = ThreadingHTTPServer(("127.0.0.1", 0), LyingNode)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield storage.IPFSStore(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
+    yield ipfs.IPFSStore(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
     server.shutdown()
     server.server_close()
 
 
 def test_bytes_from_a_lying_node_are_rejected(lying_store):
-    with pytest.raises(storage.ContentMismatch):
+    with pytest.raises(ipfs.ContentMismatch):
         lying_store.get(EMPTY_FILE_CID)
-    with pytest.raises(storage.ContentMismatch, match="expected"):
+    with pytest.raises(ipfs.ContentMismatch, match="expected"):
         lying_store.add(b"some bytes")
-    with pytest.raises(storage.StorageError, match="answered no CID"):
+    with pytest.raises(ipfs.StorageError, match="answered no CID"):
         lying_store.add(b"x")
-    with pytest.raises(storage.StorageError, match="repo is read-only"):
+    with pytest.raises(ipfs.StorageError, match="repo is read-only"):
         lying_store.pin(EMPTY_FILE_CID)
 
 
@@ -217,7 +218,7 @@ def test_bytes_from_a_lying_node_are_rejected(lying_store):
 def test_daemon_round_trip_with_the_embedded_cid(daemon_store, size):
     data = payload(size)
     cid = daemon_store.add(data)
-    assert cid == storage.compute_cid(data)
+    assert cid == ipfs.compute_cid(data)
     assert daemon_store.get(cid) == data
     assert daemon_store.has(cid)
     daemon_store.pin(cid)
@@ -227,7 +228,7 @@ def test_daemon_round_trip_with_the_embedded_cid(daemon_store, size):
 def test_daemon_cid_of_a_two_level_dag_matches(daemon_store):
     data = payload(TWO_LEVELS)
     cid = daemon_store.add(data)
-    assert cid == storage.compute_cid(data)
+    assert cid == ipfs.compute_cid(data)
     assert daemon_store.get(cid) == data
 
 
@@ -238,13 +239,13 @@ def test_daemon_cid_of_a_two_level_dag_matches(daemon_store):
        seed=st.integers(0, 2**32 - 1))
 def test_daemon_and_embedded_cids_agree_near_chunk_boundaries(daemon_store, size, seed):
     data = random.Random(seed).randbytes(size)
-    assert daemon_store.add(data) == storage.compute_cid(data)
+    assert daemon_store.add(data) == ipfs.compute_cid(data)
 
 
 @pytest.mark.ipfs_daemon
 def test_daemon_missing_cid_fails_within_its_timeout(daemon_store):
     started = time.monotonic()
-    with pytest.raises(storage.StorageTimeout):
+    with pytest.raises(ipfs.StorageTimeout):
         daemon_store.get(ABSENT_CID, timeout=2)
     assert time.monotonic() - started < 5
     assert not daemon_store.has(ABSENT_CID)
@@ -254,7 +255,7 @@ def test_daemon_missing_cid_fails_within_its_timeout(daemon_store):
 def test_daemon_max_bytes_stops_the_transfer(daemon_store):
     cid = daemon_store.add(payload(5_000_000))
     assert daemon_store.get(cid, max_bytes=5_000_000) == payload(5_000_000)
-    with pytest.raises(storage.ContentTooLarge):
+    with pytest.raises(ipfs.ContentTooLarge):
         daemon_store.get(cid, max_bytes=100_000)
 
 
@@ -268,14 +269,14 @@ def test_daemon_serving_corrupted_blocks_is_caught(ipfs_daemon, daemon_store):
     tampered = bytearray(data)
     tampered[0] ^= 0xFF
     blocks[0].write_bytes(tampered)
-    with pytest.raises(storage.ContentMismatch, match=cid):
+    with pytest.raises(ipfs.ContentMismatch, match=cid):
         daemon_store.get(cid)
 
 
 @pytest.mark.ipfs_daemon
 def test_daemon_describe_and_gateway(ipfs_daemon, daemon_store):
     assert "js-ipfs" in daemon_store.describe() and ipfs_daemon.api_url in daemon_store.describe()
-    store = storage.IPFSStore(ipfs_daemon.api_url, gateway=ipfs_daemon.gateway_url)
+    store = ipfs.IPFSStore(ipfs_daemon.api_url, gateway=ipfs_daemon.gateway_url)
     cid = store.add(b"through the gateway")
     assert requests.get(store.gateway_url(cid), timeout=10).content == b"through the gateway"
 
@@ -283,32 +284,32 @@ def test_daemon_describe_and_gateway(ipfs_daemon, daemon_store):
 # --- daemon lifecycle -------------------------------------------------------------------------
 
 def test_gateway_port_follows_the_api_port(tmp_path):
-    assert storage.IPFSDaemon.for_api("http://127.0.0.1:5001", tmp_path / "r").gateway_port == 8080
-    assert storage.IPFSDaemon.for_api("http://127.0.0.1:5101", tmp_path / "r").gateway_port == 8180
+    assert ipfs.IPFSDaemon.for_api("http://127.0.0.1:5001", tmp_path / "r").gateway_port == 8080
+    assert ipfs.IPFSDaemon.for_api("http://127.0.0.1:5101", tmp_path / "r").gateway_port == 8180
     with pytest.raises(ServiceError, match="local"):
-        storage.IPFSDaemon.for_api("http://example.org:5001", tmp_path / "r")
+        ipfs.IPFSDaemon.for_api("http://example.org:5001", tmp_path / "r")
 
 
 @pytest.mark.ipfs_daemon
 def test_a_running_daemon_is_reused_and_left_running(ipfs_daemon, tmp_path):
-    with storage.IPFSDaemon.for_api(ipfs_daemon.api_url, tmp_path / "unused") as again:
+    with ipfs.IPFSDaemon.for_api(ipfs_daemon.api_url, tmp_path / "unused") as again:
         assert again.reused
-    assert storage.ipfs_answers(ipfs_daemon.api_url)
+    assert ipfs.ipfs_answers(ipfs_daemon.api_url)
 
 
 @pytest.mark.ipfs_daemon
 def test_stop_start_and_stale_lock_recovery_on_one_repo(tmp_path, ipfs_daemon):
     api_port = free_port()
-    daemon = storage.IPFSDaemon(tmp_path / "repo", api_port=api_port, gateway_port=free_port(),
+    daemon = ipfs.IPFSDaemon(tmp_path / "repo", api_port=api_port, gateway_port=free_port(),
                                 log_path=tmp_path / "ipfs.log")
     with daemon:
         assert not daemon.reused
-        cid = storage.IPFSStore(daemon.api_url, timeout=10).add(b"survives restarts")
-    assert not storage.ipfs_answers(daemon.api_url)
+        cid = ipfs.IPFSStore(daemon.api_url, timeout=10).add(b"survives restarts")
+    assert not ipfs.ipfs_answers(daemon.api_url)
 
     daemon.start()  # same repo after a clean stop
-    assert storage.IPFSStore(daemon.api_url, timeout=10).get(cid) == b"survives restarts"
-    intruder = storage.IPFSDaemon(daemon.repo_dir, api_port=free_port(), gateway_port=free_port(),
+    assert ipfs.IPFSStore(daemon.api_url, timeout=10).get(cid) == b"survives restarts"
+    intruder = ipfs.IPFSDaemon(daemon.repo_dir, api_port=free_port(), gateway_port=free_port(),
                                   log_path=tmp_path / "intruder.log")
     with pytest.raises(ServiceError, match="locked by process"):
         intruder.start()  # a live daemon's lock is never taken away
@@ -317,7 +318,7 @@ def test_stop_start_and_stale_lock_recovery_on_one_repo(tmp_path, ipfs_daemon):
 
     daemon.start()
     try:
-        assert storage.IPFSStore(daemon.api_url, timeout=10).get(cid) == b"survives restarts"
+        assert ipfs.IPFSStore(daemon.api_url, timeout=10).get(cid) == b"survives restarts"
     finally:
         daemon.stop()
-    assert not storage.ipfs_answers(daemon.api_url)
+    assert not ipfs.ipfs_answers(daemon.api_url)

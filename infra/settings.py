@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
+from infra.files import REPO_ROOT
+
 EMBEDDED = "embedded"
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -23,12 +22,12 @@ import requests
 import urllib3
 from multiformats import CID, multihash
 
-from services import ManagedProcess, ServiceError
-
+from infra.files import REPO_ROOT, write_atomically
+from infra.processes import ManagedProcess, ServiceError
+from infra.settings import EMBEDDED
 
 CHUNK_SIZE = 262_144
 LINKS_PER_NODE = 174
-REPO_ROOT = Path(__file__).resolve().parent
 JSIPFS = REPO_ROOT / "node_modules" / ".bin" / "jsipfs"
 
 
@@ -137,22 +136,6 @@ def verify(cid: str, data: bytes) -> bytes:
     if bytes(actual) != bytes(expected):
         raise ContentMismatch(f"content for {cid} hashes to {actual} instead: refusing it")
     return data
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` so that readers, in this or any process, see the old file or the whole new one,
-    never a partial write: a temp file in the same folder, flushed to disk, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- the interface ----------------------------------------------------------------------------
@@ -381,7 +364,7 @@ class IPFSStore:
 
 def open_store(api: str, state_dir: Path, timeout: float = 30.0) -> ContentStore:
     """The store `api` names: "embedded" (a folder under `state_dir`) or an IPFS API URL."""
-    if api == "embedded":
+    if api == EMBEDDED:
         return EmbeddedStore(Path(state_dir) / "store")
     return IPFSStore(api, timeout)
 
