@@ -90,6 +90,12 @@ def cmd_deploy(args: argparse.Namespace) -> None:
     print(f"deployed the round registry at {registry.address}; recorded in {settings.contract_record}")
 
 
+def cmd_compile(args: argparse.Namespace) -> None:
+    from infra import chain
+
+    print(f"compiled the round registry into {chain.compile_artifact()}")
+
+
 def cmd_chain(args: argparse.Namespace) -> None:
     from infra import chain
 
@@ -178,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
     deploy.add_argument("--open-enrolment", action="store_true")
     max_samples_flag(deploy)
+    commands.add_parser("compile", help="compile the contract into build/contracts/RoundRegistry.json (setup.sh "
+                                        "does it)").set_defaults(handler=cmd_compile)
     command("chain", cmd_chain, "start Ganache")
     command("ipfs", cmd_ipfs, "start the IPFS daemon")
 

@@ -41,6 +41,15 @@ if [ -f package.json ]; then
   fi
 fi
 
+# The contract is compiled once, here, into build/contracts/RoundRegistry.json (Truffle's artifact
+# format): the apps only read it, and never start solc.
+contract_hash=$(cat contracts/RoundRegistry.sol tools/solc package-lock.json | sha256sum | cut -d' ' -f1)
+if ! stamp_ok contract "$contract_hash" || [ ! -f build/contracts/RoundRegistry.json ]; then
+  echo "setup.sh: compiling the contract (build/contracts/RoundRegistry.json)"
+  .venv/bin/python run.py compile
+  echo "$contract_hash" > "$STAMPS/contract"
+fi
+
 # Chromium and ChromeDriver drive the browser tests (Debian packages chromium, chromium-driver).
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -40,8 +40,10 @@ threading.stack_size(THREAD_STACK_BYTES)
 
 CONTRACT_SOURCE = REPO_ROOT / "contracts" / "RoundRegistry.sol"
 SOLC_WRAPPER = REPO_ROOT / "tools" / "solc"
+SOLC_PACKAGE = REPO_ROOT / "node_modules" / "solc" / "package.json"
 GANACHE_BIN = REPO_ROOT / "node_modules" / ".bin" / "ganache"
-TRUFFLE_ARTIFACT = REPO_ROOT / "build" / "contracts" / "RoundRegistry.json"
+# Truffle's artifact format and place: `truffle migrate` and run.py compile write it, every process reads it.
+ARTIFACT = REPO_ROOT / "build" / "contracts" / "RoundRegistry.json"
 CONTRACT_NAME = "RoundRegistry"
 EVM_VERSION = "shanghai"  # Ganache 7.9 knows no later hardfork; solc >= 0.8.25 defaults to cancun
 
@@ -141,11 +143,18 @@ class Submission:
 # ---- compiling --------------------------------------------------------------------------------
 
 
-@functools.cache
-def compile_registry() -> tuple[list[dict], str]:
-    """ABI and creation bytecode (0x-hex) of RoundRegistry, compiled with the npm solc via tools/solc."""
+class ArtifactError(Exception):
+    """The contract's build artifact is missing or was built from another source."""
+
+
+def compile_artifact(path: Path | None = None) -> Path:
+    """Compile RoundRegistry with the npm solc (through tools/solc) into a Truffle-format artifact
+    at `path` (build/contracts/RoundRegistry.json), keeping the deployments it already records.
+
+    Run once at install (setup.sh runs `run.py compile`); the apps only read the artifact."""
     import solcx
 
+    path = Path(path or ARTIFACT)
     source = CONTRACT_SOURCE.read_text()
     standard_input = {
         "language": "Solidity",
@@ -161,7 +170,42 @@ def compile_registry() -> tuple[list[dict], str]:
     if errors:
         raise RuntimeError("solc failed:\n" + "\n".join(e["formattedMessage"] for e in errors))
     compiled = output["contracts"][CONTRACT_SOURCE.name][CONTRACT_NAME]
-    return compiled["abi"], "0x" + compiled["evm"]["bytecode"]["object"]
+    try:
+        networks = json.loads(path.read_text()).get("networks", {})
+    except (FileNotFoundError, ValueError):
+        networks = {}
+    artifact = {"contractName": CONTRACT_NAME, "abi": compiled["abi"],
+                "bytecode": "0x" + compiled["evm"]["bytecode"]["object"], "source": source,
+                "sourcePath": str(CONTRACT_SOURCE), "networks": networks,
+                "compiler": {"name": "solc", "version": json.loads(SOLC_PACKAGE.read_text())["version"],
+                             "evmVersion": EVM_VERSION}}
+    write_atomically(path, json.dumps(artifact, indent=2).encode())
+    return path
+
+
+_artifacts: dict[Path, tuple[list[dict], str]] = {}
+_artifacts_guard = threading.Lock()
+
+
+def load_artifact(path: Path | None = None) -> tuple[list[dict], str]:
+    """ABI and creation bytecode (0x-hex) of RoundRegistry from its build artifact (ours or
+    Truffle's: the same format), read once per process. Never compiles."""
+    path = Path(path or ARTIFACT)
+    with _artifacts_guard:  # one reader at a time: concurrent first calls must not each read and parse
+        if path not in _artifacts:
+            try:
+                artifact = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ArtifactError(f"{path} is missing: build the contract with `bash setup.sh` "
+                                    "(or `python run.py compile`)") from None
+            except ValueError as exc:
+                raise ArtifactError(f"{path} is not a contract artifact ({exc}): rebuild it with "
+                                    "`python run.py compile`") from None
+            if artifact.get("source") != CONTRACT_SOURCE.read_text():
+                raise ArtifactError(f"{path} was built from another version of {CONTRACT_SOURCE.name}: "
+                                    "rebuild it with `bash setup.sh` (or `python run.py compile`)")
+            _artifacts[path] = (artifact["abi"], artifact["bytecode"])
+        return _artifacts[path]
 
 
 # ---- connecting -------------------------------------------------------------------------------
@@ -215,7 +259,7 @@ def connect(url: str, timeout: float = HTTP_TIMEOUT) -> Web3:
 @functools.cache
 def _error_signatures() -> dict[bytes, tuple[str, list[str], list[str]]]:
     """4-byte selector -> (error name, argument names, argument types) for the ABI's custom errors."""
-    abi, _ = compile_registry()
+    abi, _ = load_artifact()
     found = {}
     for entry in abi:
         if entry["type"] == "error":
@@ -295,7 +339,7 @@ def record_deployment(path: Path, w3: Web3, address: str) -> None:
     write_atomically(path, json.dumps(records, indent=2).encode())
 
 
-def find_deployment(w3: Web3, path: Path, artifact: Path = TRUFFLE_ARTIFACT) -> str | None:
+def find_deployment(w3: Web3, path: Path, artifact: Path = ARTIFACT) -> str | None:
     """The registry's address on this chain: from the record at `path`, else from Truffle's artifact.
 
     An address without code (a chain that was reset) does not count."""
@@ -441,7 +485,7 @@ def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
 def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False,
                     max_samples: int = DEFAULT_MAX_SAMPLES) -> "Registry":
     """Deploy a new RoundRegistry owned by `key`'s account, accepting at most `max_samples` per submission."""
-    abi, bytecode = compile_registry()
+    abi, bytecode = load_artifact()
     factory = w3.eth.contract(abi=abi, bytecode=bytecode)
     _, receipt = _send(w3, key, lambda params: factory.constructor(open_enrolment, max_samples)
                        .build_transaction(params))
@@ -455,7 +499,7 @@ class Registry:
     """A deployed RoundRegistry: a method per contract function."""
 
     def __init__(self, w3: Web3, address: str) -> None:
-        abi, _ = compile_registry()
+        abi, _ = load_artifact()
         self.w3 = w3
         self.address = to_checksum_address(address)
         self.contract = w3.eth.contract(address=self.address, abi=abi)
