@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from infra.files import REPO_ROOT
 from infra.plots import accuracy_png
 from infra.processes import ManagedProcess, http_answers, machine_busy_seconds
 from infra.settings import EMBEDDED, Settings
+from processor.training import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,9 @@ class DemoOptions:
     clients: int = 3
     rounds: int = 5
     partition: str = "iid"
-    ewc_lambda: float = 0.0
-    epochs: int = 1
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     alpha: float = 0.5  # Dirichlet concentration
     seed: int = 0  # initial model, partitions and batch order
-    batch_size: int = 32
-    lr: float = 0.05
-    update_dtype: str = "float16"
     bounds: str = "median"  # how the organization bounds one client's influence (processor.screen.BOUNDS)
     embedded: bool = False
     keep: bool = False
@@ -158,10 +155,8 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
         starting.append(app_process(
             f"client-{k}", free_port(options.first_client_port + k),
             ["client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
-             "--partition", options.partition, "--ewc-lambda", str(options.ewc_lambda),
-             "--epochs", str(options.epochs), "--alpha", str(options.alpha), "--seed", str(options.seed),
-             "--batch-size", str(options.batch_size), "--lr", str(options.lr),
-             "--update-dtype", options.update_dtype]))
+             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed),
+             *options.training.as_flags()]))
     log(f"starting the organization and {options.clients} clients (logs in {logs})")
     for process, _ in starting:
         process.start()
@@ -190,8 +185,7 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     clients = [
         client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
             client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
-            alpha=options.alpha, seed=options.seed, ewc_lambda=options.ewc_lambda, epochs=options.epochs,
-            batch_size=options.batch_size, learning_rate=options.lr, update_dtype=options.update_dtype)})
+            alpha=options.alpha, seed=options.seed, training=options.training)})
         for k in range(options.clients)
     ]
     return (InProcessEndpoint(org, "organization"),
@@ -225,12 +219,12 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
         outcomes = []
         for endpoint in clients:
             outcomes.append(participate(endpoint))
-            bar.update(options.epochs)
+            bar.update(options.training.epochs)
         return outcomes
     with ThreadPoolExecutor(len(clients)) as pool:
         calls = [pool.submit(participate, endpoint) for endpoint in clients]
         while wait(calls, timeout=0.5).not_done:
-            bar.n = sum(options.epochs if call.done() else epochs_done(endpoint)
+            bar.n = sum(options.training.epochs if call.done() else epochs_done(endpoint)
                         for endpoint, call in zip(clients, calls))
             bar.refresh()
         return [call.result() for call in calls]
@@ -238,7 +232,7 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
 
 def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> dict[str, Any]:
     started, busy = time.perf_counter(), machine_busy_seconds()
-    with tqdm(total=options.epochs * len(clients), desc=f"round {round_id} training", unit="epoch",
+    with tqdm(total=options.training.epochs * len(clients), desc=f"round {round_id} training", unit="epoch",
               file=sys.stderr, leave=False) as bar:
         outcomes = participate_all(clients, options, bar)
     published = [result for result, _ in outcomes if result is not None]

@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from infra.settings import Settings  # noqa: E402
+from processor.training import TrainingSettings  # noqa: E402
 
 
 def add_service_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +73,7 @@ def cmd_client(args: argparse.Namespace) -> None:
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
-                          alpha=args.alpha, seed=args.seed, ewc_lambda=args.ewc_lambda, epochs=args.epochs,
-                          batch_size=args.batch_size, learning_rate=args.lr, update_dtype=args.update_dtype,
-                          key=key)
+                          alpha=args.alpha, seed=args.seed, training=TrainingSettings.from_args(args), key=key)
     app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
     serve(app, args.host, args.port if args.port else 5100 + args.id)
 
@@ -118,8 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
-                          ewc_lambda=args.ewc_lambda, epochs=args.epochs, alpha=args.alpha, seed=args.seed,
-                          batch_size=args.batch_size, lr=args.lr, update_dtype=args.update_dtype,
+                          training=TrainingSettings.from_args(args), alpha=args.alpha, seed=args.seed,
                           bounds=args.bounds, embedded=args.embedded, keep=args.keep, json_path=args.json)
     try:
         run_demo(options, settings_from(args))
@@ -149,14 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     def training_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
         sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
-        sub.add_argument("--ewc-lambda", type=float, default=0.0, help="EWC strength (0 = plain FedAvg)")
-        sub.add_argument("--epochs", type=int, default=1, help="local epochs per round")
         sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-        sub.add_argument("--batch-size", type=int, default=32)
-        sub.add_argument("--lr", type=float, default=0.05)
-        sub.add_argument("--update-dtype", default="float16", choices=["float16", "float32"],
-                         help="a client's update on IPFS: float16 halves its bytes (no accuracy cost measured: "
-                              "benchmarks/update_size.py)")
+        TrainingSettings.add_flags(sub)
 
     app = command("app", cmd_app, "the organization's app")
     app.add_argument("--task", default="mnist")

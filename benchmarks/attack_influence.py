@@ -25,6 +25,7 @@ from processor import codec, rounds
 from processor.aggregate import l2_norm
 from processor.screen import MergePolicy, Received, merge_round, policy_for
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 CLIENTS = 5
 BASE_CID = "bafkreibase"  # the checks compare it, nothing fetches it
@@ -78,8 +79,8 @@ def run_seed(task, seed: int, warmup: int, policy: MergePolicy) -> dict:
     target = rounds.initial_model(task, seed=seed + 12345)  # the attacker's model: another random one
 
     def train_all(base, round_id):
-        return [rounds.local_update(task, base.weights, base.fisher, x, y, lam=0.0, epochs=1, batch_size=32,
-                                    lr=0.05, seed=seed + 1000 * round_id + k) for k, (x, y) in enumerate(shards)]
+        return [rounds.local_update(task, base.weights, base.fisher, x, y, TrainingSettings(),
+                                    seed=seed + 1000 * round_id + k) for k, (x, y) in enumerate(shards)]
 
     for round_id in range(1, warmup + 1):
         base = rounds.make_base(task, weights)

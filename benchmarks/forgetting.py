@@ -22,6 +22,7 @@ from infra.plots import accuracy_png
 from processor.partition import minority_classes
 from processor.simulation import SimulationConfig, SimulationResult, simulate
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 
 def summarise(result: SimulationResult) -> dict:
@@ -40,8 +41,7 @@ def main() -> None:
     cli.add_argument("--task", default="mnist")
     cli.add_argument("--rounds", type=int, default=5)
     cli.add_argument("--lam", type=float, default=3000.0, help="EWC lambda of the EWC run")
-    cli.add_argument("--epochs", type=int, default=2)
-    cli.add_argument("--lr", type=float, default=0.05)
+    TrainingSettings.add_flags(cli, defaults=TrainingSettings(epochs=2), exclude=("ewc_lambda", "update_dtype"))
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--pretrain-epochs", type=int, default=20,
                      help="the organization pretrains the first base model on its validation data")
@@ -58,8 +58,8 @@ def main() -> None:
 
     report = {"task": args.task, "rounds": args.rounds, "lambda": args.lam}
     for label, lam in (("fedavg", 0.0), ("ewc", args.lam)):
-        config = SimulationConfig(num_clients=2, rounds=args.rounds, partition="skewed", ewc_lambda=lam,
-                                  epochs=args.epochs, lr=args.lr, seed=args.seed,
+        config = SimulationConfig(num_clients=2, rounds=args.rounds, partition="skewed",
+                                  training=TrainingSettings.from_args(args, ewc_lambda=lam), seed=args.seed,
                                   pretrain_epochs=args.pretrain_epochs)
         started = time.perf_counter()
 
@@ -70,7 +70,7 @@ def main() -> None:
 
         report[label] = summarise(simulate(task, config, probes=probes, on_round=show))
 
-    curves = {f"FedAvg (lambda 0)": list(enumerate([report["fedavg"]["initial_accuracy"]]
+    curves = {"FedAvg (lambda 0)": list(enumerate([report["fedavg"]["initial_accuracy"]]
                                                     + report["fedavg"]["accuracy_per_round"])),
               f"EWC (lambda {args.lam:g})": list(enumerate([report["ewc"]["initial_accuracy"]]
                                                             + report["ewc"]["accuracy_per_round"]))}

@@ -24,14 +24,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from benchmarks.measure import log
 from processor import codec, rounds
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 
 def delta_bytes(task_name: str, dtype: str) -> int:
     task = get_task(task_name)
     base = rounds.make_base(task, rounds.initial_model(task))
     x, y = task.client_data(0, 3, scheme="iid")
-    result = rounds.local_update(task, base.weights, base.fisher, x, y, lam=0.0, epochs=1, batch_size=32, lr=0.05,
-                                 seed=0)
+    result = rounds.local_update(task, base.weights, base.fisher, x, y, TrainingSettings(), seed=0)
     return len(codec.encode_delta(task, result.delta, round_id=1, base_cid="bafy", num_samples=result.num_samples,
                                   client="0x" + "0" * 40, dtype=dtype))
 
@@ -41,7 +41,8 @@ def final_accuracy(args: argparse.Namespace, dtype: str, state_dir: Path) -> flo
     from infra.settings import Settings
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
-                          update_dtype=dtype, embedded=True, plot_path=state_dir / f"{dtype}.png")
+                          training=TrainingSettings(update_dtype=dtype), embedded=True,
+                          plot_path=state_dir / f"{dtype}.png")
     stdout, sys.stdout = sys.stdout, sys.stderr  # the demo's table is progress; stdout keeps the JSON
     try:
         report = run_demo(options, Settings.from_env(state_dir=state_dir))

@@ -48,6 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from benchmarks.measure import log
 from infra.files import REPO_ROOT
 from infra.processes import machine_busy_seconds
+from processor.training import TrainingSettings
 
 CLIENTS, TASK, ALPHA = 5, "mnist", 0.5
 FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", REPO_ROOT / ".venv" / "flwr-overlay"))
@@ -56,7 +57,7 @@ FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", REPO_ROOT / ".venv" / "flwr-ove
 # ---- the Flower side (runs in a child process with Flower importable) -----------------------
 
 
-def run_flower(rounds: int, seed: int, epochs: int, batch_size: int, lr: float) -> dict:
+def run_flower(rounds: int, seed: int, training: TrainingSettings) -> dict:
     import flwr
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, ndarrays_to_parameters
@@ -87,8 +88,8 @@ def run_flower(rounds: int, seed: int, epochs: int, batch_size: int, lr: float) 
             def fit(self, parameters, config):
                 base = dict(zip(task.spec, parameters))
                 zeros = {n: 0.0 * w for n, w in base.items()}
-                result = steps.local_update(task, base, zeros, x, y, lam=0.0, epochs=epochs, batch_size=batch_size,
-                                            lr=lr, seed=seed + 1000 * int(config["round"]) + k)
+                result = steps.local_update(task, base, zeros, x, y, training,
+                                            seed=seed + 1000 * int(config["round"]) + k)
                 return [base[n] + result.delta[n] for n in task.spec], result.num_samples, {}
 
         return Client().to_client()
@@ -125,9 +126,10 @@ def flower_in_child(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "flower.json"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FLOWER_PATH), str(REPO_ROOT)])}
-        subprocess.run([sys.executable, "-m", "benchmarks.vs_flower", "--flower-only", str(out), "--rounds", str(args.rounds),
-                        "--seed", str(args.seed), "--epochs", str(args.epochs), "--batch-size",
-                        str(args.batch_size), "--lr", str(args.lr)], env=env, check=True, stdout=sys.stderr)
+        subprocess.run([sys.executable, "-m", "benchmarks.vs_flower", "--flower-only", str(out),
+                        "--rounds", str(args.rounds), "--seed", str(args.seed),
+                        *TrainingSettings.from_args(args).as_flags(exclude=("ewc_lambda",))],
+                       env=env, check=True, stdout=sys.stderr)
         return json.loads(out.read_text())
 
 
@@ -139,8 +141,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
     from infra.settings import Settings
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
-                          seed=args.seed, ewc_lambda=lam, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, update_dtype=args.update_dtype, bounds="none", embedded=embedded,
+                          seed=args.seed, training=TrainingSettings.from_args(args, ewc_lambda=lam), bounds="none",
+                          embedded=embedded,
                           plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
                           org_port=5640, first_client_port=5650)
     settings = Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir)
@@ -152,7 +154,7 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
     finally:
         sys.stdout = stdout
     rows = report["rounds"]
-    return {"update_dtype": args.update_dtype, "initial_accuracy": report["initial_accuracy"],
+    return {"update_dtype": options.training.update_dtype, "initial_accuracy": report["initial_accuracy"],
             "accuracy_per_round": [r["accuracy"] for r in rows],
             "seconds_per_round": [r["seconds"] for r in rows],
             "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows], "phases_per_round": [r["phases"] for r in rows]}
@@ -163,12 +165,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line last")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
+    TrainingSettings.add_flags(parser, exclude=("ewc_lambda",))  # Flower sends float32 arrays, whatever --update-dtype
     parser.add_argument("--lam", type=float, default=3000.0, help="EWC lambda of the ours_ewc run")
-    parser.add_argument("--update-dtype", default="float16", choices=["float16", "float32"],
-                        help="how our clients publish updates (Flower sends float32 arrays)")
     parser.add_argument("--chain-url", default="http://127.0.0.1:8945")
     parser.add_argument("--ipfs-api", default="http://127.0.0.1:5401")
     parser.add_argument("--state-dir", type=Path, default=Path(tempfile.gettempdir()) / "fl-vs-flower")
@@ -179,8 +177,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.flower_only:
-        args.flower_only.write_text(json.dumps(run_flower(args.rounds, args.seed, args.epochs, args.batch_size,
-                                                          args.lr)))
+        args.flower_only.write_text(json.dumps(run_flower(args.rounds, args.seed, TrainingSettings.from_args(args))))
         return
     runs = {"flower": lambda: flower_in_child(args),
             "ours_fedavg": lambda: run_ours(args, 0.0, False, "ours_fedavg"),

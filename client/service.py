@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from infra.settings import Settings
 from infra.webapp import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
 from processor import codec, rounds
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 log = logging.getLogger("client")
 
@@ -29,11 +30,7 @@ class ClientConfig:
     partition: str = "iid"  # iid, dirichlet, skewed, by-user
     alpha: float = 0.5
     seed: int = 0
-    ewc_lambda: float = 0.0
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    update_dtype: str = "float16"  # half the bytes of float32 (benchmarks/update_size.py: same accuracy)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
 
 
@@ -105,8 +102,8 @@ class ClientService:
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "client_id": self.config.client_id, "address": self.address, "task": self.task.name,
-            "partition": self.config.partition, "ewc_lambda": self.config.ewc_lambda,
-            "epochs": self.config.epochs, "data": self.data_summary(),
+            "partition": self.config.partition, "ewc_lambda": self.config.training.ewc_lambda,
+            "epochs": self.config.training.epochs, "data": self.data_summary(),
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
             "ipfs": store_status(self.store),
@@ -161,8 +158,7 @@ class ClientService:
 
             with timer.phase("training"):
                 result = rounds.local_update(
-                    self.task, self.base.weights, self.base.fisher, self.x, self.y, lam=cfg.ewc_lambda,
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                    self.task, self.base.weights, self.base.fisher, self.x, self.y, cfg.training,
                     seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress)
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, result)
             return {**self._trained_view(), "seconds": timer.as_dict()}
@@ -184,7 +180,7 @@ class ClientService:
             with timer.phase("encoding"):
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
-                                          dtype=self.config.update_dtype)
+                                          dtype=self.config.training.update_dtype)
             with timer.phase("ipfs"):
                 cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
             with timer.phase("chain"):

@@ -54,7 +54,8 @@ RECEIPT_TIMEOUT = 120.0
 # transactions at once (about 1 in 200 submissions here); web3 retries read calls after a
 # timeout, so a short one bounds that stall (it was 30 s). Healthy nodes answer in milliseconds.
 HTTP_TIMEOUT = 5.0
-DEFAULT_MAX_SAMPLES = 1_000_000  # the most samples a submission may claim (its FedAvg weight), unless deployed otherwise
+# The most samples a submission may claim (its FedAvg weight), unless the contract is deployed otherwise.
+DEFAULT_MAX_SAMPLES = 1_000_000
 MAX_ROUND = 2**256 - 1  # round numbers are uint256 on chain
 GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
 NODE_ERRORS = (requests.ConnectionError, requests.Timeout)  # the node went away mid-call

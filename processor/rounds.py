@@ -5,7 +5,7 @@ A client: `local_update` (train from the base with EWC, return the delta).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -15,6 +15,7 @@ from processor import aggregate as agg
 from processor.aggregate import Weights
 from processor.ewc import fisher_diagonal, get_weights, set_weights
 from processor.tasks import Task
+from processor.training import TrainingSettings
 
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 
@@ -36,15 +37,16 @@ class LocalResult:
     metrics_after: dict[str, float]  # locally trained model on the client's own data
 
 
-def initial_model(task: Task, seed: int = 0, pretrain_epochs: int = 0, batch_size: int = 32,
-                  lr: float = 0.05) -> Weights:
-    """Random weights from `seed`, optionally pretrained on the organization's validation data."""
+def initial_model(task: Task, seed: int = 0, pretrain_epochs: int = 0,
+                  training: TrainingSettings = TrainingSettings()) -> Weights:
+    """Random weights from `seed`, optionally pretrained on the organization's validation data
+    for `pretrain_epochs` (with the batch size and learning rate of `training`, and no EWC)."""
     weights = get_weights(task.build_model(seed))
     if pretrain_epochs > 0:
         data = task.data()
         zeros = {n: np.zeros_like(w) for n, w in weights.items()}
-        weights = train(task, weights, zeros, data.x_val, data.y_val, lam=0.0, epochs=pretrain_epochs,
-                        batch_size=batch_size, lr=lr, seed=seed)
+        pretraining = replace(training, epochs=pretrain_epochs, ewc_lambda=0.0)
+        weights = train(task, weights, zeros, data.x_val, data.y_val, pretraining, seed=seed)
     return weights
 
 
@@ -57,8 +59,8 @@ def make_base(task: Task, weights: Weights) -> Base:
         return Base(weights, fisher_diagonal(model, data.x_val, data.y_val))
 
 
-def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, lam: float, epochs: int,
-          batch_size: int, lr: float, seed: int, progress: ProgressFn | None = None) -> Weights:
+def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, training: TrainingSettings,
+          seed: int, progress: ProgressFn | None = None) -> Weights:
     """SGD from `weights` on (x, y) with the EWC penalty anchored at `weights`; the trained weights.
 
     Every epoch visits the samples in a new order drawn from `seed` alone.
@@ -69,24 +71,23 @@ def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.nd
     with task.lock:
         model = task.model()
         set_weights(model, weights)
-        model.set_anchor(weights, fisher, lam)
-        model.optimizer.learning_rate = lr
-        for epoch in range(epochs):
+        model.set_anchor(weights, fisher, training.ewc_lambda)
+        model.optimizer.learning_rate = training.learning_rate
+        for epoch in range(training.epochs):
             order = orders.permutation(len(y))
             # Batches of arrays shuffled here: given the arrays, Keras builds and traces a shuffling
             # tf.data pipeline on every fit, which cost three times the epoch itself (mnist client).
-            batches = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
+            batches = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(training.batch_size)
             logs = model.fit(batches, epochs=1, shuffle=False, verbose=0).history
             if progress:
-                progress(epoch + 1, epochs, {name: float(values[-1]) for name, values in logs.items()})
+                progress(epoch + 1, training.epochs, {name: float(values[-1]) for name, values in logs.items()})
         return get_weights(model)
 
 
-def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, lam: float,
-                 epochs: int, batch_size: int, lr: float, seed: int,
-                 progress: ProgressFn | None = None) -> LocalResult:
+def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray,
+                 training: TrainingSettings, seed: int, progress: ProgressFn | None = None) -> LocalResult:
     """A client's round: train from the base on local data with EWC and return the delta."""
-    local = train(task, base_weights, fisher, x, y, lam, epochs, batch_size, lr, seed, progress)
+    local = train(task, base_weights, fisher, x, y, training, seed, progress)
     return LocalResult(delta=agg.subtract(local, base_weights), num_samples=int(len(y)),
                        metrics_before=task.evaluate(base_weights, x, y), metrics_after=task.evaluate(local, x, y))
 

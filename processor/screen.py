@@ -48,7 +48,8 @@ class MergePolicy:
 
     def __post_init__(self) -> None:
         if self.aggregation not in rounds.AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {', '.join(rounds.AGGREGATIONS)}")
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; "
+                             f"choose one of {', '.join(rounds.AGGREGATIONS)}")
         for name in ("weight_multiple", "clip_multiple", "reject_multiple", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -163,8 +164,9 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
         for update, delta, norm in checked:
             if norm > bound:
                 shown, limit = compared(norm, bound)
-                verdicts[update.client] = Verdict(False, f"the delta's L2 norm {shown} exceeds {policy.reject_multiple:g} "
-                                                         f"times the round's median ({limit})", norm=norm)
+                reason = (f"the delta's L2 norm {shown} exceeds {policy.reject_multiple:g} times the round's "
+                          f"median ({limit})")
+                verdicts[update.client] = Verdict(False, reason, norm=norm)
             else:
                 kept.append((update, delta, norm))
         checked = kept

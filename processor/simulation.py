@@ -9,6 +9,7 @@ import numpy as np
 from processor import rounds
 from processor.aggregate import Weights, apply_delta
 from processor.tasks import Task
+from processor.training import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -17,10 +18,7 @@ class SimulationConfig:
     rounds: int = 3
     partition: str = "iid"
     alpha: float = 0.5
-    ewc_lambda: float = 0.0
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
+    training: TrainingSettings = field(default_factory=TrainingSettings)
     seed: int = 0
     pretrain_epochs: int = 0
     aggregation: str = "fedavg"
@@ -28,7 +26,7 @@ class SimulationConfig:
 
 
 @dataclass
-class ClientRound:
+class ClientRecord:
     client_id: int
     num_samples: int
     metrics_before: dict[str, float]
@@ -41,7 +39,7 @@ class ClientRound:
 class RoundRecord:
     round: int
     test: dict[str, float]
-    clients: list[ClientRound] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -67,17 +65,16 @@ def simulate(task: Task, config: SimulationConfig,
     shards = [task.client_data(k, config.num_clients, scheme=config.partition, seed=config.seed,
                                alpha=config.alpha) for k in range(config.num_clients)]
     weights = rounds.initial_model(task, seed=config.seed, pretrain_epochs=config.pretrain_epochs,
-                                   batch_size=config.batch_size, lr=config.lr)
+                                   training=config.training)
     initial = task.evaluate(weights, data.x_test, data.y_test)
     history: list[RoundRecord] = []
     for round_id in range(1, config.rounds + 1):
         base = rounds.make_base(task, weights)
         updates, clients = [], []
         for k, (x, y) in enumerate(shards):
-            result = rounds.local_update(task, base.weights, base.fisher, x, y, lam=config.ewc_lambda,
-                                         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+            result = rounds.local_update(task, base.weights, base.fisher, x, y, config.training,
                                          seed=config.seed + 1000 * round_id + k)
-            record = ClientRound(k, result.num_samples, result.metrics_before, result.metrics_after)
+            record = ClientRecord(k, result.num_samples, result.metrics_before, result.metrics_after)
             if probes and k in probes:
                 px, py = probes[k]
                 record.probe_before = task.evaluate(base.weights, px, py)["accuracy"]

@@ -11,6 +11,7 @@ from client.service import ClientConfig
 from infra import chain, ipfs
 from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
+from processor.training import TrainingSettings
 
 TASK = "digits"
 
@@ -26,7 +27,7 @@ def system(tmp_path):
     org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)})
     clients = [
         client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
-            client_id=k, num_clients=2, task=TASK, epochs=2, learning_rate=0.1)})
+            client_id=k, num_clients=2, task=TASK, training=TrainingSettings(epochs=2, learning_rate=0.1))})
         for k in range(2)
     ]
     return {"org": org.test_client(), "clients": [c.test_client() for c in clients], "w3": w3,

@@ -23,6 +23,7 @@ from organization.service import OrganizationConfig
 from processor import codec, rounds
 from processor.screen import Received, merge_round
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 pytestmark = [pytest.mark.attack, pytest.mark.ganache, pytest.mark.ipfs_daemon]
 
@@ -69,7 +70,7 @@ def open_base(org) -> tuple[int, str, dict, dict]:
 
 def honest_update(weights, fisher, client_id: int, seed: int = 0) -> rounds.LocalResult:
     x, y = TASK.client_data(client_id, 2, scheme="iid", seed=0)
-    return rounds.local_update(TASK, weights, fisher, x, y, lam=0.0, epochs=2, batch_size=32, lr=0.1, seed=seed)
+    return rounds.local_update(TASK, weights, fisher, x, y, TrainingSettings(epochs=2, learning_rate=0.1), seed=seed)
 
 
 def submit(org, key: str, round_id: int, data: bytes, num_samples: int) -> str:

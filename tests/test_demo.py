@@ -11,6 +11,7 @@ from infra import chain, ipfs
 from infra.settings import Settings
 from processor import codec
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 TASK = "digits"
 
@@ -24,7 +25,7 @@ def check_report(report: dict, rounds: int, clients: int) -> None:
 
 
 def test_embedded_demo_runs_every_role_in_one_process(tmp_path):
-    options = DemoOptions(task=TASK, clients=2, rounds=2, epochs=3, embedded=True,
+    options = DemoOptions(task=TASK, clients=2, rounds=2, training=TrainingSettings(epochs=3), embedded=True,
                           json_path=tmp_path / "report.json", plot_path=tmp_path / "accuracy.png")
     report = run_demo(options, Settings.from_env(state_dir=tmp_path))
     check_report(report, rounds=2, clients=2)
@@ -46,7 +47,8 @@ def test_each_process_of_the_stack_gets_its_share_of_the_cores(monkeypatch, core
 def test_full_stack_as_separate_processes(tmp_path, ganache_url, ipfs_api):
     """Ganache, the IPFS daemon, the organization and two clients, each its own process."""
     settings = Settings.from_env(state_dir=tmp_path, chain_url=ganache_url, ipfs_api=ipfs_api)
-    options = DemoOptions(task=TASK, clients=2, rounds=2, epochs=3, plot_path=tmp_path / "accuracy.png",
+    options = DemoOptions(task=TASK, clients=2, rounds=2, training=TrainingSettings(epochs=3),
+                          plot_path=tmp_path / "accuracy.png",
                           org_port=5400, first_client_port=5410)
     report = run_demo(options, settings)
     check_report(report, rounds=2, clients=2)

@@ -1,4 +1,6 @@
 """EWC: the penalty's pull towards the anchor, the vectorised Fisher, no retracing between rounds."""
+from dataclasses import replace
+
 import keras
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ from processor import rounds
 from processor.aggregate import l2_norm
 from processor.ewc import EWCModel, fisher_diagonal, get_weights, mlp, set_weights
 from processor.tasks import Task, get_task, load_digits
+from processor.training import TrainingSettings
 
 TASK = get_task("digits")
+TWO_EPOCHS = TrainingSettings(epochs=2, learning_rate=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,8 @@ def test_huge_lambda_keeps_weights_at_the_anchor_while_lambda_zero_moves_them(ba
     x, y = client_shard()
     # The Fisher is tiny on some coordinates; a uniform importance makes "near" meaningful for all.
     uniform = {n: np.ones_like(f) for n, f in base.fisher.items()}
-    free = rounds.local_update(TASK, base.weights, uniform, x, y, lam=0.0, epochs=2, batch_size=32, lr=0.1, seed=0)
-    held = rounds.local_update(TASK, base.weights, uniform, x, y, lam=1e4, epochs=2, batch_size=32, lr=0.1, seed=0)
+    free = rounds.local_update(TASK, base.weights, uniform, x, y, TWO_EPOCHS, seed=0)
+    held = rounds.local_update(TASK, base.weights, uniform, x, y, replace(TWO_EPOCHS, ewc_lambda=1e4), seed=0)
     assert l2_norm(free.delta) > 0.5
     assert l2_norm(held.delta) < 0.02 * l2_norm(free.delta)
     assert free.metrics_after["accuracy"] > free.metrics_before["accuracy"] + 0.2
@@ -34,8 +38,8 @@ def test_huge_lambda_keeps_weights_at_the_anchor_while_lambda_zero_moves_them(ba
 
 def test_ewc_with_the_fisher_moves_less_than_plain_training(base):
     x, y = client_shard()
-    plain = rounds.local_update(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=2, batch_size=32, lr=0.1, seed=0)
-    ewc = rounds.local_update(TASK, base.weights, base.fisher, x, y, lam=500.0, epochs=2, batch_size=32, lr=0.1, seed=0)
+    plain = rounds.local_update(TASK, base.weights, base.fisher, x, y, TWO_EPOCHS, seed=0)
+    ewc = rounds.local_update(TASK, base.weights, base.fisher, x, y, replace(TWO_EPOCHS, ewc_lambda=500.0), seed=0)
     weighted = lambda d: sum(float(np.sum(base.fisher[n] * d[n] ** 2)) for n in d)  # noqa: E731
     assert weighted(ewc.delta) < weighted(plain.delta)
 
@@ -74,9 +78,9 @@ def test_a_new_round_reassigns_variables_without_retracing(monkeypatch):
     weights = rounds.initial_model(task, seed=0)
     for round_id, lam in enumerate([0.0, 10.0, 100.0]):
         base = rounds.make_base(task, weights)
-        weights = rounds.aggregate(weights, [(rounds.local_update(task, base.weights, base.fisher, x, y, lam=lam,
-                                                                  epochs=1, batch_size=32, lr=0.1,
-                                                                  seed=round_id).delta, len(y))])
+        training = TrainingSettings(learning_rate=0.1, ewc_lambda=lam)
+        update = rounds.local_update(task, base.weights, base.fisher, x, y, training, seed=round_id)
+        weights = rounds.aggregate(weights, [(update.delta, len(y))])
         if round_id == 0:
             traced_in_first_round = len(traces)
     assert traced_in_first_round >= 1
@@ -97,7 +101,7 @@ def test_the_batch_order_comes_from_the_seed_alone(base):
 
     def trained(seed: int, global_seed: int) -> dict:
         keras.utils.set_random_seed(global_seed)  # what building a model or other code may do
-        return rounds.train(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=2, batch_size=16, lr=0.1,
+        return rounds.train(TASK, base.weights, base.fisher, x, y, replace(TWO_EPOCHS, batch_size=16),
                             seed=seed)
 
     first = trained(seed=5, global_seed=0)
@@ -110,7 +114,7 @@ def test_the_batch_order_comes_from_the_seed_alone(base):
 def test_every_epoch_reports_its_progress(base):
     x, y = client_shard()
     reports = []
-    rounds.train(TASK, base.weights, base.fisher, x, y, lam=0.0, epochs=3, batch_size=32, lr=0.1, seed=0,
+    rounds.train(TASK, base.weights, base.fisher, x, y, replace(TWO_EPOCHS, epochs=3), seed=0,
                  progress=lambda epoch, epochs, logs: reports.append((epoch, epochs, sorted(logs))))
     assert [(epoch, epochs) for epoch, epochs, _ in reports] == [(1, 3), (2, 3), (3, 3)]
     assert all("loss" in names for _, _, names in reports)

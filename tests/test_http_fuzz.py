@@ -27,7 +27,7 @@ def apps(tmp_path_factory):
               "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp)}
     org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)}).test_client()
     device = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
-        client_id=0, num_clients=2, task=TASK, epochs=1)}).test_client()
+        client_id=0, num_clients=2, task=TASK)}).test_client()
     assert org.post("/api/deploy").status_code == 201
     address = device.get("/api/status").get_json()["address"]
     assert org.post("/api/clients", json={"address": address}).status_code == 200

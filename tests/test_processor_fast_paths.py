@@ -20,7 +20,8 @@ def weights(seed=0, scale=0.1):
 
 
 def encoded(delta, dtype="float32"):
-    return codec.encode_delta(TASK, delta, round_id=1, base_cid=CID, num_samples=10, client="0x" + "1" * 40, dtype=dtype)
+    return codec.encode_delta(TASK, delta, round_id=1, base_cid=CID, num_samples=10, client="0x" + "1" * 40,
+                              dtype=dtype)
 
 
 def with_header(data: bytes, edit) -> bytes:

@@ -1,0 +1,61 @@
+"""How a client trains in a round: the one definition of these settings, and their command-line flags.
+
+Every place that trains (the client app, the demo, the simulation, the benchmarks) takes a
+TrainingSettings; run.py and the benchmarks get theirs from `add_flags` and `from_args`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+UPDATE_DTYPES = ("float16", "float32")  # processor.codec.STORED_DTYPES, without loading the codec
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 32
+    learning_rate: float = 0.05  # of plain SGD
+    ewc_lambda: float = 0.0  # strength of the EWC penalty; 0 = plain FedAvg local training
+    update_dtype: str = "float16"  # of the published delta: half float32's bytes, no accuracy cost measured
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if not self.learning_rate > 0 or self.ewc_lambda < 0:
+            raise ValueError(f"the learning rate must be positive and the EWC lambda not negative, got "
+                             f"{self.learning_rate} and {self.ewc_lambda}")
+        if self.update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"unsupported update dtype {self.update_dtype!r}; "
+                             f"choose one of {', '.join(UPDATE_DTYPES)}")
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser, defaults: "TrainingSettings | None" = None,
+                  exclude: tuple[str, ...] = ()) -> None:
+        """--epochs, --batch-size, --learning-rate, --ewc-lambda and --update-dtype (but those named
+        in `exclude`), with the values of `defaults` (TrainingSettings() by default)."""
+        default = defaults or TrainingSettings()
+        helps = {
+            "epochs": ("--epochs", int, "local epochs per round"),
+            "batch_size": ("--batch-size", int, "local batch size"),
+            "learning_rate": ("--learning-rate", float, "SGD learning rate"),
+            "ewc_lambda": ("--ewc-lambda", float, "EWC strength (0 = plain FedAvg local training)"),
+            "update_dtype": ("--update-dtype", str, "dtype of the published update: float16 halves its bytes "
+                                                    "(no accuracy cost measured: benchmarks/update_size.py)"),
+        }
+        for name, (flag, kind, text) in helps.items():
+            if name in exclude:
+                continue
+            extra = {"choices": UPDATE_DTYPES} if name == "update_dtype" else {}
+            parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
+                                help=f"{text} (default {getattr(default, name)})", **extra)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainingSettings":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
+
+    def as_flags(self, exclude: tuple[str, ...] = ()) -> list[str]:
+        """These settings as the flags `add_flags` defines, for starting another process."""
+        return [part for name, value in asdict(self).items() if name not in exclude
+                for part in (f"--{name.replace('_', '-')}", str(value))]
