@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from client.service import ClientService
+from client.service import ACTIONS, ClientService
 from infra.webapp import ActionError, JobRunner, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -45,21 +45,5 @@ def job():
     return jsonify(current.as_dict())
 
 
-@bp.post("/pull")
-def pull():
-    return run_job("pull", lambda svc, job: svc.pull())
-
-
-@bp.post("/train")
-def train():
-    return run_job("train", lambda svc, job: svc.train(job))
-
-
-@bp.post("/publish")
-def publish():
-    return run_job("publish", lambda svc, job: svc.publish())
-
-
-@bp.post("/participate")
-def participate():
-    return run_job("participate", lambda svc, job: svc.participate(job))
+for name, action in ACTIONS.items():
+    bp.add_url_rule(f"/{name}", name, lambda name=name, action=action: run_job(name, action), methods=["POST"])

@@ -201,3 +201,12 @@ class ClientService:
                 job.step = step
             result = action()
         return {**result, **(self._trained_view() or {}), "seconds": timer.as_dict()}
+
+
+# The actions a device's page and API both offer: name -> what the job does with the service.
+ACTIONS: dict[str, Any] = {
+    "pull": lambda service, job: service.pull(),
+    "train": lambda service, job: service.train(job),
+    "publish": lambda service, job: service.publish(),
+    "participate": lambda service, job: service.participate(job),
+}

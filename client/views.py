@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, flash, redirect, render_template, url_for
 
-from client.service import ClientService
+from client.service import ACTIONS, ClientService
 from infra.webapp import JobRunner, describe_error
 
 bp = Blueprint("page", __name__)
@@ -33,21 +33,5 @@ def start(name: str, action):
     return redirect(url_for("page.index"))
 
 
-@bp.post("/pull")
-def pull():
-    return start("pull", lambda svc, job: svc.pull())
-
-
-@bp.post("/train")
-def train():
-    return start("train", lambda svc, job: svc.train(job))
-
-
-@bp.post("/publish")
-def publish():
-    return start("publish", lambda svc, job: svc.publish())
-
-
-@bp.post("/participate")
-def participate():
-    return start("participate", lambda svc, job: svc.participate(job))
+for name, action in ACTIONS.items():
+    bp.add_url_rule(f"/{name}", name, lambda name=name, action=action: start(name, action), methods=["POST"])

@@ -11,11 +11,12 @@
 | FL_RETRIES            | 3                               | retries of a call the chain or IPFS refused     |
 | FL_RETRY_BACKOFF      | 0.5                             | seconds before the first retry, doubled after each |
 | FL_ALLOWED_HOSTS      | localhost,127.0.0.1             | Host names the apps answer (and the address they bind) |
+| FL_SECRET_KEY         | random per start                | signs the pages' session cookies (their form tokens) |
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra.files import REPO_ROOT
@@ -34,7 +35,7 @@ class Settings:
     retries: int = 3
     retry_backoff: float = 0.5
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
-    extra: dict = field(default_factory=dict)
+    secret_key: str | None = None  # None: a random one per start
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -50,13 +51,6 @@ class Settings:
             retry_backoff=float(env.get("FL_RETRY_BACKOFF", cls.retry_backoff)),
             allowed_hosts=tuple(h.strip() for h in env.get("FL_ALLOWED_HOSTS", "").split(",") if h.strip())
             or cls.allowed_hosts,
+            secret_key=env.get("FL_SECRET_KEY") or None,
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-
-    @property
-    def embedded_chain(self) -> bool:
-        return self.chain_url == EMBEDDED
-
-    @property
-    def embedded_ipfs(self) -> bool:
-        return self.ipfs_api == EMBEDDED

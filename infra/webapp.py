@@ -1,5 +1,5 @@
-"""What both Flask apps share: wiring settings to the chain and IPFS, retries, JSON errors, request
-guards (size cap, CSRF), phase timing."""
+"""What both Flask apps share: the app factory, wiring settings to the chain and IPFS, retries, JSON
+errors, request guards (hosts, size cap, bounded JSON, CSRF), the HTTP server, jobs, phase timing."""
 from __future__ import annotations
 
 import logging
@@ -9,17 +9,22 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from flask import Flask, abort, jsonify, request, session
+from flask import Blueprint, Flask, abort, jsonify, request
 from flask.json.provider import DefaultJSONProvider
-from werkzeug.exceptions import HTTPException
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from infra import chain, ipfs
 from infra.settings import Settings
+
+BODY_LIMIT = 64 * 1024  # bytes of any request body
+# base.html, which both apps' pages extend
+shared_templates = Blueprint("shared", __name__, template_folder="templates")
 
 
 class ActionError(Exception):
@@ -142,16 +147,6 @@ def install_json_errors(app: Flask) -> None:
         return jsonify(error=describe_error(exc)), 500
 
 
-CSRF_FIELD = "csrf_token"
-
-
-def csrf_token() -> str:
-    """This browser session's token, put in every dashboard form (a cross-site page cannot read it)."""
-    if CSRF_FIELD not in session:
-        session[CSRF_FIELD] = secrets.token_urlsafe(32)
-    return session[CSRF_FIELD]
-
-
 class BoundedJSONProvider(DefaultJSONProvider):
     """Request bodies decoded by orjson: it refuses nesting beyond 1,024 levels without recursing
     on Python's stack, where the standard decoder follows the recursion limit (which dependencies
@@ -161,18 +156,23 @@ class BoundedJSONProvider(DefaultJSONProvider):
         return orjson.loads(s)
 
 
+API_PREFIX = "/api"
+STALE_FORM = "the form's security token is missing or stale: reload the page and try again"
+csrf = CSRFProtect()
+
+
 def install_request_guards(app: Flask) -> None:
     """Allowed Host names, a size cap for every body, bounded JSON, a CSRF token for every form
-    post, and no cross-site JSON posts.
+    post (Flask-WTF), and no cross-site JSON posts.
 
     Form posts (the dashboard buttons) carry the session's token. The JSON API has no session; a
     browser marks a cross-site request with an Origin header naming another site, so those are
     refused. A page on another site that rebinds its own name to this machine's address sends its
     own name as Host: only the names in `Settings.allowed_hosts` are served (400 otherwise).
     """
-    app.jinja_env.globals["csrf_token"] = csrf_token
     app.json = BoundedJSONProvider(app)
     app.config["TRUSTED_HOSTS"] = list(app.config["SETTINGS"].allowed_hosts)
+    app.config.setdefault("WTF_CSRF_TIME_LIMIT", None)  # a token lasts as long as its session: pages stay open
 
     @app.before_request
     def guard():
@@ -184,17 +184,49 @@ def install_request_guards(app: Flask) -> None:
             # it now, and one byte more, which raises 413 when the body goes on past the cap.
             if len(request.get_data(cache=True)) == limit:
                 request.stream.read(1)
-        if request.method != "POST":
-            return
-        if request.path.startswith("/api/"):
+        if request.method == "POST" and request.path.startswith(f"{API_PREFIX}/"):
             origin = request.headers.get("Origin")
             if origin and urlsplit(origin).netloc != request.host:
                 abort(403, description=f"cross-site request from {origin} refused")
-            return
-        sent = request.form.get(CSRF_FIELD, "")
-        expected = session.get(CSRF_FIELD)
-        if not expected or not secrets.compare_digest(sent.encode(), expected.encode()):  # any characters
-            abort(400, description="the form's security token is missing or stale: reload the page and try again")
+
+    csrf.init_app(app)  # after the guard: an oversized body is refused before its form is read
+
+    @app.errorhandler(CSRFError)
+    def stale_form(exc: CSRFError):
+        return BadRequest(description=STALE_FORM)
+
+
+def create_app(import_name: str, config: dict[str, Any] | None, role: str, default_role_config: Any,
+               cookie_name: Callable[[Any], str], extensions: Callable[..., dict[str, Any]],
+               blueprints: Callable[[], Sequence[Blueprint]]) -> Flask:
+    """The app factory of both apps.
+
+    `config` may carry SETTINGS, the role's own configuration under `role` (ORG_CONFIG,
+    CLIENT_CONFIG), and for tests or the embedded demo ready-made W3, STORE and REGISTRY objects
+    shared with other roles in the same process. `extensions(settings, role_config, w3, store,
+    registry)` makes the app's services; `blueprints()` imports and returns its blueprints (the
+    JSON API's, under /api, is exempt from the form token and guarded by Origin instead).
+    """
+    app = Flask(import_name)
+    app.config.update(MAX_CONTENT_LENGTH=BODY_LIMIT)
+    app.config.update(config or {})
+    settings: Settings = app.config.setdefault("SETTINGS", Settings.from_env())
+    app.config["SECRET_KEY"] = app.config.get("SECRET_KEY") or settings.secret_key or secrets.token_hex(32)
+    role_config = app.config.setdefault(role, default_role_config)
+    # Every app on 127.0.0.1 shares the browser's cookies (ports do not separate them): one name each.
+    app.config.setdefault("SESSION_COOKIE_NAME", cookie_name(role_config))
+    w3 = app.config.get("W3") or chain.connect(settings.chain_url)
+    store = app.config.get("STORE") or open_store(settings)
+    app.extensions.update(extensions(settings, role_config, w3, store, app.config.get("REGISTRY")))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app.register_blueprint(shared_templates)
+    for blueprint in blueprints():
+        app.register_blueprint(blueprint)
+        if blueprint.url_prefix == API_PREFIX:
+            csrf.exempt(blueprint)
+    install_request_guards(app)
+    install_json_errors(app)
+    return app
 
 
 def json_body(**fields: type | tuple[type, ...]) -> dict[str, Any]:

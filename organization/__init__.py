@@ -1,40 +1,24 @@
 """The organization's Flask app: dashboard pages and a JSON API over OrganizationService."""
 from __future__ import annotations
 
-import logging
-import os
-import secrets
 from typing import Any
 
 from flask import Flask
 
-from infra import chain
-from infra.settings import Settings
-from infra.webapp import install_json_errors, install_request_guards, open_store
+from infra import webapp
 from organization.service import OrganizationConfig, OrganizationService
 
 
-def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """App factory. `config` may carry SETTINGS, ORG_CONFIG, and for tests or the embedded demo
-    ready-made W3, STORE and REGISTRY objects shared with other roles in the same process."""
-    app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=64 * 1024,
-                      SECRET_KEY=os.environ.get("FL_SECRET_KEY") or secrets.token_hex(32))
-    app.config.update(config or {})
-    settings: Settings = app.config.setdefault("SETTINGS", Settings.from_env())
-    org_config: OrganizationConfig = app.config.setdefault("ORG_CONFIG", OrganizationConfig())
-    # Every app on 127.0.0.1 shares the browser's cookies (ports do not separate them): one name each.
-    app.config.setdefault("SESSION_COOKIE_NAME", "fl-organization")
-    w3 = app.config.get("W3") or chain.connect(settings.chain_url)
-    store = app.config.get("STORE") or open_store(settings)
-    app.extensions["organization"] = OrganizationService(settings, org_config, w3, store,
-                                                         registry=app.config.get("REGISTRY"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
+def blueprints():
     from organization import api, views
 
-    app.register_blueprint(views.bp)
-    app.register_blueprint(api.bp)
-    install_request_guards(app)
-    install_json_errors(app)
-    return app
+    return views.bp, api.bp
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """The organization's app; `config` as for infra.webapp.create_app, with ORG_CONFIG."""
+    return webapp.create_app(
+        __name__, config, "ORG_CONFIG", OrganizationConfig(), cookie_name=lambda _: "fl-organization",
+        extensions=lambda settings, org_config, w3, store, registry: {
+            "organization": OrganizationService(settings, org_config, w3, store, registry=registry)},
+        blueprints=blueprints)

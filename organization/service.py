@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -221,10 +220,6 @@ class OrganizationService:
             history = self.history()
             history["rounds"][str(round_id)] = entry
             self._save_history(history)  # what the merge measured, before the round is final
-            if os.environ.get("FL_FAULT_BEFORE_FINALIZE"):
-                # Fault-injection tests: die where a crash hurts most, model published, round not final.
-                log.error("FL_FAULT_BEFORE_FINALIZE is set: exiting before finalizing round %d", round_id)
-                os._exit(70)
             with timer.phase("chain"):
                 tx = registry.finalize_round(self.key, round_id, entry["model_cid"])
             entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict())

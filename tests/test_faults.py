@@ -22,6 +22,7 @@ from eth_account import Account
 from infra import chain, ipfs
 from infra.files import REPO_ROOT
 from infra.processes import ManagedProcess, http_answers
+from tests.fixtures.dies_before_finalizing import FAULT_EXIT_STATUS
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -53,20 +54,23 @@ class Stack:
                 "FL_STATE_DIR": str(self.folder / "state"), "FL_TIMEOUT": "10", "TF_CPP_MIN_LOG_LEVEL": "2",
                 **RETRIES[role]}
 
-    def _app(self, name: str, role: str, port: int, args: list[str], env: dict[str, str]) -> ManagedProcess:
+    def _app(self, name: str, role: str, port: int, args: list[str],
+             entry: list[str] | None = None) -> ManagedProcess:
         url = f"http://127.0.0.1:{port}"
         assert not http_answers(url), f"something already listens at {url}"
-        return ManagedProcess(name, [sys.executable, str(REPO_ROOT / "run.py"), *args, "--port", str(port)],
+        entry = entry or [str(REPO_ROOT / "run.py")]
+        return ManagedProcess(name, [sys.executable, *entry, *args, "--port", str(port)],
                               is_ready=lambda: http_answers(url + "/api/status", timeout=10),
                               log_path=self.folder / "logs" / f"{name}.log",
-                              env={**self.env(role), **env}, cwd=REPO_ROOT, ready_timeout=180)
+                              env=self.env(role), cwd=REPO_ROOT, ready_timeout=180)
 
-    def org_process(self, **env: str) -> ManagedProcess:
-        return self._app("organization", "org", ORG_PORT, ["app", "--task", TASK], env)
+    def org_process(self, entry: list[str] | None = None) -> ManagedProcess:
+        """The organization, started by run.py or by `entry` (a fault-injecting launcher)."""
+        return self._app("organization", "org", ORG_PORT, ["app", "--task", TASK], entry)
 
     def client_process(self, k: int, epochs: int = 2) -> ManagedProcess:
         return self._app(f"client-{k}", "client", CLIENT_PORTS[k],
-                         ["client", "--id", str(k), "--clients", "2", "--task", TASK, "--epochs", str(epochs)], {})
+                         ["client", "--id", str(k), "--clients", "2", "--task", TASK, "--epochs", str(epochs)])
 
     def start_apps(self, processes: list[ManagedProcess]) -> None:
         """Start app processes side by side (each spends most of its start importing TensorFlow)."""
@@ -200,19 +204,19 @@ def test_ganache_restarted_mid_round_keeps_the_round(stack):
 
 
 def test_organization_killed_before_finalizing_then_restarted(stack):
-    """FL_FAULT_BEFORE_FINALIZE makes the organization exit at the worst moment, every time: deltas
-    fetched and merged, the model published to IPFS, the round not yet finalized on chain. (Killing
-    it from outside at that moment would be a race.)"""
+    """A launcher of the tests' own (tests/fixtures/dies_before_finalizing.py) makes the organization
+    exit at the worst moment, every time: deltas fetched and merged, the model published to IPFS,
+    the round closed but not finalized on chain. (Killing it from outside then would be a race.)"""
     round_id = stack.registry.current_round()
     for k in range(2):
         assert participate(k).status_code == 200
     stack.org.stop()
-    stack.org = stack.org_process(FL_FAULT_BEFORE_FINALIZE="1")
+    stack.org = stack.org_process(entry=["-m", "tests.fixtures.dies_before_finalizing"])
     stack.org.start()
     with pytest.raises(requests.ConnectionError):
         post(ORG_PORT, f"/api/rounds/{round_id}/aggregate")
     stack.org.process.wait(timeout=30)
-    assert stack.org.process.returncode == 70
+    assert stack.org.process.returncode == FAULT_EXIT_STATUS
     assert not stack.registry.round(round_id).finalized
     status = get(CLIENT_PORTS[0], "/api/status").json()
     assert status["round"]["round"] == round_id and status["round"]["submitted"]
