@@ -1,5 +1,6 @@
 // Truffle compiles offline with the npm solc in node_modules (a version number or range would make
-// it try to download one) and deploys to the Ganache the Python side uses (DESIGN section 8).
+// it try to download one), for the EVM version Ganache 7.9 knows, and deploys to the Ganache the
+// Python side uses.
 const path = require("path");
 
 const chainUrl = new URL(process.env.FL_CHAIN_URL || "http://127.0.0.1:8545");

@@ -1,7 +1,7 @@
 """Aggregation of client deltas: small pure NumPy functions, apart from any orchestration.
 
-`Weights` maps a tensor's name to its array. FedAvg is streaming (a running weighted sum, one
-delta in memory at a time); median and trimmed mean need every delta at once by nature.
+FedAvg is streaming (a running weighted sum, one delta in memory at a time); median and trimmed
+mean need every delta at once by nature.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy.linalg.blas import saxpy
 
-Weights = dict[str, np.ndarray]
+from processor.weights import Weights
 
 
 def l2_norm(tensors: Weights) -> float:

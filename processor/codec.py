@@ -14,8 +14,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from safetensors.numpy import save
 
-from processor.aggregate import Weights
 from processor.tasks import Task
+from processor.weights import Weights
 
 FORMAT = "fl-ipfs/1"
 STORED_DTYPES = {"float32": np.float32, "float16": np.float16}  # of deltas and of the Fisher

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from processor.aggregate import Weights
+from processor.weights import Weights
 
 
 class EWCModel(keras.Model):

@@ -12,10 +12,10 @@ import numpy as np
 import tensorflow as tf
 
 from processor import aggregate as agg
-from processor.aggregate import Weights
 from processor.ewc import fisher_diagonal, get_weights, set_weights
 from processor.tasks import Task
 from processor.training import TrainingSettings
+from processor.weights import Weights
 
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from processor import aggregate as agg
 from processor import codec, rounds
-from processor.aggregate import Weights
 from processor.tasks import Task
+from processor.weights import Weights
 
 log = logging.getLogger("processor.screen")
 

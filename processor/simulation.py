@@ -7,9 +7,10 @@ from typing import Callable
 import numpy as np
 
 from processor import rounds
-from processor.aggregate import Weights, apply_delta
+from processor.aggregate import apply_delta
 from processor.tasks import Task
 from processor.training import TrainingSettings
+from processor.weights import Weights
 
 
 @dataclass(frozen=True)

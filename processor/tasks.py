@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from processor import partition
-from processor.aggregate import Weights
+from processor.weights import Weights
 
 HOLDOUT_SEED = 0  # the organization's held-out sets never change with the experiment's seed
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
