@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import requests
 from tqdm import tqdm
@@ -164,32 +164,50 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
     return endpoints[0], endpoints[1:]
 
 
-def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, list[Endpoint]]:
+@dataclass
+class EmbeddedSystem:
+    """Every role in this process: the organization's and the clients' apps on the embedded chain
+    and an on-disk store, sharing one Web3, one store and one set of settings."""
+    org: Any  # the organization's Flask app
+    clients: list  # a Flask app per client
+    settings: Settings
+    w3: Any
+    store: ipfs.ContentStore
+
+
+def embedded_system(state_dir: Path, org_config, client_configs: Sequence = (), registry=None) -> EmbeddedSystem:
+    """The organization's app (`org_config`) and a client app per ClientConfig, sharing the embedded
+    chain and a store under `state_dir`; with `registry`, an already deployed contract."""
     import client
     import organization
+
+    settings = Settings.from_env(state_dir=state_dir, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
+                                 contract_record=state_dir / "deployments.json")
+    w3 = chain.connect(EMBEDDED)
+    store = ipfs.open_store(EMBEDDED, state_dir)
+    shared = {"SETTINGS": settings, "W3": w3, "STORE": store, **({"REGISTRY": registry} if registry else {})}
+    org = organization.create_app({**shared, "ORG_CONFIG": org_config})
+    clients = [client.create_app({**shared, "CLIENT_CONFIG": config}) for config in client_configs]
+    return EmbeddedSystem(org, clients, settings, w3, store)
+
+
+def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, list[Endpoint]]:
     from client.service import ClientConfig
     from organization.service import OrganizationConfig
     from processor.screen import policy_for
 
     run_dir = settings.state_dir / "demo-embedded"
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = Settings.from_env(state_dir=run_dir, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
-                                 contract_record=run_dir / "deployments.json")
-    w3 = chain.connect(EMBEDDED)
-    store = ipfs.open_store(EMBEDDED, run_dir)
-    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
+    registry = chain.deploy_registry(chain.connect(EMBEDDED), chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}")
-    shared = {"SETTINGS": settings, "W3": w3, "STORE": store, "REGISTRY": registry}
-    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(
-        task=options.task, seed=options.seed, merge=policy_for(options.bounds))})
-    clients = [
-        client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
-            client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
-            alpha=options.alpha, seed=options.seed, training=options.training)})
-        for k in range(options.clients)
-    ]
-    return (InProcessEndpoint(org, "organization"),
-            [InProcessEndpoint(app, f"client-{k}") for k, app in enumerate(clients)])
+    system = embedded_system(
+        run_dir, OrganizationConfig(task=options.task, seed=options.seed, merge=policy_for(options.bounds)),
+        [ClientConfig(client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
+                      alpha=options.alpha, seed=options.seed, training=options.training)
+         for k in range(options.clients)],
+        registry=registry)
+    return (InProcessEndpoint(system.org, "organization"),
+            [InProcessEndpoint(app, f"client-{k}") for k, app in enumerate(system.clients)])
 
 
 # ---- driving the rounds -------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 import pickle
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -84,7 +85,70 @@ def delta_file(tensors: dict[str, np.ndarray], **metadata) -> bytes:
     return save(tensors, metadata={k: str(v) for k, v in metadata.items()})
 
 
-def test_bad_updates_are_rejected_and_the_honest_round_completes(org, tmp_path):
+KERNEL = "delta/hidden_0/kernel"
+
+
+@dataclass
+class BadRound:
+    """The round every malformed update is sent to, beside two honest ones."""
+    round_id: int
+    base_cid: str
+    template: dict  # the first honest delta's tensors, under their file names
+    samples: int
+    marker: pathlib.Path  # created only if something unpickles a payload
+
+    def meta(self, key: str, **changes) -> dict:
+        return {"format": codec.FORMAT, "kind": "delta", "task": TASK.name, "arch": TASK.arch_id,
+                "round": self.round_id, "base_cid": self.base_cid, "num_samples": self.samples,
+                "client": address(key), "dtype": "float32", **changes}
+
+    def with_tensor(self, key: str, name: str, value: np.ndarray) -> bytes:
+        return delta_file({**self.template, name: value}, **self.meta(key))
+
+    def valid(self, key: str, **changes) -> bytes:
+        return delta_file(self.template, **self.meta(key, **changes))
+
+    def pickled(self, key: str) -> bytes:
+        marker = self.marker
+
+        class Payload:  # unpickling this would create `marker`: the proof that nothing unpickles
+            def __reduce__(self):
+                return pathlib.Path.touch, (marker,)
+
+        return pickle.dumps({"delta": self.template, "payload": Payload()})
+
+
+# (attack, the file it sends or, for content IPFS lacks, None, words its rejection reason must contain)
+ATTACKS = [
+    ("NaN", lambda r, k: r.with_tensor(k, KERNEL, np.full_like(r.template[KERNEL], np.nan)), lambda r: "non-finite"),
+    ("Inf", lambda r, k: r.with_tensor(k, KERNEL, np.full_like(r.template[KERNEL], np.inf)), lambda r: "non-finite"),
+    ("wrong shape", lambda r, k: r.with_tensor(k, KERNEL, np.zeros((64, 33), np.float32)),
+     lambda r: "has shape (64, 33), expected (64, 32)"),
+    ("wrong dtype", lambda r, k: delta_file({n: t.astype(np.float64) for n, t in r.template.items()}, **r.meta(k)),
+     lambda r: "has dtype F64"),
+    ("extra tensor", lambda r, k: r.with_tensor(k, "delta/backdoor", np.ones(3, np.float32)),
+     lambda r: "unknown tensor(s): delta/backdoor"),
+    ("missing tensor", lambda r, k: delta_file({n: t for n, t in r.template.items() if n != KERNEL}, **r.meta(k)),
+     lambda r: "missing tensor(s): delta/hidden_0/kernel"),
+    ("huge norm (x1e6)", lambda r, k: delta_file({n: t * 1e6 for n, t in r.template.items()}, **r.meta(k)),
+     lambda r: "exceeds the bound"),
+    ("wrong round", lambda r, k: r.valid(k, round=r.round_id + 1),
+     lambda r: f"for round {r.round_id + 1}, expected round {r.round_id}"),
+    ("wrong base CID", lambda r, k: r.valid(k, base_cid=ipfs.compute_cid(b"another base")),
+     lambda r: "trained from base"),
+    ("garbage bytes", lambda r, k: np.random.default_rng(1).bytes(4096), lambda r: "not a safetensors file"),
+    ("truncated safetensors", lambda r, k: r.valid(k)[:-100], lambda r: "corrupt safetensors file"),
+    ("CID not on IPFS", None, lambda r: f"took more than {FETCH_TIMEOUT:g} s"),
+    ("over the size cap", lambda r, k: r.valid(k, padding="x" * UPDATE_CAP),
+     lambda r: f"more than the {UPDATE_CAP} bytes"),
+    ("pickle", lambda r, k: r.pickled(k), lambda r: "not a safetensors file"),
+]
+assert len(ATTACKS) == len(ATTACKER_KEYS)
+
+
+@pytest.fixture(scope="module")
+def bad_round(org, tmp_path_factory):
+    """Two honest updates and every update of ATTACKS in one round, aggregated once."""
     round_id, base_cid, weights, fisher = open_base(org)
     honest = [honest_update(weights, fisher, k) for k in range(2)]
     honest_files = []
@@ -93,78 +157,42 @@ def test_bad_updates_are_rejected_and_the_honest_round_completes(org, tmp_path):
                                   num_samples=update.num_samples, client=address(key))
         submit(org, key, round_id, data, update.num_samples)
         honest_files.append(Received(address(key), update.num_samples, data))
-
-    template = {f"delta/{n}": t for n, t in honest[0].delta.items()}
-    samples = honest[0].num_samples
-
-    def meta(key, **changes):
-        return {"format": codec.FORMAT, "kind": "delta", "task": TASK.name, "arch": TASK.arch_id,
-                "round": round_id, "base_cid": base_cid, "num_samples": samples, "client": address(key),
-                "dtype": "float32", **changes}
-
-    def changed(name, value):
-        return {**template, name: value}
-
-    kernel = "delta/hidden_0/kernel"
-    marker = tmp_path / "unpickled"
-    valid = lambda key, **m: delta_file(template, **meta(key, **m))  # noqa: E731
-
-    class Payload:  # unpickling this would create `marker`: the proof that nothing unpickles
-        def __reduce__(self):
-            return pathlib.Path.touch, (marker,)
-
-    # (attack, the file or, for content IPFS lacks, None, words the rejection reason must contain)
-    attacks = [
-        ("NaN", lambda k: delta_file(changed(kernel, np.full_like(template[kernel], np.nan)), **meta(k)),
-         "non-finite"),
-        ("Inf", lambda k: delta_file(changed(kernel, np.full_like(template[kernel], np.inf)), **meta(k)),
-         "non-finite"),
-        ("wrong shape", lambda k: delta_file(changed(kernel, np.zeros((64, 33), np.float32)), **meta(k)),
-         "has shape (64, 33), expected (64, 32)"),
-        ("wrong dtype", lambda k: delta_file({n: t.astype(np.float64) for n, t in template.items()}, **meta(k)),
-         "has dtype F64"),
-        ("extra tensor", lambda k: delta_file(changed("delta/backdoor", np.ones(3, np.float32)), **meta(k)),
-         "unknown tensor(s): delta/backdoor"),
-        ("missing tensor", lambda k: delta_file({n: t for n, t in template.items() if n != kernel}, **meta(k)),
-         "missing tensor(s): delta/hidden_0/kernel"),
-        ("huge norm (x1e6)", lambda k: delta_file({n: t * 1e6 for n, t in template.items()}, **meta(k)),
-         "exceeds the bound"),
-        ("wrong round", lambda k: valid(k, round=round_id + 1), f"for round {round_id + 1}, expected round {round_id}"),
-        ("wrong base CID", lambda k: valid(k, base_cid=ipfs.compute_cid(b"another base")), "trained from base"),
-        ("garbage bytes", lambda k: np.random.default_rng(1).bytes(4096), "not a safetensors file"),
-        ("truncated safetensors", lambda k: valid(k)[:-100], "corrupt safetensors file"),
-        ("CID not on IPFS", None, f"took more than {FETCH_TIMEOUT:g} s"),
-        ("over the size cap", lambda k: valid(k, padding="x" * UPDATE_CAP), f"more than the {UPDATE_CAP} bytes"),
-        ("pickle", lambda k: pickle.dumps({"delta": template, "payload": Payload()}), "not a safetensors file"),
-    ]
-    assert len(attacks) == len(ATTACKER_KEYS)
+    context = BadRound(round_id, base_cid, {f"delta/{n}": t for n, t in honest[0].delta.items()},
+                       honest[0].num_samples, tmp_path_factory.mktemp("pickle") / "unpickled")
     registry = service(org).registry
-    for (name, make, _), key in zip(attacks, ATTACKER_KEYS):
+    for (_, make, _), key in zip(ATTACKS, ATTACKER_KEYS):
         if make is None:  # a CID nobody serves: the fetch must time out, not hang
-            registry.submit_update(key, round_id, ipfs.compute_cid(b"never added " + key.encode()), samples)
+            registry.submit_update(key, round_id, ipfs.compute_cid(b"never added " + key.encode()), context.samples)
         else:
-            submit(org, key, round_id, make(key), samples)
-
-    result = org.post(f"/api/rounds/{round_id}/aggregate")
-    assert result.status_code == 200, result.get_json()
-    result = result.get_json()
-    assert result["accepted"] == 2 and result["submissions"] == 2 + len(attacks)
-
+            submit(org, key, round_id, make(context, key), context.samples)
+    answer = org.post(f"/api/rounds/{round_id}/aggregate")
+    assert answer.status_code == 200, answer.get_json()
     view = org.get(f"/api/rounds/{round_id}").get_json()
-    assert view["finalized"]
+    return {"context": context, "result": answer.get_json(), "view": view, "page": org.get("/").get_data(as_text=True),
+            "base": weights, "honest_files": honest_files}
+
+
+@pytest.mark.parametrize("name, make, reason", ATTACKS, ids=[name for name, _, _ in ATTACKS])
+def test_each_bad_update_is_rejected_with_its_reason(bad_round, name, make, reason):
+    key = ATTACKER_KEYS[[attack for attack, _, _ in ATTACKS].index(name)]
+    verdicts = {s["client"]: s["verdict"] for s in bad_round["view"]["submissions"]}
+    verdict = verdicts[address(key)]
+    assert not verdict["accepted"] and reason(bad_round["context"]) in verdict["reason"], verdict
+    assert bad_round["result"]["verdicts"][address(key)] == verdict
+    assert f"rejected: {escape(verdict['reason'])}" in bad_round["page"]
+
+
+def test_a_round_full_of_bad_updates_completes_with_the_honest_merge(org, bad_round):
+    result, view = bad_round["result"], bad_round["view"]
+    context, weights = bad_round["context"], bad_round["base"]
+    assert view["finalized"] and result["accepted"] == 2 and result["submissions"] == 2 + len(ATTACKS)
     verdicts = {s["client"]: s["verdict"] for s in view["submissions"]}
-    page = org.get("/").get_data(as_text=True)
     for key in HONEST_KEYS:
         assert verdicts[address(key)]["accepted"] and verdicts[address(key)]["reason"] is None
-    for (name, _, reason), key in zip(attacks, ATTACKER_KEYS):
-        verdict = verdicts[address(key)]
-        assert not verdict["accepted"] and reason in verdict["reason"], (name, verdict)
-        assert result["verdicts"][address(key)] == verdict
-        assert f"rejected: {escape(verdict['reason'])}" in page, name
-    assert not marker.exists()
-
+    assert not context.marker.exists()
     # The published model is the honest-only round, merged here from the same base and files.
-    honest_only = merge_round(TASK, weights, honest_files, round_id, base_cid, service(org).config.merge).weights
+    honest_only = merge_round(TASK, weights, bad_round["honest_files"], context.round_id, context.base_cid,
+                              service(org).config.merge).weights
     published, _, _ = codec.decode_model(TASK, service(org).store.get(view["model_cid"]))
     for name in TASK.spec:
         np.testing.assert_allclose(published[name], honest_only[name], rtol=1e-6, atol=1e-7)

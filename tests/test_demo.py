@@ -20,7 +20,8 @@ def check_report(report: dict, rounds: int, clients: int) -> None:
     assert [row["round"] for row in report["rounds"]] == list(range(1, rounds + 1))
     assert all(row["submissions"] == clients for row in report["rounds"])
     assert all(row["gas"] > 0 and row["bytes"] > 0 for row in report["rounds"])
-    assert all(0 < row["cpu_seconds"] for row in report["rounds"])  # training alone keeps a core busy
+    # training alone keeps a core busy most of the round (cpu_seconds counts every core of the machine)
+    assert all(row["cpu_seconds"] >= 0.3 * row["seconds"] for row in report["rounds"]), report["rounds"]
     assert report["rounds"][-1]["accuracy"] > report["initial_accuracy"] + 0.2
 
 

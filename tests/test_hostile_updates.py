@@ -12,9 +12,8 @@ from eth_account import Account
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import organization
-from infra import chain, ipfs
-from infra.settings import EMBEDDED, Settings
+from demo import embedded_system
+from infra import chain
 from organization.service import OrganizationConfig
 from processor import codec
 from processor.tasks import get_task
@@ -27,11 +26,7 @@ HONEST, ATTACKER = (Account.from_key(k).address for k in (HONEST_KEY, ATTACKER_K
 @pytest.fixture(scope="module")
 def org(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    app = organization.create_app({
-        "SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
-                                      contract_record=tmp / "deployments.json"),
-        "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp),
-        "ORG_CONFIG": OrganizationConfig(task=TASK.name, open_enrolment=True)})
+    app = embedded_system(tmp, OrganizationConfig(task=TASK.name, open_enrolment=True)).org
     web = app.test_client()
     assert web.post("/api/deploy").status_code == 201
     assert web.post("/api/rounds").status_code == 201

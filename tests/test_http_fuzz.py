@@ -7,11 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import client
-import organization
 from client.service import ClientConfig
-from infra import chain, ipfs
-from infra.settings import EMBEDDED, Settings
+from demo import embedded_system
 from organization.service import OrganizationConfig
 
 TASK = "digits"
@@ -22,12 +19,8 @@ FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthChe
 def apps(tmp_path_factory):
     """An organization with a deployed contract and an open round, and one enrolled client."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    shared = {"SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
-                                            contract_record=tmp / "deployments.json"),
-              "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp)}
-    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)}).test_client()
-    device = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
-        client_id=0, num_clients=2, task=TASK)}).test_client()
+    system = embedded_system(tmp, OrganizationConfig(task=TASK), [ClientConfig(client_id=0, num_clients=2, task=TASK)])
+    org, device = system.org.test_client(), system.clients[0].test_client()
     assert org.post("/api/deploy").status_code == 201
     address = device.get("/api/status").get_json()["address"]
     assert org.post("/api/clients", json={"address": address}).status_code == 200

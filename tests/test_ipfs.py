@@ -151,7 +151,6 @@ def test_open_store_chooses_the_backend(tmp_path):
     store = ipfs.open_store("http://127.0.0.1:5001", tmp_path, timeout=5)
     assert isinstance(store, ipfs.IPFSStore) and store.timeout == 5
     assert store.gateway_url(EMPTY_FILE_CID) == f"http://127.0.0.1:8080/ipfs/{EMPTY_FILE_CID}"
-    assert isinstance(store, ipfs.ContentStore)
 
 
 # --- a node that is down, or that lies --------------------------------------------------------

@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-import client
-import organization
 from client.service import ClientConfig
-from infra import chain, ipfs, webapp
+from demo import embedded_system
+from infra import webapp
 from infra.settings import EMBEDDED, Settings
 from organization.service import OrganizationConfig
 
@@ -23,11 +22,8 @@ BODY_CAP = 64 * 1024
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
-    shared = {"SETTINGS": Settings.from_env(state_dir=tmp, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
-                                            contract_record=tmp / "deployments.json"),
-              "W3": chain.connect(EMBEDDED), "STORE": ipfs.open_store(EMBEDDED, tmp)}
-    org = organization.create_app({**shared, "ORG_CONFIG": OrganizationConfig(task=TASK)})
-    device = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(client_id=0, num_clients=2, task=TASK)})
+    system = embedded_system(tmp, OrganizationConfig(task=TASK), [ClientConfig(client_id=0, num_clients=2, task=TASK)])
+    org, device = system.org, system.clients[0]
     assert org.test_client().post("/api/deploy").status_code == 201
     return {"org": org, "client": device}
 
