@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from eth_account import Account
@@ -204,7 +204,7 @@ class ClientService:
 
 
 # The actions a device's page and API both offer: name -> what the job does with the service.
-ACTIONS: dict[str, Any] = {
+ACTIONS: dict[str, Callable[[ClientService, Job | None], dict[str, Any]]] = {
     "pull": lambda service, job: service.pull(),
     "train": lambda service, job: service.train(job),
     "publish": lambda service, job: service.publish(),
