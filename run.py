@@ -70,11 +70,16 @@ def cmd_client(args: argparse.Namespace) -> None:
     from client.service import ClientConfig
     from infra import chain
     from infra.webapp import serve
+    from processor.device_data import DeviceDataError
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
-                          alpha=args.alpha, seed=args.seed, training=TrainingSettings.from_args(args), key=key)
-    app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
+                          alpha=args.alpha, seed=args.seed, training=TrainingSettings.from_args(args),
+                          data_path=args.data, key=key)
+    try:
+        app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
+    except DeviceDataError as exc:  # checked before the first round, said in one line
+        sys.exit(f"client {args.id}: {exc}")
     serve(app, args.host, args.port if args.port else 5100 + args.id)
 
 
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     training_flags(cli)
     cli.add_argument("--id", type=int, required=True, help="client number K (its data partition)")
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
+    cli.add_argument("--data", type=Path, help="the device's own data: a CSV file with the task's columns "
+                                               "(README.md); default: partition K of the bundled dataset")
     cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1)")
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
     cli.add_argument("--host", default="127.0.0.1")

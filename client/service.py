@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from infra import chain, ipfs
 from infra.settings import Settings
 from infra.webapp import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
 from processor import codec, rounds
+from processor.device_data import read_device_data
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
@@ -31,6 +33,7 @@ class ClientConfig:
     alpha: float = 0.5
     seed: int = 0
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    data_path: Path | None = None  # the device's own data (processor.device_data); None: a bundled partition
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
 
 
@@ -60,8 +63,11 @@ class ClientService:
         self._registry = registry
         self.key = config.key or chain.DEV_KEYS[config.client_id + 1]
         self.address = Account.from_key(self.key).address
-        self.x, self.y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
-                                               seed=config.seed, alpha=config.alpha)
+        if config.data_path is not None:
+            self.x, self.y = read_device_data(self.task, config.data_path)
+        else:
+            self.x, self.y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
+                                                   seed=config.seed, alpha=config.alpha)
         self.base: PulledBase | None = None
         self.trained: TrainedUpdate | None = None
         self.last_tx: dict[str, Any] | None = None
@@ -79,7 +85,9 @@ class ClientService:
 
     def data_summary(self) -> dict[str, Any]:
         labels, counts = np.unique(self.y, return_counts=True)
-        return {"samples": int(len(self.y)),
+        source = str(self.config.data_path) if self.config.data_path else f"{self.config.partition} partition"
+        return {"samples": int(len(self.y)), "source": source,
+
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
     def open_round(self) -> chain.ClientRound:
