@@ -12,6 +12,7 @@ Every problem is a DeviceDataError that names the file, the row and the column.
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from processor.tasks import Task, movielens_features, read_movielens
 
-MAX_ROWS = 1_000_000  # the contract's default cap on a submission's sample count
+MAX_ROWS = 1_000_000  # as many samples as the contract accepts by default (infra.chain.DEFAULT_MAX_SAMPLES)
 
 
 class DeviceDataError(ValueError):
@@ -53,8 +54,9 @@ def _image_columns(pixels: int, max_value: int) -> list[Column]:
     return [Column("label", 0, 9), *(Column(f"pixel{i}", 0, max_value) for i in range(pixels))]
 
 
+@functools.lru_cache(maxsize=1)
 def _catalogue() -> tuple[dict, dict]:
-    """The bundled MovieLens users (for the occupations) and items (genres, year)."""
+    """The bundled MovieLens users (for the occupations) and items (genres, year); read once (read-only)."""
     _, users, items = read_movielens(Path(str(resources.files("recbole") / "dataset_example" / "ml-100k")))
     return users, items
 
