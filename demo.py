@@ -150,13 +150,13 @@ def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack)
         return process, HttpEndpoint(url)
 
     starting = [app_process("organization", free_port(options.org_port),
-                            ["app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds])]
+                            ["app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
+                             *options.training.as_flags()])]
     for k in range(options.clients):
         starting.append(app_process(
             f"client-{k}", free_port(options.first_client_port + k),
             ["client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
-             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed),
-             *options.training.as_flags()]))
+             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed)]))
     log(f"starting the organization and {options.clients} clients (logs in {logs})")
     for process, _ in starting:
         process.start()
@@ -201,9 +201,10 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     registry = chain.deploy_registry(chain.connect(EMBEDDED), chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}")
     system = embedded_system(
-        run_dir, OrganizationConfig(task=options.task, seed=options.seed, merge=policy_for(options.bounds)),
+        run_dir, OrganizationConfig(task=options.task, seed=options.seed, training=options.training,
+                                    merge=policy_for(options.bounds)),
         [ClientConfig(client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
-                      alpha=options.alpha, seed=options.seed, training=options.training)
+                      alpha=options.alpha, seed=options.seed)
          for k in range(options.clients)],
         registry=registry)
     return (InProcessEndpoint(system.org, "organization"),

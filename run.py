@@ -58,6 +58,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     from processor.screen import policy_for
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+                                training=TrainingSettings.from_args(args),
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 open_enrolment=args.open_enrolment,
                                 max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES)
@@ -74,8 +75,7 @@ def cmd_client(args: argparse.Namespace) -> None:
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
-                          alpha=args.alpha, seed=args.seed, training=TrainingSettings.from_args(args),
-                          data_path=args.data, key=key)
+                          alpha=args.alpha, seed=args.seed, data_path=args.data, key=key)
     try:
         app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
     except DeviceDataError as exc:  # checked before the first round, said in one line
@@ -149,17 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--max-samples", type=int, help="the most samples a submission may claim (its FedAvg "
                                                          "weight) in a contract deployed here (default 1,000,000)")
 
-    def training_flags(sub: argparse.ArgumentParser) -> None:
+    def data_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
         sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
         sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-        TrainingSettings.add_flags(sub)
 
     app = command("app", cmd_app, "the organization's app")
     app.add_argument("--task", default="mnist")
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=5000)
     app.add_argument("--seed", type=int, default=0)
+    TrainingSettings.add_flags(app)  # the round plan: how every client trains
     app.add_argument("--pretrain-epochs", type=int, default=0,
                      help="pretrain the first model on the organization's data")
     app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     max_samples_flag(app)
 
     cli = command("client", cmd_client, "one device's app")
-    training_flags(cli)
+    data_flags(cli)
     cli.add_argument("--id", type=int, required=True, help="client number K (its data partition)")
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
     cli.add_argument("--data", type=Path, help="the device's own data: a CSV file with the task's columns "
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     command("ipfs", cmd_ipfs, "start the IPFS daemon")
 
     demo = command("demo", cmd_demo, "the whole system, several rounds")
-    training_flags(demo)
+    data_flags(demo)
+    TrainingSettings.add_flags(demo)
     demo.add_argument("--clients", type=int, default=3)
     bounds_flag(demo)
     demo.add_argument("--rounds", type=int, default=5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,6 @@ class ClientConfig:
     partition: str = "iid"  # iid, dirichlet, skewed, by-user
     alpha: float = 0.5
     seed: int = 0
-    training: TrainingSettings = field(default_factory=TrainingSettings)
     data_path: Path | None = None  # the device's own data (processor.device_data); None: a bundled partition
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
 
@@ -43,12 +42,14 @@ class PulledBase:
     cid: str
     weights: dict
     fisher: dict
+    plan: TrainingSettings  # how the organization asks this round's clients to train
 
 
 @dataclass
 class TrainedUpdate:
     round_id: int
     base_cid: str
+    plan: TrainingSettings  # the plan it was trained by
     result: rounds.LocalResult
 
 
@@ -110,8 +111,8 @@ class ClientService:
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {
             "client_id": self.config.client_id, "address": self.address, "task": self.task.name,
-            "partition": self.config.partition, "ewc_lambda": self.config.training.ewc_lambda,
-            "epochs": self.config.training.epochs, "data": self.data_summary(),
+            "partition": self.config.partition, "data": self.data_summary(),
+            "plan": asdict(self.base.plan) if self.base else None,
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
             "ipfs": store_status(self.store),
@@ -146,8 +147,12 @@ class ClientService:
                     data = retrying(self.settings, f"fetching the base {opened.base_cid}",
                                     lambda: self.store.get(opened.base_cid))
                 with timer.phase("decoding"):
-                    weights, fisher, _ = codec.decode_model(self.task, data)
-                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher)
+                    try:
+                        weights, fisher, metadata = codec.decode_model(self.task, data)
+                        plan = codec.training_plan(metadata)
+                    except codec.CodecError as exc:
+                        raise ActionError(f"the base model {opened.base_cid} cannot be used: {exc}", 502) from None
+                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher, plan)
             self.base.round_id = opened.round_id
             return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
@@ -166,9 +171,9 @@ class ClientService:
 
             with timer.phase("training"):
                 result = rounds.local_update(
-                    self.task, self.base.weights, self.base.fisher, self.x, self.y, cfg.training,
+                    self.task, self.base.weights, self.base.fisher, self.x, self.y, self.base.plan,
                     seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress)
-            self.trained = TrainedUpdate(self.base.round_id, self.base.cid, result)
+            self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result)
             return {**self._trained_view(), "seconds": timer.as_dict()}
 
     def publish(self, timer: PhaseTimer | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
@@ -188,7 +193,7 @@ class ClientService:
             with timer.phase("encoding"):
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
-                                          dtype=self.config.training.update_dtype)
+                                          dtype=self.trained.plan.update_dtype)
             with timer.phase("ipfs"):
                 cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
             with timer.phase("chain"):

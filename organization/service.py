@@ -22,6 +22,7 @@ from infra.webapp import ActionError, PhaseTimer, describe_error, find_registry,
 from processor import codec, rounds
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 log = logging.getLogger("organization")
 # Updates fetched at once. Content no node holds costs a fetch its whole timeout, so this many
@@ -35,6 +36,7 @@ class OrganizationConfig:
     task: str = "mnist"
     seed: int = 0
     pretrain_epochs: int = 0  # 0 = random initial model; >0 = pretrained on the organization's own data
+    training: TrainingSettings = field(default_factory=TrainingSettings)  # the plan every client trains by
     merge: MergePolicy = field(default_factory=MergePolicy)  # how updates are checked, bounded and merged
     max_update_bytes: int = 64 * 1024 * 1024
     fetch_timeout: float | None = None  # seconds to wait for one update (None: FL_TIMEOUT); then it is rejected
@@ -177,7 +179,8 @@ class OrganizationService:
             timer = PhaseTimer()
             with timer.phase("initial_model"):
                 weights = rounds.initial_model(self.task, seed=self.config.seed,
-                                               pretrain_epochs=self.config.pretrain_epochs)
+                                               pretrain_epochs=self.config.pretrain_epochs,
+                                               training=self.config.training)
             with timer.phase("evaluation"):
                 metrics = self.evaluate_on_test(weights)
             cid, _ = self._publish_model(weights, round_id=1, timer=timer)
@@ -197,7 +200,8 @@ class OrganizationService:
         with timer.phase("fisher"):
             base = rounds.make_base(self.task, weights)
         with timer.phase("encoding"):
-            data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id)
+            data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id,
+                                      plan=self.config.training)
         with timer.phase("ipfs"):
             cid = retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data))
         self._published = (cid, weights)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from safetensors.numpy import save
 
 from processor.tasks import Task
+from processor.training import TrainingSettings
 from processor.weights import Weights
 
 FORMAT = "fl-ipfs/1"
@@ -40,14 +41,15 @@ def _storable_dtype(values: Weights, dtype: str) -> str:
     return dtype
 
 
-def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int) -> bytes:
+def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int, plan: TrainingSettings) -> bytes:
     """A base model: its weights as float32 and the Fisher information that anchors EWC as float16
     (a quarter less to move to every client; EWC's results are the same to 3 decimals,
-    benchmarks/README.md); as float32 should a value lie beyond float16's range."""
+    benchmarks/README.md); as float32 should a value lie beyond float16's range. `plan` is how
+    every client trains from it this round."""
     fisher_dtype = _storable_dtype(fisher, "float16")
     tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
     tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], STORED_DTYPES[fisher_dtype]) for n in task.spec})
-    return save(tensors, metadata=_metadata(task, "base", round=round_id))
+    return save(tensors, metadata=_metadata(task, "base", round=round_id, plan=plan.to_json()))
 
 
 def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
@@ -205,6 +207,16 @@ def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, s
     if any(np.any(f < 0) for f in fisher.values()):
         raise CodecError("the Fisher information holds negative values")
     return weights, fisher, metadata
+
+
+def training_plan(metadata: dict[str, str]) -> TrainingSettings:
+    """How the round's clients train, from a base model's metadata."""
+    if "plan" not in metadata:
+        raise CodecError("the base model carries no training plan")
+    try:
+        return TrainingSettings.from_json(metadata["plan"])
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
 
 
 def decode_delta(task: Task, data: bytes, expected_round: int | None = None,

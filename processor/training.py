@@ -6,6 +6,7 @@ TrainingSettings; run.py and the benchmarks get theirs from `add_flags` and `fro
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, fields
 
 UPDATE_DTYPES = ("float16", "float32")  # processor.codec.STORED_DTYPES, without loading the codec
@@ -54,6 +55,30 @@ class TrainingSettings:
     def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainingSettings":
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         return cls(**{**values, **overrides})
+
+    def to_json(self) -> str:
+        """The settings as the round plan carries them (in the base model's metadata)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingSettings":
+        """Settings from a round plan, checked field by field; ValueError says what is wrong."""
+        try:
+            values = json.loads(text) if len(text) <= 1000 else None
+        except ValueError:
+            values = None
+        if not isinstance(values, dict):
+            raise ValueError("the training plan is not a JSON object of at most 1000 characters")
+        kinds = {"epochs": int, "batch_size": int, "learning_rate": float, "ewc_lambda": float, "update_dtype": str}
+        if set(values) != set(kinds):
+            raise ValueError(f"the training plan has the fields {sorted(values)}, expected {sorted(kinds)}")
+        for name, kind in kinds.items():
+            value = values[name]
+            accepted = (int, float) if kind is float else (kind,)
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                raise ValueError(f"the training plan's {name} is {value!r}, not a {kind.__name__}")
+        return cls(**{**values, "learning_rate": float(values["learning_rate"]),
+                      "ewc_lambda": float(values["ewc_lambda"])})
 
     def as_flags(self, exclude: tuple[str, ...] = ()) -> list[str]:
         """These settings as the flags `add_flags` defines, for starting another process."""

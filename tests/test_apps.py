@@ -1,6 +1,7 @@
 """The organization and client apps through Flask's test client, on the embedded chain and store."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from client.service import ClientConfig
 from demo import embedded_system
 from infra import chain
 from organization.service import OrganizationConfig
+from processor import codec
 from processor.training import TrainingSettings
 
 TASK = "digits"
@@ -18,9 +20,9 @@ TASK = "digits"
 @pytest.fixture()
 def system(tmp_path):
     """An organization app and two client apps sharing one in-process chain and store."""
-    system = embedded_system(tmp_path, OrganizationConfig(task=TASK), [
-        ClientConfig(client_id=k, num_clients=2, task=TASK, training=TrainingSettings(epochs=2, learning_rate=0.1))
-        for k in range(2)])
+    plan = TrainingSettings(epochs=2, learning_rate=0.1)
+    system = embedded_system(tmp_path, OrganizationConfig(task=TASK, training=plan),
+                             [ClientConfig(client_id=k, num_clients=2, task=TASK) for k in range(2)])
     return {"org": system.org.test_client(), "clients": [c.test_client() for c in system.clients], "w3": system.w3,
             "store": system.store, "settings": system.settings}
 
@@ -189,3 +191,23 @@ def test_cross_site_api_posts_and_oversized_bodies_are_refused(system):
         assert answer.status_code == 413 and "larger than" in answer.get_json()["error"]
     assert org.get("/api/status").get_json()["contract"] is None
     assert org.post("/api/deploy", headers={"Origin": "http://localhost"}).status_code == 201  # same site
+
+
+def test_every_client_trains_by_the_organizations_plan(tmp_path):
+    plan = TrainingSettings(epochs=3, batch_size=16, learning_rate=0.1, update_dtype="float32")
+    system = embedded_system(tmp_path, OrganizationConfig(task=TASK, training=plan),
+                             [ClientConfig(client_id=k, num_clients=2, task=TASK) for k in range(2)])
+    org, clients = system.org.test_client(), [c.test_client() for c in system.clients]
+    assert org.post("/api/deploy").status_code == 201
+    for c in clients:
+        assert org.post("/api/clients", json={"address": c.get("/api/status").get_json()["address"]}).status_code == 200
+    assert clients[0].get("/api/status").get_json()["plan"] is None  # nothing pulled yet
+    assert org.post("/api/rounds").status_code == 201
+    for c in clients:
+        job = c.post("/api/participate", json={"wait": True}).get_json()
+        assert job["state"] == "done" and job["progress"]["epochs"] == 3
+        assert c.get("/api/status").get_json()["plan"] == dataclasses.asdict(plan)
+        assert "3 epoch(s) · batch 16" in c.get("/").get_data(as_text=True)
+    for submission in org.get("/api/rounds/1").get_json()["submissions"]:
+        table, _ = codec.read_header(system.store.get(submission["cid"]))
+        assert {entry.dtype for entry in table.values()} == {"F32"}  # the plan's dtype, not the clients' default

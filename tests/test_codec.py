@@ -11,6 +11,7 @@ from safetensors.numpy import save
 from processor import codec
 from processor.codec import CodecError
 from processor.tasks import get_task
+from processor.training import TrainingSettings
 
 TASK = get_task("digits")
 CID = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
@@ -36,7 +37,7 @@ def raw_delta(tensors, **meta):
 
 def test_model_round_trip_keeps_the_weights_exact_and_the_fisher_in_float16():
     weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
-    encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
+    encoded = codec.encode_model(TASK, weights, fisher, round_id=4, plan=TrainingSettings())
     table, _ = codec.read_header(encoded)
     assert {table[f"weights/{n}"].dtype for n in TASK.spec} == {"F32"}
     assert {table[f"fisher/{n}"].dtype for n in TASK.spec} == {"F16"}
@@ -51,7 +52,7 @@ def test_model_round_trip_keeps_the_weights_exact_and_the_fisher_in_float16():
 def test_a_fisher_out_of_float16_range_is_published_as_float32():
     weights, fisher = random_weights(1), {n: np.abs(w) for n, w in random_weights(2).items()}
     next(iter(fisher.values())).flat[0] = 1e6
-    encoded = codec.encode_model(TASK, weights, fisher, round_id=4)
+    encoded = codec.encode_model(TASK, weights, fisher, round_id=4, plan=TrainingSettings())
     assert {entry.dtype for entry in codec.read_header(encoded)[0].values()} == {"F32"}
     _, decoded_f, _ = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
@@ -135,7 +136,8 @@ def test_a_delta_for_another_round_or_base_is_rejected():
 
 def test_a_model_is_not_accepted_as_a_delta_nor_a_delta_as_a_model():
     with pytest.raises(CodecError, match="metadata kind is 'base', expected 'delta'"):
-        codec.decode_delta(TASK, codec.encode_model(TASK, random_weights(), random_weights(), round_id=1))
+        codec.decode_delta(TASK, codec.encode_model(TASK, random_weights(), random_weights(), round_id=1,
+                                                plan=TrainingSettings()))
     with pytest.raises(CodecError, match="metadata kind is 'delta', expected 'base'"):
         codec.decode_model(TASK, encoded_delta())
 
@@ -152,7 +154,8 @@ def test_a_model_for_another_task_is_rejected():
     mnist = get_task("mnist")
     other = {n: np.zeros(s, np.float32) for n, s in mnist.spec.items()}
     with pytest.raises(CodecError, match="metadata task is 'mnist', expected 'digits'"):
-        codec.decode_model(TASK, codec.encode_model(mnist, other, other, round_id=1))
+        codec.decode_model(TASK, codec.encode_model(mnist, other, other, round_id=1,
+                                                      plan=TrainingSettings()))
 
 
 def header_bytes(header) -> bytes:
@@ -216,3 +219,27 @@ def test_nesting_at_the_header_size_cap_is_refused_and_past_it_the_header_is_not
         codec.read_header(header_bytes(b"[" * codec.MAX_HEADER_BYTES))
     with pytest.raises(CodecError, match=f"header of {codec.MAX_HEADER_BYTES + 1} bytes"):
         codec.read_header(header_bytes(b"[" * (codec.MAX_HEADER_BYTES + 1)))
+
+
+def test_a_base_model_carries_the_rounds_training_plan():
+    plan = TrainingSettings(epochs=3, batch_size=16, learning_rate=0.2, ewc_lambda=50.0, update_dtype="float32")
+    fisher = {n: np.abs(w) for n, w in random_weights(2).items()}
+    _, _, metadata = codec.decode_model(TASK, codec.encode_model(TASK, random_weights(), fisher, 2, plan))
+    assert codec.training_plan(metadata) == plan
+
+
+@pytest.mark.parametrize("plan, message", [
+    (None, "carries no training plan"),
+    ("[1]", "not a JSON object"),
+    ('{"epochs": 1}', "has the fields"),
+    ('{"epochs": "1", "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "float16"}',
+     "epochs is '1', not a int"),
+    ('{"epochs": 0, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "float16"}',
+     "must be at least 1"),
+    ('{"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "int4"}',
+     "unsupported update dtype"),
+])
+def test_a_plan_that_does_not_fit_its_schema_is_refused(plan, message):
+    metadata = {} if plan is None else {"plan": plan}
+    with pytest.raises(CodecError, match=message):
+        codec.training_plan(metadata)

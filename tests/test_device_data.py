@@ -79,8 +79,8 @@ def test_bad_interest_rows_are_refused(tmp_path, rows, message):
 
 def test_a_client_trains_and_publishes_from_its_own_file(tmp_path):
     digits_csv(tmp_path / "mine.csv", rows=60)
-    system = embedded_system(tmp_path, OrganizationConfig(task="digits"), [ClientConfig(
-        client_id=0, task="digits", data_path=tmp_path / "mine.csv", training=TrainingSettings(epochs=2))])
+    system = embedded_system(tmp_path, OrganizationConfig(task="digits", training=TrainingSettings(epochs=2)),
+                             [ClientConfig(client_id=0, task="digits", data_path=tmp_path / "mine.csv")])
     org, device = system.org.test_client(), system.clients[0].test_client()
     status = device.get("/api/status").get_json()
     assert status["data"]["samples"] == 60 and status["data"]["source"] == str(tmp_path / "mine.csv")

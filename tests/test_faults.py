@@ -66,11 +66,12 @@ class Stack:
 
     def org_process(self, entry: list[str] | None = None) -> ManagedProcess:
         """The organization, started by run.py or by `entry` (a fault-injecting launcher)."""
-        return self._app("organization", "org", ORG_PORT, ["app", "--task", TASK], entry)
+        return self._app("organization", "org", ORG_PORT, ["app", "--task", TASK, "--epochs", "2"], entry)
 
-    def client_process(self, k: int, epochs: int = 2) -> ManagedProcess:
+    def client_process(self, k: int, entry: list[str] | None = None) -> ManagedProcess:
+        """Client k, started by run.py or by `entry` (a fault-injecting launcher)."""
         return self._app(f"client-{k}", "client", CLIENT_PORTS[k],
-                         ["client", "--id", str(k), "--clients", "2", "--task", TASK, "--epochs", str(epochs)])
+                         ["client", "--id", str(k), "--clients", "2", "--task", TASK], entry)
 
     def start_apps(self, processes: list[ManagedProcess]) -> None:
         """Start app processes side by side (each spends most of its start importing TensorFlow)."""
@@ -234,7 +235,7 @@ def test_client_killed_mid_training_then_retried(stack):
     round_id = stack.registry.current_round()
     assert participate(0).status_code == 200
     stack.clients[1].stop()
-    stack.clients[1] = stack.client_process(1, epochs=2000)  # long enough to be caught training
+    stack.clients[1] = stack.client_process(1, entry=["-m", "tests.fixtures.slow_client"])  # caught training
     stack.clients[1].start()
     assert post(CLIENT_PORTS[1], "/api/participate").status_code == 202
     deadline = time.monotonic() + 120
