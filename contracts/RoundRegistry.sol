@@ -6,10 +6,14 @@ pragma solidity 0.8.26;
 ///         IPFS CID), the model update every client published in it, and the model it produced.
 ///         The owner opens the first round, closes each round to submissions before merging
 ///         it, and finalizing a round opens the next from the model it produced: from then on
-///         exactly one round is current.
+///         exactly one round is current. Each round keeps time and counts: it has a deadline
+///         after which it takes no update, a quorum (the fewest updates it may be merged from)
+///         and the share of enrolled clients it invites, drawn from a public seed so that any
+///         client can check its own invitation and anyone can audit the draw. A round that
+///         misses its quorum by its deadline is restarted from the same base.
 /// @dev Gas per submission does not depend on the number of clients or rounds: a submission writes
-///      two fresh storage slots and updates the round's packed header slot, and no transaction
-///      loops over clients or submissions.
+///      two fresh storage slots and updates the round's packed header slot (which also holds its
+///      deadline, quorum and invited share), and no transaction loops over clients or submissions.
 ///
 ///      CID storage. The system's CIDs are CIDv1, base32, sha2-256 ("bafkrei..." raw leaves,
 ///      "bafybei..." dag-pb): 59 characters that encode 36 bytes (version 0x01, a one-byte codec,
@@ -24,15 +28,41 @@ pragma solidity 0.8.26;
 ///      full CID is also in the UpdateSubmitted event.
 contract RoundRegistry {
     /// @notice A round's header and CIDs.
-    /// @dev The first four fields share one slot: submitUpdate reads and updates only that slot.
+    /// @dev The first eight fields share one slot: submitUpdate reads and updates only that slot
+    ///      (and the round's seed when it invites a share of the clients).
     struct Round {
-        uint64 startBlock;
-        uint64 finalizeBlock;
+        uint40 startBlock;
+        uint40 finalizeBlock;
+        uint40 deadline; // unix seconds; 0 = none
         uint32 submissionCount;
+        uint32 quorum;
+        uint16 invitedShare; // of the enrolled clients, in basis points
         bool closed; // to submissions: what the organization merges is then fixed
         bool finalized;
         string baseCid; // round 1 only: a later round's base is its predecessor's modelCid
         string modelCid;
+    }
+
+    /// @notice A round's record as returned by getRound.
+    struct RoundView {
+        string baseCid;
+        string modelCid;
+        bool closed;
+        bool finalized;
+        uint256 submissionCount;
+        uint256 startBlock;
+        uint256 finalizeBlock;
+        uint256 deadline;
+        uint256 quorum;
+        uint256 invitedShare;
+        bytes32 seed;
+    }
+
+    /// @notice The rules every round opened from now on follows.
+    struct RoundRules {
+        uint40 duration; // seconds from a round's opening to its deadline; 0 = no deadline
+        uint32 quorum;
+        uint16 invitedShare;
     }
 
     /// @dev One slot per submission; the CID itself lives in _cidDigest (and _verbatimCid).
@@ -54,6 +84,8 @@ contract RoundRegistry {
     /// @notice The longest CID accepted: every CID in use (CIDv0 is 46 characters, CIDv1 base32
     ///         sha2-256 59) with room to spare, and a bound on what a submission can make others read.
     uint256 public constant MAX_CID_LENGTH = 100;
+    /// @notice An invited share of ALL_INVITED basis points invites every enrolled client.
+    uint16 public constant ALL_INVITED = 10_000;
     // Bits of the first eight base32 digits: version, codec, multihash code and length (32), then
     // the first digest byte (8). The other 50 digits hold 248 digest bits and 2 zero padding bits.
     uint256 private constant HEAD_DIGITS = 8;
@@ -67,8 +99,13 @@ contract RoundRegistry {
 
     // Rounds 1 to _currentRound - 1 are finalized; _currentRound (if not 0) is open.
     uint256 private _currentRound;
+    RoundRules private _rules;
     mapping(uint256 round => Round) private _rounds;
-    mapping(address client => bool) private _clients;
+    // The draw that decides which clients a round invites; set only when it invites a share.
+    mapping(uint256 round => bytes32) private _seeds;
+    // The first round an enrolled client may take part in (the one after the round current at its
+    // enrolment, so that who a round expects is fixed when it opens); 0 = not enrolled.
+    mapping(address client => uint256) private _enrolledFrom;
     mapping(uint256 round => mapping(uint256 index => SubmissionRecord)) private _submissions;
     // Non-zero exactly when the client has submitted in the round: the sha2-256 digest of a
     // compact CID, or keccak256 of a verbatim one.
@@ -87,6 +124,19 @@ contract RoundRegistry {
     error AlreadySubmitted(uint256 round, address client);
     /// @notice The round has not started, or it is closed to submissions.
     error RoundNotOpen(uint256 round);
+    /// @notice The round's deadline has passed: it takes no more updates.
+    error DeadlinePassed(uint256 round, uint256 deadline);
+    /// @notice The round does not invite this client: enrolled after it opened, or not drawn.
+    error NotInvited(uint256 round, address client);
+    /// @notice The round has fewer submissions than its quorum (and, to be closed, its deadline
+    ///         has not passed).
+    error QuorumNotMet(uint256 round, uint256 submissionCount, uint256 quorum);
+    /// @notice Only a round that missed its quorum by its deadline can be restarted.
+    error RoundNotMissed(uint256 round);
+    /// @notice A quorum must be at least one update.
+    error ZeroQuorum();
+    /// @notice An invited share is 1 to ALL_INVITED basis points.
+    error InvalidInvitedShare(uint256 invitedShare);
     /// @notice The round must be closed to submissions before it is finalized.
     error RoundNotClosed(uint256 round);
     /// @notice The round is already finalized.
@@ -104,16 +154,23 @@ contract RoundRegistry {
     /// @notice maxSamples must be positive.
     error ZeroMaxSamples();
 
-    /// @notice Round `round` started from the model at `baseCid`.
-    event RoundStarted(uint256 indexed round, string baseCid);
+    /// @notice Round `round` started from the model at `baseCid`; it takes updates until `deadline`
+    ///         (unix seconds, 0 = none) and is merged from at least `quorum` of them.
+    event RoundStarted(uint256 indexed round, string baseCid, uint256 deadline, uint256 quorum);
+    /// @notice Rounds opened from now on last `duration` seconds, need `quorum` updates and invite
+    ///         `invitedShare` basis points of the enrolled clients.
+    event RoundRulesSet(uint256 duration, uint256 quorum, uint256 invitedShare);
+    /// @notice Round `round` missed its quorum by its deadline, with `submissionCount` updates; the
+    ///         next round starts from the same base.
+    event RoundMissedQuorum(uint256 indexed round, uint256 submissionCount, uint256 quorum);
     /// @notice `client` published the update at `cid`, trained on `numSamples` samples.
     event UpdateSubmitted(uint256 indexed round, address indexed client, string cid, uint256 numSamples);
     /// @notice Round `round` accepts no more submissions; `submissionCount` of them will be merged.
     event RoundClosed(uint256 indexed round, uint256 submissionCount);
     /// @notice Round `round` produced the model at `modelCid` from `submissionCount` updates.
     event RoundFinalized(uint256 indexed round, string modelCid, uint256 submissionCount);
-    /// @notice `client` may now submit updates.
-    event ClientAdded(address indexed client);
+    /// @notice `client` may submit updates from round `fromRound` on.
+    event ClientAdded(address indexed client, uint256 fromRound);
     /// @notice `client` may no longer submit updates.
     event ClientRemoved(address indexed client);
 
@@ -130,24 +187,27 @@ contract RoundRegistry {
         owner = msg.sender;
         openEnrolment = openEnrolment_;
         maxSamples = maxSamples_;
+        _rules = RoundRules({duration: 0, quorum: 1, invitedShare: ALL_INVITED});
     }
 
     // ---- clients ----------------------------------------------------------------------------
 
-    /// @notice Adds `client` to the allowlist (kept, but not consulted, under open enrolment).
+    /// @notice Adds `client` to the allowlist (kept, but not consulted, under open enrolment). It
+    ///         takes part from the next round to open: a round expects the clients enrolled before it.
     /// @param client The client's account.
     function addClient(address client) external onlyOwner {
         if (client == address(0)) revert ZeroAddress();
-        if (_clients[client]) revert AlreadyEnrolled(client);
-        _clients[client] = true;
-        emit ClientAdded(client);
+        if (_enrolledFrom[client] != 0) revert AlreadyEnrolled(client);
+        uint256 fromRound = _currentRound + 1;
+        _enrolledFrom[client] = fromRound;
+        emit ClientAdded(client, fromRound);
     }
 
     /// @notice Removes `client` from the allowlist; its past submissions stay on record.
     /// @param client The client's account.
     function removeClient(address client) external onlyOwner {
-        if (!_clients[client]) revert NotEnrolled(client);
-        _clients[client] = false;
+        if (_enrolledFrom[client] == 0) revert NotEnrolled(client);
+        _enrolledFrom[client] = 0;
         emit ClientRemoved(client);
     }
 
@@ -155,7 +215,45 @@ contract RoundRegistry {
     /// @param client The account to check.
     /// @return True when the account is on the allowlist.
     function isClient(address client) external view returns (bool) {
-        return _clients[client];
+        return _enrolledFrom[client] != 0;
+    }
+
+    /// @notice The first round `client` may take part in (0 when it is not on the allowlist).
+    /// @param client The account to check.
+    /// @return The round's number.
+    function enrolledFrom(address client) external view returns (uint256) {
+        return _enrolledFrom[client];
+    }
+
+    /// @notice Whether round `round` invites `client`: enrolled before it opened (or open
+    ///         enrolment) and drawn by the round's seed when it invites a share of the clients.
+    /// @param round The round's number.
+    /// @param client The account to check.
+    /// @return True when the client may submit to the round while it is open.
+    function isInvited(uint256 round, address client) external view returns (bool) {
+        return _rounds[round].startBlock != 0 && _isEnrolledFor(round, client) && _isDrawn(round, client);
+    }
+
+    // ---- rules ------------------------------------------------------------------------------
+
+    /// @notice Sets the rules of the rounds opened from now on (the open round keeps its own).
+    /// @param duration Seconds from a round's opening to its deadline; 0 for no deadline.
+    /// @param quorum The fewest updates a round may be merged from.
+    /// @param invitedShare Basis points of the enrolled clients each round invites (ALL_INVITED: all).
+    function setRoundRules(uint40 duration, uint32 quorum, uint16 invitedShare) external onlyOwner {
+        if (quorum == 0) revert ZeroQuorum();
+        if (invitedShare == 0 || invitedShare > ALL_INVITED) revert InvalidInvitedShare(invitedShare);
+        _rules = RoundRules({duration: duration, quorum: quorum, invitedShare: invitedShare});
+        emit RoundRulesSet(duration, quorum, invitedShare);
+    }
+
+    /// @notice The rules of the rounds opened from now on.
+    /// @return duration Seconds from a round's opening to its deadline (0: none).
+    /// @return quorum The fewest updates a round may be merged from.
+    /// @return invitedShare Basis points of the enrolled clients each round invites.
+    function roundRules() external view returns (uint256 duration, uint256 quorum, uint256 invitedShare) {
+        RoundRules memory rules = _rules;
+        return (rules.duration, rules.quorum, rules.invitedShare);
     }
 
     // ---- rounds -----------------------------------------------------------------------------
@@ -168,11 +266,8 @@ contract RoundRegistry {
         _checkCidLength(baseCid);
         if (_currentRound != 0) revert PreviousRoundOpen(_currentRound);
         round = 1;
-        _currentRound = round;
-        Round storage r = _rounds[round];
-        r.startBlock = uint64(block.number);
-        r.baseCid = baseCid;
-        emit RoundStarted(round, baseCid);
+        _rounds[round].baseCid = baseCid;
+        _open(round, baseCid);
     }
 
     /// @notice Publishes the caller's model update for the open round.
@@ -183,10 +278,14 @@ contract RoundRegistry {
         _checkCidLength(cid);
         if (numSamples == 0) revert ZeroSamples();
         if (numSamples > maxSamples) revert TooManySamples(numSamples, maxSamples);
-        if (!openEnrolment && !_clients[msg.sender]) revert NotEnrolled(msg.sender);
+        if (!openEnrolment && _enrolledFrom[msg.sender] == 0) revert NotEnrolled(msg.sender);
         // A started round not yet closed is necessarily the current one: no other can be open.
         Round storage r = _rounds[round];
         if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
+        if (r.deadline != 0 && block.timestamp > r.deadline) revert DeadlinePassed(round, r.deadline);
+        if (!_isEnrolledFor(round, msg.sender) || (r.invitedShare < ALL_INVITED && !_isDrawn(round, msg.sender))) {
+            revert NotInvited(round, msg.sender);
+        }
         if (_cidDigest[round][msg.sender] != 0) revert AlreadySubmitted(round, msg.sender);
 
         (uint8 codec, bytes32 digest) = _decodeCid(cid);
@@ -205,13 +304,34 @@ contract RoundRegistry {
     }
 
     /// @notice Closes the open round to submissions, so that the set the organization merges is
-    ///         fixed: every submission counted on chain is one it reads.
+    ///         fixed: every submission counted on chain is one it reads. Allowed once the round has
+    ///         its quorum, or once its deadline has passed.
     /// @param round The open round's number.
     function closeRound(uint256 round) external onlyOwner {
         Round storage r = _rounds[round];
         if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
+        if (r.submissionCount < r.quorum && !_isPastDeadline(r)) {
+            revert QuorumNotMet(round, r.submissionCount, r.quorum);
+        }
         r.closed = true;
         emit RoundClosed(round, r.submissionCount);
+    }
+
+    /// @notice Ends a round that missed its quorum by its deadline, and opens the next round from
+    ///         the same base, under the current rules: no round is ever stuck.
+    /// @param round The current round's number.
+    function restartRound(uint256 round) external onlyOwner {
+        Round storage r = _rounds[round];
+        if (r.finalized) revert RoundAlreadyFinalized(round);
+        if (r.startBlock == 0) revert RoundNotOpen(round);
+        if (r.submissionCount >= r.quorum || !_isPastDeadline(r)) revert RoundNotMissed(round);
+        string memory baseCid = _baseCidOf(round);
+        r.closed = true;
+        r.finalized = true;
+        r.finalizeBlock = uint40(block.number);
+        r.modelCid = baseCid; // what the next round starts from: its base is this round's model
+        emit RoundMissedQuorum(round, r.submissionCount, r.quorum);
+        _open(round + 1, baseCid);
     }
 
     /// @notice Finalizes the closed round with the model it produced and opens the next round
@@ -224,15 +344,13 @@ contract RoundRegistry {
         if (r.finalized) revert RoundAlreadyFinalized(round);
         if (r.startBlock == 0) revert RoundNotOpen(round);
         if (!r.closed) revert RoundNotClosed(round);
+        if (r.submissionCount < r.quorum) revert QuorumNotMet(round, r.submissionCount, r.quorum);
         // A closed, unfinalized round is necessarily the current one, so the next is round + 1.
         r.finalized = true;
-        r.finalizeBlock = uint64(block.number);
+        r.finalizeBlock = uint40(block.number);
         r.modelCid = modelCid;
         emit RoundFinalized(round, modelCid, r.submissionCount);
-        uint256 next = round + 1;
-        _currentRound = next;
-        _rounds[next].startBlock = uint64(block.number); // its base is r.modelCid (_baseCidOf)
-        emit RoundStarted(next, modelCid);
+        _open(round + 1, modelCid); // its base is r.modelCid (_baseCidOf)
     }
 
     /// @notice The number of the latest round started (0 before the first).
@@ -241,46 +359,48 @@ contract RoundRegistry {
         return _currentRound;
     }
 
-    /// @notice A round's record; all zero for a round that has not started.
+    /// @notice A round's record; all zero for a round that has not started. Its model is its base
+    ///         when it missed its quorum (RoundMissedQuorum).
     /// @param round The round's number.
-    /// @return baseCid CID of the model the round started from.
-    /// @return modelCid CID of the model it produced ("" until finalized).
-    /// @return closed Whether the round is closed to submissions.
-    /// @return finalized Whether the round has produced its model.
-    /// @return submissionCount Number of updates submitted.
-    /// @return startBlock Block in which the round started.
-    /// @return finalizeBlock Block in which it was finalized (0 until then).
-    function getRound(uint256 round)
-        external
-        view
-        returns (
-            string memory baseCid,
-            string memory modelCid,
-            bool closed,
-            bool finalized,
-            uint256 submissionCount,
-            uint256 startBlock,
-            uint256 finalizeBlock
-        )
-    {
+    /// @return record The base and model CIDs ("" until finalized), whether it is closed and
+    ///         finalized, its submission count, the blocks it started and was finalized in (0
+    ///         until then), its deadline (unix seconds, 0 = none), quorum, invited share (basis
+    ///         points) and the seed of its draw (0 when it invites every enrolled client).
+    function getRound(uint256 round) external view returns (RoundView memory record) {
         Round storage r = _rounds[round];
-        return (_baseCidOf(round), r.modelCid, r.closed, r.finalized, r.submissionCount, r.startBlock,
-            r.finalizeBlock);
+        return RoundView({
+            baseCid: _baseCidOf(round),
+            modelCid: r.modelCid,
+            closed: r.closed,
+            finalized: r.finalized,
+            submissionCount: r.submissionCount,
+            startBlock: r.startBlock,
+            finalizeBlock: r.finalizeBlock,
+            deadline: r.deadline,
+            quorum: r.quorum,
+            invitedShare: r.invitedShare,
+            seed: _seeds[round]
+        });
     }
 
-    /// @notice The open round as `client` sees it, in one call: what a device reads before it trains.
+    /// @notice The current round as `client` sees it, in one call: what a device reads before it trains.
     /// @param client The client's account.
-    /// @return round The open round's number (0 before the first round).
+    /// @return round The current round's number (0 before the first round).
     /// @return baseCid CID of the model it starts from ("" before the first round).
-    /// @return open Whether it still accepts submissions (false once closed, and before the first round).
+    /// @return open Whether it still accepts submissions: started, not closed, deadline not passed.
     /// @return submitted Whether `client` has submitted an update to it.
+    /// @return invited Whether it invites `client`.
+    /// @return deadline Its deadline in unix seconds (0 = none).
     function currentRoundFor(address client)
         external
         view
-        returns (uint256 round, string memory baseCid, bool open, bool submitted)
+        returns (uint256 round, string memory baseCid, bool open, bool submitted, bool invited, uint256 deadline)
     {
         round = _currentRound;
-        return (round, _baseCidOf(round), round != 0 && !_rounds[round].closed, _cidDigest[round][client] != 0);
+        Round storage r = _rounds[round];
+        open = round != 0 && !r.closed && !_isPastDeadline(r);
+        invited = round != 0 && _isEnrolledFor(round, client) && _isDrawn(round, client);
+        return (round, _baseCidOf(round), open, _cidDigest[round][client] != 0, invited, r.deadline);
     }
 
     /// @notice The model of the latest finalized round.
@@ -319,6 +439,40 @@ contract RoundRegistry {
     /// @return True when it has.
     function hasSubmitted(uint256 round, address client) external view returns (bool) {
         return _cidDigest[round][client] != 0;
+    }
+
+    // ---- rounds' rules ----------------------------------------------------------------------
+
+    /// @dev Makes round `round` the current one and opens it under the current rules.
+    function _open(uint256 round, string memory baseCid) private {
+        RoundRules memory rules = _rules;
+        _currentRound = round;
+        Round storage r = _rounds[round];
+        r.startBlock = uint40(block.number);
+        r.deadline = rules.duration == 0 ? 0 : uint40(block.timestamp) + rules.duration;
+        r.quorum = rules.quorum;
+        r.invitedShare = rules.invitedShare;
+        // The draw's seed: the previous block's hash, unknown until that block was mined.
+        if (rules.invitedShare < ALL_INVITED) _seeds[round] = blockhash(block.number - 1);
+        emit RoundStarted(round, baseCid, r.deadline, rules.quorum);
+    }
+
+    function _isPastDeadline(Round storage r) private view returns (bool) {
+        return r.deadline != 0 && block.timestamp > r.deadline;
+    }
+
+    function _isEnrolledFor(uint256 round, address client) private view returns (bool) {
+        if (openEnrolment) return true;
+        uint256 fromRound = _enrolledFrom[client];
+        return fromRound != 0 && fromRound <= round;
+    }
+
+    /// @dev The draw: a client is invited when keccak256(seed, client) mod ALL_INVITED falls below
+    ///      the round's share, so each enrolled client is drawn independently with that probability.
+    function _isDrawn(uint256 round, address client) private view returns (bool) {
+        uint16 share = _rounds[round].invitedShare;
+        if (share >= ALL_INVITED) return true;
+        return uint256(keccak256(abi.encode(_seeds[round], client))) % ALL_INVITED < share;
     }
 
     // ---- CIDs -------------------------------------------------------------------------------

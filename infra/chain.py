@@ -113,6 +113,17 @@ class TxResult:
     block_number: int
 
 
+ALL_INVITED = 10_000  # an invited share, in basis points, that invites every enrolled client
+
+
+@dataclass(frozen=True)
+class RoundRules:
+    """What the rounds opened from now on follow."""
+    duration: int = 0  # seconds from a round's opening to its deadline; 0 = no deadline
+    quorum: int = 1  # the fewest updates a round may be merged from
+    invited_share: int = ALL_INVITED  # basis points of the enrolled clients each round invites
+
+
 @dataclass(frozen=True)
 class RoundInfo:
     round_id: int
@@ -123,15 +134,40 @@ class RoundInfo:
     submissions: int
     start_block: int
     finalize_block: int
+    deadline: int = 0  # unix seconds; 0 = none
+    quorum: int = 1
+    invited_share: int = ALL_INVITED
+    seed: bytes = bytes(32)  # of the draw of invited clients (zero when every enrolled client is)
+
+    @property
+    def started(self) -> bool:
+        return self.start_block != 0
+
+    def past_deadline(self, now: float) -> bool:
+        return self.deadline != 0 and now > self.deadline
+
+    def invites(self, address: str) -> bool:
+        """Whether this round's draw picks `address` (enrolment aside): the contract's rule."""
+        return is_drawn(self.seed, address, self.invited_share)
+
+
+def is_drawn(seed: bytes, address: str, invited_share: int) -> bool:
+    """The contract's draw: keccak256(abi.encode(seed, client)) mod ALL_INVITED < invited_share."""
+    if invited_share >= ALL_INVITED:
+        return True
+    digest = keccak(bytes(seed) + bytes(12) + bytes.fromhex(to_checksum_address(address)[2:]))
+    return int.from_bytes(digest, "big") % ALL_INVITED < invited_share
 
 
 @dataclass(frozen=True)
 class ClientRound:
-    """The open round as one client sees it."""
+    """The current round as one client sees it."""
     round_id: int  # 0 before the first round
     base_cid: str
-    open: bool  # whether it still accepts submissions
+    open: bool  # whether it still accepts submissions (started, not closed, deadline not passed)
     submitted: bool  # whether this client has submitted to it
+    invited: bool  # whether it invites this client
+    deadline: int  # unix seconds; 0 = none
 
 
 @dataclass(frozen=True)
@@ -539,6 +575,12 @@ class Registry:
     def finalize_round(self, key: str, round_id: int, model_cid: str) -> TxResult:
         return self._transact(key, "finalizeRound", round_id, model_cid)
 
+    def restart_round(self, key: str, round_id: int) -> TxResult:
+        return self._transact(key, "restartRound", round_id)
+
+    def set_round_rules(self, key: str, rules: RoundRules) -> TxResult:
+        return self._transact(key, "setRoundRules", rules.duration, rules.quorum, rules.invited_share)
+
     def add_client(self, key: str, address: str) -> TxResult:
         return self._transact(key, "addClient", to_checksum_address(address))
 
@@ -551,8 +593,17 @@ class Registry:
         return self._call("currentRound")
 
     def round(self, n: int) -> RoundInfo:
-        base_cid, model_cid, closed, finalized, count, start_block, finalize_block = self._call("getRound", n)
-        return RoundInfo(n, base_cid, model_cid, closed, finalized, count, start_block, finalize_block)
+        return RoundInfo(n, *self._call("getRound", n))
+
+    def round_rules(self) -> RoundRules:
+        return RoundRules(*self._call("roundRules"))
+
+    def is_invited(self, n: int, address: str) -> bool:
+        return self._call("isInvited", n, to_checksum_address(address))
+
+    def enrolled_from(self, address: str) -> int:
+        """The first round `address` may take part in; 0 when it is not enrolled."""
+        return self._call("enrolledFrom", to_checksum_address(address))
 
     def submissions(self, n: int, offset: int = 0, limit: int = 100) -> list[Submission]:
         return [Submission(client, cid, num_samples)
@@ -584,7 +635,8 @@ class Registry:
         return self._call("maxSamples")
 
     def current_round_for(self, address: str) -> ClientRound:
-        """The open round, its base and whether `address` submitted to it, in one call."""
+        """The current round, its base, whether it is open, whether `address` submitted to it and is
+        invited, and its deadline, in one call."""
         return ClientRound(*self._call("currentRoundFor", to_checksum_address(address)))
 
     def latest_model(self) -> tuple[int, str]:

@@ -55,7 +55,7 @@ def test_a_submission_costs_four_requests_once_fees_and_gas_are_known(w3, monkey
     registry.start_round(ORG_KEY, cid_for("base"))
     registry.submit_update(CLIENT_KEYS[0], 1, cid_for("first"), 10)
     asked.clear()
-    assert registry.current_round_for(CLIENTS[1]) == chain.ClientRound(1, cid_for("base"), True, False)
+    assert registry.current_round_for(CLIENTS[1]) == chain.ClientRound(1, cid_for("base"), True, False, True, 0)
     registry.submit_update(CLIENT_KEYS[1], 1, cid_for("second"), 10)
     assert asked == ["eth_call", "eth_getTransactionCount", "eth_sendRawTransaction", "eth_getTransactionReceipt"]
 

@@ -240,3 +240,97 @@ def test_deployment_record_and_truffle_artifact(w3, tmp_path):
 def test_an_absent_node_is_reported_as_unavailable():
     with pytest.raises(chain.ChainUnavailable, match="127.0.0.1:9"):
         chain.connect("http://127.0.0.1:9")
+
+
+def time_travel(w3, seconds: int) -> None:
+    """Move the embedded chain's clock `seconds` ahead: the next block is mined that much later."""
+    w3.provider.ethereum_tester.time_travel(w3.eth.get_block("pending")["timestamp"] + seconds)
+
+
+def test_a_round_keeps_its_deadline_and_quorum_and_a_missed_round_restarts_from_its_base(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    for address in CLIENTS[:3]:
+        registry.add_client(ORG_KEY, address)
+    expect_revert("ZeroQuorum", lambda: registry.set_round_rules(ORG_KEY, chain.RoundRules(30, 0)))
+    error = expect_revert("InvalidInvitedShare", lambda: registry.set_round_rules(
+        ORG_KEY, chain.RoundRules(30, 1, chain.ALL_INVITED + 1)))
+    assert error.fields == {"invitedShare": chain.ALL_INVITED + 1}
+    expect_revert("NotOwner", lambda: registry.set_round_rules(CLIENT_KEYS[0], chain.RoundRules(30, 2)))
+    registry.set_round_rules(ORG_KEY, chain.RoundRules(30, 2))
+    assert registry.round_rules() == chain.RoundRules(30, 2)
+    started = registry.start_round(ORG_KEY, BASE)
+    opened_at = w3.eth.get_block(started.block_number)["timestamp"]
+    info = registry.round(1)
+    assert (info.deadline, info.quorum) == (opened_at + 30, 2)
+    assert registry.events("RoundStarted")[-1]["args"] == {"round": 1, "baseCid": BASE, "deadline": opened_at + 30,
+                                                          "quorum": 2}
+
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u0"), 10)
+    error = expect_revert("QuorumNotMet", lambda: registry.close_round(ORG_KEY, 1))
+    assert error.fields == {"round": 1, "submissionCount": 1, "quorum": 2}
+    expect_revert("RoundNotMissed", lambda: registry.restart_round(ORG_KEY, 1))  # its deadline is ahead
+    time_travel(w3, 31)
+    error = expect_revert("DeadlinePassed", lambda: registry.submit_update(CLIENT_KEYS[1], 1, cid_for("u1"), 10))
+    assert error.fields == {"round": 1, "deadline": opened_at + 30}
+    assert not registry.current_round_for(CLIENTS[1]).open
+    expect_revert("NotOwner", lambda: registry.restart_round(CLIENT_KEYS[0], 1))
+    registry.restart_round(ORG_KEY, 1)
+    assert registry.events("RoundMissedQuorum")[-1]["args"] == {"round": 1, "submissionCount": 1, "quorum": 2}
+    missed = registry.round(1)
+    assert (missed.closed, missed.finalized, missed.model_cid) == (True, True, BASE)
+    assert registry.current_round() == 2 and registry.round(2).base_cid == BASE
+    expect_revert("RoundAlreadyFinalized", lambda: registry.restart_round(ORG_KEY, 1))
+
+    # Round 2 meets its quorum: it may close before its deadline, and cannot be restarted.
+    for key in CLIENT_KEYS[:2]:
+        registry.submit_update(key, 2, cid_for(f"round 2 {key}"), 10)
+    time_travel(w3, 31)
+    expect_revert("RoundNotMissed", lambda: registry.restart_round(ORG_KEY, 2))
+    registry.close_round(ORG_KEY, 2)
+    registry.finalize_round(ORG_KEY, 2, cid_for("model 2"))
+    assert registry.round(3).base_cid == cid_for("model 2")
+
+
+def test_a_round_closed_below_its_quorum_after_its_deadline_is_restarted_not_finalized(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+    registry.set_round_rules(ORG_KEY, chain.RoundRules(30, 2))
+    registry.start_round(ORG_KEY, BASE)
+    time_travel(w3, 31)
+    registry.close_round(ORG_KEY, 1)  # nobody came: closing is allowed once the deadline has passed
+    error = expect_revert("QuorumNotMet", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
+    assert error.fields == {"round": 1, "submissionCount": 0, "quorum": 2}
+    registry.restart_round(ORG_KEY, 1)
+    assert registry.current_round() == 2
+
+
+def test_a_client_enrolled_during_a_round_takes_part_from_the_next(registry):
+    late, late_key = CLIENTS[5], CLIENT_KEYS[5]
+    registry.add_client(ORG_KEY, late)
+    assert registry.enrolled_from(late) == 2 and registry.enrolled_from(CLIENTS[0]) == 1
+    assert registry.events("ClientAdded")[-1]["args"] == {"client": late, "fromRound": 2}
+    assert not registry.is_invited(1, late) and not registry.current_round_for(late).invited
+    error = expect_revert("NotInvited", lambda: registry.submit_update(late_key, 1, cid_for("late"), 10))
+    assert error.fields == {"round": 1, "client": late}
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u"), 10)
+    close_and_finalize(registry, 1, cid_for("model"))
+    assert registry.is_invited(2, late)
+    registry.submit_update(late_key, 2, cid_for("late"), 10)
+
+
+def test_a_share_of_the_clients_is_invited_by_a_draw_anyone_can_check(w3):
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    for address in CLIENTS:
+        registry.add_client(ORG_KEY, address)
+    registry.set_round_rules(ORG_KEY, chain.RoundRules(invited_share=5000))
+    started = registry.start_round(ORG_KEY, BASE)
+    info = registry.round(1)
+    assert info.invited_share == 5000 and info.seed == w3.eth.get_block(started.block_number - 1)["hash"]
+    drawn = [address for address in CLIENTS if info.invites(address)]
+    assert [registry.is_invited(1, address) for address in CLIENTS] == [a in drawn for a in CLIENTS]
+    assert 0 < len(drawn) < len(CLIENTS), "half of 19 clients: all or none is a broken draw"
+    for key, address in zip(CLIENT_KEYS, CLIENTS):
+        if address in drawn:
+            registry.submit_update(key, 1, cid_for(address), 10)
+        else:
+            expect_revert("NotInvited", lambda: registry.submit_update(key, 1, cid_for(address), 10))
+    assert registry.round(1).submissions == len(drawn)

@@ -67,10 +67,11 @@ class RegistryMachine(RuleBasedStateMachine):
         self.previous_default_account = self.w3.eth.default_account
         self.w3.eth.default_account = ADDRESS[ORG_KEY]
         self.from_block = self.w3.eth.block_number
-        self.enrolled: set[str] = set()
+        self.enrolled: dict[str, int] = {}  # client -> the first round it may take part in
         for address in INITIALLY_ENROLLED:
             self.registry.add_client(ORG_KEY, address)
-            self.enrolled.add(address)
+            self.enrolled[address] = 1
+        self.rules = chain.RoundRules()
         self.current = 0
         self.rounds: dict[int, dict] = {}  # round -> base, model (None while open), submissions
         self.highest_round_seen = 0
@@ -98,8 +99,25 @@ class RegistryMachine(RuleBasedStateMachine):
             violated.add("PreviousRoundOpen")
         got = outcome(lambda: self.registry.start_round(caller, base))
         if self.check(got, self.owner_only(caller, violated)):
-            self.current += 1
-            self.rounds[self.current] = {"base": base, "model": None, "closed": False, "submissions": []}
+            self.open_round(base)
+
+    def open_round(self, base: str) -> None:
+        """The model's side of a round opening under the current rules."""
+        self.current += 1
+        info = self.registry.round(self.current)
+        expected_deadline = info.deadline and info.deadline - self.rules.duration  # its opening time
+        assert (info.quorum, info.invited_share) == (self.rules.quorum, self.rules.invited_share)
+        assert (info.deadline == 0) == (self.rules.duration == 0) and expected_deadline >= 0
+        assert (info.seed == bytes(32)) == (self.rules.invited_share == chain.ALL_INVITED)
+        self.rounds[self.current] = {"base": base, "model": None, "closed": False, "missed": False,
+                                     "submissions": [], "info": info}
+
+    def past_deadline(self, record: dict) -> bool:
+        return record["info"].past_deadline(self.w3.eth.get_block("pending")["timestamp"])
+
+    def invited(self, round_id: int, address: str) -> bool:
+        record = self.rounds[round_id]
+        return (self.enrolled.get(address, round_id + 1) <= round_id and record["info"].invites(address))
 
     @rule(caller=submitters, offset=round_offsets, cid=cids, samples=sample_counts)
     def submit_update(self, caller, offset, cid, samples):
@@ -115,8 +133,13 @@ class RegistryMachine(RuleBasedStateMachine):
             violated.add("NotEnrolled")
         if record is None or record["closed"]:
             violated.add("RoundNotOpen")
-        elif any(s[0] == client for s in record["submissions"]):
-            violated.add("AlreadySubmitted")
+        else:
+            if self.past_deadline(record):
+                violated.add("DeadlinePassed")
+            if not self.invited(round_id, client):
+                violated.add("NotInvited")
+            if any(s[0] == client for s in record["submissions"]):
+                violated.add("AlreadySubmitted")
         got = outcome(lambda: self.registry.submit_update(caller, round_id, cid, samples))
         if self.check(got, violated):
             record["submissions"].append((client, cid, samples))
@@ -135,9 +158,43 @@ class RegistryMachine(RuleBasedStateMachine):
         round_id = self.round_id(offset)
         record = self.rounds.get(round_id)
         violated = {"RoundNotOpen"} if record is None or record["closed"] else set()
+        if not violated and len(record["submissions"]) < record["info"].quorum and not self.past_deadline(record):
+            violated.add("QuorumNotMet")
         if self.check(outcome(lambda: self.registry.close_round(caller, round_id)),
                       self.owner_only(caller, violated)):
             record["closed"] = True
+
+    @rule(caller=owners, offset=round_offsets)
+    def restart_round(self, caller, offset):
+        round_id = self.round_id(offset)
+        record = self.rounds.get(round_id)
+        if record is None:
+            violated = {"RoundNotOpen"}
+        elif record["model"] is not None:
+            violated = {"RoundAlreadyFinalized"}
+        elif len(record["submissions"]) >= record["info"].quorum or not self.past_deadline(record):
+            violated = {"RoundNotMissed"}
+        else:
+            violated = set()
+        if self.check(outcome(lambda: self.registry.restart_round(caller, round_id)),
+                      self.owner_only(caller, violated)):
+            record.update(closed=True, missed=True, model=record["base"])
+            self.open_round(record["base"])
+
+    @rule(caller=owners, duration=st.sampled_from([0, 0, 30, 3600]), quorum=st.integers(0, 3),
+          share=st.sampled_from([chain.ALL_INVITED, chain.ALL_INVITED, 5000, 1, 0, chain.ALL_INVITED + 1]))
+    def set_round_rules(self, caller, duration, quorum, share):
+        violated = {"ZeroQuorum"} if quorum == 0 else set()
+        if not 1 <= share <= chain.ALL_INVITED:
+            violated.add("InvalidInvitedShare")
+        rules = chain.RoundRules(duration, quorum, share)
+        if self.check(outcome(lambda: self.registry.set_round_rules(caller, rules)), self.owner_only(caller, violated)):
+            self.rules = rules
+            assert self.registry.round_rules() == rules
+
+    @rule(seconds=st.sampled_from([31, 3601]))
+    def time_passes(self, seconds):
+        self.w3.provider.ethereum_tester.time_travel(self.w3.eth.get_block("pending")["timestamp"] + seconds)
 
     @rule(caller=owners, offset=round_offsets, model=cids)
     def finalize_round(self, caller, offset, model):
@@ -150,11 +207,12 @@ class RegistryMachine(RuleBasedStateMachine):
             violated.add("RoundAlreadyFinalized")
         elif not record["closed"]:
             violated.add("RoundNotClosed")
+        elif len(record["submissions"]) < record["info"].quorum:
+            violated.add("QuorumNotMet")
         got = outcome(lambda: self.registry.finalize_round(caller, round_id, model))
         if self.check(got, self.owner_only(caller, violated)):
             record["model"] = model
-            self.current += 1  # the next round opens from the model
-            self.rounds[self.current] = {"base": model, "model": None, "closed": False, "submissions": []}
+            self.open_round(model)  # the next round opens from the model
 
     @rule(caller=owners, client=st.sampled_from(CALLERS[1:]))
     def add_client(self, caller, client):
@@ -162,7 +220,8 @@ class RegistryMachine(RuleBasedStateMachine):
         violated = {"AlreadyEnrolled"} if address in self.enrolled else set()
         if self.check(outcome(lambda: self.registry.add_client(caller, address)),
                       self.owner_only(caller, violated)):
-            self.enrolled.add(address)
+            self.enrolled[address] = self.current + 1  # from the next round to open
+            assert self.registry.enrolled_from(address) == self.current + 1
 
     @rule(caller=owners, client=st.sampled_from(CALLERS[1:]))
     def remove_client(self, caller, client):
@@ -170,7 +229,7 @@ class RegistryMachine(RuleBasedStateMachine):
         violated = {"NotEnrolled"} if address not in self.enrolled else set()
         if self.check(outcome(lambda: self.registry.remove_client(caller, address)),
                       self.owner_only(caller, violated)):
-            self.enrolled.discard(address)
+            del self.enrolled[address]
 
     @invariant()
     def views_match_the_model(self):
@@ -191,7 +250,9 @@ class RegistryMachine(RuleBasedStateMachine):
                 assert self.registry.has_submitted(current, address) == (address in submitted_by), \
                     f"hasSubmitted({current}, {address}) disagrees with the submissions {record['submissions']}"
                 assert self.registry.current_round_for(address) == chain.ClientRound(
-                    current, record["base"], not record["closed"], address in submitted_by)
+                    current, record["base"], not record["closed"] and not self.past_deadline(record),
+                    address in submitted_by, self.invited(current, address), record["info"].deadline)
+                assert self.registry.is_invited(current, address) == self.invited(current, address)
         finalized = [r for r, record in self.rounds.items() if record["model"] is not None]
         latest = max(finalized, default=0)
         assert self.registry.latest_model() == (latest, self.rounds[latest]["model"] if latest else "")
@@ -206,9 +267,12 @@ class RegistryMachine(RuleBasedStateMachine):
             self.w3.eth.default_account = self.previous_default_account
 
     def check_events(self):
-        started = [(e["args"]["round"], e["args"]["baseCid"])
+        started = [(e["args"]["round"], e["args"]["baseCid"], e["args"]["deadline"], e["args"]["quorum"])
                    for e in self.registry.events("RoundStarted", self.from_block)]
-        assert started == [(r, record["base"]) for r, record in self.rounds.items()]
+        assert started == [(r, record["base"], record["info"].deadline, record["info"].quorum)
+                           for r, record in self.rounds.items()]
+        missed = [e["args"]["round"] for e in self.registry.events("RoundMissedQuorum", self.from_block)]
+        assert missed == [r for r, record in self.rounds.items() if record["missed"]]
         submitted: dict[int, list[tuple]] = {}
         for event in self.registry.events("UpdateSubmitted", self.from_block):
             args = event["args"]
@@ -229,10 +293,11 @@ class RegistryMachine(RuleBasedStateMachine):
                 == from_events == record["submissions"]
             assert self.registry.logged_submissions(on_chain) == self.registry.submissions(round_id)
             assert (on_chain.base_cid, on_chain.finalized) == (record["base"], record["model"] is not None)
-            if record["model"] is not None:
+            if record["model"] is not None and not record["missed"]:
                 assert finalized[round_id] == (on_chain.model_cid, on_chain.submissions)
-        last_finalized = max(finalized, default=0)
-        assert self.registry.latest_model() == (last_finalized, finalized[last_finalized][0] if finalized else "")
+        ended = [r for r, record in self.rounds.items() if record["model"] is not None]  # finalized or missed
+        last = max(ended, default=0)
+        assert self.registry.latest_model() == (last, self.rounds[last]["model"] if last else "")
 
 
 RegistryMachine.TestCase.settings = settings(
