@@ -61,9 +61,18 @@ def cmd_app(args: argparse.Namespace) -> None:
                                 training=TrainingSettings.from_args(args),
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 open_enrolment=args.open_enrolment,
-                                max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES)
+                                max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES,
+                                rules=round_rules_from(args), rounds=args.rounds,
+                                target_accuracy=args.target_accuracy)
     app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
     serve(app, args.host, args.port)
+
+
+def round_rules_from(args: argparse.Namespace):
+    from infra import chain
+
+    return chain.RoundRules(duration=args.round_seconds, quorum=args.quorum,
+                            invited_share=round(args.invite * chain.ALL_INVITED / 100))
 
 
 def cmd_client(args: argparse.Namespace) -> None:
@@ -75,7 +84,8 @@ def cmd_client(args: argparse.Namespace) -> None:
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
-                          alpha=args.alpha, seed=args.seed, data_path=args.data, key=key)
+                          alpha=args.alpha, seed=args.seed, data_path=args.data, key=key, agent=not args.manual,
+                          train_delay=args.train_delay)
     try:
         app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
     except DeviceDataError as exc:  # checked before the first round, said in one line
@@ -92,6 +102,25 @@ def cmd_deploy(args: argparse.Namespace) -> None:
                                      max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES)
     chain.record_deployment(settings.contract_record, w3, registry.address)
     print(f"deployed the round registry at {registry.address}; recorded in {settings.contract_record}")
+
+
+def cmd_enrol(args: argparse.Namespace) -> None:
+    from infra import chain
+
+    settings = settings_from(args)
+    w3 = chain.connect(settings.chain_url)
+    address = chain.find_deployment(w3, settings.contract_record)
+    if address is None:
+        sys.exit(f"no round registry is recorded for this chain in {settings.contract_record}: deploy one first")
+    registry = chain.Registry(w3, address)
+    for client in args.addresses:
+        if not w3.is_address(client):
+            sys.exit(f"'{client}' is not an Ethereum address")
+        if registry.is_client(client):
+            print(f"{client} is already enrolled")
+            continue
+        registry.add_client(settings.org_key or chain.DEV_KEYS[0], client)
+        print(f"enrolled {client}: it takes part from round {registry.enrolled_from(client)}")
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
@@ -149,6 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--max-samples", type=int, help="the most samples a submission may claim (its FedAvg "
                                                          "weight) in a contract deployed here (default 1,000,000)")
 
+    def rounds_flags(sub: argparse.ArgumentParser, round_seconds: int = 300) -> None:
+        sub.add_argument("--round-seconds", type=int, default=round_seconds,
+                         help=f"seconds from a round's opening to its deadline, 0 for none (default {round_seconds})")
+        sub.add_argument("--quorum", type=int, default=1, help="the fewest updates a round is merged from (default 1)")
+        sub.add_argument("--invite", type=float, default=100.0,
+                         help="percent of the enrolled clients each round invites, drawn from the chain (default 100)")
+
     def data_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
         sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
@@ -167,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     bounds_flag(app)
     app.add_argument("--open-enrolment", action="store_true")
     max_samples_flag(app)
+    rounds_flags(app)
+    app.add_argument("--rounds", type=int, default=0,
+                     help="run this many rounds by itself (0: only when asked, by the dashboard's buttons or the API)")
+    app.add_argument("--target-accuracy", type=float, help="running by itself, stop once the merged model's test "
+                                                           "accuracy reaches this (0-1)")
 
     cli = command("client", cmd_client, "one device's app")
     data_flags(cli)
@@ -179,10 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--host", default="127.0.0.1")
     cli.add_argument("--port", type=int, help="default 5100 + K")
     cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--manual", action="store_true",
+                     help="take part only when asked (the page's buttons or the API), not in every round by itself")
+    cli.add_argument("--train-delay", type=float, default=0.0,
+                     help="seconds added to every round's training: a slow device (the demo's straggler)")
 
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
     deploy.add_argument("--open-enrolment", action="store_true")
     max_samples_flag(deploy)
+    enrol = command("enrol", cmd_enrol, "enrol client accounts in the recorded round registry (organization's key)")
+    enrol.add_argument("addresses", nargs="+", metavar="ADDRESS")
     commands.add_parser("compile", help="compile the contract into build/contracts/RoundRegistry.json (setup.sh "
                                         "does it)").set_defaults(handler=cmd_compile)
     command("chain", cmd_chain, "start Ganache")

@@ -5,6 +5,7 @@ from typing import Any
 
 from flask import Flask
 
+from client.agent import ClientAgent
 from client.service import ClientConfig, ClientService
 from infra import webapp
 
@@ -20,7 +21,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return webapp.create_app(
         __name__, config, "CLIENT_CONFIG", ClientConfig(),
         cookie_name=lambda client_config: f"fl-client-{client_config.client_id}",
-        extensions=lambda settings, client_config, w3, store, registry: {
-            "client": ClientService(settings, client_config, w3, store, registry=registry),
-            "jobs": webapp.JobRunner()},
-        blueprints=blueprints)
+        extensions=extensions, blueprints=blueprints)
+
+
+def extensions(settings, client_config: ClientConfig, w3, store, registry) -> dict[str, Any]:
+    """The device's service and job runner, and its agent when it takes part by itself."""
+    service = ClientService(settings, client_config, w3, store, registry=registry)
+    jobs = webapp.JobRunner()
+    if client_config.agent:
+        service.agent = ClientAgent(service, jobs).start()
+    return {"client": service, "jobs": jobs}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,9 +16,11 @@ from eth_account import Account
 
 from infra import chain, ipfs
 from infra.settings import Settings
-from infra.webapp import ActionError, Job, PhaseTimer, describe_error, find_registry, retrying, store_status
+from infra.webapp import (ActionError, Job, PhaseTimer, deadline_text, describe_error, find_registry, retrying,
+                          store_status)
 from processor import codec, rounds
 from processor.device_data import read_device_data
+from processor.evaluation import Evaluation, holdout_split
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
@@ -34,6 +37,8 @@ class ClientConfig:
     seed: int = 0
     data_path: Path | None = None  # the device's own data (processor.device_data); None: a bundled partition
     key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
+    agent: bool = False  # take part in every round by itself (client.agent); False: only when asked
+    train_delay: float = 0.0  # seconds added to every round's training: a slow device, for demos and tests
 
 
 @dataclass
@@ -51,6 +56,7 @@ class TrainedUpdate:
     base_cid: str
     plan: TrainingSettings  # the plan it was trained by
     result: rounds.LocalResult
+    evaluation: Evaluation | None  # the base on this device's held-out data
 
 
 class ClientService:
@@ -65,14 +71,18 @@ class ClientService:
         self.key = config.key or chain.DEV_KEYS[config.client_id + 1]
         self.address = Account.from_key(self.key).address
         if config.data_path is not None:
-            self.x, self.y = read_device_data(self.task, config.data_path)
+            x, y = read_device_data(self.task, config.data_path)
         else:
-            self.x, self.y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
-                                                   seed=config.seed, alpha=config.alpha)
+            x, y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
+                                         seed=config.seed, alpha=config.alpha)
+        # A share of the samples never trains: each round's base is evaluated on it (federated evaluation).
+        train, held_out = holdout_split(len(y), seed=config.seed + config.client_id)
+        self.x, self.y, self.x_eval, self.y_eval = x[train], y[train], x[held_out], y[held_out]
         self.base: PulledBase | None = None
         self.trained: TrainedUpdate | None = None
         self.last_tx: dict[str, Any] | None = None
         self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
+        self.agent = None  # the ClientAgent, when this device takes part by itself
 
     @property
     def registry(self) -> chain.Registry:
@@ -87,8 +97,7 @@ class ClientService:
     def data_summary(self) -> dict[str, Any]:
         labels, counts = np.unique(self.y, return_counts=True)
         source = str(self.config.data_path) if self.config.data_path else f"{self.config.partition} partition"
-        return {"samples": int(len(self.y)), "source": source,
-
+        return {"samples": int(len(self.y)), "held_out": int(len(self.y_eval)), "source": source,
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
     def open_round(self) -> chain.ClientRound:
@@ -115,13 +124,15 @@ class ClientService:
             "plan": asdict(self.base.plan) if self.base else None,
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
-            "ipfs": store_status(self.store),
+            "ipfs": store_status(self.store), "agent": self.agent.status() if self.agent else None,
         }
         try:
             current = self.registry.current_round_for(self.address)
             if current.round_id:
                 status["round"] = {"round": current.round_id, "base_cid": current.base_cid,
                                    "open": current.open, "submitted": current.submitted,
+                                   "invited": current.invited, "deadline": current.deadline,
+                                   "deadline_text": deadline_text(current.deadline),
                                    "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
         except Exception as exc:  # an outage is shown, not raised: the page must still render
             status["chain_error"] = describe_error(exc)
@@ -131,9 +142,11 @@ class ClientService:
         if self.trained is None:
             return None
         result = self.trained.result
+        evaluation = self.trained.evaluation
         return {"round": self.trained.round_id, "num_samples": result.num_samples,
                 "accuracy_before": result.metrics_before["accuracy"],
-                "accuracy_after": result.metrics_after["accuracy"]}
+                "accuracy_after": result.metrics_after["accuracy"],
+                "held_out_accuracy": evaluation.accuracy if evaluation else None}
 
     # ---- actions -----------------------------------------------------------------------
 
@@ -169,11 +182,16 @@ class ClientService:
                                     **{k: round(float(v), 4) for k, v in (logs or {}).items()}}
                 log.info("client %d: epoch %d/%d %s", cfg.client_id, epoch, total, logs or "")
 
+            with timer.phase("evaluation"):
+                evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval),
+                                            len(self.y_eval)) if len(self.y_eval) else None)
+            if cfg.train_delay:
+                time.sleep(cfg.train_delay)
             with timer.phase("training"):
                 result = rounds.local_update(
                     self.task, self.base.weights, self.base.fisher, self.x, self.y, self.base.plan,
                     seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress)
-            self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result)
+            self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result, evaluation)
             return {**self._trained_view(), "seconds": timer.as_dict()}
 
     def publish(self, timer: PhaseTimer | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
@@ -193,7 +211,7 @@ class ClientService:
             with timer.phase("encoding"):
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
-                                          dtype=self.trained.plan.update_dtype)
+                                          dtype=self.trained.plan.update_dtype, evaluation=self.trained.evaluation)
             with timer.phase("ipfs"):
                 cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
             with timer.phase("chain"):

@@ -646,14 +646,48 @@ class Registry:
     def owner(self) -> str:
         return self._call("owner")
 
-    def events(self, name: str, from_block: int = 0) -> list[dict]:
-        """The contract's `name` events since `from_block`, decoded, oldest first."""
+    def events(self, name: str, from_block: int = 0, to_block: int | str = "latest") -> list[dict]:
+        """The contract's `name` events from `from_block` to `to_block`, decoded, oldest first."""
         try:
-            logs = self.contract.events[name]().get_logs(from_block=from_block)
+            logs = self.contract.events[name]().get_logs(from_block=from_block, to_block=to_block)
         except NODE_ERRORS as exc:
             raise _unavailable(self.w3, exc) from exc
         return [{"event": log["event"], "args": dict(log["args"]), "block_number": log["blockNumber"],
-                 "tx_hash": log["transactionHash"].to_0x_hex()} for log in logs]
+                 "log_index": log["logIndex"], "tx_hash": log["transactionHash"].to_0x_hex()} for log in logs]
+
+
+class EnrolmentLog:
+    """Who is on a registry's allowlist and from which round, kept up to date from its ClientAdded
+    and ClientRemoved events (read from where the last update stopped): the contract keeps no
+    list of its clients, so that no transaction loops over them."""
+
+    def __init__(self) -> None:
+        self._address: str | None = None
+        self._next_block = 0
+        self._from_round: dict[str, int] = {}
+        self._guard = threading.Lock()
+
+    def update(self, registry: Registry) -> None:
+        with self._guard:
+            if registry.address != self._address:
+                self._address, self._next_block, self._from_round = registry.address, 0, {}
+            head = registry.w3.eth.block_number
+            if head < self._next_block:
+                return
+            changes = [(e["block_number"], e["log_index"], e) for name in ("ClientAdded", "ClientRemoved")
+                       for e in registry.events(name, self._next_block, to_block=head)]
+            for _, _, event in sorted(changes, key=lambda change: change[:2]):
+                client = event["args"]["client"]
+                if event["event"] == "ClientAdded":
+                    self._from_round[client] = event["args"]["fromRound"]
+                else:
+                    self._from_round.pop(client, None)
+            self._next_block = head + 1
+
+    def clients_for(self, round_id: int) -> list[str]:
+        """The clients enrolled in time for round `round_id` (as of the last update)."""
+        with self._guard:
+            return [client for client, first in self._from_round.items() if first <= round_id]
 
 
 # ---- Ganache ----------------------------------------------------------------------------------

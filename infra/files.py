@@ -1,6 +1,7 @@
-"""Where the checkout is, and writing files so that no reader ever sees half of one."""
+"""Where the checkout is, writing files so that no reader ever sees half of one, and activity logs."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -22,3 +23,18 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def append_json_line(path: Path, record: dict) -> None:
+    """Append `record` as one JSON line to `path` (an activity log that tools can follow)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as log_file:
+        log_file.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of an activity log; none when it does not exist yet."""
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []

@@ -64,6 +64,15 @@ log = logging.getLogger("webapp")
 T = TypeVar("T")
 
 
+def deadline_text(deadline: int) -> str | None:
+    """A deadline (unix seconds) as people read it: the UTC time and how far away it is."""
+    if not deadline:
+        return None
+    left = deadline - time.time()
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(deadline))
+    return f"{when} ({left:.0f} s left)" if left >= 0 else f"{when} (passed {-left:.0f} s ago)"
+
+
 def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
     """`call()`, retried `settings.retries` times with doubling waits while the chain or IPFS node
     refuses connections; the last outage is raised. Only for calls that are safe to repeat."""

@@ -44,6 +44,11 @@ def aggregate(round_id: int):
     return jsonify(service().aggregate(round_id))
 
 
+@bp.post("/rounds/<int:round_id>/restart")
+def restart(round_id: int):
+    return jsonify(service().restart(round_id))
+
+
 @bp.get("/history")
 def history():
     return jsonify(service().accuracy_history())

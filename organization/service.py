@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from eth_account import Account
 
 from infra import chain, ipfs
 from infra.settings import Settings
-from infra.webapp import ActionError, PhaseTimer, describe_error, find_registry, retrying, store_status
+from infra.webapp import (ActionError, PhaseTimer, deadline_text, describe_error, find_registry, retrying,
+                          store_status)
 from processor import codec, rounds
+from processor.evaluation import weighted_mean
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -42,6 +44,9 @@ class OrganizationConfig:
     fetch_timeout: float | None = None  # seconds to wait for one update (None: FL_TIMEOUT); then it is rejected
     open_enrolment: bool = False
     max_samples: int = chain.DEFAULT_MAX_SAMPLES  # the contract's cap on a submission's sample count
+    rules: chain.RoundRules = field(default_factory=chain.RoundRules)  # every round's deadline, quorum, invitations
+    rounds: int = 0  # rounds to run by itself (organization.runner); 0: only when asked (buttons, API)
+    target_accuracy: float | None = None  # running by itself, stop once the merged model's test accuracy reaches it
 
 
 class OrganizationService:
@@ -63,6 +68,9 @@ class OrganizationService:
         self.registry = registry or find_registry(w3, settings)
         self._lock = threading.Lock()  # one round-moving action at a time
         self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
+        self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
+        self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
+        self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
 
     # ---- state -------------------------------------------------------------------------
 
@@ -116,20 +124,34 @@ class OrganizationService:
         return {
             "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
             "closed": info.closed, "finalized": info.finalized, "submission_count": info.submissions,
+            "expected": None if info.finalized else self.expected_submissions(info),
+            "quorum": info.quorum, "deadline": info.deadline, "deadline_text": deadline_text(info.deadline),
+            "invited_share": info.invited_share,
+            "missed": not info.finalized and info.submissions < info.quorum and info.past_deadline(time.time()),
             "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
             "result": result,
         }
+
+    def expected_submissions(self, info: chain.RoundInfo) -> int | None:
+        """How many clients round `info` invites: enrolled before it opened and drawn by its seed;
+        None under open enrolment, where anyone may take part."""
+        registry = self.require_registry()
+        if registry.open_enrolment():
+            return None
+        self._enrolment.update(registry)
+        return sum(info.invites(client) for client in self._enrolment.clients_for(info.round_id))
 
     def status(self) -> dict[str, Any]:
         chain_state = self.chain_status()
         status: dict[str, Any] = {
             "task": self.task.name, "organization": self.address, "chain": chain_state,
             "ipfs": self.ipfs_status(), "contract": None, "current_round": None, "previous_round": None,
-            "history": self.accuracy_history(),
+            "history": self.accuracy_history(), "runner": self.runner.status() if self.runner else None,
         }
         if self.registry is not None and chain_state["ok"]:
             status["contract"] = {"address": self.registry.address,
-                                  "open_enrolment": self.registry.open_enrolment()}
+                                  "open_enrolment": self.registry.open_enrolment(),
+                                  "rules": asdict(self.registry.round_rules())}
             current = self.registry.current_round()
             if current:
                 status["current_round"] = self.round_view(current)
@@ -138,12 +160,14 @@ class OrganizationService:
         return status
 
     def accuracy_history(self) -> list[dict[str, Any]]:
-        """Test metrics of the initial model (round 0) and of each round's merged model."""
+        """Test metrics of the initial model (round 0) and of each round's merged model, with the
+        federated evaluation of each (the clients' held-out data, reported in the next round)."""
         history = self.history()
         points = [{"round": 0, **history["initial"]}] if history["initial"] else []
         for key in sorted(history["rounds"], key=int):
             entry = history["rounds"][key]
-            points.append({"round": int(key), **entry["metrics"]})
+            points.append({"round": int(key), **entry["metrics"], "missed_quorum": entry.get("missed_quorum", False),
+                           "federated": entry.get("federated")})
         return points
 
     def evaluate_on_test(self, weights) -> dict[str, float]:
@@ -159,6 +183,7 @@ class OrganizationService:
             self.registry = chain.deploy_registry(self.w3, self.key, open_enrolment=self.config.open_enrolment,
                                                   max_samples=self.config.max_samples)
             chain.record_deployment(self.settings.contract_record, self.w3, self.registry.address)
+            self._rules_checked = False
             log.info("deployed the round registry at %s", self.registry.address)
             return self.registry.address
 
@@ -188,6 +213,7 @@ class OrganizationService:
             history["initial"] = metrics
             self._save_history(history)
             with timer.phase("chain"):
+                self._apply_rules(registry)
                 tx = registry.start_round(self.key, cid)
             log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
@@ -201,11 +227,48 @@ class OrganizationService:
             base = rounds.make_base(self.task, weights)
         with timer.phase("encoding"):
             data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id,
-                                      plan=self.config.training)
+                                      plan=self.config.training, published=self._published_notes())
         with timer.phase("ipfs"):
             cid = retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data))
         self._published = (cid, weights)
         return cid, len(data)
+
+    def _published_notes(self) -> dict[str, str]:
+        """What every base model states besides its plan: how the organization merges updates."""
+        return {"merge": json.dumps(asdict(self.config.merge), sort_keys=True)}
+
+    def _apply_rules(self, registry: chain.Registry) -> None:
+        """Make the chain's round rules the configured ones before a round opens (once per process)."""
+        if not self._rules_checked:
+            if registry.round_rules() != self.config.rules:
+                registry.set_round_rules(self.key, self.config.rules)
+                log.info("round rules set: %s", self.config.rules)
+            self._rules_checked = True
+
+    def restart(self, round_id: int) -> dict[str, Any]:
+        """End round `round_id`, which missed its quorum by its deadline, and open the next round
+        from the same base."""
+        with self._lock:
+            registry = self.require_registry()
+            info = retrying(self.settings, f"reading round {round_id}", lambda: self._started_round(registry, round_id))
+            if info.finalized:
+                raise ActionError(f"round {round_id} is already finalized", 409)
+            if info.submissions >= info.quorum or not info.past_deadline(time.time()):
+                raise ActionError(f"round {round_id} has not missed its quorum: it has {info.submissions} of its "
+                                  f"{info.quorum} updates and its deadline {deadline_text(info.deadline) or 'none'}",
+                                  409)
+            self._apply_rules(registry)
+            tx = registry.restart_round(self.key, round_id)
+            history = self.history()
+            previous = history["rounds"].get(str(round_id - 1), {}).get("metrics") or history["initial"]
+            history["rounds"][str(round_id)] = {"missed_quorum": True, "metrics": previous,
+                                                "submissions": info.submissions, "quorum": info.quorum,
+                                                "model_cid": info.base_cid, "opened_next_at": time.time()}
+            self._save_history(history)
+            log.warning("round %d missed its quorum (%d of %d updates by its deadline); round %d opens from the "
+                        "same base", round_id, info.submissions, info.quorum, round_id + 1)
+            return {"round": round_id, "next_round": round_id + 1, "missed_quorum": True, "tx": tx.tx_hash,
+                    "gas": tx.gas_used}
 
     def aggregate(self, round_id: int) -> dict[str, Any]:
         """Close round `round_id` to submissions, merge its valid deltas, publish the result, and
@@ -222,11 +285,16 @@ class OrganizationService:
                 info = self._closed_round(registry, round_id)
             entry = self._merge_round(registry, info, timer)
             history = self.history()
+            federated = entry.pop("federated_base")
+            base_entry = history["initial"] if round_id == 1 else history["rounds"].get(str(round_id - 1))
+            if federated is not None and base_entry is not None:  # the clients' evaluation of this round's base
+                base_entry["federated"] = federated
             history["rounds"][str(round_id)] = entry
             self._save_history(history)  # what the merge measured, before the round is final
             with timer.phase("chain"):
+                self._apply_rules(registry)
                 tx = registry.finalize_round(self.key, round_id, entry["model_cid"])
-            entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict())
+            entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict(), opened_next_at=time.time())
             self._save_history(history)
             log.info("round %d finalized with model %s; round %d open", round_id, entry["model_cid"], round_id + 1)
             return {"round": round_id, "next_round": round_id + 1, **entry}
@@ -237,8 +305,10 @@ class OrganizationService:
         if info.finalized:
             raise ActionError(f"round {round_id} is already finalized", 409)
         if not info.closed:
-            if info.submissions == 0:
-                raise ActionError(f"round {round_id} has no submissions yet", 409)
+            if info.submissions < info.quorum:
+                missed = info.past_deadline(time.time())
+                raise ActionError(f"round {round_id} has {info.submissions} of its quorum of {info.quorum} updates"
+                                  + ("; its deadline has passed: restart it" if missed else ""), 409)
             registry.close_round(self.key, round_id)
             info = retrying(self.settings, f"reading round {round_id}", lambda: registry.round(round_id))
         return info
@@ -270,7 +340,8 @@ class OrganizationService:
         log.info("round %d: merged %d of %d updates, test accuracy %.4f",
                  round_id, merge.accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
-                "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict()}
+                "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
+                "federated_base": weighted_mean(merge.evaluations())}
 
     def _fetch_updates(self, submissions: list[chain.Submission]) -> list[Received]:
         """Every submission's bytes, fetched concurrently under one deadline for the round; what

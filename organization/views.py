@@ -57,3 +57,9 @@ def start_first_round():
 def aggregate(round_id: int):
     return run_action(lambda: service().aggregate(round_id),
                       "Round {result[round]} finalized: model {result[model_cid]}; round {result[next_round]} is open")
+
+
+@bp.post("/rounds/<int:round_id>/restart")
+def restart(round_id: int):
+    return run_action(lambda: service().restart(round_id),
+                      "Round {result[round]} missed its quorum; round {result[next_round]} opens from the same base")

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 from safetensors.numpy import save
 
+from processor.evaluation import Evaluation
 from processor.tasks import Task
 from processor.training import TrainingSettings
 from processor.weights import Weights
@@ -41,27 +42,31 @@ def _storable_dtype(values: Weights, dtype: str) -> str:
     return dtype
 
 
-def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int, plan: TrainingSettings) -> bytes:
+def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int, plan: TrainingSettings,
+                 published: dict[str, str] | None = None) -> bytes:
     """A base model: its weights as float32 and the Fisher information that anchors EWC as float16
     (a quarter less to move to every client; EWC's results are the same to 3 decimals,
     benchmarks/README.md); as float32 should a value lie beyond float16's range. `plan` is how
-    every client trains from it this round."""
+    every client trains from it this round; `published`, what else the organization states with it
+    for anyone to read (how it merges, its own test metrics of the model)."""
     fisher_dtype = _storable_dtype(fisher, "float16")
     tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
     tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], STORED_DTYPES[fisher_dtype]) for n in task.spec})
-    return save(tensors, metadata=_metadata(task, "base", round=round_id, plan=plan.to_json()))
+    return save(tensors, metadata=_metadata(task, "base", round=round_id, plan=plan.to_json(), **(published or {})))
 
 
 def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
-                 dtype: str = "float32") -> bytes:
+                 dtype: str = "float32", evaluation: Evaluation | None = None) -> bytes:
     """A client's update (local minus base), optionally stored as float16 to halve its size; as
-    float32 all the same when a value lies beyond float16's range."""
+    float32 all the same when a value lies beyond float16's range. `evaluation`: the client's
+    metrics of the base on its held-out data (federated evaluation)."""
     if dtype not in STORED_DTYPES:
         raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
     dtype = _storable_dtype(delta, dtype)
     tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], STORED_DTYPES[dtype]) for n in task.spec}
+    reported = {"evaluation": evaluation.to_json()} if evaluation else {}
     return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
-                                            num_samples=num_samples, client=client, dtype=dtype))
+                                            num_samples=num_samples, client=client, dtype=dtype, **reported))
 
 
 # Bounds of the header's schema: far above what any task's model needs, and small enough that no
@@ -215,6 +220,17 @@ def training_plan(metadata: dict[str, str]) -> TrainingSettings:
         raise CodecError("the base model carries no training plan")
     try:
         return TrainingSettings.from_json(metadata["plan"])
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
+
+
+def reported_evaluation(metadata: dict[str, str]) -> Evaluation | None:
+    """The client's evaluation of the base in an update's metadata; None when it has none.
+    Raises CodecError for a report that does not fit its schema."""
+    if "evaluation" not in metadata:
+        return None
+    try:
+        return Evaluation.from_json(metadata["evaluation"])
     except ValueError as exc:
         raise CodecError(str(exc)) from None
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 
 from processor import aggregate as agg
 from processor import codec, rounds
+from processor.evaluation import Evaluation
 from processor.tasks import Task
 from processor.weights import Weights
 
@@ -85,9 +86,11 @@ class Verdict:
     reason: str | None = None
     norm: float | None = None  # the delta's L2 norm as received
     weight: int | None = None  # its FedAvg weight after the cap
+    evaluation: Evaluation | None = None  # what the client reported of the base on its held-out data
 
     def as_dict(self) -> dict:
-        return {"accepted": self.accepted, "reason": self.reason, "norm": self.norm, "weight": self.weight}
+        return {"accepted": self.accepted, "reason": self.reason, "norm": self.norm, "weight": self.weight,
+                "evaluation": asdict(self.evaluation) if self.evaluation else None}
 
 
 @dataclass
@@ -100,6 +103,10 @@ class RoundMerge:
     def accepted(self) -> int:
         return sum(v.accepted for v in self.verdicts.values())
 
+    def evaluations(self) -> list[Evaluation]:
+        """The base's federated evaluation: the reports of the clients whose updates were accepted."""
+        return [v.evaluation for v in self.verdicts.values() if v.accepted and v.evaluation is not None]
+
 
 def compared(value: float, bound: float) -> tuple[str, str]:
     """`value` and `bound` written with as many significant digits as it takes to tell them apart."""
@@ -110,8 +117,10 @@ def compared(value: float, bound: float) -> tuple[str, str]:
     return repr(value), repr(bound)
 
 
-def check_update(task: Task, update: Received, round_id: int, base_cid: str, max_norm: float) -> tuple[Weights, float]:
-    """The delta `update` carries and its L2 norm, after every check that needs no other update.
+def check_update(task: Task, update: Received, round_id: int, base_cid: str,
+                 max_norm: float) -> tuple[Weights, float, Evaluation | None]:
+    """The delta `update` carries, its L2 norm and the client's evaluation report, after every
+    check that needs no other update. A report that does not fit is dropped, not the update.
 
     Raises Rejected with the reason."""
     if update.data is None:
@@ -128,7 +137,12 @@ def check_update(task: Task, update: Received, round_id: int, base_cid: str, max
     if not norm <= max_norm:
         shown, bound = compared(norm, max_norm)
         raise Rejected(f"the delta's L2 norm {shown} exceeds the bound {bound}")
-    return delta, norm
+    try:
+        evaluation = codec.reported_evaluation(meta)
+    except codec.CodecError as exc:
+        log.warning("round %d: ignored the evaluation report of %s: %s", round_id, update.client, exc)
+        evaluation = None
+    return delta, norm, evaluation
 
 
 def capped_weights(sample_counts: Sequence[int], multiple: float | None) -> list[int]:
@@ -145,9 +159,10 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
     """Check every update, bound each one's influence by the round's medians, and merge the rest."""
     verdicts: dict[str, Verdict] = {}
     checked: list[tuple[Received, Weights, float]] = []
+    reports: dict[str, Evaluation | None] = {}
     for update in updates:
         try:
-            delta, norm = check_update(task, update, round_id, base_cid, policy.max_norm)
+            delta, norm, reports[update.client] = check_update(task, update, round_id, base_cid, policy.max_norm)
         except Rejected as exc:
             verdicts[update.client] = Verdict(False, str(exc))
             continue
@@ -197,7 +212,7 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
         weights = [max(1, round(w * max(0.0, cosines[update.client])))
                    for (update, _, _), w in zip(checked, weights)]
     for (update, _, norm), weight in zip(checked, weights):
-        verdicts[update.client] = Verdict(True, None, norm=norm, weight=weight)
+        verdicts[update.client] = Verdict(True, None, norm=norm, weight=weight, evaluation=reports[update.client])
 
     deltas = [(delta, weight) for (_, delta, _), weight in zip(checked, weights)]
     return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts)

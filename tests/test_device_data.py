@@ -83,14 +83,21 @@ def test_a_client_trains_and_publishes_from_its_own_file(tmp_path):
                              [ClientConfig(client_id=0, task="digits", data_path=tmp_path / "mine.csv")])
     org, device = system.org.test_client(), system.clients[0].test_client()
     status = device.get("/api/status").get_json()
-    assert status["data"]["samples"] == 60 and status["data"]["source"] == str(tmp_path / "mine.csv")
+    # a tenth of the rows is held out: each round's base is evaluated on it (federated evaluation)
+    assert (status["data"]["samples"], status["data"]["held_out"]) == (54, 6)
+    assert status["data"]["source"] == str(tmp_path / "mine.csv")
     assert org.post("/api/deploy").status_code == 201
     assert org.post("/api/clients", json={"address": status["address"]}).status_code == 200
     assert org.post("/api/rounds").status_code == 201
     job = device.post("/api/participate", json={"wait": True}).get_json()
-    assert job["state"] == "done" and job["result"]["num_samples"] == 60
+    assert job["state"] == "done" and job["result"]["num_samples"] == 54
     result = org.post("/api/rounds/1/aggregate").get_json()
     assert result["accepted"] == 1
+    [verdict] = result["verdicts"].values()
+    assert verdict["evaluation"]["samples"] == 6 and 0 <= verdict["evaluation"]["accuracy"] <= 1
+    initial = org.get("/api/history").get_json()[0]
+    assert initial["federated"] == {"devices": 1, "samples": 6, "accuracy": verdict["evaluation"]["accuracy"],
+                                    "loss": verdict["evaluation"]["loss"]}
 
 
 def test_run_py_says_what_is_wrong_with_the_file_in_one_line(tmp_path):

@@ -1,0 +1,123 @@
+"""A device that takes part by itself: it follows the chain, and in every round that invites it
+pulls the base and its plan, trains, and publishes once.
+
+It reads only the chain to decide (never its own memory), so after a restart it carries on from
+what the chain says: a round it has submitted to is never submitted to again, and a round still
+open that it has not submitted to is joined. What it does is shown on the device's page and written
+to an activity log, one JSON line per event.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from client.service import ClientService
+from infra import chain, ipfs
+from infra.files import append_json_line
+from infra.webapp import ActionError, JobRunner, describe_error
+
+log = logging.getLogger("client.agent")
+POLL_SECONDS = 0.1  # between looks at the chain's block number: a new round is noticed within this
+RECHECK_SECONDS = 2.0  # the round is read again this often even without a new block (deadlines pass)
+MAX_BACKOFF_SECONDS = 5.0  # between attempts while the chain or IPFS is down
+
+
+class ClientAgent:
+    def __init__(self, service: ClientService, jobs: JobRunner, poll_seconds: float = POLL_SECONDS) -> None:
+        self.service = service
+        self.jobs = jobs
+        self.poll_seconds = poll_seconds
+        self.activity_path = service.settings.state_dir / "client" / service.address / "activity.jsonl"
+        self.state = "starting"
+        self.last_event: dict[str, Any] | None = None
+        self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="client-agent", daemon=True)
+
+    def start(self) -> "ClientAgent":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "last_event": self.last_event}
+
+    def _record(self, round_id: int, event: str, **details) -> None:
+        self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
+        append_json_line(self.activity_path, self.last_event)
+
+    def _run(self) -> None:
+        wait, last_block, last_check = self.poll_seconds, None, 0.0
+        while not self._stop.wait(wait):
+            try:
+                block = self.service.w3.eth.block_number
+                if block != last_block or time.monotonic() - last_check >= RECHECK_SECONDS:
+                    last_block, last_check = block, time.monotonic()
+                    self.check_round()
+                wait = self.poll_seconds
+            except Exception as exc:  # an outage: said, then tried again later, less often
+                self.state = f"waiting for the chain or IPFS: {describe_error(exc)}"
+                log.warning("agent: %s; trying again in %.1f s", self.state, wait)
+                wait = min(max(wait * 2, self.poll_seconds), MAX_BACKOFF_SECONDS)
+
+    def check_round(self) -> None:
+        """Read the current round from the chain and take part in it if this client can."""
+        try:
+            registry = self.service.registry
+        except ActionError as exc:  # no contract yet
+            self.state = str(exc)
+            return
+        opened = registry.current_round_for(self.service.address)
+        round_id = opened.round_id
+        if round_id == 0:
+            self.state = "waiting for the first round"
+        elif opened.submitted:
+            if round_id not in self._finished_rounds:  # after a restart, or a submission made by hand
+                self._finished_rounds.add(round_id)
+                self._record(round_id, "already_submitted")
+            self.state = f"submitted to round {round_id}; waiting for the next round"
+        elif round_id in self._finished_rounds:
+            self.state = f"done with round {round_id}; waiting for the next round"
+        elif not opened.invited:
+            self._finished_rounds.add(round_id)
+            self._record(round_id, "not_invited")
+            self.state = f"round {round_id} does not invite this client; waiting for the next round"
+        elif not opened.open or (opened.deadline and time.time() > opened.deadline):
+            self._finished_rounds.add(round_id)
+            self._record(round_id, "missed", reason="closed to submissions before this client could take part")
+            self.state = f"round {round_id} closed before this client could take part"
+        else:
+            self._take_part(round_id)
+
+    def _take_part(self, round_id: int) -> None:
+        if self.jobs.busy:  # a person's action is running: the agent waits for it
+            self.state = f"waiting for '{self.jobs.current.name}' to finish"
+            return
+        self._record(round_id, "noticed")
+        self.state = f"taking part in round {round_id}"
+        try:
+            job = self.jobs.start("participate", lambda job: self.service.participate(job), wait=True)
+        except ActionError as exc:
+            if exc.status >= 500:  # a node's outage or a base that cannot be used now: tried again
+                self._record(round_id, "failed", reason=str(exc))
+                raise
+            self._finished_rounds.add(round_id)
+            self._record(round_id, "refused", reason=str(exc))
+            self.state = f"round {round_id}: {exc}"
+        except chain.ContractError as exc:  # the contract's last word for this round (DeadlinePassed, ...)
+            self._finished_rounds.add(round_id)
+            self._record(round_id, "refused", reason=str(exc), error=exc.name)
+            self.state = f"round {round_id}: the contract refused the update: {exc}"
+            log.warning("agent: round %d: the contract refused the update: %s", round_id, exc)
+        except (chain.ChainUnavailable, ipfs.StorageError) as exc:
+            self._record(round_id, "failed", reason=describe_error(exc))
+            raise
+        else:
+            self._finished_rounds.add(round_id)
+            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"])
+            self.state = f"submitted to round {round_id}; waiting for the next round"

@@ -1,0 +1,104 @@
+"""The organization running the rounds by itself: it opens the first round, closes each one once
+every invited client has submitted or its deadline has passed, merges what arrived and publishes
+(which opens the next round), restarts a round that missed its quorum, and stops after the
+configured number of rounds or once the target accuracy is reached.
+
+Each decision is read from the chain, so a restarted organization carries on where it stopped
+(a round left closed but not finalized is merged again).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from infra.webapp import describe_error
+from organization.service import OrganizationService
+
+log = logging.getLogger("organization.runner")
+POLL_SECONDS = 0.05  # between looks at the chain's block number: a round's last update is noticed within this
+RECHECK_SECONDS = 1.0  # the round is read again this often even without a new block (deadlines pass)
+DEADLINE_MARGIN_SECONDS = 1.0  # block timestamps are whole seconds: act once the next block is surely past it
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class RoundRunner:
+    def __init__(self, service: OrganizationService, poll_seconds: float = POLL_SECONDS) -> None:
+        self.service = service
+        self.poll_seconds = poll_seconds
+        self.state = "starting"
+        self.finished = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="round-runner", daemon=True)
+
+    def start(self) -> "RoundRunner":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def status(self) -> dict:
+        config = self.service.config
+        return {"state": self.state, "rounds": config.rounds, "target_accuracy": config.target_accuracy,
+                "finished": self.finished.is_set()}
+
+    def _run(self) -> None:
+        wait, last_block, last_check = self.poll_seconds, None, 0.0
+        while not self._stop.wait(wait):
+            try:
+                block = self.service.w3.eth.block_number
+                if block != last_block or time.monotonic() - last_check >= RECHECK_SECONDS:
+                    last_block, last_check = block, time.monotonic()
+                    if self.step():
+                        self.finished.set()
+                        return
+                wait = self.poll_seconds
+            except Exception as exc:  # an outage, or a round that cannot move yet: said, and tried again
+                self.state = f"waiting: {describe_error(exc)}"
+                log.warning("%s; trying again in %.1f s", self.state, wait)
+                wait = min(max(wait * 2, self.poll_seconds), MAX_BACKOFF_SECONDS)
+
+    def rounds_done(self) -> tuple[int, float | None]:
+        """Rounds merged so far (restarted ones do not count) and the latest model's test accuracy."""
+        points = self.service.accuracy_history()
+        merged = [p for p in points if p["round"] > 0 and not p.get("missed_quorum")]
+        return len(merged), (points[-1]["accuracy"] if points else None)
+
+    def step(self) -> bool:
+        """One look at the chain and what it calls for; True once the run is over."""
+        service = self.service
+        if service.registry is None:
+            self.state = "deploying the round registry"
+            service.deploy()
+        registry = service.registry
+        done, accuracy = self.rounds_done()
+        target = service.config.target_accuracy
+        if done >= service.config.rounds or (target is not None and accuracy is not None and accuracy >= target):
+            self.state = f"finished: {done} rounds merged, test accuracy {accuracy:.4f}"
+            log.info(self.state)
+            return True
+        current = registry.current_round()
+        if current == 0:
+            self.state = "opening the first round"
+            service.start_first_round()
+            return False
+        info = registry.round(current)
+        if info.closed and not info.finalized and info.submissions >= info.quorum:  # left half done by a crash
+            service.aggregate(current)
+            return False
+        expected = service.expected_submissions(info)
+        everyone_in = expected is not None and info.submissions >= max(expected, 1)
+        past_deadline = info.past_deadline(time.time() - DEADLINE_MARGIN_SECONDS)
+        if info.submissions >= info.quorum and (everyone_in or past_deadline):
+            self.state = f"merging round {current} ({info.submissions} of {expected or '?'} updates)"
+            service.aggregate(current)
+        elif past_deadline:
+            self.state = f"restarting round {current}: {info.submissions} of its quorum of {info.quorum} by its deadline"
+            service.restart(current)
+        else:
+            self.state = (f"round {current}: {info.submissions} of {expected if expected is not None else '?'} "
+                          f"invited clients have submitted (quorum {info.quorum})")
+        return False
+
