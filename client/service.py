@@ -16,8 +16,16 @@ from eth_account import Account
 
 from infra import chain, ipfs
 from infra.settings import Settings
-from infra.webapp import (ActionError, Job, PhaseTimer, deadline_text, describe_error, find_registry, retrying,
-                          store_status)
+from infra.webapp import (
+    ActionError,
+    Job,
+    PhaseTimer,
+    deadline_text,
+    describe_error,
+    find_registry,
+    retrying,
+    store_status,
+)
 from processor import codec, rounds
 from processor.device_data import read_device_data
 from processor.evaluation import Evaluation, holdout_split

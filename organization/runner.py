@@ -95,7 +95,8 @@ class RoundRunner:
             self.state = f"merging round {current} ({info.submissions} of {expected or '?'} updates)"
             service.aggregate(current)
         elif past_deadline:
-            self.state = f"restarting round {current}: {info.submissions} of its quorum of {info.quorum} by its deadline"
+            self.state = (f"restarting round {current}: {info.submissions} of its quorum of {info.quorum} "
+                          "by its deadline")
             service.restart(current)
         else:
             self.state = (f"round {current}: {info.submissions} of {expected if expected is not None else '?'} "

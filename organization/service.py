@@ -18,8 +18,7 @@ from eth_account import Account
 
 from infra import chain, ipfs
 from infra.settings import Settings
-from infra.webapp import (ActionError, PhaseTimer, deadline_text, describe_error, find_registry, retrying,
-                          store_status)
+from infra.webapp import ActionError, PhaseTimer, deadline_text, describe_error, find_registry, retrying, store_status
 from processor import codec, rounds
 from processor.evaluation import weighted_mean
 from processor.screen import MergePolicy, Received, merge_round
