@@ -1,8 +1,13 @@
-"""`run.py demo`: the whole system on one machine, driven round by round through the apps' HTTP APIs.
+"""`run.py demo`: the whole system on one machine.
 
 Full stack: Ganache, the IPFS daemon, the organization and N client processes, each a real
-process. Embedded (--embedded): eth-tester and the on-disk store, every role in this process,
-driven through Flask's test clients, so the same API and round code run either way.
+process, and the network runs by itself: the organization runs the rounds and every client takes
+part on its own; the demo only follows the chain (and the organization's and the clients' logs)
+and reports. One client is slow, past every round's deadline, and the last one joins after round 1.
+--drive instead drives every round through the apps' HTTP APIs, as before the network ran itself.
+
+Embedded (--embedded): eth-tester and the on-disk store, every role in this process, driven
+through Flask's test clients, so the same API and round code run either way.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ import requests
 from tqdm import tqdm
 
 from infra import chain, ipfs
-from infra.files import REPO_ROOT
+from infra.files import REPO_ROOT, read_json_lines
 from infra.plots import accuracy_png
-from infra.processes import ManagedProcess, http_answers, machine_busy_seconds
+from infra.processes import ManagedProcess, http_answers, machine_busy_seconds, port_listens
 from infra.settings import EMBEDDED, Settings
+from organization.service import history_path
 from processor.training import TrainingSettings
 
 
@@ -40,6 +46,10 @@ class DemoOptions:
     seed: int = 0  # initial model, partitions and batch order
     bounds: str = "median"  # how the organization bounds one client's influence (processor.screen.BOUNDS)
     embedded: bool = False
+    drive: bool = False  # full stack: drive every round through the apps' HTTP APIs instead of watching
+    round_seconds: int = 20  # each round's deadline, from its opening (full stack, running by itself)
+    straggler: bool = True  # client 1 (of 3 or more) trains past every deadline: its updates are refused
+    late_joiner: bool = True  # the last client (of 2 or more) is enrolled and started once round 1 is merged
     keep: bool = False
     json_path: Path | None = None
     plot_path: Path = REPO_ROOT / "results" / "demo_accuracy.png"
@@ -116,52 +126,88 @@ def log(message: str) -> None:
 # ---- bringing the system up ---------------------------------------------------------------
 
 
-def start_full_stack(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[Endpoint, list[Endpoint]]:
-    run_dir = settings.state_dir / "demo"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    logs = run_dir / "logs"
+def client_address(k: int) -> str:
+    """Client k's account: Ganache's deterministic account k + 1 (run.py client's default)."""
+    from eth_account import Account
 
-    if not http_answers(settings.chain_url, "POST"):
-        log(f"starting Ganache at {settings.chain_url}")
-    ganache = stack.enter_context(chain.Ganache(settings.chain_url, db_dir=run_dir / "chain",
-                                                log_path=logs / "ganache.log"))
-    if not ipfs.ipfs_answers(settings.ipfs_api):
-        log(f"starting the IPFS daemon at {settings.ipfs_api}")
-    stack.enter_context(ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
-                                                   log_path=logs / "ipfs.log"))
-    w3 = chain.connect(settings.chain_url)
-    record = run_dir / "deployments.json"
-    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
-    chain.record_deployment(record, w3, registry.address)
-    log(f"deployed the round registry at {registry.address} ({'reused' if ganache.reused else 'new'} chain)")
+    return Account.from_key(chain.DEV_KEYS[k + 1]).address
 
-    env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
-           "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(run_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
-           **compute_threads(options.clients)}
-    run_py = str(REPO_ROOT / "run.py")
 
-    def app_process(name: str, port: int, args: list[str]) -> tuple[ManagedProcess, Endpoint]:
-        url = f"http://127.0.0.1:{port}"
-        process = ManagedProcess(name, [sys.executable, run_py, *args, "--port", str(port)],
-                                 is_ready=lambda: http_answers(url + "/api/status"),
-                                 log_path=logs / f"{name}.log", env=env, cwd=REPO_ROOT, ready_timeout=600)
-        stack.callback(process.stop)
-        return process, HttpEndpoint(url)
+class FullStack:
+    """Ganache, the IPFS daemon and a deployed registry, and the apps as separate processes."""
 
-    starting = [app_process("organization", free_port(options.org_port),
-                            ["app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
-                             *options.training.as_flags()])]
-    for k in range(options.clients):
-        starting.append(app_process(
-            f"client-{k}", free_port(options.first_client_port + k),
-            ["client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
-             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed)]))
-    log(f"starting the organization and {options.clients} clients (logs in {logs})")
-    for process, _ in starting:
+    def __init__(self, options: DemoOptions, settings: Settings, stack: ExitStack) -> None:
+        self.options, self.settings, self.stack = options, settings, stack
+        self.run_dir = settings.state_dir / "demo"
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        self.logs = self.run_dir / "logs"
+        if not http_answers(settings.chain_url, "POST"):
+            log(f"starting Ganache at {settings.chain_url}")
+        ganache = stack.enter_context(chain.Ganache(settings.chain_url, db_dir=self.run_dir / "chain",
+                                                    log_path=self.logs / "ganache.log"))
+        if not ipfs.ipfs_answers(settings.ipfs_api):
+            log(f"starting the IPFS daemon at {settings.ipfs_api}")
+        stack.enter_context(ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
+                                                       log_path=self.logs / "ipfs.log"))
+        self.w3 = chain.connect(settings.chain_url)
+        record = self.run_dir / "deployments.json"
+        self.registry = chain.deploy_registry(self.w3, chain.DEV_KEYS[0])
+        chain.record_deployment(record, self.w3, self.registry.address)
+        log(f"deployed the round registry at {self.registry.address} ({'reused' if ganache.reused else 'new'} chain)")
+        self.env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
+                    "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(self.run_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
+                    **compute_threads(options.clients)}
+        self.clients: dict[int, ManagedProcess] = {}
+        self.org: ManagedProcess | None = None
+
+    def app_process(self, name: str, port: int, args: list[str]) -> ManagedProcess:
+        """An app's process, not started; ready once its port accepts connections."""
+        process = ManagedProcess(name, [sys.executable, str(REPO_ROOT / "run.py"), *args, "--port", str(port)],
+                                 is_ready=lambda: port_listens(port), log_path=self.logs / f"{name}.log",
+                                 env=self.env, cwd=REPO_ROOT, ready_timeout=600)
+        self.stack.callback(process.stop)
+        return process
+
+    def organization(self, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
+        options = self.options
+        port = free_port(options.org_port)
+        self.org = self.app_process("organization", port, [
+            "app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
+            "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *extra])
+        return self.org, f"http://127.0.0.1:{port}"
+
+    def client(self, k: int, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
+        options = self.options
+        port = free_port(options.first_client_port + k)
+        self.clients[k] = self.app_process(f"client-{k}", port, [
+            "client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
+            "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed), *extra])
+        return self.clients[k], f"http://127.0.0.1:{port}"
+
+    def enrol(self, k: int) -> None:
+        """Enrol client k, as the operator does with `run.py enrol`: it takes part from the next round."""
+        self.registry.add_client(chain.DEV_KEYS[0], client_address(k))
+
+    def history(self) -> dict[str, Any]:
+        try:
+            return json.loads(history_path(self.run_dir, self.registry.address).read_text())
+        except (OSError, ValueError):
+            return {"initial": None, "rounds": {}}
+
+    def activity(self, k: int) -> list[dict]:
+        return read_json_lines(self.run_dir / "client" / client_address(k) / "activity.jsonl")
+
+
+def start_driven_stack(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[Endpoint, list[Endpoint]]:
+    """The full stack with the organization and the clients waiting to be told (--manual)."""
+    system = FullStack(options, settings, stack)
+    org, org_url = system.organization()
+    started = [system.client(k, ["--manual"]) for k in range(options.clients)]
+    log(f"starting the organization and {options.clients} clients (logs in {system.logs})")
+    for process, _ in [(org, org_url), *started]:
         process.start()
-    endpoints = [endpoint for _, endpoint in starting]
-    return endpoints[0], endpoints[1:]
+    return HttpEndpoint(org_url), [HttpEndpoint(url) for _, url in started]
 
 
 @dataclass
@@ -278,37 +324,136 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
 
 
 def print_table(rows: list[dict[str, Any]], initial_accuracy: float) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9} {'subm.':>5} {'gas':>9} {'bytes':>10} {'seconds':>8} {'CPU-s':>6}")
+    print(f"\n{'round':>5} {'accuracy':>9}{' held-out':>10} {'subm.':>5} {'late':>4} {'gas':>9} {'bytes':>10} "
+          f"{'seconds':>8} {'CPU-s':>6}")
     print(f"{'init':>5} {100 * initial_accuracy:8.2f}%")
     for row in rows:
-        print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}% {row['submissions']:>5} {row['gas']:>9} "
-              f"{row['bytes']:>10} {row['seconds']:>8.2f} {row['cpu_seconds']:>6.2f}")
-    print("(CPU-s: the machine's cores' busy time during the round, all processes)")
-    print("\nwall time per phase (client phases: mean over clients, which train in parallel):")
-    for row in rows:
-        client = ", ".join(f"{k} {v:.2f}s" for k, v in row["phases"]["client"].items())
-        org = ", ".join(f"{k} {v:.2f}s" for k, v in row["phases"]["organization"].items())
-        print(f"  round {row['round']}: clients [{client}]; organization [{org}]")
+        held_out = f"{100 * row['federated']['accuracy']:8.2f}%" if row.get("federated") else f"{'-':>9}"
+        seconds = f"{row['seconds']:>8.2f}" if row["seconds"] is not None else f"{'-':>8}"
+        late = len(row.get("refused", []))
+        print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}% {held_out} {row['submissions']:>5} {late:>4} "
+              f"{row['gas']:>9} {row['bytes']:>10} {seconds} {row['cpu_seconds']:>6.2f}"
+              + ("  missed its quorum" if row.get("missed_quorum") else ""))
+    print("(accuracy: on the organization's test set; held-out: on the clients' own held-out data, sample-weighted,"
+          " reported with the next round's updates;\n late: updates the contract refused after the deadline; "
+          "CPU-s: the machine's cores' busy time during the round, all processes)")
+
+
+def straggler_and_late_joiner(options: DemoOptions) -> tuple[int | None, int | None]:
+    late = options.clients - 1 if options.late_joiner and options.clients >= 2 else None
+    straggler = 1 if options.straggler and options.clients >= 3 else None
+    return straggler, late
+
+
+def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[list[dict], float, str]:
+    """Start the network and follow it until the organization has merged `options.rounds` rounds.
+
+    Returns the rows, the initial accuracy and the organization's dashboard URL."""
+    system = FullStack(options, settings, stack)
+    straggler, late = straggler_and_late_joiner(options)
+    for k in range(options.clients):
+        if k != late:
+            system.enrol(k)
+    # The clients first, so that they are listening when the organization opens round 1.
+    starting = [system.client(k, ["--train-delay", str(options.round_seconds + 2)] if k == straggler else [])[0]
+                for k in range(options.clients) if k != late]
+    org, org_url = system.organization(["--rounds", str(options.rounds)])
+    starting.append(org)
+    log(f"starting {len(starting) - 1} clients and the organization (logs in {system.logs}); the organization "
+        f"runs {options.rounds} rounds of at most {options.round_seconds} s by itself")
+    if straggler is not None:
+        log(f"client {straggler} is slow: it trains {options.round_seconds + 2} s past every round's opening")
+    for process in starting:
+        process.start()
+    follower = RoundFollower(system, options)
+    rows = []
+    while len(rows) < options.rounds:
+        row = follower.next_round()
+        rows.append(row)
+        note = " (missed its quorum: restarted from the same base)" if row["missed_quorum"] else ""
+        log(f"round {row['round']}: accuracy {100 * row['accuracy']:.2f}%, {row['submissions']} updates merged, "
+            f"{row['seconds']:.1f} s{note}")
+        if late is not None and row["round"] == 1:
+            system.enrol(late)
+            log(f"client {late} joins now: enrolled during round 2, it takes part from round 3")
+            system.client(late)[0].start()
+    history = system.history()
+    for row in rows:  # the clients' evaluation of a model comes with the next round's updates, and a
+        row["federated"] = history["rounds"].get(str(row["round"]), {}).get("federated")  # straggler's refusal late
+        row["refused"] = follower.refusals(row["round"])
+    return rows, history["initial"]["accuracy"], org_url
+
+
+class RoundFollower:
+    """Follows the rounds from the chain's events and the organization's record, with a progress bar."""
+
+    def __init__(self, system: FullStack, options: DemoOptions) -> None:
+        self.system, self.options = system, options
+        self.round_id, self.busy = 1, machine_busy_seconds()
+        self.timeout = 600 + 3 * options.round_seconds
+        self.reported: set[tuple] = set()
+
+    def refusals(self, round_id: int) -> list[dict[str, str]]:
+        """The updates for `round_id` the contract refused, as the clients' activity logs tell."""
+        return [{"client": f"client {k}", "reason": event["reason"]} for k in list(self.system.clients)
+                for event in self.system.activity(k) if event["round"] == round_id and event["event"] == "refused"]
+
+    def report_refusals(self) -> None:
+        for round_id in range(max(1, self.round_id - 2), self.round_id + 1):
+            for refusal in self.refusals(round_id):
+                if (round_id, refusal["client"]) not in self.reported:
+                    self.reported.add((round_id, refusal["client"]))
+                    log(f"round {round_id}: {refusal['client']}'s update was refused: {refusal['reason']}")
+
+    def expected(self, round_id: int) -> int:
+        """The clients started so far that round `round_id` expects (enrolled before it opened)."""
+        registry = self.system.registry
+        return sum(0 < registry.enrolled_from(client_address(k)) <= round_id for k in list(self.system.clients))
+
+    def next_round(self) -> dict[str, Any]:
+        system, round_id = self.system, self.round_id
+        started = time.monotonic()
+        with tqdm(total=self.expected(round_id), desc=f"round {round_id} updates", unit="update", file=sys.stderr,
+                  leave=False, mininterval=1.0) as bar:
+            while True:
+                self.report_refusals()
+                entry = system.history()["rounds"].get(str(round_id))
+                if entry is not None and ("opened_next_at" in entry):
+                    break
+                if system.org is not None and not system.org.running:
+                    raise DemoError(f"the organization exited; see {system.org.log_path}:\n{system.org.log_tail()}")
+                if time.monotonic() - started > self.timeout:
+                    raise DemoError(f"round {round_id} did not end within {self.timeout} s; see {system.logs}")
+                if system.registry.current_round() == round_id:
+                    info = system.registry.round(round_id)
+                    bar.n = info.submissions
+                    bar.refresh()
+                time.sleep(0.2)
+        busy, self.busy = self.busy, machine_busy_seconds()
+        previous = system.history()["rounds"].get(str(round_id - 1)) if round_id > 1 else None
+        opened = previous["opened_next_at"] if previous else system.history().get("first_opened_at")
+        refused = self.refusals(round_id)
+        self.round_id += 1
+        gas = sum(system.w3.eth.get_transaction_receipt(e["tx_hash"])["gasUsed"] for e in system.registry.events(
+            "UpdateSubmitted", system.registry.round(round_id).start_block) if e["args"]["round"] == round_id)
+        return {"round": round_id, "accuracy": entry["metrics"]["accuracy"], "auc": entry["metrics"].get("auc"),
+                "submissions": entry.get("accepted", 0), "refused": refused,
+                "missed_quorum": entry.get("missed_quorum", False),
+                "gas": gas + entry.get("finalize_gas", 0), "bytes": entry.get("model_bytes", 0),
+                "seconds": round(entry["opened_next_at"] - opened, 2) if opened else None,
+                "cpu_seconds": round(self.busy - busy, 2)}
 
 
 def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
     with ExitStack() as stack:
-        if options.embedded:
-            org, clients = start_embedded(options, settings)
+        if options.embedded or options.drive:
+            org, clients = (start_embedded(options, settings) if options.embedded
+                            else start_driven_stack(options, settings, stack))
+            rows, initial_accuracy = drive_rounds(org, clients, options)
+            urls = [org.url] + [c.url for c in clients]
         else:
-            org, clients = start_full_stack(options, settings, stack)
-        for endpoint in clients:
-            address = endpoint.call("GET", "/api/status")["address"]
-            org.call("POST", "/api/clients", {"address": address})
-        first = org.call("POST", "/api/rounds")
-        initial_accuracy = first["metrics"]["accuracy"]
-        log(f"round 1 opened; initial model test accuracy {100 * initial_accuracy:.2f}%")
-        rows = []
-        for round_id in tqdm(range(1, options.rounds + 1), desc="rounds", unit="round", file=sys.stderr):
-            row = run_round(round_id, org, clients, options)
-            rows.append(row)
-            log(f"round {round_id}: accuracy {100 * row['accuracy']:.2f}%, {row['submissions']} updates, "
-                f"{row['seconds']:.1f} s")
+            rows, initial_accuracy, org_url = run_self_running(options, settings, stack)
+            urls = [org_url]
         print_table(rows, initial_accuracy)
         points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]
         accuracy_png({"test accuracy": points}, title=f"{options.task}, {options.clients} clients",
@@ -321,7 +466,7 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
             options.json_path.write_text(json.dumps(report, indent=1))
             print(f"json: {options.json_path}")
         if options.keep and not options.embedded:
-            print(f"\ndashboards: organization {org.url}; clients " + ", ".join(c.url for c in clients))
+            print(f"\ndashboards: {', '.join(urls)}")
             print("Ctrl-C stops everything.")
             try:
                 while True:
@@ -329,3 +474,20 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
             except KeyboardInterrupt:
                 pass
         return report
+
+
+def drive_rounds(org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> tuple[list[dict], float]:
+    """Enrol every client, open round 1 and drive each round through the apps' APIs."""
+    for endpoint in clients:
+        address = endpoint.call("GET", "/api/status")["address"]
+        org.call("POST", "/api/clients", {"address": address})
+    first = org.call("POST", "/api/rounds")
+    initial_accuracy = first["metrics"]["accuracy"]
+    log(f"round 1 opened; initial model test accuracy {100 * initial_accuracy:.2f}%")
+    rows = []
+    for round_id in tqdm(range(1, options.rounds + 1), desc="rounds", unit="round", file=sys.stderr):
+        row = run_round(round_id, org, clients, options)
+        rows.append(row)
+        log(f"round {round_id}: accuracy {100 * row['accuracy']:.2f}%, {row['submissions']} updates, "
+            f"{row['seconds']:.1f} s")
+    return rows, initial_accuracy

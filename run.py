@@ -152,7 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                           training=TrainingSettings.from_args(args), alpha=args.alpha, seed=args.seed,
-                          bounds=args.bounds, embedded=args.embedded, keep=args.keep, json_path=args.json)
+                          bounds=args.bounds, embedded=args.embedded, drive=args.drive,
+                          round_seconds=args.round_seconds, keep=args.keep, json_path=args.json)
     try:
         run_demo(options, settings_from(args))
     except (DemoError, KeyboardInterrupt) as exc:
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     bounds_flag(demo)
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
+    demo.add_argument("--drive", action="store_true", help="drive every round through the apps' HTTP APIs instead "
+                                                           "of letting the network run by itself")
+    demo.add_argument("--round-seconds", type=int, default=20, help="each round's deadline (default 20)")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
     demo.add_argument("--json", type=Path, help="write the per-round results here")
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,15 @@ def machine_busy_seconds() -> float:
     """CPU-seconds all of this machine's cores have spent busy (any process) since it booted."""
     times = psutil.cpu_times()
     return sum(getattr(times, field, 0.0) for field in ("user", "nice", "system", "irq", "softirq"))
+
+
+def port_listens(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections at host:port (no request is made)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def http_answers(url: str, method: str = "GET", timeout: float = 1.0) -> bool:

@@ -48,6 +48,11 @@ class OrganizationConfig:
     target_accuracy: float | None = None  # running by itself, stop once the merged model's test accuracy reaches it
 
 
+def history_path(state_dir: Path, registry_address: str) -> Path:
+    """Where the organization keeps what it measured of the rounds of the registry at that address."""
+    return state_dir / "organization" / registry_address / "history.json"
+
+
 class OrganizationService:
     def __init__(
         self,
@@ -80,8 +85,7 @@ class OrganizationService:
 
     @property
     def history_path(self) -> Path:
-        address = self.registry.address if self.registry else "undeployed"
-        return self.settings.state_dir / "organization" / address / "history.json"
+        return history_path(self.settings.state_dir, self.registry.address if self.registry else "undeployed")
 
     def history(self) -> dict[str, Any]:
         try:
@@ -214,6 +218,8 @@ class OrganizationService:
             with timer.phase("chain"):
                 self._apply_rules(registry)
                 tx = registry.start_round(self.key, cid)
+            history["first_opened_at"] = time.time()
+            self._save_history(history)
             log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
                     "gas": tx.gas_used, "seconds": timer.as_dict()}
