@@ -81,6 +81,11 @@ class RoundRunner:
             return True
         current = registry.current_round()
         if current == 0:
+            enrolled = service.enrolled_clients(1)
+            if enrolled is not None and len(enrolled) < service.config.rules.quorum:
+                self.state = (f"waiting for clients to enrol: {len(enrolled)} of the quorum of "
+                              f"{service.config.rules.quorum} (the dashboard, the API or run.py enrol)")
+                return False
             self.state = "opening the first round"
             service.start_first_round()
             return False
@@ -90,7 +95,7 @@ class RoundRunner:
             return False
         expected = service.expected_submissions(info)
         everyone_in = expected is not None and info.submissions >= max(expected, 1)
-        past_deadline = info.past_deadline(time.time() - DEADLINE_MARGIN_SECONDS)
+        past_deadline = info.past_deadline(service.clock() - DEADLINE_MARGIN_SECONDS)
         if info.submissions >= info.quorum and (everyone_in or past_deadline):
             self.state = f"merging round {current} ({info.submissions} of {expected or '?'} updates)"
             service.aggregate(current)

@@ -75,6 +75,7 @@ class OrganizationService:
         self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
         self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
+        self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
 
     # ---- state -------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class OrganizationService:
             "expected": None if info.finalized else self.expected_submissions(info),
             "quorum": info.quorum, "deadline": info.deadline, "deadline_text": deadline_text(info.deadline),
             "invited_share": info.invited_share,
-            "missed": not info.finalized and info.submissions < info.quorum and info.past_deadline(time.time()),
+            "missed": not info.finalized and info.submissions < info.quorum and info.past_deadline(self.clock()),
             "base_gateway": self.store.gateway_url(info.base_cid), "submissions": submissions,
             "result": result,
         }
@@ -138,11 +139,16 @@ class OrganizationService:
     def expected_submissions(self, info: chain.RoundInfo) -> int | None:
         """How many clients round `info` invites: enrolled before it opened and drawn by its seed;
         None under open enrolment, where anyone may take part."""
+        clients = self.enrolled_clients(info.round_id)
+        return None if clients is None else sum(info.invites(client) for client in clients)
+
+    def enrolled_clients(self, round_id: int) -> list[str] | None:
+        """The clients enrolled in time for round `round_id`; None under open enrolment."""
         registry = self.require_registry()
         if registry.open_enrolment():
             return None
         self._enrolment.update(registry)
-        return sum(info.invites(client) for client in self._enrolment.clients_for(info.round_id))
+        return self._enrolment.clients_for(round_id)
 
     def status(self) -> dict[str, Any]:
         chain_state = self.chain_status()
@@ -258,7 +264,7 @@ class OrganizationService:
             info = retrying(self.settings, f"reading round {round_id}", lambda: self._started_round(registry, round_id))
             if info.finalized:
                 raise ActionError(f"round {round_id} is already finalized", 409)
-            if info.submissions >= info.quorum or not info.past_deadline(time.time()):
+            if info.submissions >= info.quorum or not info.past_deadline(self.clock()):
                 raise ActionError(f"round {round_id} has not missed its quorum: it has {info.submissions} of its "
                                   f"{info.quorum} updates and its deadline {deadline_text(info.deadline) or 'none'}",
                                   409)
@@ -311,7 +317,7 @@ class OrganizationService:
             raise ActionError(f"round {round_id} is already finalized", 409)
         if not info.closed:
             if info.submissions < info.quorum:
-                missed = info.past_deadline(time.time())
+                missed = info.past_deadline(self.clock())
                 raise ActionError(f"round {round_id} has {info.submissions} of its quorum of {info.quorum} updates"
                                   + ("; its deadline has passed: restart it" if missed else ""), 409)
             registry.close_round(self.key, round_id)

@@ -45,32 +45,42 @@ def test_each_process_of_the_stack_gets_its_share_of_the_cores(monkeypatch, core
 @pytest.mark.e2e
 @pytest.mark.ganache
 @pytest.mark.ipfs_daemon
-def test_full_stack_as_separate_processes(tmp_path, ganache_url, ipfs_api):
-    """Ganache, the IPFS daemon, the organization and two clients, each its own process."""
+def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, ganache_url, ipfs_api, monkeypatch):
+    """Ganache, the IPFS daemon, the organization and three clients, each its own process, and no
+    HTTP call to any app: the organization runs three rounds, client 1 trains past every deadline
+    and the contract refuses its updates, client 2 joins after round 1 and takes part from round 3."""
+    calls = []
+    monkeypatch.setattr(demo.requests, "request", lambda *args, **kwargs: calls.append(args))
     settings = Settings.from_env(state_dir=tmp_path, chain_url=ganache_url, ipfs_api=ipfs_api)
-    options = DemoOptions(task=TASK, clients=2, rounds=2, training=TrainingSettings(epochs=3),
-                          plot_path=tmp_path / "accuracy.png",
-                          org_port=5400, first_client_port=5410)
+    options = DemoOptions(task=TASK, clients=3, rounds=3, training=TrainingSettings(epochs=3), round_seconds=10,
+                          plot_path=tmp_path / "accuracy.png", org_port=5400, first_client_port=5410)
     report = run_demo(options, settings)
-    check_report(report, rounds=2, clients=2)
+    assert calls == [], "the demo drove an app over HTTP"
+    rows = report["rounds"]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert [row["submissions"] for row in rows] == [1, 1, 2]  # client 0; then client 2 from round 3 on
+    assert rows[-1]["accuracy"] > report["initial_accuracy"] + 0.2
+    # Rounds 1 and 2 waited for the straggler until their deadline, and no longer.
+    assert all(10 <= row["seconds"] <= 16 for row in rows[:2]), rows
+    for row in rows[:2]:
+        [refused] = row["refused"]
+        assert refused["client"] == "client 1" and "RoundRegistry reverted" in refused["reason"]
+    assert rows[0]["federated"]["devices"] == 1  # client 0 evaluated round 1's model in round 2
 
-    # The chain records both rounds, every submission, and the model each round produced ...
     w3 = chain.connect(ganache_url)
-    address = chain.find_deployment(w3, tmp_path / "demo" / "deployments.json")
-    registry = chain.Registry(w3, address)
-    assert registry.current_round() == 3
+    registry = chain.Registry(w3, chain.find_deployment(w3, tmp_path / "demo" / "deployments.json"))
     store = ipfs.open_store(ipfs_api, tmp_path)
     task = get_task(TASK)
     data = task.data()
-    for round_id in (1, 2):
+    submitters = {}
+    for round_id in (1, 2, 3):
         info = registry.round(round_id)
-        assert info.finalized and info.submissions == 2
-        # ... and IPFS holds exactly those files, which decode against the task.
-        for sub in registry.submissions(round_id):
-            delta, meta = codec.decode_delta(task, store.get(sub.cid), expected_round=round_id,
-                                             expected_base_cid=info.base_cid)
-            assert meta["client"].lower() == sub.client.lower()
+        assert info.finalized and info.deadline > 0
+        submitters[round_id] = sorted(sub.client for sub in registry.submissions(round_id))
+        for sub in registry.submissions(round_id):  # IPFS holds exactly those files, which decode
+            codec.decode_delta(task, store.get(sub.cid), expected_round=round_id, expected_base_cid=info.base_cid)
         weights, _, _ = codec.decode_model(task, store.get(info.model_cid))
         accuracy = task.evaluate(weights, data.x_test, data.y_test)["accuracy"]
-        assert accuracy == pytest.approx(report["rounds"][round_id - 1]["accuracy"])
-    assert registry.round(3).base_cid == registry.round(2).model_cid
+        assert accuracy == pytest.approx(rows[round_id - 1]["accuracy"])
+    clients = [demo.client_address(k) for k in range(3)]
+    assert submitters == {1: [clients[0]], 2: [clients[0]], 3: sorted([clients[0], clients[2]])}
