@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import requests
 from tqdm import tqdm
@@ -345,10 +345,13 @@ def straggler_and_late_joiner(options: DemoOptions) -> tuple[int | None, int | N
     return straggler, late
 
 
-def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[list[dict], float, str]:
-    """Start the network and follow it until the organization has merged `options.rounds` rounds.
+def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
+                     after_round: Callable[[FullStack, dict], None] | None = None,
+                     ) -> tuple[list[dict], float, str, FullStack]:
+    """Start the network and follow it until the organization has merged `options.rounds` rounds;
+    `after_round(system, row)` runs as each round ends (the benchmarks' faults).
 
-    Returns the rows, the initial accuracy and the organization's dashboard URL."""
+    Returns the rows, the initial accuracy, the organization's dashboard URL and the system."""
     system = FullStack(options, settings, stack)
     straggler, late = straggler_and_late_joiner(options)
     for k in range(options.clients):
@@ -377,11 +380,13 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack)
             system.enrol(late)
             log(f"client {late} joins now: enrolled during round 2, it takes part from round 3")
             system.client(late)[0].start()
+        if after_round is not None:
+            after_round(system, row)
     history = system.history()
     for row in rows:  # the clients' evaluation of a model comes with the next round's updates, and a
         row["federated"] = history["rounds"].get(str(row["round"]), {}).get("federated")  # straggler's refusal late
         row["refused"] = follower.refusals(row["round"])
-    return rows, history["initial"]["accuracy"], org_url
+    return rows, history["initial"]["accuracy"], org_url, system
 
 
 class RoundFollower:
@@ -452,7 +457,7 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
             rows, initial_accuracy = drive_rounds(org, clients, options)
             urls = [org.url] + [c.url for c in clients]
         else:
-            rows, initial_accuracy, org_url = run_self_running(options, settings, stack)
+            rows, initial_accuracy, org_url, _ = run_self_running(options, settings, stack)
             urls = [org_url]
         print_table(rows, initial_accuracy)
         points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]

@@ -96,6 +96,8 @@ contract RoundRegistry {
     bool public immutable openEnrolment;
     /// @notice The largest sample count a submission may report: a bound on any client's FedAvg weight.
     uint64 public immutable maxSamples;
+    /// @notice The block the registry was deployed in: where reading its events can start.
+    uint256 public immutable deploymentBlock;
 
     // Rounds 1 to _currentRound - 1 are finalized; _currentRound (if not 0) is open.
     uint256 private _currentRound;
@@ -187,6 +189,7 @@ contract RoundRegistry {
         owner = msg.sender;
         openEnrolment = openEnrolment_;
         maxSamples = maxSamples_;
+        deploymentBlock = block.number;
         _rules = RoundRules({duration: 0, quorum: 1, invitedShare: ALL_INVITED});
     }
 

@@ -438,18 +438,19 @@ def _fee_fields(w3: Web3) -> dict[str, int]:
     return fields
 
 
-# Gas limits by (contract, function selector): the largest estimate seen with GAS_MARGIN.
+# Gas limits by (node, contract, function selector): the largest estimate seen with GAS_MARGIN.
 # Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
 # contract's functions cost about the same every call (no loops), so one estimate serves them all.
 # A transaction that would revert is then mined and fails, and its replay names the error; one
 # that needs more (a CID kept verbatim costs ~65,000 more) runs out, and is estimated and sent again.
-_gas_limits: dict[tuple[str, str], int] = {}
+_gas_limits: dict[tuple[str, str, str], int] = {}
 _gas_limits_guard = threading.Lock()
 
 
 def _gas_limit(w3: Web3, tx: dict, refresh: bool = False) -> int:
     """The gas limit for `tx` (built without one); `refresh` estimates anew."""
-    function = (str(tx.get("to")), str(tx["data"])[:10])
+    # The node too: two chains hold contracts at the same address (same deployer, same nonce).
+    function = (getattr(w3.provider, "endpoint_uri", None) or EMBEDDED, str(tx.get("to")), str(tx["data"])[:10])
     with _gas_limits_guard:
         limit = None if refresh else _gas_limits.get(function)
     if limit is None:
@@ -634,6 +635,9 @@ class Registry:
     def max_samples(self) -> int:
         return self._call("maxSamples")
 
+    def deployment_block(self) -> int:
+        return self._call("deploymentBlock")
+
     def current_round_for(self, address: str) -> ClientRound:
         """The current round, its base, whether it is open, whether `address` submitted to it and is
         invited, and its deadline, in one call."""
@@ -670,7 +674,7 @@ class EnrolmentLog:
     def update(self, registry: Registry) -> None:
         with self._guard:
             if registry.address != self._address:
-                self._address, self._next_block, self._from_round = registry.address, 0, {}
+                self._address, self._next_block, self._from_round = registry.address, registry.deployment_block(), {}
             head = registry.w3.eth.block_number
             if head < self._next_block:
                 return

@@ -65,7 +65,8 @@ def dashboards(tmp_path, ganache_url, ipfs_api):
     env = {"FL_CHAIN_URL": ganache_url, "FL_IPFS_API": ipfs_api, "FL_STATE_DIR": str(tmp_path / "state"),
            "FL_CONTRACT_RECORD": str(tmp_path / "deployments.json"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     commands = {"organization": (free_port(5470), ["app", "--task", "digits"]),
-                "client-0": (free_port(5480), ["client", "--id", "0", "--clients", "1", "--task", "digits"])}
+                "client-0": (free_port(5480),
+                             ["client", "--id", "0", "--clients", "1", "--task", "digits", "--manual"])}
     processes, urls = [], []
     try:
         for name, (port, args) in commands.items():

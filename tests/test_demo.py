@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -49,13 +50,20 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
     """Ganache, the IPFS daemon, the organization and three clients, each its own process, and no
     HTTP call to any app: the organization runs three rounds, client 1 trains past every deadline
     and the contract refuses its updates, client 2 joins after round 1 and takes part from round 3."""
-    calls = []
-    monkeypatch.setattr(demo.requests, "request", lambda *args, **kwargs: calls.append(args))
+    app_calls, request = [], demo.requests.request
+    app_ports = {5400, 5410, 5411, 5412}
+
+    def counted(method, url, *args, **kwargs):
+        if urlsplit(url).port in app_ports:
+            app_calls.append(url)
+        return request(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(demo.requests, "request", counted)
     settings = Settings.from_env(state_dir=tmp_path, chain_url=ganache_url, ipfs_api=ipfs_api)
     options = DemoOptions(task=TASK, clients=3, rounds=3, training=TrainingSettings(epochs=3), round_seconds=10,
                           plot_path=tmp_path / "accuracy.png", org_port=5400, first_client_port=5410)
     report = run_demo(options, settings)
-    assert calls == [], "the demo drove an app over HTTP"
+    assert app_calls == [], "the demo drove an app over HTTP"
     rows = report["rounds"]
     assert [row["round"] for row in rows] == [1, 2, 3]
     assert [row["submissions"] for row in rows] == [1, 1, 2]  # client 0; then client 2 from round 3 on

@@ -71,7 +71,7 @@ class Stack:
     def client_process(self, k: int, entry: list[str] | None = None) -> ManagedProcess:
         """Client k, started by run.py or by `entry` (a fault-injecting launcher)."""
         return self._app(f"client-{k}", "client", CLIENT_PORTS[k],
-                         ["client", "--id", str(k), "--clients", "2", "--task", TASK], entry)
+                         ["client", "--id", str(k), "--clients", "2", "--task", TASK, "--manual"], entry)
 
     def start_apps(self, processes: list[ManagedProcess]) -> None:
         """Start app processes side by side (each spends most of its start importing TensorFlow)."""
