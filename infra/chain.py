@@ -541,6 +541,7 @@ class Registry:
         self.w3 = w3
         self.address = to_checksum_address(address)
         self.contract = w3.eth.contract(address=self.address, abi=abi)
+        self._deployed_in: int | None = None
 
     def __repr__(self) -> str:
         return f"Registry({self.address})"
@@ -636,7 +637,10 @@ class Registry:
         return self._call("maxSamples")
 
     def deployment_block(self) -> int:
-        return self._call("deploymentBlock")
+        """The block the registry was deployed in (asked once: it never changes)."""
+        if self._deployed_in is None:
+            self._deployed_in = self._call("deploymentBlock")
+        return self._deployed_in
 
     def current_round_for(self, address: str) -> ClientRound:
         """The current round, its base, whether it is open, whether `address` submitted to it and is
@@ -650,8 +654,10 @@ class Registry:
     def owner(self) -> str:
         return self._call("owner")
 
-    def events(self, name: str, from_block: int = 0, to_block: int | str = "latest") -> list[dict]:
-        """The contract's `name` events from `from_block` to `to_block`, decoded, oldest first."""
+    def events(self, name: str, from_block: int | None = None, to_block: int | str = "latest") -> list[dict]:
+        """The contract's `name` events from `from_block` (its deployment's) to `to_block`, decoded, oldest first."""
+        if from_block is None:
+            from_block = self.deployment_block()
         try:
             logs = self.contract.events[name]().get_logs(from_block=from_block, to_block=to_block)
         except NODE_ERRORS as exc:

@@ -20,7 +20,7 @@ def test_compiling_writes_a_truffle_artifact_and_keeps_its_deployments(tmp_path)
     path.write_text(json.dumps({"networks": {"5777": {"address": "0x" + "12" * 20}}}))
     assert chain.compile_artifact(path) == path
     artifact = json.loads(path.read_text())
-    assert artifact["contractName"] == "RoundRegistry" and artifact["bytecode"].startswith("0x60")
+    assert artifact["contractName"] == "RoundRegistry" and artifact["bytecode"] == chain.load_artifact()[1]
     assert artifact["source"] == chain.CONTRACT_SOURCE.read_text()
     assert artifact["networks"] == {"5777": {"address": "0x" + "12" * 20}}
     abi, bytecode = chain.load_artifact(path)
