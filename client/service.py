@@ -141,7 +141,7 @@ class ClientService:
                                    "open": current.open, "submitted": current.submitted,
                                    "invited": current.invited, "deadline": current.deadline,
                                    "deadline_text": deadline_text(current.deadline),
-                                   "enrolled": self.registry.open_enrolment() or self.registry.is_client(self.address)}
+                                   "enrolled": self.registry.open_enrolment or self.registry.is_client(self.address)}
         except Exception as exc:  # an outage is shown, not raised: the page must still render
             status["chain_error"] = describe_error(exc)
         return status

@@ -630,7 +630,9 @@ class Registry:
     def is_client(self, address: str) -> bool:
         return self._call("isClient", to_checksum_address(address))
 
+    @functools.cached_property
     def open_enrolment(self) -> bool:
+        """Whether any account may submit (an immutable: asked once)."""
         return self._call("openEnrolment")
 
     def max_samples(self) -> int:

@@ -74,6 +74,7 @@ class OrganizationService:
         self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
         self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
         self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
+        self._expected: dict[int, int | None] = {}  # the open round's invited clients, counted once
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
 
@@ -139,13 +140,16 @@ class OrganizationService:
     def expected_submissions(self, info: chain.RoundInfo) -> int | None:
         """How many clients round `info` invites: enrolled before it opened and drawn by its seed;
         None under open enrolment, where anyone may take part."""
-        clients = self.enrolled_clients(info.round_id)
-        return None if clients is None else sum(info.invites(client) for client in clients)
+        if info.round_id not in self._expected:  # fixed once the round opened: later enrolments wait for the next
+            clients = self.enrolled_clients(info.round_id)
+            self._expected = {info.round_id: None if clients is None else
+                              sum(info.invites(client) for client in clients)}
+        return self._expected[info.round_id]
 
     def enrolled_clients(self, round_id: int) -> list[str] | None:
         """The clients enrolled in time for round `round_id`; None under open enrolment."""
         registry = self.require_registry()
-        if registry.open_enrolment():
+        if registry.open_enrolment:
             return None
         self._enrolment.update(registry)
         return self._enrolment.clients_for(round_id)
@@ -159,7 +163,7 @@ class OrganizationService:
         }
         if self.registry is not None and chain_state["ok"]:
             status["contract"] = {"address": self.registry.address,
-                                  "open_enrolment": self.registry.open_enrolment(),
+                                  "open_enrolment": self.registry.open_enrolment,
                                   "rules": asdict(self.registry.round_rules())}
             current = self.registry.current_round()
             if current:
