@@ -1,10 +1,10 @@
 """Gas used by the round registry on Ganache, with 1, 10 and 100 enrolled clients.
 
-One deployment; round 1 has 1 client, round 2 has 10 and round 3 has 100, and every enrolled client
-submits a realistic CIDv1 ("bafkrei...", 59 characters). Clients beyond Ganache's 20 accounts get
+One deployment with 100 clients enrolled and a one-hour deadline per round; 1 client submits in
+round 1, 10 in round 2 and 100 in round 3, each a realistic CIDv1 ("bafkrei...", 59 characters). Clients beyond Ganache's 20 accounts get
 keys derived from a fixed seed and are funded from account 0. Progress goes to stderr; the last
 line on stdout is one JSON object:
-    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas"}
+    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas", "set_rules_gas"}
 start_round_gas opens the first round; finalize_gas closes a round and opens the next.
 
     python -m benchmarks.gas --json            # a new Ganache on a free port, in a temporary folder
@@ -57,13 +57,13 @@ def measure(w3) -> dict:
 
     registry = chain.deploy_registry(w3, org)
     log(f"deployed the round registry at {registry.address}")
-    register, close, finalize, submit = [], [], [], {}
+    # Every client is enrolled before round 1 (a round invites the clients enrolled before it opened);
+    # round k is then submitted to by CLIENT_COUNTS[k - 1] of them, under a deadline the contract checks.
+    register = [registry.add_client(org, Account.from_key(key).address).gas_used for key in keys]
+    rules = registry.set_round_rules(org, chain.RoundRules(duration=3600)).gas_used
+    close, finalize, submit = [], [], {}
     start = registry.start_round(org, compute_cid(b"base 1")).gas_used
-    enrolled = 0
     for round_id, count in enumerate(CLIENT_COUNTS, start=1):
-        for key in keys[enrolled:count]:
-            register.append(registry.add_client(org, Account.from_key(key).address).gas_used)
-        enrolled = count
         used = [registry.submit_update(key, round_id, compute_cid(f"delta {round_id} {k}".encode()),
                                        500 + k).gas_used
                 for k, key in enumerate(keys[:count])]
@@ -72,7 +72,7 @@ def measure(w3) -> dict:
         submit[str(count)] = max(used)
         log(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
     return {"submit_gas": submit, "start_round_gas": start, "close_gas": max(close), "finalize_gas": max(finalize),
-            "register_gas": max(register)}
+            "register_gas": max(register), "set_rules_gas": rules}
 
 
 def free_port() -> int:
