@@ -9,7 +9,6 @@ to an activity log, one JSON line per event.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -30,21 +29,19 @@ class ClientAgent:
     def __init__(self, service: ClientService, jobs: JobRunner, poll_seconds: float = POLL_SECONDS) -> None:
         self.service = service
         self.jobs = jobs
-        self.poll_seconds = poll_seconds
         self.activity_path = service.settings.state_dir / "client" / service.address / "activity.jsonl"
         self.state = "starting"
         self.last_event: dict[str, Any] | None = None
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="client-agent", daemon=True)
+        self._watcher = chain.BlockWatcher("client-agent", service.w3, self._look, self._waiting, poll_seconds,
+                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS)
 
     def start(self) -> "ClientAgent":
-        self._thread.start()
+        self._watcher.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._watcher.stop()
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "last_event": self.last_event}
@@ -53,19 +50,13 @@ class ClientAgent:
         self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
         append_json_line(self.activity_path, self.last_event)
 
-    def _run(self) -> None:
-        wait, last_block, last_check = self.poll_seconds, None, 0.0
-        while not self._stop.wait(wait):
-            try:
-                block = self.service.w3.eth.block_number
-                if block != last_block or time.monotonic() - last_check >= RECHECK_SECONDS:
-                    last_block, last_check = block, time.monotonic()
-                    self.check_round()
-                wait = self.poll_seconds
-            except Exception as exc:  # an outage: said, then tried again later, less often
-                self.state = f"waiting for the chain or IPFS: {describe_error(exc)}"
-                log.warning("agent: %s; trying again in %.1f s", self.state, wait)
-                wait = min(max(wait * 2, self.poll_seconds), MAX_BACKOFF_SECONDS)
+    def _look(self) -> bool:
+        self.check_round()
+        return False  # a device takes part for as long as it runs
+
+    def _waiting(self, exc: Exception, wait: float) -> None:  # an outage: said, then tried again later
+        self.state = f"waiting for the chain or IPFS: {describe_error(exc)}"
+        log.warning("agent: %s; trying again in %.1f s", self.state, wait)
 
     def check_round(self) -> None:
         """Read the current round from the chain and take part in it if this client can."""

@@ -668,6 +668,44 @@ class Registry:
                  "log_index": log["logIndex"], "tx_hash": log["transactionHash"].to_0x_hex()} for log in logs]
 
 
+class BlockWatcher:
+    """A daemon thread that calls `on_block()` on every new block of `w3` (looked for every
+    `poll_seconds`) and at least every `recheck_seconds` (deadlines pass without blocks), until it
+    returns True or `stop()`. An exception is handed to `on_error` and the look is tried again,
+    less and less often, up to `max_backoff` seconds apart."""
+
+    def __init__(self, name: str, w3: Web3, on_block, on_error, poll_seconds: float, recheck_seconds: float,
+                 max_backoff: float = 5.0) -> None:
+        self.w3, self.on_block, self.on_error = w3, on_block, on_error
+        self.poll_seconds, self.recheck_seconds, self.max_backoff = poll_seconds, recheck_seconds, max_backoff
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "BlockWatcher":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        wait, last_block, last_look = self.poll_seconds, None, 0.0
+        while not self._stop.wait(wait):
+            try:
+                block = self.w3.eth.block_number
+                if block != last_block or time.monotonic() - last_look >= self.recheck_seconds:
+                    last_block, last_look = block, time.monotonic()
+                    if self.on_block():
+                        self.done.set()
+                        return
+                wait = self.poll_seconds
+            except Exception as exc:  # an outage, or a step that cannot be taken yet: tried again later
+                self.on_error(exc, wait)
+                wait = min(max(wait * 2, self.poll_seconds), self.max_backoff)
+
+
 class EnrolmentLog:
     """Who is on a registry's allowlist and from which round, kept up to date from its ClientAdded
     and ClientRemoved events (read from where the last update stopped): the contract keeps no

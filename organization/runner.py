@@ -9,9 +9,8 @@ Each decision is read from the chain, so a restarted organization carries on whe
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
+from infra import chain
 from infra.webapp import describe_error
 from organization.service import OrganizationService
 
@@ -25,40 +24,26 @@ MAX_BACKOFF_SECONDS = 5.0
 class RoundRunner:
     def __init__(self, service: OrganizationService, poll_seconds: float = POLL_SECONDS) -> None:
         self.service = service
-        self.poll_seconds = poll_seconds
         self.state = "starting"
-        self.finished = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="round-runner", daemon=True)
+        self._watcher = chain.BlockWatcher("round-runner", service.w3, self.step, self._waiting, poll_seconds,
+                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS)
+        self.finished = self._watcher.done
 
     def start(self) -> "RoundRunner":
-        self._thread.start()
+        self._watcher.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._watcher.stop()
 
     def status(self) -> dict:
         config = self.service.config
         return {"state": self.state, "rounds": config.rounds, "target_accuracy": config.target_accuracy,
                 "finished": self.finished.is_set()}
 
-    def _run(self) -> None:
-        wait, last_block, last_check = self.poll_seconds, None, 0.0
-        while not self._stop.wait(wait):
-            try:
-                block = self.service.w3.eth.block_number
-                if block != last_block or time.monotonic() - last_check >= RECHECK_SECONDS:
-                    last_block, last_check = block, time.monotonic()
-                    if self.step():
-                        self.finished.set()
-                        return
-                wait = self.poll_seconds
-            except Exception as exc:  # an outage, or a round that cannot move yet: said, and tried again
-                self.state = f"waiting: {describe_error(exc)}"
-                log.warning("%s; trying again in %.1f s", self.state, wait)
-                wait = min(max(wait * 2, self.poll_seconds), MAX_BACKOFF_SECONDS)
+    def _waiting(self, exc: Exception, wait: float) -> None:  # an outage, or a round that cannot move yet
+        self.state = f"waiting: {describe_error(exc)}"
+        log.warning("%s; trying again in %.1f s", self.state, wait)
 
     def rounds_done(self) -> tuple[int, float | None]:
         """Rounds merged so far (restarted ones do not count) and the latest model's test accuracy."""
