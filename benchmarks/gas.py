@@ -1,10 +1,11 @@
 """Gas used by the round registry on Ganache, with 1, 10 and 100 enrolled clients.
 
 One deployment with 100 clients enrolled and a one-hour deadline per round; 1 client submits in
-round 1, 10 in round 2 and 100 in round 3, each a realistic CIDv1 ("bafkrei...", 59 characters). Clients beyond Ganache's 20 accounts get
-keys derived from a fixed seed and are funded from account 0. Progress goes to stderr; the last
-line on stdout is one JSON object:
-    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas", "set_rules_gas"}
+round 1, 10 in round 2 and 100 in round 3, each a realistic CIDv1 ("bafkrei...", 59 characters).
+Clients beyond Ganache's 20 accounts get keys derived from a fixed seed and are funded from
+account 0. Progress goes to stderr; the last line on stdout is one JSON object:
+    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas",
+     "set_rules_gas"}
 start_round_gas opens the first round; finalize_gas closes a round and opens the next.
 
     python -m benchmarks.gas --json            # a new Ganache on a free port, in a temporary folder
