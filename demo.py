@@ -422,7 +422,8 @@ class RoundFollower:
                   leave=False, mininterval=1.0) as bar:
             while True:
                 self.report_refusals()
-                entry = system.history()["rounds"].get(str(round_id))
+                history = system.history()
+                entry = history["rounds"].get(str(round_id))
                 if entry is not None and ("opened_next_at" in entry):
                     break
                 if system.org is not None and not system.org.running:
@@ -435,8 +436,8 @@ class RoundFollower:
                     bar.refresh()
                 time.sleep(0.2)
         busy, self.busy = self.busy, machine_busy_seconds()
-        previous = system.history()["rounds"].get(str(round_id - 1)) if round_id > 1 else None
-        opened = previous["opened_next_at"] if previous else system.history().get("first_opened_at")
+        previous = history["rounds"].get(str(round_id - 1)) if round_id > 1 else None
+        opened = previous["opened_next_at"] if previous else history.get("first_opened_at")
         refused = self.refusals(round_id)
         self.round_id += 1
         gas = sum(system.w3.eth.get_transaction_receipt(e["tx_hash"])["gasUsed"] for e in system.registry.events(

@@ -14,7 +14,6 @@ start_round_gas opens the first round; finalize_gas closes a round and opens the
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from eth_account import Account
 from eth_utils import keccak
 
-from benchmarks.measure import log
+from benchmarks.measure import log, report
 from infra import chain
 from infra.ipfs import compute_cid
 
@@ -93,11 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         with chain.Ganache(url, db_dir=Path(folder) / "db", log_path=Path(folder) / "ganache.log") as node:
             log(f"{'using the running' if node.reused else 'started'} Ganache at {url}")
             result = measure(chain.connect(url))
-    if not args.json:
-        for name, value in result.items():
-            print(f"{name}: {value}")
-    print(json.dumps(result))
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

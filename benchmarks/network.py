@@ -23,7 +23,6 @@ Progress goes to stderr; the last line on stdout is one JSON object:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from collections import Counter
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 import requests
 
 import demo
-from benchmarks.measure import log
+from benchmarks.measure import log, report
 from infra.settings import Settings
 from processor.training import TrainingSettings
 
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
               "restart_run": restarts}
     result["median_seconds_per_round"] = {"self_running": statistics.median(running["seconds_per_round"]),
                                           "http_driven": statistics.median(driven["seconds_per_round"])}
-    if not args.json:
-        for name, value in result.items():
-            print(f"{name}: {value}")
-    print(json.dumps(result))
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -139,10 +139,6 @@ class RoundInfo:
     invited_share: int = ALL_INVITED
     seed: bytes = bytes(32)  # of the draw of invited clients (zero when every enrolled client is)
 
-    @property
-    def started(self) -> bool:
-        return self.start_block != 0
-
     def past_deadline(self, now: float) -> bool:
         return self.deadline != 0 and now > self.deadline
 
@@ -541,7 +537,6 @@ class Registry:
         self.w3 = w3
         self.address = to_checksum_address(address)
         self.contract = w3.eth.contract(address=self.address, abi=abi)
-        self._deployed_in: int | None = None
 
     def __repr__(self) -> str:
         return f"Registry({self.address})"
@@ -638,11 +633,10 @@ class Registry:
     def max_samples(self) -> int:
         return self._call("maxSamples")
 
+    @functools.cached_property
     def deployment_block(self) -> int:
-        """The block the registry was deployed in (asked once: it never changes)."""
-        if self._deployed_in is None:
-            self._deployed_in = self._call("deploymentBlock")
-        return self._deployed_in
+        """The block the registry was deployed in (an immutable: asked once)."""
+        return self._call("deploymentBlock")
 
     def current_round_for(self, address: str) -> ClientRound:
         """The current round, its base, whether it is open, whether `address` submitted to it and is
@@ -659,7 +653,7 @@ class Registry:
     def events(self, name: str, from_block: int | None = None, to_block: int | str = "latest") -> list[dict]:
         """The contract's `name` events from `from_block` (its deployment's) to `to_block`, decoded, oldest first."""
         if from_block is None:
-            from_block = self.deployment_block()
+            from_block = self.deployment_block
         try:
             logs = self.contract.events[name]().get_logs(from_block=from_block, to_block=to_block)
         except NODE_ERRORS as exc:
@@ -720,7 +714,7 @@ class EnrolmentLog:
     def update(self, registry: Registry) -> None:
         with self._guard:
             if registry.address != self._address:
-                self._address, self._next_block, self._from_round = registry.address, registry.deployment_block(), {}
+                self._address, self._next_block, self._from_round = registry.address, registry.deployment_block, {}
             head = registry.w3.eth.block_number
             if head < self._next_block:
                 return

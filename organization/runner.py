@@ -92,4 +92,3 @@ class RoundRunner:
             self.state = (f"round {current}: {info.submissions} of {expected if expected is not None else '?'} "
                           f"invited clients have submitted (quorum {info.quorum})")
         return False
-
