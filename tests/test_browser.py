@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
@@ -103,20 +103,19 @@ class Page:
             field.clear()
             field.send_keys(value)
         [button] = [b for b in form.find_elements(By.TAG_NAME, "button") if b.text.strip().startswith(label)]
-        old_page = self.driver.find_element(By.TAG_NAME, "html")
+        # Marks this document, so that the next one is told apart without touching a node that may be gone.
+        self.driver.execute_script("window.beforePress = true")
         button.click()
         # The post does its work, then redirects back here: done once a new page has loaded.
-        self.wait_for(lambda: self.is_stale(old_page) and self.driver.execute_script(
-            "return document.readyState") == "complete", f"the page after {label!r}", timeout=JOB_TIMEOUT)
+        self.wait_for(self.new_page_loaded, f"the page after {label!r}", timeout=JOB_TIMEOUT)
         assert self.driver.current_url.rstrip("/") == self.url
 
-    @staticmethod
-    def is_stale(element) -> bool:
+    def new_page_loaded(self) -> bool:
         try:
-            element.tag_name
+            return self.driver.execute_script(
+                "return window.beforePress !== true && document.readyState === 'complete'")
+        except WebDriverException:  # the old document went away while the script ran
             return False
-        except StaleElementReferenceException:
-            return True
 
     def text(self, css: str) -> str:
         return self.driver.find_element(By.CSS_SELECTOR, css).text
