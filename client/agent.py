@@ -18,8 +18,8 @@ from infra.files import append_json_line
 from infra.webapp import ActionError, JobRunner, describe_error
 
 log = logging.getLogger("client.agent")
-# Between looks at the chain's block number: a new round is noticed within this. Every look costs
-# the device and the node CPU that a round's training competes for (benchmarks/README.md).
+# Between looks at the block number where the node pushes no blocks (the embedded chain): a new
+# round is noticed within this. Every look costs CPU that a round's training competes for.
 POLL_SECONDS = 0.25
 RECHECK_SECONDS = 2.0  # the round is read again this often even without a new block (deadlines pass)
 MAX_BACKOFF_SECONDS = 5.0  # between attempts while the chain or IPFS is down

@@ -7,8 +7,10 @@ depends on accounts unlocked in the node. The same binding drives a real node ov
 from __future__ import annotations
 
 import ast
+import asyncio
 import functools
 import json
+import logging
 import sys
 import threading
 import time
@@ -22,12 +24,16 @@ import requests
 from eth_abi import decode as abi_decode
 from eth_account import Account
 from eth_utils import keccak, to_checksum_address
-from web3 import EthereumTesterProvider, Web3
-from web3.exceptions import ContractLogicError, TimeExhausted
+from web3 import AsyncWeb3, EthereumTesterProvider, Web3
+from web3.exceptions import ContractLogicError, PersistentConnectionError, ProviderConnectionError, TimeExhausted
+from web3.providers.persistent import WebSocketProvider
+from websockets.exceptions import WebSocketException
 
 from infra.files import REPO_ROOT, write_atomically
 from infra.processes import ManagedProcess, ServiceError
 from infra.settings import EMBEDDED
+
+log = logging.getLogger("infra.chain")
 
 # py_ecc, imported by web3, raises the recursion limit to 100,000. C code that recurses (the JSON
 # decoder reading every answer of the node) then overflows an 8 MB thread stack before Python's
@@ -59,6 +65,9 @@ DEFAULT_MAX_SAMPLES = 1_000_000
 MAX_ROUND = 2**256 - 1  # round numbers are uint256 on chain
 GAS_MARGIN = 1.2  # headroom over the estimate, in case state changes between estimate and mining
 NODE_ERRORS = (requests.ConnectionError, requests.Timeout)  # the node went away mid-call
+# A node's WebSocket could not be reached, or went away (the stream of pushed heads then ends).
+SOCKET_ERRORS = (OSError, TimeoutError, ProviderConnectionError, PersistentConnectionError, WebSocketException,
+                 StopAsyncIteration)
 
 # Private keys of Ganache's --wallet.deterministic accounts (mnemonic "myth like bonus scare over
 # problem client lizard pioneer submit female collect", path m/44'/60'/0'/0/i). Account 0 is the
@@ -663,10 +672,16 @@ class Registry:
 
 
 class BlockWatcher:
-    """A daemon thread that calls `on_block()` on every new block of `w3` (looked for every
-    `poll_seconds`) and at least every `recheck_seconds` (deadlines pass without blocks), until it
-    returns True or `stop()`. An exception is handed to `on_error` and the look is tried again,
-    less and less often, up to `max_backoff` seconds apart."""
+    """A daemon thread that calls `on_block()` on every new block of `w3`, and at least every
+    `recheck_seconds` (deadlines pass without blocks), until it returns True or `stop()`.
+
+    A node reached over HTTP is followed by a `newHeads` subscription on its WebSocket (Ganache and
+    anvil serve both on one port): a block is seen the moment it is mined, and an idle chain costs
+    no calls. The embedded chain, or a node whose WebSocket cannot be reached, is polled for its
+    block number every `poll_seconds`. An exception is handed to `on_error` and the look is tried
+    again, less and less often, up to `max_backoff` seconds apart."""
+
+    STOP_CHECK_SECONDS = 0.25  # how soon a stop() is noticed while waiting for a block
 
     def __init__(self, name: str, w3: Web3, on_block, on_error, poll_seconds: float, recheck_seconds: float,
                  max_backoff: float = 5.0) -> None:
@@ -675,6 +690,8 @@ class BlockWatcher:
         self.done = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._retry_wait = poll_seconds
+        self._next_look = 0.0  # monotonic time of the next look due without a new block
 
     def start(self) -> "BlockWatcher":
         self._thread.start()
@@ -684,20 +701,87 @@ class BlockWatcher:
         self._stop.set()
         self._thread.join(timeout=timeout)
 
+    @property
+    def websocket_url(self) -> str | None:
+        endpoint = getattr(self.w3.provider, "endpoint_uri", None)
+        if not isinstance(endpoint, str) or urlparse(endpoint).scheme not in ("http", "https"):
+            return None
+        return "ws" + endpoint[len("http"):]
+
+    def _look(self) -> None:
+        """One call of on_block, its outcome setting when the next look is due without a block."""
+        try:
+            if self.on_block():
+                self.done.set()
+                self._stop.set()
+                return
+            self._retry_wait = self.poll_seconds
+            self._next_look = time.monotonic() + self.recheck_seconds
+        except Exception as exc:  # an outage, or a step that cannot be taken yet: tried again later
+            self.on_error(exc, self._retry_wait)
+            self._next_look = time.monotonic() + self._retry_wait
+            self._retry_wait = min(max(self._retry_wait * 2, self.poll_seconds), self.max_backoff)
+
     def _run(self) -> None:
-        wait, last_block, last_look = self.poll_seconds, None, 0.0
-        while not self._stop.wait(wait):
+        url = self.websocket_url
+        if url is not None:
+            try:
+                asyncio.run(self._follow_subscription(url))
+            except SOCKET_ERRORS as exc:
+                log.info("%s: no WebSocket at %s (%s): polling the block number", self._thread.name, url, exc)
+        self._poll()
+
+    def _poll(self) -> None:
+        last_block = None
+        while not self._stop.wait(self.poll_seconds):
             try:
                 block = self.w3.eth.block_number
-                if block != last_block or time.monotonic() - last_look >= self.recheck_seconds:
-                    last_block, last_look = block, time.monotonic()
-                    if self.on_block():
-                        self.done.set()
-                        return
-                wait = self.poll_seconds
-            except Exception as exc:  # an outage, or a step that cannot be taken yet: tried again later
-                self.on_error(exc, wait)
-                wait = min(max(wait * 2, self.poll_seconds), self.max_backoff)
+            except Exception as exc:
+                self.on_error(exc, self._retry_wait)
+                self._stop.wait(self._retry_wait)
+                self._retry_wait = min(self._retry_wait * 2, self.max_backoff)
+                continue
+            if block != last_block or time.monotonic() >= self._next_look:
+                last_block = block
+                self._look()
+
+    async def _follow_subscription(self, url: str) -> None:
+        """Looks on every pushed block header; returns once stopped. The first connection failing
+        raises (the caller polls instead); a connection lost later is opened again."""
+        connected_once = False
+        while not self._stop.is_set():
+            try:
+                # One attempt per connection: this loop waits between attempts, and a node without
+                # a WebSocket is polled at once instead of after the provider's own retries.
+                async with AsyncWeb3(WebSocketProvider(url, max_connection_retries=1)) as socket_w3:
+                    await socket_w3.eth.subscribe("newHeads")
+                    connected_once = True
+                    await self._look_on_heads(socket_w3)
+            except SOCKET_ERRORS as exc:
+                if not connected_once:
+                    raise
+                self.on_error(exc, self._retry_wait)
+                await asyncio.sleep(self._retry_wait)
+                self._retry_wait = min(self._retry_wait * 2, self.max_backoff)
+
+    async def _look_on_heads(self, socket_w3: AsyncWeb3) -> None:
+        loop = asyncio.get_running_loop()
+        heads = socket_w3.socket.process_subscriptions().__aiter__()
+        await loop.run_in_executor(None, self._look)  # what happened before the subscription began
+        next_head = asyncio.ensure_future(heads.__anext__())
+        try:
+            while not self._stop.is_set():
+                await asyncio.wait({next_head}, timeout=self.STOP_CHECK_SECONDS)
+                new_block = next_head.done()
+                while next_head.done():  # heads that came while looking: one look covers them all
+                    next_head.result()
+                    next_head = asyncio.ensure_future(heads.__anext__())
+                    await asyncio.sleep(0)
+                if new_block or time.monotonic() >= self._next_look:
+                    # The look makes blocking calls (and may train): off the loop, so the socket stays served.
+                    await loop.run_in_executor(None, self._look)
+        finally:
+            next_head.cancel()
 
 
 class EnrolmentLog:

@@ -15,7 +15,7 @@ from infra.webapp import describe_error
 from organization.service import OrganizationService
 
 log = logging.getLogger("organization.runner")
-POLL_SECONDS = 0.1  # between looks at the chain's block number: a round's last update is noticed within this
+POLL_SECONDS = 0.1  # between looks at the block number where no blocks are pushed (the embedded chain)
 RECHECK_SECONDS = 1.0  # the round is read again this often even without a new block (deadlines pass)
 DEADLINE_MARGIN_SECONDS = 1.0  # block timestamps are whole seconds: act once the next block is surely past it
 MAX_BACKOFF_SECONDS = 5.0

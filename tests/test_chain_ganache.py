@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
+import threading
+import time
 
 import pytest
 import requests
 from eth_account import Account
+from web3 import Web3
 
 from infra import chain
 from infra.files import REPO_ROOT
@@ -122,3 +126,41 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
         assert registry.submissions(1) == [chain.Submission(CLIENTS[0], cid_for("update"), 7)]
         close_and_finalize(registry, 1, cid_for("model"))  # nonces carry on after the restart
         assert registry.latest_model() == (1, cid_for("model"))
+
+
+def test_block_watcher_is_pushed_each_new_block_and_polls_nothing(w3, monkeypatch):
+    """Over HTTP the watcher follows Ganache's WebSocket: a mined block reaches on_block without
+    the watcher asking the node for its block number."""
+    asked_by_watcher = []
+    post = requests.Session.post
+
+    def counted_post(session, url, data=None, **kwargs):
+        if threading.current_thread().name == "test-watcher":
+            asked_by_watcher.append(json.loads(data)["method"])
+        return post(session, url, data=data, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "post", counted_post)
+    looks = queue.Queue()
+    watcher = chain.BlockWatcher("test-watcher", w3, lambda: looks.put(time.monotonic()) and False,
+                                 on_error=lambda exc, wait: None, poll_seconds=0.05, recheck_seconds=60).start()
+    try:
+        looks.get(timeout=10)  # the look made as the subscription begins
+        time.sleep(0.5)
+        assert looks.empty()  # an idle chain: no look until a block or the recheck
+        chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
+        looks.get(timeout=5)
+    finally:
+        watcher.stop()
+    assert asked_by_watcher == []
+
+
+def test_block_watcher_polls_where_no_websocket_answers():
+    """A node whose WebSocket cannot be reached is polled for its block number instead."""
+    w3 = Web3(Web3.HTTPProvider("http://127.0.0.1:9"))  # nothing listens: the socket fails, so does every poll
+    errors = queue.Queue()
+    watcher = chain.BlockWatcher("test-poller", w3, lambda: False, on_error=lambda exc, wait: errors.put(exc),
+                                 poll_seconds=0.05, recheck_seconds=60).start()
+    try:
+        assert isinstance(errors.get(timeout=10), chain.NODE_ERRORS)
+    finally:
+        watcher.stop()
