@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -383,37 +384,56 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
         if after_round is not None:
             after_round(system, row)
     history = system.history()
+    submitted_gas = follower.submission_gas()
     for row in rows:  # the clients' evaluation of a model comes with the next round's updates, and a
+        row["gas"] += submitted_gas.get(row["round"], 0)
         row["federated"] = history["rounds"].get(str(row["round"]), {}).get("federated")  # straggler's refusal late
-        row["refused"] = follower.refusals(row["round"])
+        row["refused"] = follower.refusals([row["round"]])
     return rows, history["initial"]["accuracy"], org_url, system
 
 
 class RoundFollower:
     """Follows the rounds from the chain's events and the organization's record, with a progress bar."""
 
+    # Between looks at the record, the chain and the clients' logs: the round's end is timed by the
+    # organization's clock, so looking more often would only take CPU from the clients' training.
+    LOOK_SECONDS = 0.5
+
     def __init__(self, system: FullStack, options: DemoOptions) -> None:
         self.system, self.options = system, options
         self.round_id, self.busy = 1, machine_busy_seconds()
         self.timeout = 600 + 3 * options.round_seconds
         self.reported: set[tuple] = set()
+        self.enrolled_from: dict[int, int] = {}  # client k: the first round it may take part in
 
-    def refusals(self, round_id: int) -> list[dict[str, str]]:
-        """The updates for `round_id` the contract refused, as the clients' activity logs tell."""
-        return [{"client": f"client {k}", "reason": event["reason"]} for k in list(self.system.clients)
-                for event in self.system.activity(k) if event["round"] == round_id and event["event"] == "refused"]
+    def refusals(self, round_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The updates for `round_ids` the contract refused, as the clients' activity logs tell."""
+        return [{"round": event["round"], "client": f"client {k}", "reason": event["reason"]}
+                for k in list(self.system.clients) for event in self.system.activity(k)
+                if event["round"] in round_ids and event["event"] == "refused"]
 
     def report_refusals(self) -> None:
-        for round_id in range(max(1, self.round_id - 2), self.round_id + 1):
-            for refusal in self.refusals(round_id):
-                if (round_id, refusal["client"]) not in self.reported:
-                    self.reported.add((round_id, refusal["client"]))
-                    log(f"round {round_id}: {refusal['client']}'s update was refused: {refusal['reason']}")
+        for refusal in self.refusals(range(max(1, self.round_id - 2), self.round_id + 1)):
+            if (refusal["round"], refusal["client"]) not in self.reported:
+                self.reported.add((refusal["round"], refusal["client"]))
+                log(f"round {refusal['round']}: {refusal['client']}'s update was refused: {refusal['reason']}")
 
     def expected(self, round_id: int) -> int:
         """The clients started so far that round `round_id` expects (enrolled before it opened)."""
-        registry = self.system.registry
-        return sum(0 < registry.enrolled_from(client_address(k)) <= round_id for k in list(self.system.clients))
+        for k in list(self.system.clients):
+            if k not in self.enrolled_from:  # fixed once enrolled: asked until then
+                first_round = self.system.registry.enrolled_from(client_address(k))
+                if first_round:
+                    self.enrolled_from[k] = first_round
+        return sum(first_round <= round_id for first_round in self.enrolled_from.values())
+
+    def submission_gas(self) -> dict[int, int]:
+        """Gas of the accepted submissions per round, from their receipts: read once the rounds are
+        over, so that reading them takes nothing from the rounds."""
+        registry, gas = self.system.registry, Counter()
+        for event in registry.events("UpdateSubmitted"):
+            gas[event["args"]["round"]] += self.system.w3.eth.get_transaction_receipt(event["tx_hash"])["gasUsed"]
+        return gas
 
     def next_round(self) -> dict[str, Any]:
         system, round_id = self.system, self.round_id
@@ -430,22 +450,18 @@ class RoundFollower:
                     raise DemoError(f"the organization exited; see {system.org.log_path}:\n{system.org.log_tail()}")
                 if time.monotonic() - started > self.timeout:
                     raise DemoError(f"round {round_id} did not end within {self.timeout} s; see {system.logs}")
-                if system.registry.current_round() == round_id:
-                    info = system.registry.round(round_id)
-                    bar.n = info.submissions
-                    bar.refresh()
-                time.sleep(0.2)
+                bar.n = system.registry.round(round_id).submissions
+                bar.refresh()
+                time.sleep(self.LOOK_SECONDS)
         busy, self.busy = self.busy, machine_busy_seconds()
         previous = history["rounds"].get(str(round_id - 1)) if round_id > 1 else None
         opened = previous["opened_next_at"] if previous else history.get("first_opened_at")
-        refused = self.refusals(round_id)
+        refused = self.refusals([round_id])
         self.round_id += 1
-        gas = sum(system.w3.eth.get_transaction_receipt(e["tx_hash"])["gasUsed"] for e in system.registry.events(
-            "UpdateSubmitted", system.registry.round(round_id).start_block) if e["args"]["round"] == round_id)
         return {"round": round_id, "accuracy": entry["metrics"]["accuracy"], "auc": entry["metrics"].get("auc"),
                 "submissions": entry.get("accepted", 0), "refused": refused,
                 "missed_quorum": entry.get("missed_quorum", False),
-                "gas": gas + entry.get("finalize_gas", 0), "bytes": entry.get("model_bytes", 0),
+                "gas": entry.get("finalize_gas", 0), "bytes": entry.get("model_bytes", 0),  # + submissions' at the end
                 "seconds": round(entry["opened_next_at"] - opened, 2) if opened else None,
                 "cpu_seconds": round(self.busy - busy, 2)}
 

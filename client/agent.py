@@ -21,7 +21,9 @@ log = logging.getLogger("client.agent")
 # Between looks at the block number where the node pushes no blocks (the embedded chain): a new
 # round is noticed within this. Every look costs CPU that a round's training competes for.
 POLL_SECONDS = 0.25
-RECHECK_SECONDS = 2.0  # the round is read again this often even without a new block (deadlines pass)
+# The round is read again this often without a round opening: to say that a deadline passed, and in
+# case a notification was lost (a reconnected subscription looks at once anyway).
+RECHECK_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 5.0  # between attempts while the chain or IPFS is down
 
 
@@ -33,8 +35,9 @@ class ClientAgent:
         self.state = "starting"
         self.last_event: dict[str, Any] | None = None
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
+        # Woken by a round's opening only: the other clients' submissions do not concern it.
         self._watcher = chain.BlockWatcher("client-agent", service.w3, self._look, self._waiting, poll_seconds,
-                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS)
+                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS, chain.event_topics("RoundStarted"))
 
     def start(self) -> "ClientAgent":
         self._watcher.start()

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import requests
 from eth_abi import decode as abi_decode
 from eth_account import Account
-from eth_utils import keccak, to_checksum_address
+from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
 from web3 import AsyncWeb3, EthereumTesterProvider, Web3
 from web3.exceptions import ContractLogicError, PersistentConnectionError, ProviderConnectionError, TimeExhausted
 from web3.providers.persistent import WebSocketProvider
@@ -248,6 +248,13 @@ def load_artifact(path: Path | None = None) -> tuple[list[dict], str]:
                                     "rebuild it with `bash setup.sh` (or `python run.py compile`)")
             _artifacts[path] = (artifact["abi"], artifact["bytecode"])
         return _artifacts[path]
+
+
+def event_topics(*names: str) -> list[str]:
+    """The log topics (0x-hex) that name RoundRegistry's events `names`, from its artifact's ABI."""
+    abi, _ = load_artifact()
+    events = {entry["name"]: entry for entry in abi if entry["type"] == "event"}
+    return ["0x" + event_abi_to_log_topic(events[name]).hex() for name in names]
 
 
 # ---- connecting -------------------------------------------------------------------------------
@@ -672,20 +679,22 @@ class Registry:
 
 
 class BlockWatcher:
-    """A daemon thread that calls `on_block()` on every new block of `w3`, and at least every
-    `recheck_seconds` (deadlines pass without blocks), until it returns True or `stop()`.
+    """A daemon thread that calls `on_block()` on every new block of `w3` (with `topics`, only on
+    the blocks that log one of those events), and at least every `recheck_seconds` (deadlines pass
+    without blocks), until it returns True or `stop()`.
 
-    A node reached over HTTP is followed by a `newHeads` subscription on its WebSocket (Ganache and
-    anvil serve both on one port): a block is seen the moment it is mined, and an idle chain costs
-    no calls. The embedded chain, or a node whose WebSocket cannot be reached, is polled for its
-    block number every `poll_seconds`. An exception is handed to `on_error` and the look is tried
-    again, less and less often, up to `max_backoff` seconds apart."""
+    A node reached over HTTP is followed by a subscription on its WebSocket (Ganache and anvil serve
+    both on one port), `newHeads` or `logs`: a block is seen the moment it is mined, and an idle
+    chain, or one busy with what does not concern the watcher, costs no calls. The embedded chain,
+    or a node whose WebSocket cannot be reached, is polled for its block number every
+    `poll_seconds`, and every new block is looked at. An exception is handed to `on_error` and the
+    look is tried again, less and less often, up to `max_backoff` seconds apart."""
 
     STOP_CHECK_SECONDS = 0.25  # how soon a stop() is noticed while waiting for a block
 
     def __init__(self, name: str, w3: Web3, on_block, on_error, poll_seconds: float, recheck_seconds: float,
-                 max_backoff: float = 5.0) -> None:
-        self.w3, self.on_block, self.on_error = w3, on_block, on_error
+                 max_backoff: float = 5.0, topics: list[str] | None = None) -> None:
+        self.w3, self.on_block, self.on_error, self.topics = w3, on_block, on_error, topics
         self.poll_seconds, self.recheck_seconds, self.max_backoff = poll_seconds, recheck_seconds, max_backoff
         self.done = threading.Event()
         self._stop = threading.Event()
@@ -754,9 +763,12 @@ class BlockWatcher:
                 # One attempt per connection: this loop waits between attempts, and a node without
                 # a WebSocket is polled at once instead of after the provider's own retries.
                 async with AsyncWeb3(WebSocketProvider(url, max_connection_retries=1)) as socket_w3:
-                    await socket_w3.eth.subscribe("newHeads")
+                    if self.topics is None:
+                        await socket_w3.eth.subscribe("newHeads")
+                    else:  # one list in the first position: a log with any of these first topics
+                        await socket_w3.eth.subscribe("logs", {"topics": [self.topics]})
                     connected_once = True
-                    await self._look_on_heads(socket_w3)
+                    await self._look_on_notifications(socket_w3)
             except SOCKET_ERRORS as exc:
                 if not connected_once:
                     raise
@@ -764,24 +776,24 @@ class BlockWatcher:
                 await asyncio.sleep(self._retry_wait)
                 self._retry_wait = min(self._retry_wait * 2, self.max_backoff)
 
-    async def _look_on_heads(self, socket_w3: AsyncWeb3) -> None:
+    async def _look_on_notifications(self, socket_w3: AsyncWeb3) -> None:
         loop = asyncio.get_running_loop()
-        heads = socket_w3.socket.process_subscriptions().__aiter__()
+        notifications = socket_w3.socket.process_subscriptions().__aiter__()
         await loop.run_in_executor(None, self._look)  # what happened before the subscription began
-        next_head = asyncio.ensure_future(heads.__anext__())
+        next_one = asyncio.ensure_future(notifications.__anext__())
         try:
             while not self._stop.is_set():
-                await asyncio.wait({next_head}, timeout=self.STOP_CHECK_SECONDS)
-                new_block = next_head.done()
-                while next_head.done():  # heads that came while looking: one look covers them all
-                    next_head.result()
-                    next_head = asyncio.ensure_future(heads.__anext__())
+                await asyncio.wait({next_one}, timeout=self.STOP_CHECK_SECONDS)
+                notified = next_one.done()
+                while next_one.done():  # notifications that came while looking: one look covers them all
+                    next_one.result()
+                    next_one = asyncio.ensure_future(notifications.__anext__())
                     await asyncio.sleep(0)
-                if new_block or time.monotonic() >= self._next_look:
+                if notified or time.monotonic() >= self._next_look:
                     # The look makes blocking calls (and may train): off the loop, so the socket stays served.
                     await loop.run_in_executor(None, self._look)
         finally:
-            next_head.cancel()
+            next_one.cancel()
 
 
 class EnrolmentLog:

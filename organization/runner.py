@@ -25,8 +25,12 @@ class RoundRunner:
     def __init__(self, service: OrganizationService, poll_seconds: float = POLL_SECONDS) -> None:
         self.service = service
         self.state = "starting"
+        self._current = 0  # the round last seen current
+        # Woken by what moves a round on: an update, or a client enrolling before the first round.
+        # Its own transactions call for no look; the recheck catches deadlines and actions by hand.
         self._watcher = chain.BlockWatcher("round-runner", service.w3, self.step, self._waiting, poll_seconds,
-                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS)
+                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
+                                           chain.event_topics("UpdateSubmitted", "ClientAdded"))
         self.finished = self._watcher.done
 
     def start(self) -> "RoundRunner":
@@ -51,6 +55,16 @@ class RoundRunner:
         merged = [p for p in points if p["round"] > 0 and not p.get("missed_quorum")]
         return len(merged), (points[-1]["accuracy"] if points else None)
 
+    def _current_round(self, registry: chain.Registry) -> tuple[int, chain.RoundInfo | None]:
+        """The current round and its record. The number is asked anew only once the round known
+        is finalized (a restarted round keeps its number): one call per look instead of two."""
+        if self._current:
+            info = registry.round(self._current)
+            if not info.finalized:
+                return self._current, info
+        self._current = registry.current_round()
+        return self._current, registry.round(self._current) if self._current else None
+
     def step(self) -> bool:
         """One look at the chain and what it calls for; True once the run is over."""
         service = self.service
@@ -64,7 +78,7 @@ class RoundRunner:
             self.state = f"finished: {done} rounds merged, test accuracy {accuracy:.4f}"
             log.info(self.state)
             return True
-        current = registry.current_round()
+        current, info = self._current_round(registry)
         if current == 0:
             enrolled = service.enrolled_clients(1)
             if enrolled is not None and len(enrolled) < service.config.rules.quorum:
@@ -74,7 +88,6 @@ class RoundRunner:
             self.state = "opening the first round"
             service.start_first_round()
             return False
-        info = registry.round(current)
         if info.closed and not info.finalized and info.submissions >= info.quorum:  # left half done by a crash
             service.aggregate(current)
             return False
