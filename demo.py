@@ -405,6 +405,8 @@ class RoundFollower:
         self.timeout = 600 + 3 * options.round_seconds
         self.reported: set[tuple] = set()
         self.enrolled_from: dict[int, int] = {}  # client k: the first round it may take part in
+        self.submitted: Counter = Counter()  # round: updates its logs show so far
+        self.logs_from: int | None = None  # the first block whose logs are not counted yet
 
     def refusals(self, round_ids: Sequence[int]) -> list[dict[str, Any]]:
         """The updates for `round_ids` the contract refused, as the clients' activity logs tell."""
@@ -426,6 +428,17 @@ class RoundFollower:
                 if first_round:
                     self.enrolled_from[k] = first_round
         return sum(first_round <= round_id for first_round in self.enrolled_from.values())
+
+    def submissions(self, round_id: int) -> int:
+        """Updates submitted to `round_id` so far, counted from the chain's logs since the last look (a
+        query of the logs costs the node a tenth of a call to a view)."""
+        if self.logs_from is None:
+            self.logs_from = self.system.registry.deployment_block
+        latest = self.system.w3.eth.block_number
+        for event in self.system.registry.events("UpdateSubmitted", self.logs_from, latest):
+            self.submitted[event["args"]["round"]] += 1
+        self.logs_from = latest + 1
+        return self.submitted[round_id]
 
     def submission_gas(self) -> dict[int, int]:
         """Gas of the accepted submissions per round, from their receipts: read once the rounds are
@@ -450,7 +463,7 @@ class RoundFollower:
                     raise DemoError(f"the organization exited; see {system.org.log_path}:\n{system.org.log_tail()}")
                 if time.monotonic() - started > self.timeout:
                     raise DemoError(f"round {round_id} did not end within {self.timeout} s; see {system.logs}")
-                bar.n = system.registry.round(round_id).submissions
+                bar.n = self.submissions(round_id)
                 bar.refresh()
                 time.sleep(self.LOOK_SECONDS)
         busy, self.busy = self.busy, machine_busy_seconds()

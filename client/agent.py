@@ -53,7 +53,7 @@ class ClientAgent:
         self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
         append_json_line(self.activity_path, self.last_event)
 
-    def _look(self) -> bool:
+    def _look(self, logs: list | None) -> bool:  # a round opened, or a recheck: the chain is read either way
         self.check_round()
         return False  # a device takes part for as long as it runs
 
@@ -88,16 +88,17 @@ class ClientAgent:
             self._record(round_id, "missed", reason="closed to submissions before this client could take part")
             self.state = f"round {round_id} closed before this client could take part"
         else:
-            self._take_part(round_id)
+            self._take_part(opened)
 
-    def _take_part(self, round_id: int) -> None:
+    def _take_part(self, opened: chain.ClientRound) -> None:
+        round_id = opened.round_id
         if self.jobs.busy:  # a person's action is running: the agent waits for it
             self.state = f"waiting for '{self.jobs.current.name}' to finish"
             return
         self._record(round_id, "noticed")
         self.state = f"taking part in round {round_id}"
         try:
-            job = self.jobs.start("participate", lambda job: self.service.participate(job), wait=True)
+            job = self.jobs.start("participate", lambda job: self.service.participate(job, opened), wait=True)
         except ActionError as exc:
             if exc.status >= 500:  # a node's outage or a base that cannot be used now: tried again
                 self._record(round_id, "failed", reason=str(exc))

@@ -229,11 +229,13 @@ class ClientService:
             log.info("client %d: published %s (%d bytes) to round %d", self.config.client_id, cid, len(data), round_id)
             return {**self.last_tx, "seconds": timer.as_dict()}
 
-    def participate(self, job: Job | None = None) -> dict[str, Any]:
-        """Pull, train and publish; a failure at any step publishes nothing."""
+    def participate(self, job: Job | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
+        """Pull, train and publish; a failure at any step publishes nothing. `opened`: the round as
+        the caller just read it, open and not yet submitted to (the contract still refuses a second
+        submission)."""
         timer = PhaseTimer()
         with timer.phase("chain"):  # read once for all three steps
-            opened = self._unsubmitted_round()
+            opened = opened or self._unsubmitted_round()
         for step, action in (("pull", lambda: self.pull(timer, opened)), ("train", lambda: self.train(job, timer)),
                              ("publish", lambda: self.publish(timer, opened))):
             if job is not None:

@@ -250,11 +250,22 @@ def load_artifact(path: Path | None = None) -> tuple[list[dict], str]:
         return _artifacts[path]
 
 
+@functools.cache
+def _event_topics() -> dict[str, bytes]:
+    abi, _ = load_artifact()
+    return {entry["name"]: event_abi_to_log_topic(entry) for entry in abi if entry["type"] == "event"}
+
+
 def event_topics(*names: str) -> list[str]:
     """The log topics (0x-hex) that name RoundRegistry's events `names`, from its artifact's ABI."""
-    abi, _ = load_artifact()
-    events = {entry["name"]: entry for entry in abi if entry["type"] == "event"}
-    return ["0x" + event_abi_to_log_topic(events[name]).hex() for name in names]
+    return ["0x" + _event_topics()[name].hex() for name in names]
+
+
+def event_name(raw_log) -> str | None:
+    """Which of RoundRegistry's events a raw log (as a subscription pushes it) records; None for
+    another contract's."""
+    topics = raw_log.get("topics") or [b""]
+    return next((name for name, topic in _event_topics().items() if bytes(topics[0]) == topic), None)
 
 
 # ---- connecting -------------------------------------------------------------------------------
@@ -635,6 +646,11 @@ class Registry:
         logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
         return [Submission(log["args"]["client"], log["args"]["cid"], log["args"]["numSamples"]) for log in logs]
 
+    def pushed_submission(self, raw_log) -> tuple[int, Submission]:
+        """The round and the submission an UpdateSubmitted log pushed by a subscription records."""
+        args = self.contract.events.UpdateSubmitted().process_log(raw_log)["args"]
+        return args["round"], Submission(args["client"], args["cid"], args["numSamples"])
+
     def has_submitted(self, n: int, address: str) -> bool:
         return self._call("hasSubmitted", n, to_checksum_address(address))
 
@@ -679,9 +695,11 @@ class Registry:
 
 
 class BlockWatcher:
-    """A daemon thread that calls `on_block()` on every new block of `w3` (with `topics`, only on
+    """A daemon thread that calls `on_block(logs)` on every new block of `w3` (with `topics`, only on
     the blocks that log one of those events), and at least every `recheck_seconds` (deadlines pass
-    without blocks), until it returns True or `stop()`.
+    without blocks), until it returns True or `stop()`. `logs` are the raw logs pushed since the
+    last look when a `logs` subscription woke it, and None when the watcher cannot say what
+    happened (a poll, a recheck, the look as a subscription begins): look at the chain then.
 
     A node reached over HTTP is followed by a subscription on its WebSocket (Ganache and anvil serve
     both on one port), `newHeads` or `logs`: a block is seen the moment it is mined, and an idle
@@ -701,6 +719,7 @@ class BlockWatcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._retry_wait = poll_seconds
         self._next_look = 0.0  # monotonic time of the next look due without a new block
+        self._wanted_look = float("inf")  # a look on_block asked for (look_within)
 
     def start(self) -> "BlockWatcher":
         self._thread.start()
@@ -717,15 +736,20 @@ class BlockWatcher:
             return None
         return "ws" + endpoint[len("http"):]
 
-    def _look(self) -> None:
+    def look_within(self, seconds: float) -> None:
+        """Look again no later than `seconds` from now, block or not (a deadline comes due)."""
+        self._wanted_look = min(self._wanted_look, time.monotonic() + max(seconds, 0.0))
+
+    def _look(self, logs: list | None = None) -> None:
         """One call of on_block, its outcome setting when the next look is due without a block."""
         try:
-            if self.on_block():
+            self._wanted_look = float("inf")  # on_block asks anew for what it still waits for
+            if self.on_block(logs):
                 self.done.set()
                 self._stop.set()
                 return
             self._retry_wait = self.poll_seconds
-            self._next_look = time.monotonic() + self.recheck_seconds
+            self._next_look = min(time.monotonic() + self.recheck_seconds, self._wanted_look)
         except Exception as exc:  # an outage, or a step that cannot be taken yet: tried again later
             self.on_error(exc, self._retry_wait)
             self._next_look = time.monotonic() + self._retry_wait
@@ -784,14 +808,15 @@ class BlockWatcher:
         try:
             while not self._stop.is_set():
                 await asyncio.wait({next_one}, timeout=self.STOP_CHECK_SECONDS)
-                notified = next_one.done()
+                notified = []
                 while next_one.done():  # notifications that came while looking: one look covers them all
-                    next_one.result()
+                    notified.append(next_one.result()["result"])
                     next_one = asyncio.ensure_future(notifications.__anext__())
                     await asyncio.sleep(0)
                 if notified or time.monotonic() >= self._next_look:
+                    logs = notified if notified and self.topics is not None else None
                     # The look makes blocking calls (and may train): off the loop, so the socket stays served.
-                    await loop.run_in_executor(None, self._look)
+                    await loop.run_in_executor(None, self._look, logs)
         finally:
             next_one.cancel()
 

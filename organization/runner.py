@@ -16,7 +16,9 @@ from organization.service import OrganizationService
 
 log = logging.getLogger("organization.runner")
 POLL_SECONDS = 0.1  # between looks at the block number where no blocks are pushed (the embedded chain)
-RECHECK_SECONDS = 1.0  # the round is read again this often even without a new block (deadlines pass)
+# The round is read again this often without an update: for actions taken by hand meanwhile, and in
+# case a notification was lost. A deadline is looked at when it comes, whatever this is.
+RECHECK_SECONDS = 5.0
 DEADLINE_MARGIN_SECONDS = 1.0  # block timestamps are whole seconds: act once the next block is surely past it
 MAX_BACKOFF_SECONDS = 5.0
 
@@ -26,6 +28,8 @@ class RoundRunner:
         self.service = service
         self.state = "starting"
         self._current = 0  # the round last seen current
+        self._updates_awaited: int | None = None  # updates the open round lacked at the last look
+        self._deadline = 0  # the open round's, as read at the last look
         # Woken by what moves a round on: an update, or a client enrolling before the first round.
         # Its own transactions call for no look; the recheck catches deadlines and actions by hand.
         self._watcher = chain.BlockWatcher("round-runner", service.w3, self.step, self._waiting, poll_seconds,
@@ -57,16 +61,37 @@ class RoundRunner:
 
     def _current_round(self, registry: chain.Registry) -> tuple[int, chain.RoundInfo | None]:
         """The current round and its record. The number is asked anew only once the round known
-        is finalized (a restarted round keeps its number): one call per look instead of two."""
+        is finalized (or has not started): one call per look instead of two."""
         if self._current:
             info = registry.round(self._current)
-            if not info.finalized:
+            if info.start_block and not info.finalized:
                 return self._current, info
         self._current = registry.current_round()
         return self._current, registry.round(self._current) if self._current else None
 
-    def step(self) -> bool:
-        """One look at the chain and what it calls for; True once the run is over."""
+    def _prefetch(self, logs: list) -> None:
+        """Have the updates these logs announce fetched while the round goes on (the merge needs them)."""
+        registry = self.service.registry
+        for raw_log in logs:
+            ours = str(raw_log.get("address")).lower() == registry.address.lower()
+            if ours and chain.event_name(raw_log) == "UpdateSubmitted":
+                _, submission = registry.pushed_submission(raw_log)
+                self.service.prefetch_update(submission.cid)
+
+    def step(self, logs: list | None = None) -> bool:
+        """One look at the chain and what it calls for; True once the run is over. `logs`: what woke
+        it, when known. Submissions that still leave the round short of its invited clients call for
+        no look: the round is read once the last one comes (or the recheck is due)."""
+        if logs and self.service.registry is not None:
+            self._prefetch(logs)
+        if self._updates_awaited is not None and logs:
+            names = [chain.event_name(log) for log in logs]
+            if names.count("UpdateSubmitted") == len(names) < self._updates_awaited:
+                self._updates_awaited -= len(names)
+                self._look_at_deadline()
+                self.state = f"round {self._current}: waiting for {self._updates_awaited} more invited clients' updates"
+                return False
+        self._updates_awaited = None
         service = self.service
         if service.registry is None:
             self.state = "deploying the round registry"
@@ -90,6 +115,7 @@ class RoundRunner:
             return False
         if info.closed and not info.finalized and info.submissions >= info.quorum:  # left half done by a crash
             service.aggregate(current)
+            self._current = current + 1  # finalizing opened the next round
             return False
         expected = service.expected_submissions(info)
         everyone_in = expected is not None and info.submissions >= max(expected, 1)
@@ -97,11 +123,22 @@ class RoundRunner:
         if info.submissions >= info.quorum and (everyone_in or past_deadline):
             self.state = f"merging round {current} ({info.submissions} of {expected or '?'} updates)"
             service.aggregate(current)
+            self._current = current + 1  # finalizing opened the next round
         elif past_deadline:
             self.state = (f"restarting round {current}: {info.submissions} of its quorum of {info.quorum} "
                           "by its deadline")
             service.restart(current)
+            self._current = current + 1  # so did restarting
         else:
             self.state = (f"round {current}: {info.submissions} of {expected if expected is not None else '?'} "
                           f"invited clients have submitted (quorum {info.quorum})")
+            if expected is not None:
+                self._updates_awaited = expected - info.submissions
+            self._deadline = info.deadline
+            self._look_at_deadline()
         return False
+
+    def _look_at_deadline(self) -> None:
+        """Have the watcher look once the open round's deadline is surely past."""
+        if self._deadline:
+            self._watcher.look_within(self._deadline + DEADLINE_MARGIN_SECONDS + 0.1 - self.service.clock())

@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,9 @@ log = logging.getLogger("organization")
 # absent CIDs cost one timeout together, and the round's fetches end within two (FETCH_DEADLINES).
 FETCH_WORKERS = 64
 FETCH_DEADLINES = 2
+# Updates fetched ahead of their round's merge, as their submissions are pushed (organization.runner):
+# at most this many are held, a round's worth (the merge holds them all in memory anyway).
+PREFETCH_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class OrganizationService:
         self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
         self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
         self._expected: dict[int, int | None] = {}  # the open round's invited clients, counted once
+        self._prefetched: dict[str, Future] = {}  # CID -> its verified bytes, fetched ahead of the merge
+        self._prefetch_lock = threading.Lock()
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
 
@@ -358,6 +364,33 @@ class OrganizationService:
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
                 "federated_base": weighted_mean(merge.evaluations())}
 
+    def prefetch_update(self, cid: str) -> None:
+        """Start fetching a submitted update now, so that its round's merge finds its bytes at hand
+        (checked against the CID like any fetch). A failure here costs nothing: the merge fetches
+        that update again."""
+        with self._prefetch_lock:
+            if cid in self._prefetched or len(self._prefetched) >= PREFETCH_LIMIT:
+                return
+            self._prefetched[cid] = self._prefetch_pool.submit(
+                self.store.get, cid, timeout=self.config.fetch_timeout or self.settings.timeout,
+                max_bytes=self.config.max_update_bytes)
+
+    def _take_prefetched(self, cid: str, timeout: float) -> bytes | None:
+        with self._prefetch_lock:
+            future = self._prefetched.pop(cid, None)
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=timeout)
+        except Exception:  # fetched again, and judged, by the merge
+            return None
+
+    def _drop_prefetched(self) -> None:
+        with self._prefetch_lock:
+            dropped, self._prefetched = self._prefetched, {}
+        for future in dropped.values():
+            future.cancel()
+
     def _fetch_updates(self, submissions: list[chain.Submission]) -> list[Received]:
         """Every submission's bytes, fetched concurrently under one deadline for the round; what
         could not be fetched carries the reason instead. An IPFS outage is raised: the round waits."""
@@ -369,6 +402,9 @@ class OrganizationService:
             if remaining <= 0:
                 return Received(sub.client, sub.num_samples, fetch_error=(
                     f"not fetched within the round's {FETCH_DEADLINES * timeout:g} s for fetching updates"))
+            data = self._take_prefetched(sub.cid, min(timeout, remaining))
+            if data is not None:
+                return Received(sub.client, sub.num_samples, data)
             try:
                 data = retrying(self.settings, f"fetching the update {sub.cid}", lambda: self.store.get(
                     sub.cid, timeout=min(timeout, remaining), max_bytes=self.config.max_update_bytes))
@@ -382,9 +418,12 @@ class OrganizationService:
                                                                          f"({type(exc).__name__}: {exc})")
             return Received(sub.client, sub.num_samples, data)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(submissions))),
-                                thread_name_prefix="fetch") as pool:
-            return list(pool.map(fetch, submissions))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(submissions))),
+                                    thread_name_prefix="fetch") as pool:
+                return list(pool.map(fetch, submissions))
+        finally:
+            self._drop_prefetched()  # what no submission of this round named
 
     def _base_weights(self, cid: str, timer: PhaseTimer) -> dict:
         """The weights of the base model `cid`: kept from publishing it, or (after a restart) fetched."""

@@ -141,7 +141,7 @@ def test_block_watcher_is_pushed_each_new_block_and_polls_nothing(w3, monkeypatc
 
     monkeypatch.setattr(requests.Session, "post", counted_post)
     looks = queue.Queue()
-    watcher = chain.BlockWatcher("test-watcher", w3, lambda: looks.put(time.monotonic()) and False,
+    watcher = chain.BlockWatcher("test-watcher", w3, lambda logs: looks.put(time.monotonic()) and False,
                                  on_error=lambda exc, wait: None, poll_seconds=0.05, recheck_seconds=60).start()
     try:
         looks.get(timeout=10)  # the look made as the subscription begins
@@ -158,16 +158,18 @@ def test_block_watcher_with_topics_looks_only_at_blocks_that_log_them(w3):
     """A watcher given event topics is woken by a block that logs one of them, and by no other."""
     registry = chain.deploy_registry(w3, ORG_KEY)
     looks = queue.Queue()
-    watcher = chain.BlockWatcher("test-topics", w3, lambda: looks.put(w3.eth.block_number) and False,
+    watcher = chain.BlockWatcher("test-topics", w3, lambda logs: looks.put(logs) and False,
                                  on_error=lambda exc, wait: None, poll_seconds=0.05, recheck_seconds=60,
                                  topics=chain.event_topics("RoundStarted")).start()
     try:
-        looks.get(timeout=10)  # the look made as the subscription begins
+        assert looks.get(timeout=10) is None  # the look made as the subscription begins: it knows of no log
         registry.add_client(ORG_KEY, CLIENTS[0])  # a block that logs ClientAdded only
         time.sleep(0.5)
         assert looks.empty()
         started = registry.start_round(ORG_KEY, cid_for("base"))
-        assert looks.get(timeout=5) >= started.block_number
+        [notified] = looks.get(timeout=5)  # the log that woke it
+        assert notified["blockNumber"] == started.block_number
+        assert notified["topics"][0] == bytes.fromhex(chain.event_topics("RoundStarted")[0][2:])
     finally:
         watcher.stop()
 
@@ -176,7 +178,7 @@ def test_block_watcher_polls_where_no_websocket_answers():
     """A node whose WebSocket cannot be reached is polled for its block number instead."""
     w3 = Web3(Web3.HTTPProvider("http://127.0.0.1:9"))  # nothing listens: the socket fails, so does every poll
     errors = queue.Queue()
-    watcher = chain.BlockWatcher("test-poller", w3, lambda: False, on_error=lambda exc, wait: errors.put(exc),
+    watcher = chain.BlockWatcher("test-poller", w3, lambda logs: False, on_error=lambda exc, wait: errors.put(exc),
                                  poll_seconds=0.05, recheck_seconds=60).start()
     try:
         assert isinstance(errors.get(timeout=10), chain.NODE_ERRORS)

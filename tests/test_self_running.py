@@ -102,3 +102,57 @@ def test_rounds_run_by_themselves_through_a_missed_quorum_a_late_client_and_rest
     assert [p["round"] for p in history] == [0, 1, 2, 3]
     assert [p["missed_quorum"] for p in history[1:]] == [True, False, False]
     assert history[2]["federated"]["devices"] == 2  # round 2's model, evaluated in round 3 by both merged clients
+
+
+def test_the_runner_reads_the_round_once_its_last_awaited_update_is_notified(network, monkeypatch):
+    """Pushed submissions that leave the round short of its invited clients need no chain read;
+    the one that completes it does, and is merged at once."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    runner.step()
+    for agent in agents:
+        org.add_client(agent.service.address)
+    runner.step()  # round 1 opens, inviting all three
+    reads = []
+    monkeypatch.setattr(chain.Registry, "_call", lambda self, *args, _call=chain.Registry._call:
+                        reads.append(args[0]) or _call(self, *args))
+    update_log = {"topics": [bytes.fromhex(chain.event_topics("UpdateSubmitted")[0][2:])]}
+    enrolment_log = {"topics": [bytes.fromhex(chain.event_topics("ClientAdded")[0][2:])]}
+
+    agents[0].check_round()
+    runner.step()  # the look that learns 2 of the 3 invited updates are still to come
+    reads.clear()
+    agents[1].check_round()
+    reads.clear()
+    assert not runner.step([update_log]) and reads == [] and "1 more" in runner.state
+    assert not runner.step([enrolment_log]) and reads, "another event: the round is read"
+    agents[2].check_round()
+    assert not runner.step([update_log])
+    assert org.registry.round(1).finalized and org.registry.round(1).submissions == 3
+
+
+def test_pushed_updates_are_fetched_once_ahead_of_the_merge(network, monkeypatch):
+    """The updates a subscription pushes are fetched while the round goes on; the merge uses those
+    bytes instead of fetching again, and a CID that no submission names is dropped."""
+    org, runner, agents, w3 = network["org"], network["runner"], network["agents"], network["system"].w3
+    runner.step()
+    for agent in agents[:2]:
+        org.add_client(agent.service.address)
+    runner.step()
+    fetched = []
+    get = org.store.get
+    monkeypatch.setattr(org.store, "get", lambda cid, **kwargs: fetched.append(cid) or get(cid, **kwargs))
+    agents[0].check_round()
+    [pushed] = w3.eth.get_logs({"address": org.registry.address, "fromBlock": org.registry.round(1).start_block,
+                                "topics": [chain.event_topics("UpdateSubmitted")[0]]})
+    round_id, submission = org.registry.pushed_submission(pushed)
+    cid = submission.cid
+    assert round_id == 1 and cid not in fetched
+    runner.step([pushed])
+    org._prefetched[cid].result(timeout=10)
+    assert fetched.count(cid) == 1
+    org.prefetch_update("bafkreiaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")  # named by no submission
+    agents[1].check_round()
+    runner.step()  # both invited clients are in: merged
+    info = org.registry.round(1)
+    assert info.finalized and all(sub["verdict"]["accepted"] for sub in org.round_view(1)["submissions"])
+    assert fetched.count(cid) == 1 and org._prefetched == {}
