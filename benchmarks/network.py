@@ -1,7 +1,7 @@
 """The self-running network against the HTTP-driven way, on the full stack (Ganache, the IPFS
 daemon, the organization and the clients as separate processes), mnist, 5 clients.
 
-Three runs, each on a new Ganache and IPFS daemon on free ports:
+Each run on a new Ganache and IPFS daemon on free ports:
 - self_running: the organization runs the rounds (--rounds) and the clients take part by
   themselves; the benchmark only reads the chain and the processes' records. Per round: seconds
   from its opening to the next round's opening, and test accuracy. Discovery latency: per round,
@@ -9,6 +9,8 @@ Three runs, each on a new Ganache and IPFS daemon on free ports:
   activity log), median over rounds.
 - http_driven: the clients and the organization wait to be told, and every round is driven
   through their HTTP APIs (run.py demo --drive): the way rounds ran before.
+  The two take turns, REPEATS runs of each (self-running first), so that a shared machine's
+  slower and faster minutes fall on both; seconds_per_round lists every run's rounds in order.
 - restart_run: self-running, and as every round opens client 0 is killed (SIGKILL, mid-pull or
   mid-training) and started again. Every round must close by its deadline, with no client
   submitting twice to a round, and no HTTP request from here to any app.
@@ -39,6 +41,7 @@ from processor.training import TrainingSettings
 
 CLIENTS = 5
 ROUNDS = 10
+REPEATS = 2  # runs of each way, taking turns
 RESTART_ROUNDS = 6
 ROUND_SECONDS = 60  # each round's deadline; the restart run's is RESTART_ROUND_SECONDS
 RESTART_ROUND_SECONDS = 30
@@ -71,13 +74,14 @@ def discovery_latencies(system: demo.FullStack, rounds: int) -> list[float]:
     return [noticed[r] - opened[r] for r in range(1, rounds + 1) if r in noticed and r in opened]
 
 
-def self_running(folder: Path) -> tuple[dict, float]:
+def self_running(folder: Path) -> tuple[dict, list[float]]:
     with ExitStack() as stack:
         rows, _, _, system = demo.run_self_running(options(ROUNDS, ROUND_SECONDS), settings_for(folder), stack)
         latencies = discovery_latencies(system, ROUNDS)
-    log(f"self-running: {[row['seconds'] for row in rows]} s per round; discovery latencies {latencies}")
+    log(f"self-running: {[row['seconds'] for row in rows]} s per round; discovery latencies "
+        f"{[round(latency, 3) for latency in latencies]} s")
     return ({"seconds_per_round": [row["seconds"] for row in rows],
-             "accuracy_per_round": [row["accuracy"] for row in rows]}, statistics.median(latencies))
+             "accuracy_per_round": [row["accuracy"] for row in rows]}, latencies)
 
 
 def http_driven(folder: Path) -> dict:
@@ -136,13 +140,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     args = parser.parse_args(argv)
+    running, driven, latencies = [], [], []
     with tempfile.TemporaryDirectory(prefix="network-benchmark-") as folder:
         runs = Path(folder)
-        running, latency = self_running(runs / "self-running")
-        driven = http_driven(runs / "http-driven")
+        for repeat in range(REPEATS):
+            result, run_latencies = self_running(runs / f"self-running-{repeat}")
+            running.append(result)
+            latencies += run_latencies
+            driven.append(http_driven(runs / f"http-driven-{repeat}"))
         restarts = restart_run(runs / "restart")
-    result = {"self_running": running, "http_driven": driven, "discovery_latency_s": round(latency, 3),
-              "restart_run": restarts}
+    result = {"self_running": {"seconds_per_round": [s for run in running for s in run["seconds_per_round"]],
+                               "accuracy_per_round": running[0]["accuracy_per_round"]},
+              "http_driven": {"seconds_per_round": [s for run in driven for s in run["seconds_per_round"]],
+                              "accuracy_per_round": driven[0]["accuracy_per_round"]},
+              "discovery_latency_s": round(statistics.median(latencies), 3), "restart_run": restarts,
+              "runs_of_each": REPEATS}
+    running, driven = result["self_running"], result["http_driven"]
     result["median_seconds_per_round"] = {"self_running": statistics.median(running["seconds_per_round"]),
                                           "http_driven": statistics.median(driven["seconds_per_round"])}
     return report(result, args.json)

@@ -35,6 +35,7 @@ class ClientAgent:
         self.state = "starting"
         self.last_event: dict[str, Any] | None = None
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
+        self._enrolled_from = 0  # the first round this client may take part in, once the chain says it
         # Woken by a round's opening only: the other clients' submissions do not concern it.
         self._watcher = chain.BlockWatcher("client-agent", service.w3, self._look, self._waiting, poll_seconds,
                                            RECHECK_SECONDS, MAX_BACKOFF_SECONDS, chain.event_topics("RoundStarted"))
@@ -53,22 +54,45 @@ class ClientAgent:
         self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
         append_json_line(self.activity_path, self.last_event)
 
-    def _look(self, logs: list | None) -> bool:  # a round opened, or a recheck: the chain is read either way
-        self.check_round()
+    def _look(self, logs: list | None) -> bool:
+        self.check_round(self._announced(logs))
         return False  # a device takes part for as long as it runs
+
+    def _announced(self, logs: list | None) -> chain.StartedRound | None:
+        """The latest round the pushed logs opened; None when none did (a recheck reads the chain)."""
+        if not logs:
+            return None
+        try:
+            registry = self.service.registry
+        except ActionError:
+            return None
+        started = [registry.pushed_round(log) for log in logs if registry.emitted(log, "RoundStarted")]
+        return max(started, key=lambda round_started: round_started.round_id, default=None)
+
+    def _enrolled_for(self, round_id: int) -> bool:
+        registry = self.service.registry
+        if registry.open_enrolment:
+            return True
+        if not self._enrolled_from:  # asked until enrolled; a removal later shows as the contract's refusal
+            self._enrolled_from = registry.enrolled_from(self.service.address)
+        return 0 < self._enrolled_from <= round_id
 
     def _waiting(self, exc: Exception, wait: float) -> None:  # an outage: said, then tried again later
         self.state = f"waiting for the chain or IPFS: {describe_error(exc)}"
         log.warning("agent: %s; trying again in %.1f s", self.state, wait)
 
-    def check_round(self) -> None:
-        """Read the current round from the chain and take part in it if this client can."""
+    def check_round(self, announced: chain.StartedRound | None = None) -> None:
+        """Take part in the current round if this client can: the round as its RoundStarted event
+        `announced` it (no call to the chain: the event says all it needs), or else as read from
+        the chain."""
         try:
             registry = self.service.registry
         except ActionError as exc:  # no contract yet
             self.state = str(exc)
             return
-        opened = registry.current_round_for(self.service.address)
+        address = self.service.address
+        opened = (announced.as_seen_by(address, self._enrolled_for(announced.round_id)) if announced is not None
+                  else registry.current_round_for(address))
         round_id = opened.round_id
         if round_id == 0:
             self.state = "waiting for the first round"

@@ -157,8 +157,11 @@ contract RoundRegistry {
     error ZeroMaxSamples();
 
     /// @notice Round `round` started from the model at `baseCid`; it takes updates until `deadline`
-    ///         (unix seconds, 0 = none) and is merged from at least `quorum` of them.
-    event RoundStarted(uint256 indexed round, string baseCid, uint256 deadline, uint256 quorum);
+    ///         (unix seconds, 0 = none) and is merged from at least `quorum` of them. It invites
+    ///         `invitedShare` basis points of the enrolled clients, drawn by `seed` (zero when it
+    ///         invites them all): a client learns from the event alone whether it is invited.
+    event RoundStarted(uint256 indexed round, string baseCid, uint256 deadline, uint256 quorum,
+        uint256 invitedShare, bytes32 seed);
     /// @notice Rounds opened from now on last `duration` seconds, need `quorum` updates and invite
     ///         `invitedShare` basis points of the enrolled clients.
     event RoundRulesSet(uint256 duration, uint256 quorum, uint256 invitedShare);
@@ -456,8 +459,12 @@ contract RoundRegistry {
         r.quorum = rules.quorum;
         r.invitedShare = rules.invitedShare;
         // The draw's seed: the previous block's hash, unknown until that block was mined.
-        if (rules.invitedShare < ALL_INVITED) _seeds[round] = blockhash(block.number - 1);
-        emit RoundStarted(round, baseCid, r.deadline, rules.quorum);
+        bytes32 seed;
+        if (rules.invitedShare < ALL_INVITED) {
+            seed = blockhash(block.number - 1);
+            _seeds[round] = seed;
+        }
+        emit RoundStarted(round, baseCid, r.deadline, rules.quorum, rules.invitedShare, seed);
     }
 
     function _isPastDeadline(Round storage r) private view returns (bool) {

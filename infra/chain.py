@@ -176,6 +176,23 @@ class ClientRound:
 
 
 @dataclass(frozen=True)
+class StartedRound:
+    """What a RoundStarted event says of the round it opened: enough for a client to take part."""
+    round_id: int
+    base_cid: str
+    deadline: int  # unix seconds; 0 = none
+    quorum: int
+    invited_share: int
+    seed: bytes
+
+    def as_seen_by(self, address: str, enrolled: bool) -> ClientRound:
+        """The round as `address` sees it the moment it opens: open, not yet submitted to, and
+        inviting it when it is enrolled for the round and drawn (the contract's rule)."""
+        return ClientRound(self.round_id, self.base_cid, True, False,
+                           enrolled and is_drawn(self.seed, address, self.invited_share), self.deadline)
+
+
+@dataclass(frozen=True)
 class Submission:
     client: str
     cid: str
@@ -645,6 +662,16 @@ class Registry:
             raise _unavailable(self.w3, exc) from exc
         logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
         return [Submission(log["args"]["client"], log["args"]["cid"], log["args"]["numSamples"]) for log in logs]
+
+    def emitted(self, raw_log, event: str) -> bool:
+        """Whether a raw log is this registry's `event`."""
+        return str(raw_log.get("address")).lower() == self.address.lower() and event_name(raw_log) == event
+
+    def pushed_round(self, raw_log) -> StartedRound:
+        """The round a RoundStarted log pushed by a subscription opened."""
+        args = self.contract.events.RoundStarted().process_log(raw_log)["args"]
+        return StartedRound(args["round"], args["baseCid"], args["deadline"], args["quorum"], args["invitedShare"],
+                            bytes(args["seed"]))
 
     def pushed_submission(self, raw_log) -> tuple[int, Submission]:
         """The round and the submission an UpdateSubmitted log pushed by a subscription records."""

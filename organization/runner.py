@@ -73,8 +73,7 @@ class RoundRunner:
         """Have the updates these logs announce fetched while the round goes on (the merge needs them)."""
         registry = self.service.registry
         for raw_log in logs:
-            ours = str(raw_log.get("address")).lower() == registry.address.lower()
-            if ours and chain.event_name(raw_log) == "UpdateSubmitted":
+            if registry.emitted(raw_log, "UpdateSubmitted"):
                 _, submission = registry.pushed_submission(raw_log)
                 self.service.prefetch_update(submission.cid)
 

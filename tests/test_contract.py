@@ -263,7 +263,8 @@ def test_a_round_keeps_its_deadline_and_quorum_and_a_missed_round_restarts_from_
     info = registry.round(1)
     assert (info.deadline, info.quorum) == (opened_at + 30, 2)
     assert registry.events("RoundStarted")[-1]["args"] == {"round": 1, "baseCid": BASE, "deadline": opened_at + 30,
-                                                          "quorum": 2}
+                                                          "quorum": 2, "invitedShare": chain.ALL_INVITED,
+                                                          "seed": bytes(32)}
 
     registry.submit_update(CLIENT_KEYS[0], 1, cid_for("u0"), 10)
     error = expect_revert("QuorumNotMet", lambda: registry.close_round(ORG_KEY, 1))

@@ -156,3 +156,23 @@ def test_pushed_updates_are_fetched_once_ahead_of_the_merge(network, monkeypatch
     info = org.registry.round(1)
     assert info.finalized and all(sub["verdict"]["accepted"] for sub in org.round_view(1)["submissions"])
     assert fetched.count(cid) == 1 and org._prefetched == {}
+
+
+def test_an_agent_takes_part_from_the_round_started_event_alone(network, monkeypatch):
+    """A pushed RoundStarted log tells an agent all it needs: it takes part without reading the
+    round from the chain, and a client the round does not invite stays out."""
+    org, runner, agents, w3 = network["org"], network["runner"], network["agents"], network["system"].w3
+    runner.step()
+    for agent in agents[:2]:
+        org.add_client(agent.service.address)
+    runner.step()
+    [pushed] = w3.eth.get_logs({"address": org.registry.address, "fromBlock": org.registry.round(1).start_block,
+                                "topics": [chain.event_topics("RoundStarted")[0]]})
+    reads = []
+    monkeypatch.setattr(chain.Registry, "_call", lambda self, *args, _call=chain.Registry._call:
+                        reads.append(args[0]) or _call(self, *args))
+    agents[0]._look([pushed])
+    assert events(agents[0]) == [(1, "noticed"), (1, "submitted")] and "currentRoundFor" not in reads
+    agents[2]._look([pushed])  # not enrolled in time for round 1
+    assert events(agents[2]) == [(1, "not_invited")]
+    assert org.registry.round(1).submissions == 1
