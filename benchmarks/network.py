@@ -5,8 +5,8 @@ Each run on a new Ganache and IPFS daemon on free ports:
 - self_running: the organization runs the rounds (--rounds) and the clients take part by
   themselves; the benchmark only reads the chain and the processes' records. Per round: seconds
   from its opening to the next round's opening, and test accuracy. Discovery latency: per round,
-  from its opening (the organization's clock) to the first client noticing it (that client's
-  activity log), median over rounds.
+  from the organization sending the transaction that opens it (its clock) to the first client
+  noticing it (that client's activity log), median over rounds.
 - http_driven: the clients and the organization wait to be told, and every round is driven
   through their HTTP APIs (run.py demo --drive): the way rounds ran before.
   The two take turns, REPEATS runs of each (self-running first), so that a shared machine's
@@ -62,10 +62,11 @@ def options(rounds: int, round_seconds: int, **changes) -> demo.DemoOptions:
 
 
 def discovery_latencies(system: demo.FullStack, rounds: int) -> list[float]:
-    """Per round, seconds from its opening to the first client that noticed it."""
+    """Per round, seconds from the organization sending the transaction that opened it (its mining
+    included) to the first client that noticed it."""
     history = system.history()
-    opened = {1: history["first_opened_at"]}
-    opened.update({int(r) + 1: entry["opened_next_at"] for r, entry in history["rounds"].items()})
+    opened = {1: history["first_opening_sent_at"]}
+    opened.update({int(r) + 1: entry["next_opening_sent_at"] for r, entry in history["rounds"].items()})
     noticed: dict[int, float] = {}
     for k in system.clients:
         for event in system.activity(k):

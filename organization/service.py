@@ -233,8 +233,9 @@ class OrganizationService:
             self._save_history(history)
             with timer.phase("chain"):
                 self._apply_rules(registry)
+                sent_at = time.time()  # the clients may hear of the round before its receipt is back here
                 tx = registry.start_round(self.key, cid)
-            history["first_opened_at"] = time.time()
+            history.update(first_opening_sent_at=sent_at, first_opened_at=time.time())
             self._save_history(history)
             log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
@@ -279,12 +280,14 @@ class OrganizationService:
                                   f"{info.quorum} updates and its deadline {deadline_text(info.deadline) or 'none'}",
                                   409)
             self._apply_rules(registry)
+            sent_at = time.time()
             tx = registry.restart_round(self.key, round_id)
             history = self.history()
             previous = history["rounds"].get(str(round_id - 1), {}).get("metrics") or history["initial"]
             history["rounds"][str(round_id)] = {"missed_quorum": True, "metrics": previous,
                                                 "submissions": info.submissions, "quorum": info.quorum,
-                                                "model_cid": info.base_cid, "opened_next_at": time.time()}
+                                                "model_cid": info.base_cid, "next_opening_sent_at": sent_at,
+                                                "opened_next_at": time.time()}
             self._save_history(history)
             log.warning("round %d missed its quorum (%d of %d updates by its deadline); round %d opens from the "
                         "same base", round_id, info.submissions, info.quorum, round_id + 1)
@@ -314,8 +317,10 @@ class OrganizationService:
             self._save_history(history)  # what the merge measured, before the round is final
             with timer.phase("chain"):
                 self._apply_rules(registry)
+                sent_at = time.time()
                 tx = registry.finalize_round(self.key, round_id, entry["model_cid"])
-            entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict(), opened_next_at=time.time())
+            entry.update(finalize_gas=tx.gas_used, seconds=timer.as_dict(), next_opening_sent_at=sent_at,
+                         opened_next_at=time.time())
             self._save_history(history)
             log.info("round %d finalized with model %s; round %d open", round_id, entry["model_cid"], round_id + 1)
             return {"round": round_id, "next_round": round_id + 1, **entry}
