@@ -12,20 +12,35 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# What the command line checks its choices against: none of these loads TensorFlow.
 from infra.settings import Settings  # noqa: E402
+from processor.aggregate import AGGREGATIONS  # noqa: E402
+from processor.partition import SCHEMES  # noqa: E402
+from processor.tasks import TASKS  # noqa: E402
 from processor.training import TrainingSettings  # noqa: E402
 
+# The flags that say where the services are, and the commands that use each.
+SERVICE_FLAGS = {
+    "chain_url": ("--chain-url", str, "JSON-RPC URL of the chain, or 'embedded' (env FL_CHAIN_URL)"),
+    "ipfs_api": ("--ipfs-api", str, "IPFS HTTP API URL, or 'embedded' (env FL_IPFS_API)"),
+    "state_dir": ("--state-dir", Path, "logs, chain data, IPFS repo (env FL_STATE_DIR)"),
+    "contract_record": ("--contract-record", Path, "deployment record (env FL_CONTRACT_RECORD)"),
+}
 
-def add_service_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chain-url", help="JSON-RPC URL of the chain, or 'embedded' (env FL_CHAIN_URL)")
-    parser.add_argument("--ipfs-api", help="IPFS HTTP API URL, or 'embedded' (env FL_IPFS_API)")
-    parser.add_argument("--state-dir", type=Path, help="logs, chain data, IPFS repo (env FL_STATE_DIR)")
-    parser.add_argument("--contract-record", type=Path, help="deployment record (env FL_CONTRACT_RECORD)")
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help (where it has one), and the examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is value for value in (None, False, argparse.SUPPRESS))  # 0 is shown
+        if action.option_strings and "%(default)" not in text and shown:
+            text += " (default: %(default)s)"
+        return text
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(chain_url=args.chain_url, ipfs_api=args.ipfs_api, state_dir=args.state_dir,
-                             contract_record=args.contract_record)
+    return Settings.from_env(**{name: getattr(args, name, None) for name in SERVICE_FLAGS})
 
 
 def app_settings(args: argparse.Namespace) -> Settings:
@@ -135,7 +150,10 @@ def cmd_chain(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     with chain.Ganache(settings.chain_url, db_dir=settings.state_dir / "chain",
                        log_path=settings.state_dir / "logs" / "ganache.log") as node:
-        wait_forever(f"Ganache {'already running' if node.reused else 'started'} at {settings.chain_url}")
+        if node.reused:  # someone else's: left alone, and not this command's to stop
+            print(f"a chain is already running at {settings.chain_url}; nothing started")
+            return
+        wait_forever(f"Ganache started at {settings.chain_url}")
 
 
 def cmd_ipfs(args: argparse.Namespace) -> None:
@@ -144,7 +162,10 @@ def cmd_ipfs(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     with ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
                                     log_path=settings.state_dir / "logs" / "ipfs.log") as daemon:
-        wait_forever(f"IPFS daemon {'already running' if daemon.reused else 'started'} at {settings.ipfs_api}")
+        if daemon.reused:
+            print(f"an IPFS node is already running at {settings.ipfs_api}; nothing started")
+            return
+        wait_forever(f"IPFS daemon started at {settings.ipfs_api}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -161,12 +182,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
-        add_service_flags(sub)
+    def command(name: str, handler, help: str, services: tuple[str, ...], example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter,
+                                  epilog=f"example:\n  {example}")
+        for service in services:
+            flag, kind, text = SERVICE_FLAGS[service]
+            sub.add_argument(flag, type=kind, help=text)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -181,28 +205,38 @@ def main(argv: list[str] | None = None) -> None:
 
     def rounds_flags(sub: argparse.ArgumentParser, round_seconds: int = 300) -> None:
         sub.add_argument("--round-seconds", type=int, default=round_seconds,
-                         help=f"seconds from a round's opening to its deadline, 0 for none (default {round_seconds})")
-        sub.add_argument("--quorum", type=int, default=1, help="the fewest updates a round is merged from (default 1)")
+                         help="seconds from a round's opening to its deadline, 0 for none")
+        sub.add_argument("--quorum", type=int, default=1, help="the fewest updates a round is merged from")
         sub.add_argument("--invite", type=float, default=100.0,
-                         help="percent of the enrolled clients each round invites, drawn from the chain (default 100)")
+                         help="percent of the enrolled clients each round invites, drawn from the chain")
+
+    def task_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--task", default="mnist", choices=list(TASKS),
+                         help="what is learned: handwritten digits (mnist, digits) or whether a user likes a film "
+                              "(interest)")
 
     def data_flags(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--task", default="mnist", help="mnist, digits or interest")
-        sub.add_argument("--partition", default="iid", help="iid, dirichlet, skewed or by-user")
-        sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+        task_flag(sub)
+        sub.add_argument("--partition", default="iid", choices=SCHEMES,
+                         help="how the bundled dataset is split among the clients (by-user: the interest task's "
+                              "users)")
+        sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
 
-    app = command("app", cmd_app, "the organization's app")
-    app.add_argument("--task", default="mnist")
-    app.add_argument("--host", default="127.0.0.1")
-    app.add_argument("--port", type=int, default=5000)
-    app.add_argument("--seed", type=int, default=0)
+    everything = tuple(SERVICE_FLAGS)
+    app = command("app", cmd_app, "the organization's app", everything,
+                  "python run.py app --rounds 10  # runs 10 rounds by itself; dashboard on http://127.0.0.1:5000")
+    task_flag(app)
+    app.add_argument("--host", default="127.0.0.1", help="address to serve the dashboard and API on")
+    app.add_argument("--port", type=int, default=5000, help="port to serve the dashboard and API on")
+    app.add_argument("--seed", type=int, default=0, help="seed of the initial model")
     TrainingSettings.add_flags(app)  # the round plan: how every client trains
     app.add_argument("--pretrain-epochs", type=int, default=0,
                      help="pretrain the first model on the organization's data")
-    app.add_argument("--aggregation", default="fedavg", help="fedavg, median or trimmed_mean")
+    app.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS, help="how the updates are merged")
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     bounds_flag(app)
-    app.add_argument("--open-enrolment", action="store_true")
+    app.add_argument("--open-enrolment", action="store_true",
+                     help="deploy a contract that lets any account submit, instead of enrolled clients only")
     max_samples_flag(app)
     rounds_flags(app)
     app.add_argument("--rounds", type=int, default=0,
@@ -210,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--target-accuracy", type=float, help="running by itself, stop once the merged model's test "
                                                            "accuracy reaches this (0-1)")
 
-    cli = command("client", cmd_client, "one device's app")
+    cli = command("client", cmd_client, "one device's app", everything,
+                  "python run.py client --id 0 --clients 3  # takes part in every round; page on "
+                  "http://127.0.0.1:5100")
     data_flags(cli)
     cli.add_argument("--id", type=int, required=True, help="client number K (its data partition)")
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
@@ -218,34 +254,41 @@ def main(argv: list[str] | None = None) -> None:
                                                "(README.md); default: partition K of the bundled dataset")
     cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1)")
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
-    cli.add_argument("--host", default="127.0.0.1")
-    cli.add_argument("--port", type=int, help="default 5100 + K")
-    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--host", default="127.0.0.1", help="address to serve the page and API on")
+    cli.add_argument("--port", type=int, help="port to serve the page and API on (default: 5100 + K)")
+    cli.add_argument("--seed", type=int, default=0, help="seed of the partition and of local training's batch order")
     cli.add_argument("--manual", action="store_true",
                      help="take part only when asked (the page's buttons or the API), not in every round by itself")
     cli.add_argument("--train-delay", type=float, default=0.0,
                      help="seconds added to every round's training: a slow device (the demo's straggler)")
 
-    deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address")
-    deploy.add_argument("--open-enrolment", action="store_true")
+    deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address",
+                     ("chain_url", "state_dir", "contract_record"), "python run.py deploy --open-enrolment")
+    deploy.add_argument("--open-enrolment", action="store_true",
+                        help="let any account submit, instead of enrolled clients only")
     max_samples_flag(deploy)
-    enrol = command("enrol", cmd_enrol, "enrol client accounts in the recorded round registry (organization's key)")
-    enrol.add_argument("addresses", nargs="+", metavar="ADDRESS")
-    commands.add_parser("compile", help="compile the contract into build/contracts/RoundRegistry.json (setup.sh "
-                                        "does it)").set_defaults(handler=cmd_compile)
-    command("chain", cmd_chain, "start Ganache")
-    command("ipfs", cmd_ipfs, "start the IPFS daemon")
+    enrol = command("enrol", cmd_enrol, "enrol client accounts in the recorded round registry (organization's key)",
+                    ("chain_url", "state_dir", "contract_record"),
+                    "python run.py enrol 0xFFcf8FDEE72ac11b5c542428B35EEF5769C409f0")
+    enrol.add_argument("addresses", nargs="+", metavar="ADDRESS", help="a client's Ethereum address")
+    command("compile", cmd_compile, "compile the contract into build/contracts/RoundRegistry.json (setup.sh does it)",
+            (), "python run.py compile")
+    command("chain", cmd_chain, "start Ganache and keep it running", ("chain_url", "state_dir"),
+            "python run.py chain --chain-url http://127.0.0.1:8545")
+    command("ipfs", cmd_ipfs, "start the IPFS daemon and keep it running", ("ipfs_api", "state_dir"),
+            "python run.py ipfs --ipfs-api http://127.0.0.1:5001")
 
-    demo = command("demo", cmd_demo, "the whole system, several rounds")
+    demo = command("demo", cmd_demo, "the whole system, several rounds", everything,
+                   "python run.py demo --task interest --partition by-user --clients 5 --rounds 10")
     data_flags(demo)
     TrainingSettings.add_flags(demo)
-    demo.add_argument("--clients", type=int, default=3)
+    demo.add_argument("--clients", type=int, default=3, help="number of client processes")
     bounds_flag(demo)
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--rounds", type=int, default=5, help="rounds to run")
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
     demo.add_argument("--drive", action="store_true", help="drive every round through the apps' HTTP APIs instead "
                                                            "of letting the network run by itself")
-    demo.add_argument("--round-seconds", type=int, default=20, help="each round's deadline (default 20)")
+    demo.add_argument("--round-seconds", type=int, default=20, help="each round's deadline")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
     demo.add_argument("--json", type=Path, help="write the per-round results here")
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")

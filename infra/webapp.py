@@ -102,7 +102,10 @@ def http_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
 
 def serve(app: Flask, host: str, port: int) -> None:
     """Serve `app` until interrupted, one thread per request."""
-    server = http_server(app, host, port)
+    try:
+        server = http_server(app, host, port)
+    except SystemExit:  # Werkzeug has said why on stderr (a port in use, an address of no interface here)
+        raise SystemExit(f"cannot serve on {host}:{port}: choose another with --host or --port") from None
     print(f" * Running on http://{host}:{server.port}", flush=True)
     server.serve_forever()
 

@@ -12,6 +12,8 @@ from scipy.linalg.blas import saxpy
 
 from processor.weights import Weights
 
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")  # what a round's plan may name
+
 
 def l2_norm(tensors: Weights) -> float:
     """The L2 norm of all tensors taken as one flat vector."""

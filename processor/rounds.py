@@ -17,8 +17,6 @@ from processor.tasks import Task
 from processor.training import TrainingSettings
 from processor.weights import Weights
 
-AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
-
 ProgressFn = Callable[[int, int, dict], None]  # (epoch done, epochs, logs)
 
 
@@ -99,8 +97,8 @@ def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], meth
     fedavg streams (one delta in memory at a time); median and trimmed_mean hold them all.
     With `clip_norm`, every delta is first scaled down to at most that L2 norm.
     """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if method not in agg.AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(agg.AGGREGATIONS)}")
     if clip_norm is not None:
         deltas = ((agg.clip_by_norm(delta, clip_norm), n) for delta, n in deltas)
     if method == "fedavg":

@@ -48,9 +48,9 @@ class MergePolicy:
     max_norm: float = 1e6  # an absolute bound, far above any honest delta: refused beyond it
 
     def __post_init__(self) -> None:
-        if self.aggregation not in rounds.AGGREGATIONS:
+        if self.aggregation not in agg.AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; "
-                             f"choose one of {', '.join(rounds.AGGREGATIONS)}")
+                             f"choose one of {', '.join(agg.AGGREGATIONS)}")
         for name in ("weight_multiple", "clip_multiple", "reject_multiple", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

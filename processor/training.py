@@ -49,7 +49,7 @@ class TrainingSettings:
                 continue
             extra = {"choices": UPDATE_DTYPES} if name == "update_dtype" else {}
             parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
-                                help=f"{text} (default {getattr(default, name)})", **extra)
+                                help=f"{text} (default: %(default)s)", **extra)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainingSettings":

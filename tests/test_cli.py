@@ -1,0 +1,63 @@
+"""The command line: wrong choices fail at once (before TensorFlow loads), each command takes only
+the flags it uses, help shows defaults and an example, and expected failures are one line."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from flask import Flask
+
+import run
+from infra.files import REPO_ROOT
+from infra.webapp import serve
+
+PYTHON_RUN = [sys.executable, str(REPO_ROOT / "run.py")]
+# The command line in a fresh interpreter: its exit code, and whether TensorFlow got loaded.
+PARSE_ONLY = ("import sys, run\n"
+              "try:\n    run.main(sys.argv[1:])\n"
+              "except SystemExit as exc:\n    print(exc.code, 'tensorflow' in sys.modules)\n")
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["client", "--id", "0", "--task", "nope"], "argument --task: invalid choice: 'nope'"),
+    (["client", "--id", "0", "--partition", "random"], "argument --partition: invalid choice: 'random'"),
+    (["app", "--aggregation", "mean"], "argument --aggregation: invalid choice: 'mean'"),
+    (["demo", "--update-dtype", "int8"], "argument --update-dtype: invalid choice: 'int8'"),
+    (["chain", "--ipfs-api", "http://127.0.0.1:5001"], "unrecognized arguments: --ipfs-api"),
+    (["ipfs", "--chain-url", "http://127.0.0.1:8545"], "unrecognized arguments: --chain-url"),
+    (["compile", "--state-dir", "x"], "unrecognized arguments: --state-dir"),
+])
+def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
+    done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"]
+    assert complaint in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["app", "client", "deploy", "enrol", "chain", "ipfs", "demo"])
+def test_each_commands_help_shows_defaults_and_an_example(command):
+    done = subprocess.run([*PYTHON_RUN, command, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert "example:\n  python run.py " + command in done.stdout
+    if command in ("app", "client", "demo"):  # the others' flags are URLs, paths and switches, with no default
+        assert "(default: " in done.stdout
+
+
+def test_a_port_in_use_is_said_without_a_traceback_naming_the_flag(capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit) as stopped:
+            serve(Flask(__name__), "127.0.0.1", port)
+    assert str(stopped.value) == f"cannot serve on 127.0.0.1:{port}: choose another with --host or --port"
+    assert f"Port {port} is in use" in capsys.readouterr().err
+
+
+@pytest.mark.ganache
+def test_run_chain_leaves_a_running_chain_alone_and_returns(ganache_url, tmp_path, capsys):
+    run.main(["chain", "--chain-url", ganache_url, "--state-dir", str(tmp_path)])
+    assert capsys.readouterr().out == f"a chain is already running at {ganache_url}; nothing started\n"
