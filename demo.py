@@ -173,6 +173,9 @@ class FullStack:
     def organization(self, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
         options = self.options
         port = free_port(options.org_port)
+        if options.org_port and port != options.org_port:
+            log(f"port {options.org_port} is taken (an earlier run's may still be closing): the organization "
+                f"serves on {port}")
         self.org = self.app_process("organization", port, [
             "app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
             "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *extra])
@@ -369,6 +372,7 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
         log(f"client {straggler} is slow: it trains {options.round_seconds + 2} s past every round's opening")
     for process in starting:
         process.start()
+    log(f"the organization's dashboard: {org_url} (while the demo runs; --keep leaves it up after)")
     follower = RoundFollower(system, options)
     rows = []
     while len(rows) < options.rounds:

@@ -178,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     try:
         run_demo(options, settings_from(args))
     except (DemoError, KeyboardInterrupt) as exc:
-        sys.exit(f"demo stopped: {exc or 'interrupted'}")
+        sys.exit(f"demo stopped: {str(exc) or 'interrupted (Ctrl-C)'}")  # KeyboardInterrupt says nothing itself
 
 
 def main(argv: list[str] | None = None) -> None:
