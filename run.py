@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -295,7 +296,24 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
-    args.handler(args)
+    run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run the parsed command. A failure it expects (a service down, a contract's refusal, a
+    missing build) is said in one line, and its traceback goes to the state directory's log."""
+    from infra import chain, ipfs
+    from infra.processes import ServiceError
+
+    try:
+        args.handler(args)
+    except (chain.ChainUnavailable, chain.ContractError, chain.ArtifactError, ipfs.StorageError,
+            ServiceError) as exc:
+        log_path = settings_from(args).state_dir / "logs" / "run.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run.py {args.command}\n{traceback.format_exc()}\n")
+        sys.exit(f"run.py {args.command}: {exc} (details in {log_path})")
 
 
 if __name__ == "__main__":

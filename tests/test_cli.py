@@ -61,3 +61,14 @@ def test_a_port_in_use_is_said_without_a_traceback_naming_the_flag(capsys):
 def test_run_chain_leaves_a_running_chain_alone_and_returns(ganache_url, tmp_path, capsys):
     run.main(["chain", "--chain-url", ganache_url, "--state-dir", str(tmp_path)])
     assert capsys.readouterr().out == f"a chain is already running at {ganache_url}; nothing started\n"
+
+
+def test_a_service_that_is_down_is_said_in_one_line_and_the_traceback_logged(tmp_path):
+    done = subprocess.run([*PYTHON_RUN, "deploy", "--chain-url", "http://127.0.0.1:9", "--state-dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    log_path = tmp_path / "logs" / "run.log"
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "run.py deploy: no Ethereum JSON-RPC node answers at http://127.0.0.1:9 (start one with `python run.py "
+        f"chain`) (details in {log_path})")
+    assert "Traceback" in log_path.read_text() and "ChainUnavailable" in log_path.read_text()
