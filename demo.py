@@ -12,6 +12,7 @@ through Flask's test clients, so the same API and round code run either way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +33,7 @@ from infra.files import REPO_ROOT, read_json_lines
 from infra.plots import accuracy_png
 from infra.processes import ManagedProcess, http_answers, machine_busy_seconds, port_listens
 from infra.settings import EMBEDDED, Settings
+from infra.webapp import LOG_FORMAT
 from organization.service import history_path
 from processor.training import TrainingSettings
 
@@ -248,8 +250,12 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
 
     run_dir = settings.state_dir / "demo-embedded"
     shutil.rmtree(run_dir, ignore_errors=True)
+    # The apps log here, in a file as they do in their own processes, not between the progress bars.
+    log_path = run_dir / "logs" / "apps.log"
+    log_path.parent.mkdir(parents=True)
+    logging.basicConfig(filename=log_path, level=logging.INFO, format=LOG_FORMAT)
     registry = chain.deploy_registry(chain.connect(EMBEDDED), chain.DEV_KEYS[0])
-    log(f"embedded chain and store; round registry at {registry.address}")
+    log(f"embedded chain and store; round registry at {registry.address}; the apps' log: {log_path}")
     system = embedded_system(
         run_dir, OrganizationConfig(task=options.task, seed=options.seed, training=options.training,
                                     merge=policy_for(options.bounds)),
@@ -301,7 +307,7 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
 
 def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> dict[str, Any]:
     started, busy = time.perf_counter(), machine_busy_seconds()
-    with tqdm(total=options.training.epochs * len(clients), desc=f"round {round_id} training", unit="epoch",
+    with tqdm(total=options.training.epochs * len(clients), desc=f"round {round_id} training", unit="client-epoch",
               file=sys.stderr, leave=False) as bar:
         outcomes = participate_all(clients, options, bar)
     published = [result for result, _ in outcomes if result is not None]

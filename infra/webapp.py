@@ -61,6 +61,7 @@ UNAVAILABLE = (chain.ChainUnavailable, ipfs.StorageUnavailable, ipfs.StorageTime
 REFUSED = (chain.ChainUnavailable, ipfs.StorageUnavailable)
 
 log = logging.getLogger("webapp")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # every app's log lines
 T = TypeVar("T")
 
 
@@ -230,7 +231,7 @@ def create_app(import_name: str, config: dict[str, Any] | None, role: str, defau
     w3 = app.config.get("W3") or chain.connect(settings.chain_url)
     store = app.config.get("STORE") or open_store(settings)
     app.extensions.update(extensions(settings, role_config, w3, store, app.config.get("REGISTRY")))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app.register_blueprint(shared_templates)
     for blueprint in blueprints():
         app.register_blueprint(blueprint)
