@@ -806,8 +806,8 @@ class BlockWatcher:
                 self._look()
 
     async def _follow_subscription(self, url: str) -> None:
-        """Looks on every pushed block header; returns once stopped. The first connection failing
-        raises (the caller polls instead); a connection lost later is opened again."""
+        """Looks on every pushed notification (block header or log); returns once stopped. The first
+        connection failing raises (the caller polls instead); a connection lost later is opened again."""
         connected_once = False
         while not self._stop.is_set():
             try:

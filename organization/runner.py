@@ -69,27 +69,19 @@ class RoundRunner:
         self._current = registry.current_round()
         return self._current, registry.round(self._current) if self._current else None
 
-    def _prefetch(self, logs: list) -> None:
-        """Have the updates these logs announce fetched while the round goes on (the merge needs them)."""
-        registry = self.service.registry
-        for raw_log in logs:
-            if registry.emitted(raw_log, "UpdateSubmitted"):
-                _, submission = registry.pushed_submission(raw_log)
-                self.service.prefetch_update(submission.cid)
-
     def step(self, logs: list | None = None) -> bool:
         """One look at the chain and what it calls for; True once the run is over. `logs`: what woke
         it, when known. Submissions that still leave the round short of its invited clients call for
         no look: the round is read once the last one comes (or the recheck is due)."""
-        if logs and self.service.registry is not None:
-            self._prefetch(logs)
-        if self._updates_awaited is not None and logs:
-            names = [chain.event_name(log) for log in logs]
-            if names.count("UpdateSubmitted") == len(names) < self._updates_awaited:
-                self._updates_awaited -= len(names)
-                self._look_at_deadline()
-                self.state = f"round {self._current}: waiting for {self._updates_awaited} more invited clients' updates"
-                return False
+        registry = self.service.registry
+        updates = [log for log in logs if registry.emitted(log, "UpdateSubmitted")] if logs and registry else []
+        for raw_log in updates:  # fetched while the round goes on: its merge needs them
+            self.service.prefetch_update(registry.pushed_submission(raw_log)[1].cid)
+        if self._updates_awaited is not None and logs and len(updates) == len(logs) < self._updates_awaited:
+            self._updates_awaited -= len(updates)
+            self._look_at_deadline()
+            self.state = f"round {self._current}: waiting for {self._updates_awaited} more invited clients' updates"
+            return False
         self._updates_awaited = None
         service = self.service
         if service.registry is None:

@@ -369,6 +369,11 @@ class OrganizationService:
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
                 "federated_base": weighted_mean(merge.evaluations())}
 
+    @property
+    def _update_timeout(self) -> float:
+        """Seconds to wait for one update's bytes."""
+        return self.config.fetch_timeout or self.settings.timeout
+
     def prefetch_update(self, cid: str) -> None:
         """Start fetching a submitted update now, so that its round's merge finds its bytes at hand
         (checked against the CID like any fetch). A failure here costs nothing: the merge fetches
@@ -377,8 +382,7 @@ class OrganizationService:
             if cid in self._prefetched or len(self._prefetched) >= PREFETCH_LIMIT:
                 return
             self._prefetched[cid] = self._prefetch_pool.submit(
-                self.store.get, cid, timeout=self.config.fetch_timeout or self.settings.timeout,
-                max_bytes=self.config.max_update_bytes)
+                self.store.get, cid, timeout=self._update_timeout, max_bytes=self.config.max_update_bytes)
 
     def _take_prefetched(self, cid: str, timeout: float) -> bytes | None:
         with self._prefetch_lock:
@@ -399,7 +403,7 @@ class OrganizationService:
     def _fetch_updates(self, submissions: list[chain.Submission]) -> list[Received]:
         """Every submission's bytes, fetched concurrently under one deadline for the round; what
         could not be fetched carries the reason instead. An IPFS outage is raised: the round waits."""
-        timeout = self.config.fetch_timeout or self.settings.timeout
+        timeout = self._update_timeout
         deadline = time.monotonic() + FETCH_DEADLINES * timeout
 
         def fetch(sub: chain.Submission) -> Received:  # in a worker thread

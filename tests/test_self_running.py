@@ -107,7 +107,7 @@ def test_rounds_run_by_themselves_through_a_missed_quorum_a_late_client_and_rest
 def test_the_runner_reads_the_round_once_its_last_awaited_update_is_notified(network, monkeypatch):
     """Pushed submissions that leave the round short of its invited clients need no chain read;
     the one that completes it does, and is merged at once."""
-    org, runner, agents = network["org"], network["runner"], network["agents"]
+    org, runner, agents, w3 = network["org"], network["runner"], network["agents"], network["system"].w3
     runner.step()
     for agent in agents:
         org.add_client(agent.service.address)
@@ -115,18 +115,21 @@ def test_the_runner_reads_the_round_once_its_last_awaited_update_is_notified(net
     reads = []
     monkeypatch.setattr(chain.Registry, "_call", lambda self, *args, _call=chain.Registry._call:
                         reads.append(args[0]) or _call(self, *args))
-    update_log = {"topics": [bytes.fromhex(chain.event_topics("UpdateSubmitted")[0][2:])]}
-    enrolment_log = {"topics": [bytes.fromhex(chain.event_topics("ClientAdded")[0][2:])]}
 
+    def latest_log(event: str) -> dict:  # the log a subscription pushed for the latest such event
+        return w3.eth.get_logs({"address": org.registry.address, "fromBlock": org.registry.deployment_block,
+                                "topics": [chain.event_topics(event)[0]]})[-1]
+
+    enrolment_log = latest_log("ClientAdded")
     agents[0].check_round()
     runner.step()  # the look that learns 2 of the 3 invited updates are still to come
     reads.clear()
     agents[1].check_round()
     reads.clear()
-    assert not runner.step([update_log]) and reads == [] and "1 more" in runner.state
+    assert not runner.step([latest_log("UpdateSubmitted")]) and reads == [] and "1 more" in runner.state
     assert not runner.step([enrolment_log]) and reads, "another event: the round is read"
     agents[2].check_round()
-    assert not runner.step([update_log])
+    assert not runner.step([latest_log("UpdateSubmitted")])
     assert org.registry.round(1).finalized and org.registry.round(1).submissions == 3
 
 
