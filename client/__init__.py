@@ -27,6 +27,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 def extensions(settings, client_config: ClientConfig, w3, store, registry) -> dict[str, Any]:
     """The device's service and job runner, and its agent when it takes part by itself."""
     service = ClientService(settings, client_config, w3, store, registry=registry)
+    service.check_network()  # a device started for another task than the network's stops here
     jobs = webapp.JobRunner()
     if client_config.agent:
         service.agent = ClientAgent(service, jobs).start()

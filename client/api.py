@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from client.guide import client_guide
 from client.service import ACTIONS, ClientService
 from infra.webapp import ActionError, JobRunner, json_body
 
@@ -34,7 +35,9 @@ def run_job(name: str, action):
 @bp.get("/status")
 def status():
     current = jobs().current
-    return jsonify({**service().status(), "job": current.as_dict() if current else None})
+    job = current.as_dict() if current else None
+    status = service().status()
+    return jsonify({**status, "job": job, "guide": client_guide(status, job)})
 
 
 @bp.get("/job")

@@ -23,16 +23,35 @@ from infra.webapp import (
     deadline_text,
     describe_error,
     find_registry,
+    outage_text,
     retrying,
     store_status,
 )
 from processor import codec, rounds
 from processor.device_data import read_device_data
-from processor.evaluation import Evaluation, holdout_split
+from processor.evaluation import Evaluation, holdout_split, majority_baseline
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
 log = logging.getLogger("client")
+
+
+class WrongNetwork(ActionError):
+    """The organization's network learns another task than this device was started for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 409)
+
+
+def scene_of(current: chain.ClientRound | None, chain_ok: bool = True) -> str:
+    """What a device's page shows changes with: the round, its phase and this client's part in it.
+    A message about an earlier scene (a failed action) no longer applies in a new one."""
+    if not chain_ok:
+        return "chain-down"
+    if current is None or current.round_id == 0:
+        return "no-round"
+    return f"{current.round_id}:{'open' if current.open else 'closed'}:" \
+           f"{'submitted' if current.submitted else 'not-submitted'}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,7 @@ class ClientService:
         labels, counts = np.unique(self.y, return_counts=True)
         source = str(self.config.data_path) if self.config.data_path else f"{self.config.partition} partition"
         return {"samples": int(len(self.y)), "held_out": int(len(self.y_eval)), "source": source,
+                "majority": majority_baseline(self.y),
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
     def open_round(self) -> chain.ClientRound:
@@ -126,25 +146,43 @@ class ClientService:
         return opened
 
     def status(self) -> dict[str, Any]:
+        """Everything the device's page and API show; an outage is described, never raised."""
         status: dict[str, Any] = {
             "client_id": self.config.client_id, "address": self.address, "task": self.task.name,
             "partition": self.config.partition, "data": self.data_summary(),
             "plan": asdict(self.base.plan) if self.base else None,
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
-            "ipfs": store_status(self.store), "agent": self.agent.status() if self.agent else None,
+            "contract": None, "enrolled": None, "ipfs": store_status(self.store, self.settings.ipfs_api),
+            "agent": self.agent.status() if self.agent else None,
         }
+        current = None
         try:
-            current = self.registry.current_round_for(self.address)
+            registry = self.registry
+            status["contract"] = registry.address
+            current = registry.current_round_for(self.address)
+            enrolled = registry.open_enrolment or registry.is_client(self.address)
+            status["enrolled"] = enrolled
             if current.round_id:
                 status["round"] = {"round": current.round_id, "base_cid": current.base_cid,
                                    "open": current.open, "submitted": current.submitted,
                                    "invited": current.invited, "deadline": current.deadline,
-                                   "deadline_text": deadline_text(current.deadline),
-                                   "enrolled": self.registry.open_enrolment or self.registry.is_client(self.address)}
+                                   "deadline_text": deadline_text(current.deadline), "enrolled": enrolled}
+        except ActionError:  # no contract yet: the organization deploys it
+            pass
         except Exception as exc:  # an outage is shown, not raised: the page must still render
-            status["chain_error"] = describe_error(exc)
+            status["chain_error"] = outage_text("chain", self.settings.chain_url, exc)
+        status["scene"] = scene_of(current, status["chain_error"] is None)
         return status
+
+    def scene(self) -> str:
+        """The scene of this device's page now (one chain call): see scene_of."""
+        try:
+            return scene_of(self.registry.current_round_for(self.address))
+        except ActionError:  # no contract yet
+            return scene_of(None)
+        except Exception:  # an outage
+            return scene_of(None, chain_ok=False)
 
     def _trained_view(self) -> dict[str, Any] | None:
         if self.trained is None:
@@ -168,6 +206,7 @@ class ClientService:
                     data = retrying(self.settings, f"fetching the base {opened.base_cid}",
                                     lambda: self.store.get(opened.base_cid))
                 with timer.phase("decoding"):
+                    self._check_task(data, opened.base_cid)
                     try:
                         weights, fisher, metadata = codec.decode_model(self.task, data)
                         plan = codec.training_plan(metadata)
@@ -177,6 +216,28 @@ class ClientService:
             self.base.round_id = opened.round_id
             return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
+    def _check_task(self, base: bytes, cid: str) -> None:
+        """Refuse a base model of another task than this device's, saying which task the network runs."""
+        try:
+            task = codec.read_header(base)[1].get("task")
+        except codec.CodecError:
+            return  # decoding the base says what is wrong with it
+        if task is not None and task != self.task.name:
+            raise WrongNetwork(f"the organization's rounds learn the task '{task}' (base model {cid}), but this "
+                               f"client was started for '{self.task.name}': start it with --task {task}")
+
+    def check_network(self) -> None:
+        """At start-up: refuse to join a network whose current round learns another task. When the
+        chain, the contract or IPFS cannot tell yet, the first pull checks it."""
+        try:
+            opened = self.registry.current_round_for(self.address)
+            if opened.round_id:
+                self._check_task(self.store.get(opened.base_cid, timeout=self.settings.timeout), opened.base_cid)
+        except WrongNetwork:
+            raise
+        except Exception as exc:  # an outage or no contract yet: nothing to check against now
+            log.info("the network's task is not known yet (%s); the first pull checks it", describe_error(exc))
+
     def train(self, job: Job | None = None, timer: PhaseTimer | None = None) -> dict[str, Any]:
         timer = timer or PhaseTimer()
         with self._lock:
@@ -184,11 +245,12 @@ class ClientService:
                 raise ActionError("pull the base model first", 409)
             cfg = self.config
 
-            def progress(epoch: int, total: int, logs: dict) -> None:
+            def progress(report: dict) -> None:
                 if job is not None:
-                    job.progress = {"epoch": epoch, "epochs": total,
-                                    **{k: round(float(v), 4) for k, v in (logs or {}).items()}}
-                log.info("client %d: epoch %d/%d %s", cfg.client_id, epoch, total, logs or "")
+                    job.progress = {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
+                if "loss" in report:  # an epoch's end
+                    log.info("client %d: epoch %d/%d, loss %.4f", cfg.client_id, report["epoch"], report["epochs"],
+                             report["loss"])
 
             with timer.phase("evaluation"):
                 evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval),

@@ -881,6 +881,11 @@ class EnrolmentLog:
         with self._guard:
             return [client for client, first in self._from_round.items() if first <= round_id]
 
+    def from_round(self, client: str) -> int | None:
+        """The first round `client` may take part in (as of the last update); None if not enrolled."""
+        with self._guard:
+            return self._from_round.get(client)
+
 
 # ---- Ganache ----------------------------------------------------------------------------------
 

@@ -14,11 +14,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
-                 path: Path | None = None) -> bytes:
-    """Plot one line per curve of (round, accuracy) points; write to `path` if given; return PNG bytes."""
+                 path: Path | None = None, baseline: tuple[str, float] | None = None) -> bytes:
+    """Plot one line per curve of (round, accuracy) points, on an axis from 0 to 100 % so that a
+    gain looks its size; `baseline` (label, accuracy) is drawn dashed. Written to `path` if given;
+    returns the PNG bytes."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    if baseline is not None:
+        ax.axhline(100 * baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
     _plot_rounds(ax, {label: [(r, 100 * a) for r, a in points] for label, points in curves.items()},
                  "round (0 = initial model)", "test accuracy (%)")
+    ax.set_ylim(0, 100)
+    if baseline is not None:
+        ax.legend()
     ax.set_title(title)
     return _png(fig, path)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
+import requests
 from flask import Blueprint, Flask, abort, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -23,8 +24,9 @@ from infra import chain, ipfs
 from infra.settings import Settings
 
 BODY_LIMIT = 64 * 1024  # bytes of any request body
-# base.html, which both apps' pages extend
-shared_templates = Blueprint("shared", __name__, template_folder="templates")
+# base.html, which both apps' pages extend, and the script that keeps their live parts current
+shared_templates = Blueprint("shared", __name__, template_folder="templates", static_folder="static",
+                             static_url_path="/static/shared")
 
 
 class ActionError(Exception):
@@ -52,6 +54,21 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ActionError):  # already written for the user
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+# How a person brings each service back: what the pages say when it does not answer.
+SERVICES = {"chain": ("The chain", "python run.py chain", "FL_CHAIN_URL"),
+            "ipfs": ("The IPFS node", "python run.py ipfs", "FL_IPFS_API")}
+
+
+def outage_text(service: str, url: str, exc: BaseException) -> str:
+    """A failure to reach the chain or IPFS in words: what is down and how to start it. A failure
+    that is not an outage (the node answered, but with an error) keeps its own words."""
+    if not isinstance(exc, (chain.ChainUnavailable, ipfs.StorageUnavailable, requests.ConnectionError,
+                            requests.Timeout, ConnectionError, TimeoutError)):
+        return describe_error(exc)
+    name, command, variable = SERVICES[service]
+    return f"{name} at {url} does not answer. Start it with `{command}`, or point {variable} at one that runs."
 
 
 # Outages of the chain or IPFS are reported as 503 so callers know to retry later.
@@ -111,12 +128,12 @@ def serve(app: Flask, host: str, port: int) -> None:
     server.serve_forever()
 
 
-def store_status(store: ipfs.ContentStore) -> dict[str, Any]:
-    """Whether the IPFS node answers (the embedded store always does), for the status pages."""
+def store_status(store: ipfs.ContentStore, url: str) -> dict[str, Any]:
+    """Whether the IPFS node at `url` answers (the embedded store always does), for the status pages."""
     try:
         return {"ok": True, "backend": store.describe()}
     except ipfs.StorageError as exc:
-        return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": outage_text("ipfs", url, exc)}
 
 
 def install_json_errors(app: Flask) -> None:
@@ -283,6 +300,7 @@ class Job:
     """One background action of an app (training, aggregation), observable while it runs."""
 
     name: str
+    scene: str | None = None  # what the page showed when the job started: its failure belongs to that
     state: str = "running"  # running, done, failed
     step: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
@@ -293,7 +311,7 @@ class Job:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "state": self.state, "step": self.step, "progress": self.progress,
+            "name": self.name, "scene": self.scene, "state": self.state, "step": self.step, "progress": self.progress,
             "result": self.result, "error": self.error, "started": self.started, "finished": self.finished,
         }
 
@@ -309,11 +327,11 @@ class JobRunner:
     def busy(self) -> bool:
         return self.current is not None and self.current.state == "running"
 
-    def start(self, name: str, work: Callable[[Job], Any], wait: bool = False) -> Job:
+    def start(self, name: str, work: Callable[[Job], Any], wait: bool = False, scene: str | None = None) -> Job:
         with self._lock:
             if self.busy:
                 raise ActionError(f"'{self.current.name}' is still running; wait for it to finish", 409)
-            job = self.current = Job(name)
+            job = self.current = Job(name, scene)
 
         failure: list[Exception] = []
 

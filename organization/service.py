@@ -5,6 +5,7 @@ measured (accuracy, validation verdicts), so a restarted organization carries on
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -18,9 +19,19 @@ from eth_account import Account
 
 from infra import chain, ipfs
 from infra.settings import Settings
-from infra.webapp import ActionError, PhaseTimer, deadline_text, describe_error, find_registry, retrying, store_status
+from infra.webapp import (
+    ActionError,
+    PhaseTimer,
+    deadline_text,
+    describe_error,
+    find_registry,
+    outage_text,
+    retrying,
+    store_status,
+)
+from organization.guide import organization_guide
 from processor import codec, rounds
-from processor.evaluation import weighted_mean
+from processor.evaluation import majority_baseline, weighted_mean
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -77,7 +88,7 @@ class OrganizationService:
         self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
         self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
         self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
-        self._expected: dict[int, int | None] = {}  # the open round's invited clients, counted once
+        self._invited: dict[int, list[str] | None] = {}  # the open round's invited clients, drawn once
         self._prefetched: dict[str, Future] = {}  # CID -> its verified bytes, fetched ahead of the merge
         self._prefetch_lock = threading.Lock()
         self._prefetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
@@ -109,10 +120,18 @@ class OrganizationService:
             return {"ok": True, "url": self.settings.chain_url, "chain_id": self.w3.eth.chain_id,
                     "block": self.w3.eth.block_number}
         except Exception as exc:
-            return {"ok": False, "url": self.settings.chain_url, "error": describe_error(exc)}
+            return {"ok": False, "url": self.settings.chain_url,
+                    "error": outage_text("chain", self.settings.chain_url, exc)}
 
     def ipfs_status(self) -> dict[str, Any]:
-        return store_status(self.store)
+        return store_status(self.store, self.settings.ipfs_api)
+
+    @functools.cached_property
+    def baseline(self) -> dict[str, Any]:
+        """The trivial baseline of the test metrics: always answering the test set's most common label."""
+        majority = majority_baseline(self.task.data().y_test)
+        return {**majority, "answer": self.task.label_name(majority["label"]),
+                "auc": 0.5 if self.task.num_classes == 2 else None}
 
     @staticmethod
     def _started_round(registry: chain.Registry, round_id: int) -> chain.RoundInfo:
@@ -136,6 +155,7 @@ class OrganizationService:
             "round": round_id, "base_cid": info.base_cid, "model_cid": info.model_cid,
             "closed": info.closed, "finalized": info.finalized, "submission_count": info.submissions,
             "expected": None if info.finalized else self.expected_submissions(info),
+            "invited": None if info.finalized else self.invited_clients(info),
             "quorum": info.quorum, "deadline": info.deadline, "deadline_text": deadline_text(info.deadline),
             "invited_share": info.invited_share,
             "missed": not info.finalized and info.submissions < info.quorum and info.past_deadline(self.clock()),
@@ -144,13 +164,18 @@ class OrganizationService:
         }
 
     def expected_submissions(self, info: chain.RoundInfo) -> int | None:
-        """How many clients round `info` invites: enrolled before it opened and drawn by its seed;
-        None under open enrolment, where anyone may take part."""
-        if info.round_id not in self._expected:  # fixed once the round opened: later enrolments wait for the next
+        """How many clients round `info` invites; None under open enrolment, where anyone may take part."""
+        invited = self.invited_clients(info)
+        return None if invited is None else len(invited)
+
+    def invited_clients(self, info: chain.RoundInfo) -> list[str] | None:
+        """The clients round `info` invites: enrolled before it opened and drawn by its seed; None
+        under open enrolment."""
+        if info.round_id not in self._invited:  # fixed once the round opened: later enrolments wait for the next
             clients = self.enrolled_clients(info.round_id)
-            self._expected = {info.round_id: None if clients is None else
-                              sum(info.invites(client) for client in clients)}
-        return self._expected[info.round_id]
+            self._invited = {info.round_id: None if clients is None else
+                             [client for client in clients if info.invites(client)]}
+        return self._invited[info.round_id]
 
     def enrolled_clients(self, round_id: int) -> list[str] | None:
         """The clients enrolled in time for round `round_id`; None under open enrolment."""
@@ -161,22 +186,55 @@ class OrganizationService:
         return self._enrolment.clients_for(round_id)
 
     def status(self) -> dict[str, Any]:
+        """Everything the dashboard and /api/status show, with the checklist and next step; an
+        outage is described in words, never raised."""
         chain_state = self.chain_status()
         status: dict[str, Any] = {
             "task": self.task.name, "organization": self.address, "chain": chain_state,
             "ipfs": self.ipfs_status(), "contract": None, "current_round": None, "previous_round": None,
-            "history": self.accuracy_history(), "runner": self.runner.status() if self.runner else None,
+            "clients": None, "history": self.accuracy_history(), "baseline": self.baseline,
+            "runner": self.runner.status() if self.runner else None,
         }
+        if self.registry is not None:
+            status["contract"] = {"address": self.registry.address}
         if self.registry is not None and chain_state["ok"]:
-            status["contract"] = {"address": self.registry.address,
-                                  "open_enrolment": self.registry.open_enrolment,
-                                  "rules": asdict(self.registry.round_rules())}
-            current = self.registry.current_round()
-            if current:
-                status["current_round"] = self.round_view(current)
-            if current > 1:  # its verdicts say why updates were left out of the model in use now
-                status["previous_round"] = self.round_view(current - 1)
+            try:
+                status.update(self._chain_status(self.registry))
+            except Exception as exc:  # the chain went away while it was read
+                status["chain"] = {**chain_state, "ok": False,
+                                   "error": outage_text("chain", self.settings.chain_url, exc)}
+        status["guide"] = organization_guide(status)
         return status
+
+    def _chain_status(self, registry: chain.Registry) -> dict[str, Any]:
+        """The contract's rules, the current and previous rounds, and the enrolled clients."""
+        found: dict[str, Any] = {"contract": {"address": registry.address, "open_enrolment": registry.open_enrolment,
+                                              "rules": asdict(registry.round_rules())}}
+        current = registry.current_round()
+        if current:
+            found["current_round"] = self.round_view(current)
+        if current > 1:  # its verdicts say why updates were left out of the model in use now
+            found["previous_round"] = self.round_view(current - 1)
+        found["clients"] = self.clients_view(found.get("current_round"))
+        return found
+
+    def clients_view(self, current_round: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+        """Each enrolled client: the round it takes part from, whether the open round invites it and
+        has its update, and the verdict on its latest merged update. None under open enrolment."""
+        enrolled = self.enrolled_clients(current_round["round"] + 1 if current_round else 1)
+        if enrolled is None:
+            return None
+        last: dict[str, dict[str, Any]] = {}
+        rounds_measured = self.history()["rounds"]
+        for key in sorted(rounds_measured, key=int):
+            for client, verdict in rounds_measured[key].get("verdicts", {}).items():
+                last[client] = {"round": int(key), **verdict}
+        submitted = {sub["client"] for sub in current_round["submissions"]} if current_round else set()
+        invited = current_round.get("invited") if current_round else None
+        return [{"address": client, "from_round": self._enrolment.from_round(client),
+                 "invited": invited is not None and client in invited,
+                 "submitted": client in submitted, "last_verdict": last.get(client)}
+                for client in enrolled]
 
     def accuracy_history(self) -> list[dict[str, Any]]:
         """Test metrics of the initial model (round 0) and of each round's merged model, with the

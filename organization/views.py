@@ -1,7 +1,9 @@
 """Server-rendered dashboard of the organization; every button is a form post that redirects back."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
+from typing import Any
+
+from flask import Blueprint, Response, current_app, flash, jsonify, redirect, render_template, request, url_for
 
 from infra.plots import accuracy_png
 from infra.webapp import ActionError, describe_error
@@ -14,15 +16,37 @@ def service() -> OrganizationService:
     return current_app.extensions["organization"]
 
 
+LIVE_INTERVAL_MS = 2000  # how often an open dashboard asks for its live parts
+
+
+def enrol_shown(status: dict[str, Any]) -> bool:
+    """Whether enrolling can work now: a contract with an allowlist, on a chain that answers."""
+    return bool(status["chain"]["ok"] and status["contract"] and status["contract"].get("open_enrolment") is False)
+
+
 @bp.get("/")
 def index():
-    return render_template("dashboard.html", status=service().status())
+    status = service().status()
+    return render_template("dashboard.html", status=status, interval=LIVE_INTERVAL_MS, enrol_shown=enrol_shown(status))
+
+
+@bp.get("/live")
+def live():
+    """The dashboard's live parts, rendered from the page's own templates (static/live.js swaps
+    them in); the enrolment form stays out of them so that its text is never wiped."""
+    status = service().status()
+    return jsonify(scene=status["guide"]["scene"], interval=LIVE_INTERVAL_MS,
+                   regions={"overview": render_template("overview.html", status=status),
+                            "details": render_template("details.html", status=status)},
+                   visible={"enrol": enrol_shown(status)})
 
 
 @bp.get("/chart.png")
 def chart():
     points = [(p["round"], p["accuracy"]) for p in service().accuracy_history()]
-    png = accuracy_png({"test accuracy": points}, title=f"{service().task.name}: accuracy per round")
+    baseline = service().baseline
+    png = accuracy_png({"test accuracy": points}, title=f"{service().task.name}: accuracy per round",
+                       baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
 

@@ -57,6 +57,14 @@ class Evaluation:
         return cls(**fields.model_dump())
 
 
+def majority_baseline(labels: np.ndarray) -> dict[str, float | int]:
+    """The accuracy of always answering the most common label of `labels`, and that label: the
+    trivial baseline every accuracy is shown beside."""
+    values, counts = np.unique(labels, return_counts=True)
+    top = int(np.argmax(counts))
+    return {"label": int(values[top]), "accuracy": float(counts[top] / counts.sum())}
+
+
 def holdout_split(num_samples: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, held out) of a device's samples: `fraction` of them (at least one, when
     there are two or more) held out, drawn from `seed`."""

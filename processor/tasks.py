@@ -141,7 +141,11 @@ class Task:
     hidden: tuple[int, ...]
     num_classes: int
     default_partition: str = "iid"
+    label_names: tuple[str, ...] = ()  # what each label means to a person; digits need none
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def label_name(self, label: int) -> str:
+        return self.label_names[label] if label < len(self.label_names) else f"the digit {label}"
 
     @property
     def arch_id(self) -> str:
@@ -222,6 +226,9 @@ class Task:
         return metrics
 
 
+INTEREST_LABELS = ("not interested", "interested")  # a rating below 4, and of 4 or 5
+
+
 def _interest_width() -> int:
     return 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
 
@@ -229,7 +236,8 @@ def _interest_width() -> int:
 TASKS: dict[str, Task] = {
     "mnist": Task("mnist", load_mnist, 784, (128,), 10),
     "digits": Task("digits", load_digits, 64, (32,), 10),
-    "interest": Task("interest", load_interest, _interest_width(), (64, 32), 2, default_partition="by-user"),
+    "interest": Task("interest", load_interest, _interest_width(), (64, 32), 2, default_partition="by-user",
+                     label_names=INTEREST_LABELS),
 }
 
 
@@ -240,7 +248,8 @@ def get_task(name: str, data_path: Path | str | None = None) -> Task:
             raise ValueError(f"task {name!r} does not take a data path")
         # A copy may hold other occupations or genres than the bundled one: its width is its own.
         data = load_interest(Path(data_path))
-        return Task("interest", lambda: data, data.x_train.shape[1], (64, 32), 2, default_partition="by-user")
+        return Task("interest", lambda: data, data.x_train.shape[1], (64, 32), 2, default_partition="by-user",
+                    label_names=INTEREST_LABELS)
     try:
         return TASKS[name]
     except KeyError:

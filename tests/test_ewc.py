@@ -111,10 +111,18 @@ def test_the_batch_order_comes_from_the_seed_alone(base):
     assert not all(np.array_equal(first[n], other[n]) for n in first)
 
 
-def test_every_epoch_reports_its_progress(base):
+def test_every_batch_and_epoch_reports_its_progress(base):
     x, y = client_shard()
     reports = []
-    rounds.train(TASK, base.weights, base.fisher, x, y, replace(TWO_EPOCHS, epochs=3), seed=0,
-                 progress=lambda epoch, epochs, logs: reports.append((epoch, epochs, sorted(logs))))
-    assert [(epoch, epochs) for epoch, epochs, _ in reports] == [(1, 3), (2, 3), (3, 3)]
-    assert all("loss" in names for _, _, names in reports)
+    rounds.train(TASK, base.weights, base.fisher, x, y, replace(TWO_EPOCHS, epochs=3, batch_size=16), seed=0,
+                 progress=reports.append)
+    batches = -(-len(y) // 16)
+    epoch_ends = [r for r in reports if "loss" in r]
+    assert [(r["epoch"], r["epochs"], r["batch"]) for r in epoch_ends] == [(1, 3, 0), (2, 3, 0), (3, 3, 0)]
+    # every batch of every epoch: epochs done so far, and batches done in the current one (Keras may
+    # report the batches of an epoch from worker threads, but all of them before the epoch's end)
+    ends = [i for i, r in enumerate(reports) if "loss" in r]
+    for epoch, (start, end) in enumerate(zip([-1, *ends], ends)):
+        assert sorted((r["epoch"], r["batch"]) for r in reports[start + 1:end]) == [
+            (epoch, batch) for batch in range(1, batches + 1)]
+    assert all(r["batches"] == batches for r in reports)
