@@ -244,7 +244,9 @@ def create_app(import_name: str, config: dict[str, Any] | None, role: str, defau
     app.config["SECRET_KEY"] = app.config.get("SECRET_KEY") or settings.secret_key or secrets.token_hex(32)
     role_config = app.config.setdefault(role, default_role_config)
     # Every app on 127.0.0.1 shares the browser's cookies (ports do not separate them): one name each.
-    app.config.setdefault("SESSION_COOKIE_NAME", cookie_name(role_config))
+    # (Flask's defaults already name it "session", so a setdefault would change nothing.)
+    if "SESSION_COOKIE_NAME" not in (config or {}):
+        app.config["SESSION_COOKIE_NAME"] = cookie_name(role_config)
     w3 = app.config.get("W3") or chain.connect(settings.chain_url)
     store = app.config.get("STORE") or open_store(settings)
     app.extensions.update(extensions(settings, role_config, w3, store, app.config.get("REGISTRY")))

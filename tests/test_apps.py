@@ -211,3 +211,14 @@ def test_every_client_trains_by_the_organizations_plan(tmp_path):
     for submission in org.get("/api/rounds/1").get_json()["submissions"]:
         table, _ = codec.read_header(system.store.get(submission["cid"]))
         assert {entry.dtype for entry in table.values()} == {"F32"}  # the plan's dtype, not the clients' default
+
+
+def test_each_app_names_its_own_session_cookie(system):
+    """Browsers share cookies across the ports of one host: a page of one app must not replace the
+    session (and so the form tokens) of another's."""
+    names = set()
+    for app in (system["org"], *system["clients"]):
+        answer = app.get("/")
+        [cookie] = [header for header in answer.headers.getlist("Set-Cookie")]
+        names.add(cookie.split("=", 1)[0])
+    assert names == {"fl-organization", "fl-client-0", "fl-client-1"}
