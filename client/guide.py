@@ -80,7 +80,7 @@ def client_guide(status: dict[str, Any], job: dict[str, Any] | None) -> dict[str
     elif not ipfs_ok:
         next_step = "Start IPFS (above): the base model and the update travel through it."
     elif status.get("agent"):
-        next_step = f"Taking part in round {round_id} by itself: {status['agent']['state']}."
+        next_step = f"Nothing to press: this device takes part by itself ({status['agent']['state']})."
     else:
         deadline = f" before its deadline, {current['deadline_text']}" if current.get("deadline_text") else ""
         next_step = f"Press Participate to take part in round {round_id}{deadline} (or Pull, Train and Publish)."

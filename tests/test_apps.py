@@ -222,3 +222,21 @@ def test_each_app_names_its_own_session_cookie(system):
         [cookie] = [header for header in answer.headers.getlist("Set-Cookie")]
         names.add(cookie.split("=", 1)[0])
     assert names == {"fl-organization", "fl-client-0", "fl-client-1"}
+
+
+def test_a_client_of_another_task_is_refused_at_start_up_and_at_its_pull(system, tmp_path):
+    """A device started for mnist in a network that learns digits says so, naming the network's task,
+    instead of failing only when it takes part."""
+    import client
+    from client.service import WrongNetwork
+
+    shared = {"SETTINGS": system["settings"], "W3": system["w3"], "STORE": system["store"]}
+    mnist_device = ClientConfig(client_id=2, num_clients=4, task="mnist")
+    early = client.create_app({**shared, "CLIENT_CONFIG": mnist_device})  # no round yet: nothing to check
+    deploy_and_enrol(system)
+    assert system["org"].post("/api/rounds").status_code == 201
+    with pytest.raises(WrongNetwork, match="the organization's rounds learn the task 'digits'.* started for "
+                                           "'mnist': start it with --task digits"):
+        client.create_app({**shared, "CLIENT_CONFIG": dataclasses.replace(mnist_device, client_id=3)})
+    answer = early.test_client().post("/api/pull", json={"wait": True})
+    assert answer.status_code == 409 and "start it with --task digits" in answer.get_json()["error"]
