@@ -89,7 +89,7 @@ def test_a_device_is_told_each_next_step():
     assert client_guide(submitted, None)["next"].startswith("Done with round 2")
     assert states(client_guide(submitted, None))[-3:] == ["done", "done", "done"]
     agent = client_status(agent={"state": "taking part in round 2"})
-    assert client_guide(agent, None)["next"] == "Taking part in round 2 by itself: taking part in round 2."
+    assert client_guide(agent, None)["next"] == "Nothing to press: this device takes part by itself (taking part in round 2)."
 
 
 def test_training_progress_in_words_and_as_a_share():
