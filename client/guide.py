@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DONE, NOW, LATER = "done", "now", "later"
-
-
-def _step(label: str, state: str, detail: str = "") -> dict[str, str]:
-    return {"label": label, "state": state, "detail": detail}
+from infra.checklist import DONE, LATER, NOW, step
 
 
 def training_text(job: dict[str, Any] | None) -> str | None:
@@ -44,30 +40,30 @@ def client_guide(status: dict[str, Any], job: dict[str, Any] | None) -> dict[str
     steps: list[dict[str, str]] = []
     chain_ok, ipfs_ok = status["chain_error"] is None, status["ipfs"]["ok"]
     down = [text for text in (status["chain_error"], None if ipfs_ok else status["ipfs"]["error"]) if text]
-    steps.append(_step("The chain and IPFS answer", DONE if chain_ok and ipfs_ok else NOW, " ".join(down)))
+    steps.append(step("The chain and IPFS answer", DONE if chain_ok and ipfs_ok else NOW, " ".join(down)))
     if not chain_ok:
         return {"steps": steps, "next": "Start the chain (above); this page carries on by itself once it answers."}
     if not status["contract"]:
-        steps.append(_step("The organization deploys its round registry", NOW))
+        steps.append(step("The organization deploys its round registry", NOW))
         return {"steps": steps, "next": "Wait for the organization to deploy its round registry."}
-    steps.append(_step("The organization deploys its round registry", DONE, status["contract"]))
+    steps.append(step("The organization deploys its round registry", DONE, status["contract"]))
     if not status.get("enrolled"):
-        steps.append(_step("The organization enrols this device", NOW, status["address"]))
+        steps.append(step("The organization enrols this device", NOW, status["address"]))
         return {"steps": steps, "next": (f"Ask the organization to enrol this device's address {status['address']} "
                                          "(on its dashboard, or `python run.py enrol ADDRESS`).")}
-    steps.append(_step("The organization enrols this device", DONE))
+    steps.append(step("The organization enrols this device", DONE))
     current = status.get("round")
     if current is None:
-        steps.append(_step("A round opens", NOW))
+        steps.append(step("A round opens", NOW))
         return {"steps": steps, "next": "Wait for the organization to open the first round."}
     round_id = current["round"]
-    steps.append(_step(f"Round {round_id} opens", DONE, "invites this device" if current["invited"] else
+    steps.append(step(f"Round {round_id} opens", DONE, "invites this device" if current["invited"] else
                        "does not invite this device"))
     base, trained = status.get("base") or {}, status.get("trained") or {}
     for label, done in (("pull the base model", base.get("round") == round_id and base.get("cid") == current["base_cid"]),
                         ("train on the local data", trained.get("round") == round_id),
                         ("publish the update", current["submitted"])):
-        steps.append(_step(f"Round {round_id}: {label}", DONE if done or current["submitted"] else LATER))
+        steps.append(step(f"Round {round_id}: {label}", DONE if done or current["submitted"] else LATER))
     working = training_text(job)
     if working:
         next_step = f"Round {round_id}: {working}."
@@ -84,8 +80,7 @@ def client_guide(status: dict[str, Any], job: dict[str, Any] | None) -> dict[str
     else:
         deadline = f" before its deadline, {current['deadline_text']}" if current.get("deadline_text") else ""
         next_step = f"Press Participate to take part in round {round_id}{deadline} (or Pull, Train and Publish)."
-    for step in steps:
-        if step["state"] == LATER and not current["submitted"] and current["invited"] and current["open"]:
-            step["state"] = NOW
-            break
+    pending = [item for item in steps if item["state"] == LATER]
+    if pending and current["invited"] and current["open"]:  # the first of the round's steps still to do
+        pending[0]["state"] = NOW
     return {"steps": steps, "next": next_step}

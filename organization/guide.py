@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DONE, NOW, LATER = "done", "now", "later"
-
-
-def _step(label: str, state: str, detail: str = "") -> dict[str, str]:
-    return {"label": label, "state": state, "detail": detail}
+from infra.checklist import DONE, LATER, NOW, step
 
 
 def organization_guide(status: dict[str, Any]) -> dict[str, Any]:
@@ -32,17 +28,17 @@ def _steps(status: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     steps: list[dict[str, str]] = []
     services_up = status["chain"]["ok"] and status["ipfs"]["ok"]
     down = [service["error"] for service in (status["chain"], status["ipfs"]) if not service["ok"]]
-    steps.append(_step("The chain and IPFS answer", DONE if services_up else NOW, " ".join(down)))
+    steps.append(step("The chain and IPFS answer", DONE if services_up else NOW, " ".join(down)))
     if not status["chain"]["ok"]:
         return steps, "Start the chain (above); this page carries on by itself once it answers."
 
     contract = status.get("contract")
     if not contract:
-        steps.append(_step("Deploy the round registry", NOW))
+        steps.append(step("Deploy the round registry", NOW))
         return steps, ("The organization deploys the round registry by itself." if runner else
                        "Deploy the round registry: the button below (or `python run.py deploy`, or "
                        "`truffle migrate`).")
-    steps.append(_step("Deploy the round registry", DONE, contract["address"]))
+    steps.append(step("Deploy the round registry", DONE, contract["address"]))
 
     quorum = contract["rules"]["quorum"]
     clients = status.get("clients")
@@ -52,7 +48,7 @@ def _steps(status: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     else:
         detail = f"{len(clients)} enrolled; a round needs {quorum} update{'s' if quorum != 1 else ''} (its quorum)"
     current = status.get("current_round")
-    steps.append(_step("Enrol the clients", DONE if enrolled_enough or current else NOW, detail))
+    steps.append(step("Enrol the clients", DONE if enrolled_enough or current else NOW, detail))
     if not current and not enrolled_enough:
         return steps, ("Enrol each client's address (shown on its page) with the form below or "
                        f"`python run.py enrol ADDRESS`: {len(clients)} of {quorum} enrolled"
@@ -60,23 +56,23 @@ def _steps(status: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
     if not status["ipfs"]["ok"]:
         return steps, "Start IPFS (above): the models travel through it."
     if not current:
-        steps.append(_step("Open the first round", NOW))
+        steps.append(step("Open the first round", NOW))
         return steps, ("The organization opens round 1 by itself." if runner else
                        "Start the first round: the button below publishes the initial model and opens round 1.")
-    steps.append(_step("Open the first round", DONE))
+    steps.append(step("Open the first round", DONE))
 
     merged = [point for point in status.get("history") or [] if point["round"] > 0 and not point.get("missed_quorum")]
     round_id = current["round"]
     if runner and runner.get("finished"):
-        steps.append(_step("Merge the rounds", DONE, f"{len(merged)} merged"))
+        steps.append(step("Merge the rounds", DONE, f"{len(merged)} merged"))
         return steps, f"Done: {runner['state']}."
     submitted, expected = current["submission_count"], current.get("expected")
     invited = f"{submitted} of {expected} invited clients" if expected is not None else f"{submitted} clients"
     deadline = f"; deadline {current['deadline_text']}" if current.get("deadline_text") else ""
-    steps.append(_step(f"Round {round_id}: collect the updates", DONE if current["closed"] else NOW,
+    steps.append(step(f"Round {round_id}: collect the updates", DONE if current["closed"] else NOW,
                        f"{invited} have submitted (quorum {current['quorum']}){deadline}"))
     planned = f" of {runner['rounds']}" if runner else ""
-    steps.append(_step("Merge the rounds", LATER, f"{len(merged)}{planned} merged so far"))
+    steps.append(step("Merge the rounds", LATER, f"{len(merged)}{planned} merged so far"))
     if current.get("missed"):
         return steps, (f"Round {round_id} missed its quorum by its deadline: the organization restarts it from "
                        "its base." if runner else
