@@ -81,7 +81,7 @@ def cmd_app(args: argparse.Namespace) -> None:
                                 rules=round_rules_from(args), rounds=args.rounds,
                                 target_accuracy=args.target_accuracy)
     app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, debug=args.debug)
 
 
 def round_rules_from(args: argparse.Namespace):
@@ -106,7 +106,7 @@ def cmd_client(args: argparse.Namespace) -> None:
         app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
     except DeviceDataError as exc:  # checked before the first round, said in one line
         sys.exit(f"client {args.id}: {exc}")
-    serve(app, args.host, args.port if args.port else 5100 + args.id)
+    serve(app, args.host, args.port if args.port else 5100 + args.id, debug=args.debug)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--invite", type=float, default=100.0,
                          help="percent of the enrolled clients each round invites, drawn from the chain")
 
+    def debug_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--debug", action="store_true",
+                         help="serve with Werkzeug's development server instead of waitress")
+
     def task_flag(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--task", default="mnist", choices=list(TASKS),
                          help="what is learned: handwritten digits (mnist, digits) or whether a user likes a film "
@@ -229,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     task_flag(app)
     app.add_argument("--host", default="127.0.0.1", help="address to serve the dashboard and API on")
     app.add_argument("--port", type=int, default=5000, help="port to serve the dashboard and API on")
+    debug_flag(app)
     app.add_argument("--seed", type=int, default=0, help="seed of the initial model")
     TrainingSettings.add_flags(app)  # the round plan: how every client trains
     app.add_argument("--pretrain-epochs", type=int, default=0,
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
     cli.add_argument("--host", default="127.0.0.1", help="address to serve the page and API on")
     cli.add_argument("--port", type=int, help="port to serve the page and API on (default: 5100 + K)")
+    debug_flag(cli)
     cli.add_argument("--seed", type=int, default=0, help="seed of the partition and of local training's batch order")
     cli.add_argument("--manual", action="store_true",
                      help="take part only when asked (the page's buttons or the API), not in every round by itself")

@@ -14,9 +14,11 @@ from urllib.parse import urlsplit
 
 import orjson
 import requests
+import waitress
 from flask import Blueprint, Flask, abort, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from waitress import trigger, wasyncore
 from werkzeug.exceptions import BadRequest, HTTPException
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
@@ -107,25 +109,75 @@ def retrying(settings: Settings, what: str, call: Callable[[], T]) -> T:
             attempt += 1
 
 
+READ_TIMEOUT = 10  # seconds a connection may stall mid-request before it is dropped
+SERVER_THREADS = 8  # requests served at once; a waiting participate or aggregate call holds one
+
+
 class BoundedRequestHandler(WSGIRequestHandler):
     """Werkzeug's request handler with a socket timeout: a client that announces a body and never
     sends it (or sends it a byte at a time) holds a worker thread for at most this long."""
-    timeout = 10
+    timeout = READ_TIMEOUT
 
 
-def http_server(app: Flask, host: str, port: int) -> BaseWSGIServer:
-    """Werkzeug's threaded server for `app` at host:port, with bounded body reads."""
-    return make_server(host, port, app, threaded=True, request_handler=BoundedRequestHandler)
+class WaitressServer:
+    """waitress serving `app`, under the names of Werkzeug's server (port, serve_forever, and
+    shutdown from another thread), so that either is run alike.
+
+    waitress reads a whole request before a worker thread sees it: a stalled one holds no
+    thread, and its connection is dropped after READ_TIMEOUT s without a byte (looked for every
+    second). It buffers at most twice the apps' body cap; a body up to that reaches the app,
+    whose guard answers JSON 413 past the cap, and one beyond it gets waitress's own 413."""
+
+    def __init__(self, app: Flask, host: str, port: int) -> None:
+        self.sockets: dict = {}  # every socket waitress's loop watches, by file descriptor
+        self.server = waitress.create_server(app, map=self.sockets, threads=SERVER_THREADS, host=host, port=port,
+                                             channel_timeout=READ_TIMEOUT, cleanup_interval=1,
+                                             max_request_body_size=2 * BODY_LIMIT)
+        self.waker = trigger.trigger(self.sockets)  # runs a function in the loop's thread (shutdown)
+        # A host of several addresses (localhost: IPv4 and IPv6) gets a server on each, all on `port`.
+        self.port = int(getattr(self.server, "effective_port", port))
+
+    def serve_forever(self) -> None:
+        self.server.run()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever, which runs in another thread: that thread closes every socket (no
+        other may while it waits on them), and its loop ends with none left."""
+        closed = threading.Event()
+
+        def close_all() -> None:
+            wasyncore.close_all(self.sockets)
+            closed.set()
+
+        self.waker.pull_trigger(close_all)
+        closed.wait()
+        self.server.task_dispatcher.shutdown()
 
 
-def serve(app: Flask, host: str, port: int) -> None:
-    """Serve `app` until interrupted, one thread per request."""
+def http_server(app: Flask, host: str, port: int, debug: bool = False) -> WaitressServer | BaseWSGIServer:
+    """The server for `app` at host:port: waitress, or with `debug` Werkzeug's development server
+    (a thread per request, bounded body reads). An address it cannot take raises SystemExit
+    with one line that names the flags to change."""
     try:
-        server = http_server(app, host, port)
-    except SystemExit:  # Werkzeug has said why on stderr (a port in use, an address of no interface here)
-        raise SystemExit(f"cannot serve on {host}:{port}: choose another with --host or --port") from None
-    print(f" * Running on http://{host}:{server.port}", flush=True)
-    server.serve_forever()
+        if debug:
+            return make_server(host, port, app, threaded=True, request_handler=BoundedRequestHandler)
+        return WaitressServer(app, host, port)
+    except OSError as exc:  # waitress: a port in use, an address of no interface here, an unknown name
+        reason = f" ({exc.strerror or exc})"
+    except SystemExit:  # Werkzeug has said why on stderr
+        reason = ""
+    raise SystemExit(f"cannot serve on {host}:{port}{reason}: choose another with --host or --port")
+
+
+def serve(app: Flask, host: str, port: int, debug: bool = False) -> None:
+    """Serve `app` until interrupted (Ctrl-C, or SIGTERM where run.py turns it into one)."""
+    server = http_server(app, host, port, debug)
+    what = "Werkzeug's development server, for debugging only" if debug else "waitress"
+    print(f" * Running on http://{host}:{server.port} ({what}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # waitress stops by itself on it; Werkzeug's server lets it through
+        pass
 
 
 def store_status(store: ipfs.ContentStore, url: str) -> dict[str, Any]:

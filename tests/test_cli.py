@@ -1,12 +1,17 @@
 """The command line: wrong choices fail at once (before TensorFlow loads), each command takes only
-the flags it uses, help shows defaults and an example, and expected failures are one line."""
+the flags it uses, help shows defaults and an example, expected failures are one line, and the apps
+serve with waitress."""
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
+import requests
 from flask import Flask
 
 import run
@@ -46,15 +51,65 @@ def test_each_commands_help_shows_defaults_and_an_example(command):
         assert "(default: " in done.stdout
 
 
-def test_a_port_in_use_is_said_without_a_traceback_naming_the_flag(capsys):
+@pytest.mark.parametrize("debug, reason", [(False, " (Address already in use)"), (True, "")])
+def test_a_port_in_use_is_said_without_a_traceback_naming_the_flag(capsys, debug, reason):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
         with pytest.raises(SystemExit) as stopped:
-            serve(Flask(__name__), "127.0.0.1", port)
-    assert str(stopped.value) == f"cannot serve on 127.0.0.1:{port}: choose another with --host or --port"
-    assert f"Port {port} is in use" in capsys.readouterr().err
+            serve(Flask(__name__), "127.0.0.1", port, debug=debug)
+    assert str(stopped.value) == f"cannot serve on 127.0.0.1:{port}{reason}: choose another with --host or --port"
+    if debug:  # Werkzeug says why itself, on stderr
+        assert f"Port {port} is in use" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def organization_app(tmp_path, *flags: str):
+    """`run.py app` on the embedded chain and store, serving; yields its URL and a list that holds,
+    once it has stopped (SIGTERM), everything it printed."""
+    port, output_path, printed = free_port(), tmp_path / "output.txt", []
+    url = f"http://127.0.0.1:{port}"
+    with output_path.open("wb") as output:
+        process = subprocess.Popen([*PYTHON_RUN, "app", "--task", "digits", "--chain-url", "embedded", "--ipfs-api",
+                                    "embedded", "--state-dir", str(tmp_path), "--port", str(port), *flags],
+                                   cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_answers(url):
+            assert process.poll() is None and time.monotonic() < deadline, output_path.read_text()
+            time.sleep(0.25)
+        yield url, printed
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, output_path.read_text()
+    printed.extend(output_path.read_text().splitlines())
+
+
+def port_answers(url: str) -> bool:
+    try:
+        return requests.get(url + "/api/status", timeout=5).ok
+    except requests.ConnectionError:
+        return False
+
+
+def test_an_app_serves_with_waitress_without_the_development_servers_warning(tmp_path):
+    with organization_app(tmp_path) as (url, printed):
+        assert requests.get(url + "/api/status", timeout=30).headers["Server"] == "waitress"
+    assert f" * Running on {url} (waitress); Ctrl-C stops it" in printed
+    assert not [line for line in printed if "development server" in line]
+
+
+def test_debug_serves_with_werkzeug(tmp_path):
+    with organization_app(tmp_path, "--debug") as (url, printed):
+        assert requests.get(url + "/api/status", timeout=30).headers["Server"].startswith("Werkzeug/")
+    assert f" * Running on {url} (Werkzeug's development server, for debugging only); Ctrl-C stops it" in printed
 
 
 @pytest.mark.ganache
