@@ -20,13 +20,14 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import requests
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from infra import chain, ipfs
 from infra.files import REPO_ROOT, read_json_lines
@@ -101,6 +102,24 @@ def check_answer(method: str, url: str, status: int, payload: Any) -> dict[str, 
     return payload
 
 
+@contextmanager
+def logging_into(path: Path) -> Iterator[None]:
+    """This process's log lines, INFO and up, go to `path` instead of the terminal meanwhile: the
+    embedded demo's apps run here, and their lines would land between the progress bars."""
+    root = logging.getLogger()
+    handlers, level = root.handlers, root.level
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
+        handler.close()
+
+
 def free_port(preferred: int) -> int:
     """`preferred` if nothing listens there, else any free port."""
     for port in (preferred, 0):
@@ -165,8 +184,10 @@ class FullStack:
         self.org: ManagedProcess | None = None
 
     def app_process(self, name: str, port: int, args: list[str]) -> ManagedProcess:
-        """An app's process, not started; ready once its port accepts connections."""
-        process = ManagedProcess(name, [sys.executable, str(REPO_ROOT / "run.py"), *args, "--port", str(port)],
+        """An app's process, not started; ready once its port accepts connections. It logs
+        everything (--verbose) to its file, which the terminal never shows."""
+        process = ManagedProcess(name, [sys.executable, str(REPO_ROOT / "run.py"), *args, "--port", str(port),
+                                        "--verbose"],
                                  is_ready=lambda: port_listens(port), log_path=self.logs / f"{name}.log",
                                  env=self.env, cwd=REPO_ROOT, ready_timeout=600)
         self.stack.callback(process.stop)
@@ -243,7 +264,7 @@ def embedded_system(state_dir: Path, org_config, client_configs: Sequence = (), 
     return EmbeddedSystem(org, clients, settings, w3, store)
 
 
-def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, list[Endpoint]]:
+def start_embedded(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[Endpoint, list[Endpoint]]:
     from client.service import ClientConfig
     from organization.service import OrganizationConfig
     from processor.screen import policy_for
@@ -253,7 +274,7 @@ def start_embedded(options: DemoOptions, settings: Settings) -> tuple[Endpoint, 
     # The apps log here, in a file as they do in their own processes, not between the progress bars.
     log_path = run_dir / "logs" / "apps.log"
     log_path.parent.mkdir(parents=True)
-    logging.basicConfig(filename=log_path, level=logging.INFO, format=LOG_FORMAT)
+    stack.enter_context(logging_into(log_path))
     registry = chain.deploy_registry(chain.connect(EMBEDDED), chain.DEV_KEYS[0])
     log(f"embedded chain and store; round registry at {registry.address}; the apps' log: {log_path}")
     system = embedded_system(
@@ -491,8 +512,10 @@ class RoundFollower:
 
 def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
     with ExitStack() as stack:
+        if not options.embedded:
+            stack.enter_context(logging_redirect_tqdm())  # this process's own log lines, above the bars
         if options.embedded or options.drive:
-            org, clients = (start_embedded(options, settings) if options.embedded
+            org, clients = (start_embedded(options, settings, stack) if options.embedded
                             else start_driven_stack(options, settings, stack))
             rows, initial_accuracy = drive_rounds(org, clients, options)
             urls = [org.url] + [c.url for c in clients]

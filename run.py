@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import replace
@@ -50,6 +53,41 @@ def app_settings(args: argparse.Namespace) -> Settings:
     if args.host in settings.allowed_hosts or args.host in ("0.0.0.0", "::"):
         return settings
     return replace(settings, allowed_hosts=(*settings.allowed_hosts, args.host))
+
+
+# What TensorFlow's native libraries write as they load, through absl's logging before anything set
+# it up, where TF_CPP_MIN_LOG_LEVEL does not reach: absl's notice of that, and INFO lines ("oneDNN
+# custom operations are on", once per library).
+TENSORFLOW_NOTES = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"
+                              r"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] ")
+TENSORFLOW_COMMANDS = ("app", "client", "demo")
+
+
+def load_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up notes held back. They are written to file descriptor 2
+    by native code, so it is pointed at a file meanwhile; whatever else lands there (a warning,
+    an error) is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not TENSORFLOW_NOTES.match(line):
+                    sys.stderr.write(line)
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log lines on stderr: WARNING and up, and INFO too with --verbose."""
+    from infra.webapp import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
 
 
 def interrupt_on_sigterm(signum, frame) -> None:
@@ -211,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--invite", type=float, default=100.0,
                          help="percent of the enrolled clients each round invites, drawn from the chain")
 
+    def verbose_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--verbose", action="store_true",
+                         help="log INFO lines too: what each step does")
+
     def debug_flag(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--debug", action="store_true",
                          help="serve with Werkzeug's development server instead of waitress")
@@ -234,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     app.add_argument("--host", default="127.0.0.1", help="address to serve the dashboard and API on")
     app.add_argument("--port", type=int, default=5000, help="port to serve the dashboard and API on")
     debug_flag(app)
+    verbose_flag(app)
     app.add_argument("--seed", type=int, default=0, help="seed of the initial model")
     TrainingSettings.add_flags(app)  # the round plan: how every client trains
     app.add_argument("--pretrain-epochs", type=int, default=0,
@@ -263,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--host", default="127.0.0.1", help="address to serve the page and API on")
     cli.add_argument("--port", type=int, help="port to serve the page and API on (default: 5100 + K)")
     debug_flag(cli)
+    verbose_flag(cli)
     cli.add_argument("--seed", type=int, default=0, help="seed of the partition and of local training's batch order")
     cli.add_argument("--manual", action="store_true",
                      help="take part only when asked (the page's buttons or the API), not in every round by itself")
@@ -297,11 +341,15 @@ def main(argv: list[str] | None = None) -> None:
                                                            "of letting the network run by itself")
     demo.add_argument("--round-seconds", type=int, default=20, help="each round's deadline")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
+    verbose_flag(demo)
     demo.add_argument("--json", type=Path, help="write the per-round results here")
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")
 
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    configure_logging(getattr(args, "verbose", False))
+    if args.command in TENSORFLOW_COMMANDS:
+        load_tensorflow_quietly()
     run_command(args)
 
 

@@ -302,7 +302,6 @@ def create_app(import_name: str, config: dict[str, Any] | None, role: str, defau
     w3 = app.config.get("W3") or chain.connect(settings.chain_url)
     store = app.config.get("STORE") or open_store(settings)
     app.extensions.update(extensions(settings, role_config, w3, store, app.config.get("REGISTRY")))
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app.register_blueprint(shared_templates)
     for blueprint in blueprints():
         app.register_blueprint(blueprint)

@@ -1,8 +1,9 @@
 """The command line: wrong choices fail at once (before TensorFlow loads), each command takes only
 the flags it uses, help shows defaults and an example, expected failures are one line, and the apps
-serve with waitress."""
+serve with waitress and say only that unless asked for more."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -99,17 +100,21 @@ def port_answers(url: str) -> bool:
         return False
 
 
-def test_an_app_serves_with_waitress_without_the_development_servers_warning(tmp_path):
+def test_an_app_serves_with_waitress_and_prints_only_where_it_serves(tmp_path):
     with organization_app(tmp_path) as (url, printed):
         assert requests.get(url + "/api/status", timeout=30).headers["Server"] == "waitress"
-    assert f" * Running on {url} (waitress); Ctrl-C stops it" in printed
-    assert not [line for line in printed if "development server" in line]
+        assert requests.post(url + "/api/deploy", timeout=60).status_code == 201  # logs an INFO line
+    # no TensorFlow start-up notes (absl's, oneDNN's), no INFO lines, no development-server warning
+    assert printed == [f" * Running on {url} (waitress); Ctrl-C stops it"]
 
 
-def test_debug_serves_with_werkzeug(tmp_path):
-    with organization_app(tmp_path, "--debug") as (url, printed):
+def test_debug_serves_with_werkzeug_and_verbose_logs_info_lines(tmp_path):
+    with organization_app(tmp_path, "--debug", "--verbose") as (url, printed):
         assert requests.get(url + "/api/status", timeout=30).headers["Server"].startswith("Werkzeug/")
+        assert requests.post(url + "/api/deploy", timeout=60).status_code == 201
     assert f" * Running on {url} (Werkzeug's development server, for debugging only); Ctrl-C stops it" in printed
+    assert any(re.search(r" organization INFO deployed the round registry at 0x", line) for line in printed), printed
+    assert not [line for line in printed if "absl" in line or "oneDNN" in line]  # held back either way
 
 
 @pytest.mark.ganache
