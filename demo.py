@@ -72,10 +72,11 @@ class DemoError(RuntimeError):
 
 
 class HttpEndpoint:
-    """An app served by another process."""
+    """An app served by another process, which the demo started."""
 
-    def __init__(self, url: str, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, process: ManagedProcess, timeout: float = 600.0) -> None:
         self.url = url
+        self.process = process
         self.timeout = timeout
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
@@ -100,6 +101,39 @@ def check_answer(method: str, url: str, status: int, payload: Any) -> dict[str, 
         message = payload.get("error") if isinstance(payload, dict) else payload
         raise DemoError(f"{method} {url} answered {status}: {message}")
     return payload
+
+
+# An earlier run's apps may still be stopping: how long a port in use is given to come free.
+PORT_WAIT_SECONDS = 2.0
+
+
+def check_port(port: int, owner: str, flag: str) -> None:
+    """Fail unless an app can listen on 127.0.0.1:`port`, naming the port and the flag that moves it.
+    Bound with SO_REUSEADDR, as both servers bind: a port that only an earlier run's closed
+    connections hold (TIME_WAIT) is free to them, one that a process listens on is not."""
+    deadline = time.monotonic() + PORT_WAIT_SECONDS
+    while True:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise DemoError(f"port {port} ({owner}) is in use ({exc.strerror}): stop what listens there, "
+                                    f"or choose another with {flag}") from None
+        time.sleep(0.25)
+
+
+def check_ports(options: DemoOptions) -> None:
+    """Every app's port, before anything starts."""
+    check_port(options.org_port, "the organization's", "--port")
+    for k in range(options.clients):
+        check_port(options.first_client_port + k, f"client {k}'s", "--client-port (client K serves on it + K)")
+
+
+def dashboards(apps: Sequence[tuple[ManagedProcess, str]]) -> str:
+    return ", ".join(f"{process.name} {url}" for process, url in apps)
 
 
 @contextmanager
@@ -159,6 +193,7 @@ class FullStack:
     """Ganache, the IPFS daemon and a deployed registry, and the apps as separate processes."""
 
     def __init__(self, options: DemoOptions, settings: Settings, stack: ExitStack) -> None:
+        check_ports(options)
         self.options, self.settings, self.stack = options, settings, stack
         self.run_dir = settings.state_dir / "demo"
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -182,35 +217,32 @@ class FullStack:
                     **compute_threads(options.clients)}
         self.clients: dict[int, ManagedProcess] = {}
         self.org: ManagedProcess | None = None
+        self.apps: list[tuple[ManagedProcess, str]] = []  # every app's process and URL
 
-    def app_process(self, name: str, port: int, args: list[str]) -> ManagedProcess:
-        """An app's process, not started; ready once its port accepts connections. It logs
-        everything (--verbose) to its file, which the terminal never shows."""
+    def app_process(self, name: str, port: int, args: list[str]) -> tuple[ManagedProcess, str]:
+        """An app's process, not started, ready once its port accepts connections, and its URL. It
+        logs everything (--verbose) to its file, which the terminal never shows."""
         process = ManagedProcess(name, [sys.executable, str(REPO_ROOT / "run.py"), *args, "--port", str(port),
                                         "--verbose"],
                                  is_ready=lambda: port_listens(port), log_path=self.logs / f"{name}.log",
                                  env=self.env, cwd=REPO_ROOT, ready_timeout=600)
         self.stack.callback(process.stop)
-        return process
+        self.apps.append((process, f"http://127.0.0.1:{port}"))
+        return self.apps[-1]
 
     def organization(self, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
         options = self.options
-        port = free_port(options.org_port)
-        if options.org_port and port != options.org_port:
-            log(f"port {options.org_port} is taken (an earlier run's may still be closing): the organization "
-                f"serves on {port}")
-        self.org = self.app_process("organization", port, [
+        self.org, url = self.app_process("organization", options.org_port, [
             "app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
             "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *extra])
-        return self.org, f"http://127.0.0.1:{port}"
+        return self.org, url
 
     def client(self, k: int, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
         options = self.options
-        port = free_port(options.first_client_port + k)
-        self.clients[k] = self.app_process(f"client-{k}", port, [
+        self.clients[k], url = self.app_process(f"client-{k}", options.first_client_port + k, [
             "client", "--id", str(k), "--clients", str(options.clients), "--task", options.task,
             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed), *extra])
-        return self.clients[k], f"http://127.0.0.1:{port}"
+        return self.clients[k], url
 
     def enrol(self, k: int) -> None:
         """Enrol client k, as the operator does with `run.py enrol`: it takes part from the next round."""
@@ -232,9 +264,10 @@ def start_driven_stack(options: DemoOptions, settings: Settings, stack: ExitStac
     org, org_url = system.organization()
     started = [system.client(k, ["--manual"]) for k in range(options.clients)]
     log(f"starting the organization and {options.clients} clients (logs in {system.logs})")
-    for process, _ in [(org, org_url), *started]:
+    for process, _ in system.apps:
         process.start()
-    return HttpEndpoint(org_url), [HttpEndpoint(url) for _, url in started]
+    log(f"dashboards, while the demo runs: {dashboards(system.apps)}")
+    return HttpEndpoint(org_url, org), [HttpEndpoint(url, process) for process, url in started]
 
 
 @dataclass
@@ -388,18 +421,17 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
     for k in range(options.clients):
         if k != late:
             system.enrol(k)
-    # The clients first, so that they are listening when the organization opens round 1.
-    starting = [system.client(k, ["--train-delay", str(options.round_seconds + 2)] if k == straggler else [])[0]
-                for k in range(options.clients) if k != late]
     org, org_url = system.organization(["--rounds", str(options.rounds)])
-    starting.append(org)
+    # The clients start first, so that they are listening when the organization opens round 1.
+    starting = [system.client(k, ["--train-delay", str(options.round_seconds + 2)] if k == straggler else [])[0]
+                for k in range(options.clients) if k != late] + [org]
     log(f"starting {len(starting) - 1} clients and the organization (logs in {system.logs}); the organization "
         f"runs {options.rounds} rounds of at most {options.round_seconds} s by itself")
     if straggler is not None:
         log(f"client {straggler} is slow: it trains {options.round_seconds + 2} s past every round's opening")
     for process in starting:
         process.start()
-    log(f"the organization's dashboard: {org_url} (while the demo runs; --keep leaves it up after)")
+    log(f"dashboards, while the demo runs: {dashboards(system.apps)}")
     follower = RoundFollower(system, options)
     rows = []
     while len(rows) < options.rounds:
@@ -410,8 +442,9 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
             f"{row['seconds']:.1f} s{note}")
         if late is not None and row["round"] == 1:
             system.enrol(late)
-            log(f"client {late} joins now: enrolled during round 2, it takes part from round 3")
-            system.client(late)[0].start()
+            joining, url = system.client(late)
+            log(f"client {late} joins now: enrolled during round 2, it takes part from round 3; its page: {url}")
+            joining.start()
         if after_round is not None:
             after_round(system, row)
     history = system.history()
@@ -512,16 +545,19 @@ class RoundFollower:
 
 def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
     with ExitStack() as stack:
-        if not options.embedded:
-            stack.enter_context(logging_redirect_tqdm())  # this process's own log lines, above the bars
-        if options.embedded or options.drive:
-            org, clients = (start_embedded(options, settings, stack) if options.embedded
-                            else start_driven_stack(options, settings, stack))
+        if options.embedded:
+            org, clients = start_embedded(options, settings, stack)
             rows, initial_accuracy = drive_rounds(org, clients, options)
-            urls = [org.url] + [c.url for c in clients]
+            apps = []
         else:
-            rows, initial_accuracy, org_url, _ = run_self_running(options, settings, stack)
-            urls = [org_url]
+            stack.enter_context(logging_redirect_tqdm())  # this process's own log lines, above the bars
+            if options.drive:
+                org, clients = start_driven_stack(options, settings, stack)
+                rows, initial_accuracy = drive_rounds(org, clients, options)
+                apps = [(endpoint.process, endpoint.url) for endpoint in (org, *clients)]
+            else:
+                rows, initial_accuracy, _, system = run_self_running(options, settings, stack)
+                apps = system.apps
         print_table(rows, initial_accuracy)
         points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]
         accuracy_png({"test accuracy": points}, title=f"{options.task}, {options.clients} clients",
@@ -533,8 +569,8 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
             options.json_path.parent.mkdir(parents=True, exist_ok=True)
             options.json_path.write_text(json.dumps(report, indent=1))
             print(f"json: {options.json_path}")
-        if options.keep and not options.embedded:
-            print(f"\ndashboards: {', '.join(urls)}")
+        if options.keep and apps:
+            print(f"\ndashboards: {dashboards(apps)}")
             print("Ctrl-C stops everything.")
             try:
                 while True:

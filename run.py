@@ -213,7 +213,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
                           training=TrainingSettings.from_args(args), alpha=args.alpha, seed=args.seed,
                           bounds=args.bounds, embedded=args.embedded, drive=args.drive,
-                          round_seconds=args.round_seconds, keep=args.keep, json_path=args.json)
+                          round_seconds=args.round_seconds, keep=args.keep, json_path=args.json,
+                          org_port=args.port, first_client_port=args.client_port)
     try:
         run_demo(options, settings_from(args))
     except (DemoError, KeyboardInterrupt) as exc:
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                                                            "of letting the network run by itself")
     demo.add_argument("--round-seconds", type=int, default=20, help="each round's deadline")
     demo.add_argument("--keep", action="store_true", help="leave the dashboards up")
+    demo.add_argument("--port", type=int, default=5000, help="the organization's dashboard port")
+    demo.add_argument("--client-port", type=int, default=5100, help="client 0's page port; client K's is this + K")
     verbose_flag(demo)
     demo.add_argument("--json", type=Path, help="write the per-round results here")
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")

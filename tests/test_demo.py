@@ -1,15 +1,26 @@
-"""The demo, end to end: embedded in one process, and as the real stack of separate processes."""
+"""The demo, end to end: embedded in one process, and as the real stack of separate processes; and
+its port checks."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
+import requests
+from flask import Flask
 
 import demo
-from demo import DemoOptions, run_demo
+from demo import DemoError, DemoOptions, run_demo
 from infra import chain, ipfs
+from infra.files import REPO_ROOT
+from infra.processes import port_listens
 from infra.settings import Settings
+from infra.webapp import WaitressServer
 from processor import codec
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -92,3 +103,63 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
         assert accuracy == pytest.approx(rows[round_id - 1]["accuracy"])
     clients = [demo.client_address(k) for k in range(3)]
     assert submitters == {1: [clients[0]], 2: [clients[0]], 3: sorted([clients[0], clients[2]])}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> socket.socket:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    return holder
+
+
+def test_the_demo_stops_before_anything_starts_when_a_port_is_in_use(tmp_path):
+    """Through the command line: the organization's port is taken, so the demo says which port and
+    which flag moves it, in one line, and starts no chain."""
+    port, chain_port = free_port(), free_port()
+    with listening(port):
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "demo", "--port", str(port),
+                               "--chain-url", f"http://127.0.0.1:{chain_port}", "--ipfs-api", "http://127.0.0.1:9",
+                               "--state-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"demo stopped: port {port} (the organization's) is in use (Address already in use): stop what listens "
+        "there, or choose another with --port")
+    assert not port_listens(chain_port) and not (tmp_path / "demo").exists()
+
+
+def test_a_clients_port_in_use_names_the_client_and_its_flag(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(demo.chain, "Ganache", lambda *args, **kwargs: started.append(args))
+    first = free_port()
+    with listening(first + 1):
+        with pytest.raises(DemoError, match=rf"^port {first + 1} \(client 1's\) is in use .* with --client-port"):
+            run_demo(DemoOptions(clients=3, org_port=free_port(), first_client_port=first),
+                     Settings.from_env(state_dir=tmp_path))
+    assert started == []
+
+
+def test_a_port_that_an_earlier_run_left_in_time_wait_is_used():
+    """An earlier run's app closed its connections first, so they wait in TIME_WAIT on its port: a
+    plain bind is refused there, the demo's check and the next app's server (SO_REUSEADDR) are not."""
+    earlier = WaitressServer(Flask(__name__), "127.0.0.1", 0)
+    threading.Thread(target=earlier.serve_forever, daemon=True).start()
+    port = earlier.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as browser:
+        browser.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        while browser.recv(65536):  # until the server has closed its end: it closed first
+            pass
+    earlier.shutdown()
+    with socket.socket() as plain, pytest.raises(OSError, match="Address already in use"):
+        plain.bind(("127.0.0.1", port))
+    demo.check_port(port, "the organization's", "--port")
+    following = WaitressServer(Flask(__name__), "127.0.0.1", port)
+    threading.Thread(target=following.serve_forever, daemon=True).start()
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 404
+    following.shutdown()
