@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import requests
 from tqdm import tqdm
@@ -71,6 +71,10 @@ class DemoError(RuntimeError):
     pass
 
 
+class ProcessEnded(DemoError):
+    """One of the demo's app processes ended: the demo cannot go on without it."""
+
+
 class HttpEndpoint:
     """An app served by another process, which the demo started."""
 
@@ -80,7 +84,14 @@ class HttpEndpoint:
         self.timeout = timeout
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
-        response = requests.request(method, self.url + path, json=body, timeout=self.timeout)
+        try:
+            response = requests.request(method, self.url + path, json=body, timeout=self.timeout)
+        except requests.RequestException as exc:
+            # A process that dies drops its connections: how it ended says more than the failed call.
+            ended = self.process.ended(within=5)
+            if ended is not None:
+                raise ProcessEnded(ended) from None
+            raise DemoError(f"{method} {self.url + path}: {exc}") from None
         return check_answer(method, self.url + path, response.status_code, response.json())
 
 
@@ -130,6 +141,11 @@ def check_ports(options: DemoOptions) -> None:
     check_port(options.org_port, "the organization's", "--port")
     for k in range(options.clients):
         check_port(options.first_client_port + k, f"client {k}'s", "--client-port (client K serves on it + K)")
+
+
+def first_ended(processes: Iterable[ManagedProcess]) -> str | None:
+    """How the first of `processes` that ended did, with its log's last lines; None while all run."""
+    return next((ended for ended in (process.ended() for process in processes) if ended is not None), None)
 
 
 def dashboards(apps: Sequence[tuple[ManagedProcess, str]]) -> str:
@@ -244,6 +260,10 @@ class FullStack:
             "--partition", options.partition, "--alpha", str(options.alpha), "--seed", str(options.seed), *extra])
         return self.clients[k], url
 
+    def ended(self) -> str | None:
+        """How the first app process that ended did; None while all run."""
+        return first_ended(process for process, _ in self.apps)
+
     def enrol(self, k: int) -> None:
         """Enrol client k, as the operator does with `run.py enrol`: it takes part from the next round."""
         self.registry.add_client(chain.DEV_KEYS[0], client_address(k))
@@ -341,6 +361,8 @@ def participate_all(clients: list[Endpoint], options: DemoOptions, bar: tqdm) ->
     def participate(endpoint: Endpoint) -> tuple[dict | None, str | None]:
         try:
             return endpoint.call("POST", "/api/participate", {"wait": True})["result"], None
+        except ProcessEnded:  # not one client's failure in one round: the demo stops
+            raise
         except DemoError as exc:
             return None, str(exc)
 
@@ -523,8 +545,9 @@ class RoundFollower:
                 entry = history["rounds"].get(str(round_id))
                 if entry is not None and ("opened_next_at" in entry):
                     break
-                if system.org is not None and not system.org.running:
-                    raise DemoError(f"the organization exited; see {system.org.log_path}:\n{system.org.log_tail()}")
+                ended = system.ended()
+                if ended is not None:
+                    raise ProcessEnded(ended)
                 if time.monotonic() - started > self.timeout:
                     raise DemoError(f"round {round_id} did not end within {self.timeout} s; see {system.logs}")
                 bar.n = self.submissions(round_id)
@@ -572,12 +595,18 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
         if options.keep and apps:
             print(f"\ndashboards: {dashboards(apps)}")
             print("Ctrl-C stops everything.")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            keep_until_interrupted([process for process, _ in apps])
         return report
+
+
+def keep_until_interrupted(processes: Sequence[ManagedProcess]) -> None:
+    """Leave the apps up until Ctrl-C; one that ends meanwhile ends the demo, saying how it ended."""
+    try:
+        while (ended := first_ended(processes)) is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return
+    raise ProcessEnded(ended)
 
 
 def drive_rounds(org: Endpoint, clients: list[Endpoint], options: DemoOptions) -> tuple[list[dict], float]:

@@ -45,6 +45,19 @@ def http_answers(url: str, method: str = "GET", timeout: float = 1.0) -> bool:
         return False
 
 
+def exit_text(returncode: int) -> str:
+    """How a process ended, from its return code (minus the signal's number when a signal ended it).
+    The kernel's out-of-memory killer ends a process with SIGKILL, and so does little else here."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = " (killed by the system: out of memory?)" if -returncode == signal.SIGKILL else ""
+    return f"was killed by {name}{hint}"
+
+
 class ManagedProcess:
     """A child process in a new process group, ready once `is_ready()` returns True.
 
@@ -89,28 +102,40 @@ class ManagedProcess:
         log.close()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServiceError(
-                    f"{self.name} exited with code {self.process.returncode} before it was ready; "
-                    f"see {self.log_path}:\n{self.log_tail()}"
-                )
+            returncode = self.process.poll()
+            if returncode is not None:
+                raise ServiceError(self.with_log(f"{exit_text(returncode)} before it was ready"))
             if self.is_ready():
                 return self
             time.sleep(0.25)
         self.stop()
-        raise ServiceError(
-            f"{self.name} was not ready after {self.ready_timeout:.0f} s; see {self.log_path}:\n{self.log_tail()}"
-        )
+        raise ServiceError(self.with_log(f"was not ready after {self.ready_timeout:.0f} s"))
 
-    def log_tail(self, lines: int = 20) -> str:
+    def ended(self, within: float = 0.0) -> str | None:
+        """How the process ended, with the last lines of its log; None while it runs (after waiting
+        up to `within` seconds for it to end), or when this object has no process (not started,
+        reused, or stopped on purpose)."""
+        if self.process is None:
+            return None
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+            returncode = self.process.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.with_log(exit_text(returncode))
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def with_log(self, what: str) -> str:
+        """`what` happened to this process, and the last lines of its log."""
+        return f"{self.name} {what}; the last lines of its log ({self.log_path}):\n{self.log_tail()}"
+
+    def log_tail(self, lines: int = 12) -> str:
+        """The log's last `lines` meaningful lines, indented: blank lines and progress bars (lines
+        redrawn in place with carriage returns) say nothing about how a process ended."""
+        try:
+            text = self.log_path.read_bytes().decode(errors="replace")  # carriage returns kept
+        except OSError:
+            return "  (no log)"
+        meaningful = [line.rstrip() for line in text.split("\n") if line.strip() and "\r" not in line.rstrip()]
+        return "\n".join(f"  {line}" for line in meaningful[-lines:]) or "  (the log is empty)"
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL it if it has not exited within `timeout`."""

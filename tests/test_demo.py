@@ -1,8 +1,10 @@
-"""The demo, end to end: embedded in one process, and as the real stack of separate processes; and
-its port checks."""
+"""The demo, end to end: embedded in one process, and as the real stack of separate processes; its
+port checks, and how it reports an app process that died."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,12 +15,13 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from flask import Flask
+from tqdm import tqdm
 
 import demo
-from demo import DemoError, DemoOptions, run_demo
+from demo import DemoError, DemoOptions, HttpEndpoint, ProcessEnded, run_demo
 from infra import chain, ipfs
 from infra.files import REPO_ROOT
-from infra.processes import port_listens
+from infra.processes import ManagedProcess, ServiceError, port_listens
 from infra.settings import Settings
 from infra.webapp import WaitressServer
 from processor import codec
@@ -163,3 +166,55 @@ def test_a_port_that_an_earlier_run_left_in_time_wait_is_used():
     threading.Thread(target=following.serve_forever, daemon=True).start()
     assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 404
     following.shutdown()
+
+
+def app_like(tmp_path, name: str, program: str) -> ManagedProcess:
+    """A process that says a few things, with a blank line and a progress bar among them, then does
+    `program`; ready once it has written its `ready` file."""
+    ready = tmp_path / f"{name}.ready"
+    script = ("import sys, time, pathlib\n"
+              "print('loading the task', flush=True)\n"
+              "print('\\r 10%|#  |\\r100%|###|', flush=True)\n"
+              "print(flush=True)\n"
+              f"pathlib.Path({str(ready)!r}).touch()\n" + program)
+    return ManagedProcess(name, [sys.executable, "-c", script], is_ready=ready.exists,
+                          log_path=tmp_path / f"{name}.log")
+
+
+def test_a_process_killed_by_the_system_is_named_with_the_oom_hint_and_its_log(tmp_path):
+    process = app_like(tmp_path, "client-1", "print('training round 3', flush=True)\ntime.sleep(60)\n")
+    process.start()
+    try:
+        assert process.ended() is None
+        time.sleep(0.5)
+        os.kill(process.process.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+        assert process.ended(within=10) == (
+            f"client-1 was killed by SIGKILL (killed by the system: out of memory?); the last lines of its log "
+            f"({tmp_path / 'client-1.log'}):\n  loading the task\n  training round 3")
+    finally:
+        process.stop()
+    assert process.ended() is None, "a process stopped on purpose has not 'ended'"
+
+
+def test_a_process_that_exits_is_named_with_its_code_and_its_logs_last_lines(tmp_path):
+    failing = app_like(tmp_path, "client-0", "sys.exit('client 0: the data file is missing')\n")
+    with pytest.raises(ServiceError) as failed:
+        failing.start()
+    assert str(failed.value) == (
+        f"client-0 exited with code 1 before it was ready; the last lines of its log ({tmp_path / 'client-0.log'}):\n"
+        "  loading the task\n  client 0: the data file is missing")
+
+
+def test_a_driven_client_that_died_stops_the_demo_with_how_it_ended(tmp_path):
+    """--drive: a call to a client that the system killed names the client, not the connection."""
+    port = free_port()
+    server = ManagedProcess("client-0", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                            is_ready=lambda: port_listens(port), log_path=tmp_path / "client-0.log")
+    server.start()
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        with tqdm(disable=True) as bar, pytest.raises(ProcessEnded, match=r"^client-0 was killed by SIGKILL "
+                                                                          r"\(killed by the system: out of memory\?\)"):
+            demo.participate_all([HttpEndpoint(f"http://127.0.0.1:{port}", server)], DemoOptions(), bar)
+    finally:
+        server.stop()
