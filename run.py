@@ -131,7 +131,7 @@ def round_rules_from(args: argparse.Namespace):
 
 def cmd_client(args: argparse.Namespace) -> None:
     from client import create_app
-    from client.service import ClientConfig
+    from client.service import ClientConfig, WrongNetwork
     from infra import chain
     from infra.webapp import serve
     from processor.device_data import DeviceDataError
@@ -142,7 +142,7 @@ def cmd_client(args: argparse.Namespace) -> None:
                           train_delay=args.train_delay)
     try:
         app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
-    except DeviceDataError as exc:  # checked before the first round, said in one line
+    except (DeviceDataError, WrongNetwork) as exc:  # checked before the first round, said in one line
         sys.exit(f"client {args.id}: {exc}")
     serve(app, args.host, args.port if args.port else 5100 + args.id, debug=args.debug)
 

@@ -132,3 +132,29 @@ def test_a_service_that_is_down_is_said_in_one_line_and_the_traceback_logged(tmp
         "run.py deploy: no Ethereum JSON-RPC node answers at http://127.0.0.1:9 (start one with `python run.py "
         f"chain`) (details in {log_path})")
     assert "Traceback" in log_path.read_text() and "ChainUnavailable" in log_path.read_text()
+
+
+@pytest.mark.ganache
+@pytest.mark.ipfs_daemon
+def test_a_client_of_another_task_than_the_networks_stops_in_one_line(ganache_url, ipfs_api, tmp_path):
+    """A network whose round 1 learns digits: a client started for mnist stops at once, naming the task."""
+    from infra import chain, ipfs
+    from processor import codec, rounds
+    from processor.tasks import get_task
+    from processor.training import TrainingSettings
+
+    w3 = chain.connect(ganache_url)
+    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
+    record = tmp_path / "deployments.json"
+    chain.record_deployment(record, w3, registry.address)
+    digits = get_task("digits")
+    base = rounds.make_base(digits, rounds.initial_model(digits))
+    model = codec.encode_model(digits, base.weights, base.fisher, round_id=1, plan=TrainingSettings())
+    registry.start_round(chain.DEV_KEYS[0], ipfs.open_store(ipfs_api, tmp_path).add(model))
+    done = subprocess.run([*PYTHON_RUN, "client", "--id", "0", "--task", "mnist", "--chain-url", ganache_url,
+                           "--ipfs-api", ipfs_api, "--contract-record", str(record), "--state-dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "client 0: the organization's rounds learn the task 'digits' (base model ")
+    assert done.stderr.strip().endswith("but this client was started for 'mnist': start it with --task digits")
