@@ -264,17 +264,24 @@ contract RoundRegistry {
         _checkCidLength(cid);
         if (numSamples == 0) revert ZeroSamples();
         if (numSamples > maxSamples) revert TooManySamples(numSamples, maxSamples);
-        if (!openEnrolment && _enrolledFrom[msg.sender] == 0) revert NotEnrolled(msg.sender);
+        // One read of the caller's enrolment serves both checks (_isEnrolledFor's rule).
+        bool enrolledInTime = true;
+        if (!openEnrolment) {
+            uint256 fromRound = _enrolledFrom[msg.sender];
+            if (fromRound == 0) revert NotEnrolled(msg.sender);
+            enrolledInTime = fromRound <= round;
+        }
         // A started round not yet closed is necessarily the current one: no other can be open.
         Round storage r = _rounds[round];
         if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
         if (r.deadline != 0 && block.timestamp > r.deadline) revert DeadlinePassed(round, r.deadline);
-        if (!_isEnrolledFor(round, msg.sender) || (r.invitedShare < ALL_INVITED && !_isDrawn(round, msg.sender))) {
+        if (!enrolledInTime || (r.invitedShare < ALL_INVITED && !_isDrawn(round, msg.sender))) {
             revert NotInvited(round, msg.sender);
         }
-        if (_submitted[round][msg.sender]) revert AlreadySubmitted(round, msg.sender);
+        mapping(address client => bool) storage submitted = _submitted[round];
+        if (submitted[msg.sender]) revert AlreadySubmitted(round, msg.sender);
 
-        _submitted[round][msg.sender] = true;
+        submitted[msg.sender] = true;
         ++r.submissionCount;
         emit UpdateSubmitted(round, msg.sender, cid, numSamples);
     }
