@@ -4,9 +4,11 @@ One deployment with 100 clients enrolled and a one-hour deadline per round; 1 cl
 round 1, 10 in round 2 and 100 in round 3, each a realistic CIDv1 ("bafkrei...", 59 characters).
 Clients beyond Ganache's 20 accounts get keys derived from a fixed seed and are funded from
 account 0. Progress goes to stderr; the last line on stdout is one JSON object:
-    {"submit_gas": {"1": max, "10": max, "100": max}, "start_round_gas", "finalize_gas", "register_gas",
-     "set_rules_gas"}
-start_round_gas opens the first round; finalize_gas closes a round and opens the next.
+    {"submit_gas": {"1": max, "10": max, "100": max}, "submit_max_over_min", "start_round_gas", "close_gas",
+     "finalize_gas", "register_gas", "set_rules_gas"}
+submit_max_over_min is the largest submission's gas over the smallest, across all three rounds
+(flat: at most 1.02). start_round_gas opens the first round; close_gas closes a round to
+submissions; finalize_gas finalizes it and opens the next.
 
     python -m benchmarks.gas --json            # a new Ganache on a free port, in a temporary folder
     python -m benchmarks.gas --url http://127.0.0.1:8545   # that node (started there if none answers)
@@ -61,7 +63,7 @@ def measure(w3) -> dict:
     # round k is then submitted to by CLIENT_COUNTS[k - 1] of them, under a deadline the contract checks.
     register = [registry.add_client(org, Account.from_key(key).address).gas_used for key in keys]
     rules = registry.set_round_rules(org, chain.RoundRules(duration=3600)).gas_used
-    close, finalize, submit = [], [], {}
+    close, finalize, submit, every = [], [], {}, []
     start = registry.start_round(org, compute_cid(b"base 1")).gas_used
     for round_id, count in enumerate(CLIENT_COUNTS, start=1):
         used = [registry.submit_update(key, round_id, compute_cid(f"delta {round_id} {k}".encode()),
@@ -70,8 +72,10 @@ def measure(w3) -> dict:
         close.append(registry.close_round(org, round_id).gas_used)
         finalize.append(registry.finalize_round(org, round_id, compute_cid(f"model {round_id}".encode())).gas_used)
         submit[str(count)] = max(used)
+        every += used
         log(f"round {round_id}: {count} clients submitted, {min(used)}-{max(used)} gas each")
-    return {"submit_gas": submit, "start_round_gas": start, "close_gas": max(close), "finalize_gas": max(finalize),
+    return {"submit_gas": submit, "submit_max_over_min": round(max(every) / min(every), 4),
+            "start_round_gas": start, "close_gas": max(close), "finalize_gas": max(finalize),
             "register_gas": max(register), "set_rules_gas": rules}
 
 

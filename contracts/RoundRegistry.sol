@@ -12,20 +12,18 @@ pragma solidity 0.8.26;
 ///         client can check its own invitation and anyone can audit the draw. A round that
 ///         misses its quorum by its deadline is restarted from the same base.
 /// @dev Gas per submission does not depend on the number of clients or rounds: a submission writes
-///      two fresh storage slots and updates the round's packed header slot (which also holds its
-///      deadline, quorum and invited share), and no transaction loops over clients or submissions.
+///      one fresh storage slot (the mark that the client has submitted in the round, which is what
+///      enforces one update per client per round) and updates the round's packed header slot
+///      (which also holds its deadline, quorum and invited share, read by the same call), and no
+///      transaction loops over clients or submissions.
 ///
-///      CID storage. The system's CIDs are CIDv1, base32, sha2-256 ("bafkrei..." raw leaves,
-///      "bafybei..." dag-pb): 59 characters that encode 36 bytes (version 0x01, a one-byte codec,
-///      0x12 0x20, a 32-byte digest). Kept as a string such a CID takes three fresh slots (length
-///      and two data slots); decoded it takes one slot for the digest, and the codec byte fits
-///      beside the client address and sample count. So submitUpdate decodes a CID of that form
-///      (about 1,000 gas) and getSubmissions re-encodes it, exactly, since only the canonical form
-///      is decoded. Measured: 81,700 gas per submission, against 147,300 for the same CID kept as
-///      a string. The floor of any design that keeps the CID, the client and the sample count in
-///      storage is two fresh slots (44,200) plus the 21,000 of a transaction. Any other CID (CIDv0
-///      "Qm...", other bases or hashes) is accepted and kept as a string, at the higher cost. The
-///      full CID is also in the UpdateSubmitted event.
+///      Submissions on record. The update's CID and sample count are in the UpdateSubmitted event
+///      only, exactly as the client sent them: receipts are part of the chain's consensus data, so
+///      anyone reads a round's submissions from its events (filtered by the indexed round), in
+///      submission order, and `getRound(round).submissionCount` says how many there are. Keeping
+///      the CID in storage as well cost 82,600 gas per submission (two fresh slots, the CID decoded
+///      to its digest) or 147,300 (kept as a string); the floor of this design is one fresh slot
+///      (22,100) and the round's header (5,000) plus the 21,000 of a transaction.
 contract RoundRegistry {
     /// @notice A round's header and CIDs.
     /// @dev The first eight fields share one slot: submitUpdate reads and updates only that slot
@@ -65,30 +63,11 @@ contract RoundRegistry {
         uint16 invitedShare;
     }
 
-    /// @dev One slot per submission; the CID itself lives in _cidDigest (and _verbatimCid).
-    struct SubmissionRecord {
-        address client;
-        uint64 numSamples;
-        // Multicodec of a compact CIDv1 (0x55 raw, 0x70 dag-pb, ...); 0 = CID kept verbatim.
-        uint8 cidCodec;
-    }
-
-    /// @notice A submission as returned by getSubmissions.
-    struct Submission {
-        address client;
-        string cid;
-        uint256 numSamples;
-    }
-
-    uint256 private constant CIDV1_BASE32_LENGTH = 59;
     /// @notice The longest CID accepted: every CID in use (CIDv0 is 46 characters, CIDv1 base32
     ///         sha2-256 59) with room to spare, and a bound on what a submission can make others read.
     uint256 public constant MAX_CID_LENGTH = 100;
     /// @notice An invited share of ALL_INVITED basis points invites every enrolled client.
     uint16 public constant ALL_INVITED = 10_000;
-    // Bits of the first eight base32 digits: version, codec, multihash code and length (32), then
-    // the first digest byte (8). The other 50 digits hold 248 digest bits and 2 zero padding bits.
-    uint256 private constant HEAD_DIGITS = 8;
 
     /// @notice The organization: the only account that manages clients and rounds.
     address public immutable owner;
@@ -108,11 +87,9 @@ contract RoundRegistry {
     // The first round an enrolled client may take part in (the one after the round current at its
     // enrolment, so that who a round expects is fixed when it opens); 0 = not enrolled.
     mapping(address client => uint256) private _enrolledFrom;
-    mapping(uint256 round => mapping(uint256 index => SubmissionRecord)) private _submissions;
-    // Non-zero exactly when the client has submitted in the round: the sha2-256 digest of a
-    // compact CID, or keccak256 of a verbatim one.
-    mapping(uint256 round => mapping(address client => bytes32)) private _cidDigest;
-    mapping(uint256 round => mapping(address client => string)) private _verbatimCid;
+    // True exactly when the client has submitted in the round: one fresh slot per submission. The
+    // CID and the sample count are in the UpdateSubmitted event.
+    mapping(uint256 round => mapping(address client => bool)) private _submitted;
 
     /// @notice The caller is not the owner.
     error NotOwner(address caller);
@@ -168,7 +145,8 @@ contract RoundRegistry {
     /// @notice Round `round` missed its quorum by its deadline, with `submissionCount` updates; the
     ///         next round starts from the same base.
     event RoundMissedQuorum(uint256 indexed round, uint256 submissionCount, uint256 quorum);
-    /// @notice `client` published the update at `cid`, trained on `numSamples` samples.
+    /// @notice `client` published the update at `cid`, trained on `numSamples` samples: the record
+    ///         of a submission (the contract stores only that `client` submitted in `round`).
     event UpdateSubmitted(uint256 indexed round, address indexed client, string cid, uint256 numSamples);
     /// @notice Round `round` accepts no more submissions; `submissionCount` of them will be merged.
     event RoundClosed(uint256 indexed round, uint256 submissionCount);
@@ -276,7 +254,9 @@ contract RoundRegistry {
         _open(round, baseCid);
     }
 
-    /// @notice Publishes the caller's model update for the open round.
+    /// @notice Publishes the caller's model update for the open round. The chain keeps that the
+    ///         caller submitted (hasSubmitted) and counts it in the round; the CID and the sample
+    ///         count are on record in the UpdateSubmitted event, for anyone to read.
     /// @param round The open round's number.
     /// @param cid IPFS CID of the update.
     /// @param numSamples Number of local samples the update was trained on (its FedAvg weight).
@@ -284,28 +264,25 @@ contract RoundRegistry {
         _checkCidLength(cid);
         if (numSamples == 0) revert ZeroSamples();
         if (numSamples > maxSamples) revert TooManySamples(numSamples, maxSamples);
-        if (!openEnrolment && _enrolledFrom[msg.sender] == 0) revert NotEnrolled(msg.sender);
+        // One read of the caller's enrolment serves both checks (_isEnrolledFor's rule).
+        bool enrolledInTime = true;
+        if (!openEnrolment) {
+            uint256 fromRound = _enrolledFrom[msg.sender];
+            if (fromRound == 0) revert NotEnrolled(msg.sender);
+            enrolledInTime = fromRound <= round;
+        }
         // A started round not yet closed is necessarily the current one: no other can be open.
         Round storage r = _rounds[round];
         if (r.startBlock == 0 || r.closed) revert RoundNotOpen(round);
         if (r.deadline != 0 && block.timestamp > r.deadline) revert DeadlinePassed(round, r.deadline);
-        if (!_isEnrolledFor(round, msg.sender) || (r.invitedShare < ALL_INVITED && !_isDrawn(round, msg.sender))) {
+        if (!enrolledInTime || (r.invitedShare < ALL_INVITED && !_isDrawn(round, msg.sender))) {
             revert NotInvited(round, msg.sender);
         }
-        if (_cidDigest[round][msg.sender] != 0) revert AlreadySubmitted(round, msg.sender);
+        mapping(address client => bool) storage submitted = _submitted[round];
+        if (submitted[msg.sender]) revert AlreadySubmitted(round, msg.sender);
 
-        (uint8 codec, bytes32 digest) = _decodeCid(cid);
-        // An all-zero digest would read as "not submitted yet": keep such a CID verbatim instead.
-        if (codec == 0 || digest == 0) {
-            codec = 0;
-            digest = keccak256(bytes(cid));
-            _verbatimCid[round][msg.sender] = cid;
-        }
-        _cidDigest[round][msg.sender] = digest;
-        uint32 index = r.submissionCount;
-        r.submissionCount = index + 1;
-        _submissions[round][index] =
-            SubmissionRecord({client: msg.sender, numSamples: uint64(numSamples), cidCodec: codec});
+        submitted[msg.sender] = true;
+        ++r.submissionCount;
         emit UpdateSubmitted(round, msg.sender, cid, numSamples);
     }
 
@@ -406,7 +383,7 @@ contract RoundRegistry {
         Round storage r = _rounds[round];
         open = round != 0 && !r.closed && !_isPastDeadline(r);
         invited = round != 0 && _isEnrolledFor(round, client) && _isDrawn(round, client);
-        return (round, _baseCidOf(round), open, _cidDigest[round][client] != 0, invited, r.deadline);
+        return (round, _baseCidOf(round), open, _submitted[round][client], invited, r.deadline);
     }
 
     /// @notice The model of the latest finalized round.
@@ -419,32 +396,12 @@ contract RoundRegistry {
 
     // ---- submissions ------------------------------------------------------------------------
 
-    /// @notice A page of a round's submissions, in the order they were made.
-    /// @param round The round's number.
-    /// @param offset Index of the first submission to return.
-    /// @param limit Maximum number of submissions to return.
-    /// @return page The submissions from `offset`, at most `limit` of them.
-    function getSubmissions(uint256 round, uint256 offset, uint256 limit)
-        external
-        view
-        returns (Submission[] memory page)
-    {
-        uint256 count = _rounds[round].submissionCount;
-        if (offset >= count) return new Submission[](0);
-        uint256 end = count - offset > limit ? offset + limit : count;
-        page = new Submission[](end - offset);
-        for (uint256 i = offset; i < end; ++i) {
-            SubmissionRecord storage s = _submissions[round][i];
-            page[i - offset] = Submission({client: s.client, cid: _cidOf(round, s), numSamples: s.numSamples});
-        }
-    }
-
     /// @notice Whether `client` has submitted an update in `round`.
     /// @param round The round's number.
     /// @param client The client's account.
     /// @return True when it has.
     function hasSubmitted(uint256 round, address client) external view returns (bool) {
-        return _cidDigest[round][client] != 0;
+        return _submitted[round][client];
     }
 
     // ---- rounds' rules ----------------------------------------------------------------------
@@ -497,72 +454,5 @@ contract RoundRegistry {
     ///      round that has not started has neither).
     function _baseCidOf(uint256 round) private view returns (string memory) {
         return round <= 1 ? _rounds[round].baseCid : _rounds[round - 1].modelCid;
-    }
-
-    function _cidOf(uint256 round, SubmissionRecord storage s) private view returns (string memory) {
-        if (s.cidCodec == 0) return _verbatimCid[round][s.client];
-        return _encodeCid(s.cidCodec, _cidDigest[round][s.client]);
-    }
-
-    /// @dev Decodes a canonical CIDv1 base32 sha2-256 string with a one-byte codec; returns codec 0
-    ///      for anything else, which the caller then stores verbatim. The 59 characters are read as
-    ///      two words and decoded 32 at a time (_base32Word), about 1,000 gas instead of the 11,000
-    ///      of a loop over the characters.
-    function _decodeCid(string calldata cid) private pure returns (uint8 codec, bytes32 digest) {
-        bytes calldata text = bytes(cid);
-        if (text.length != CIDV1_BASE32_LENGTH || text[0] != "b") return (0, 0);
-        // Characters 0-31, then 32-58 followed by five "a" (digit value 0) to fill the word.
-        (uint256 first, bool firstValid) = _base32Word(uint256(bytes32(text[0:32])));
-        (uint256 second, bool secondValid) = _base32Word(uint256(bytes32(text[32:])) | 0x6161616161);
-        // first: the 5 bits of "b", then 155 payload bits; second: 135 payload bits, 25 zero bits.
-        // Payload (290 bits): 0x01 <codec> 0x12 0x20, the 256-bit digest, 2 zero padding bits.
-        uint256 prefix = (first >> 123) & 0xffffffff;
-        codec = uint8(prefix >> 16);
-        bool canonical = firstValid && secondValid && prefix & 0xff00ffff == 0x01001220 && codec != 0
-            && codec < 0x80 && (second >> 25) & 3 == 0;
-        if (!canonical) return (0, 0);
-        digest = bytes32(((first & ((1 << 123) - 1)) << 133) | (second >> 27));
-    }
-
-    /// @dev Decodes 32 base32 digits (RFC 4648 lower case, first digit in the highest byte) into
-    ///      160 bits, all bytes at once: each byte becomes its 5-bit value, then neighbouring
-    ///      values are joined pairwise in lanes of 16, 32, 64, 128 and 256 bits. `valid` is false
-    ///      when any byte is not a digit; `bits` is meaningless then.
-    function _base32Word(uint256 word) private pure returns (uint256 bits, bool valid) {
-        uint256 highBits = 0x8080808080808080808080808080808080808080808080808080808080808080;
-        unchecked {
-            // Per byte c < 0x80 (no carry leaves a byte): bit 7 of c + k is set when c >= 0x80 - k.
-            uint256 atLeast32 = (word + 0x4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e4e) & highBits; // c >= "2"
-            uint256 atLeast38 = (word + 0x4848484848484848484848484848484848484848484848484848484848484848) & highBits; // c >= "8"
-            uint256 atLeast61 = (word + 0x1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f) & highBits; // c >= "a"
-            uint256 atMost7a = ~(word + 0x0505050505050505050505050505050505050505050505050505050505050505) & highBits; // c <= "z"
-            valid = word & highBits == 0
-                && atLeast32 & atMost7a & (atLeast61 | (~atLeast38 & highBits)) == highBits;
-            // "a"-"z" -> 0-25 (c - 0x61), "2"-"7" -> 26-31 (c - 0x18); no borrow for digits.
-            uint256 values = word - 0x1818181818181818181818181818181818181818181818181818181818181818 - (atLeast61 >> 7) * 0x49;
-            values = ((values & 0xff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00) >> 3) | (values & 0x00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff);
-            values = ((values & 0xffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000) >> 6) | (values & 0x0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff0000ffff);
-            values = ((values & 0xffffffff00000000ffffffff00000000ffffffff00000000ffffffff00000000) >> 12) | (values & 0x00000000ffffffff00000000ffffffff00000000ffffffff00000000ffffffff);
-            values = ((values & 0xffffffffffffffff0000000000000000ffffffffffffffff0000000000000000) >> 24)
-                | (values & 0x0000000000000000ffffffffffffffff0000000000000000ffffffffffffffff);
-            bits = ((values >> 128) << 80) | (values & type(uint128).max);
-        }
-    }
-
-    function _encodeCid(uint8 codec, bytes32 digest) private pure returns (string memory) {
-        bytes memory alphabet = "abcdefghijklmnopqrstuvwxyz234567";
-        bytes memory text = new bytes(CIDV1_BASE32_LENGTH);
-        text[0] = "b";
-        uint256 head = (uint256(0x01001220 | (uint256(codec) << 16)) << 8) | (uint256(digest) >> 248);
-        uint256 tail = (uint256(digest) & ((1 << 248) - 1)) << 2;
-        for (uint256 i = HEAD_DIGITS; i > 0; --i) {
-            text[i] = alphabet[head & 31];
-            head >>= 5;
-        }
-        for (uint256 i = CIDV1_BASE32_LENGTH - 1; i > HEAD_DIGITS; --i) {
-            text[i] = alphabet[tail & 31];
-            tail >>= 5;
-        }
-        return string(text);
     }
 }

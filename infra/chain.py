@@ -482,7 +482,8 @@ def _fee_fields(w3: Web3) -> dict[str, int]:
 # Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
 # contract's functions cost about the same every call (no loops), so one estimate serves them all.
 # A transaction that would revert is then mined and fails, and its replay names the error; one
-# that needs more (a CID kept verbatim costs ~65,000 more) runs out, and is estimated and sent again.
+# that needs more than the margin (finalizeRound storing a much longer model CID than the first
+# one did) runs out, and is estimated and sent again.
 _gas_limits: dict[tuple[str, str, str], int] = {}
 _gas_limits_guard = threading.Lock()
 
@@ -646,15 +647,17 @@ class Registry:
         """The first round `address` may take part in; 0 when it is not enrolled."""
         return self._call("enrolledFrom", to_checksum_address(address))
 
-    def submissions(self, n: int, offset: int = 0, limit: int = 100) -> list[Submission]:
-        return [Submission(client, cid, num_samples)
-                for client, cid, num_samples in self._call("getSubmissions", n, offset, limit)]
+    def submissions(self, n: int) -> list[Submission]:
+        """Round `n`'s submissions in submission order ([] for a round not started), from its
+        UpdateSubmitted events: the contract keeps only who submitted (hasSubmitted) and how many
+        (the round's count); each submission's CID and sample count are on record in its event."""
+        return self.logged_submissions(self.round(n))
 
     def logged_submissions(self, info: RoundInfo) -> list[Submission]:
-        """Round `info`'s submissions in submission order, read from its UpdateSubmitted events.
-
-        The same list as `submissions`, at a fraction of the cost: the paged view encodes every
-        CID on chain (70 ms for 5 in Ganache), a log query reads them as they were submitted (4 ms)."""
+        """Round `info`'s submissions in submission order, read from its UpdateSubmitted events
+        (from the block it started in: none before it can be about it)."""
+        if info.start_block == 0:  # not started: no submission can be about it
+            return []
         try:
             logs = self.contract.events.UpdateSubmitted().get_logs(
                 from_block=info.start_block, argument_filters={"round": info.round_id})

@@ -163,8 +163,8 @@ def test_ipfs_daemon_killed_mid_round_and_restarted(stack):
     stack.ipfs.kill()
 
     assert_outage_answer(participate(1), "no IPFS daemon answers")
-    assert "down: no IPFS daemon answers" in get(ORG_PORT, "/").text
-    assert "down: no IPFS daemon answers" in get(CLIENT_PORTS[1], "/").text
+    assert "down.</span> The IPFS node at" in get(ORG_PORT, "/").text
+    assert "down.</span> The IPFS node at" in get(CLIENT_PORTS[1], "/").text
     assert not stack.registry.has_submitted(round_id, CLIENTS[1])
 
     stack.ipfs.start()  # same repo: everything added before the crash is still there
@@ -188,8 +188,8 @@ def test_ganache_restarted_mid_round_keeps_the_round(stack):
 
     assert_outage_answer(participate(1), "stopped answering")
     assert_outage_answer(get(ORG_PORT, f"/api/rounds/{round_id}"), "stopped answering")
-    assert "down:" in get(ORG_PORT, "/").text
-    assert "chain unavailable" in get(CLIENT_PORTS[1], "/").text
+    assert "down.</span> The chain at" in get(ORG_PORT, "/").text
+    assert "down.</span> The chain at" in get(CLIENT_PORTS[1], "/").text
 
     stack.ganache.start()  # the same database folder: the chain carries on where it stopped
     assert stack.registry.has_submitted(round_id, CLIENTS[0])
