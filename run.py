@@ -129,6 +129,11 @@ def round_rules_from(args: argparse.Namespace):
                             invited_share=round(args.invite * chain.ALL_INVITED / 100))
 
 
+def partition_of(args: argparse.Namespace) -> str:
+    """The --partition asked for, else the task's own (by-user for interest)."""
+    return args.partition or TASKS[args.task].default_partition
+
+
 def cmd_client(args: argparse.Namespace) -> None:
     from client import create_app
     from client.service import ClientConfig, WrongNetwork
@@ -137,7 +142,7 @@ def cmd_client(args: argparse.Namespace) -> None:
     from processor.device_data import DeviceDataError
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
-    config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=args.partition,
+    config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=partition_of(args),
                           alpha=args.alpha, seed=args.seed, data_path=args.data, key=key, agent=not args.manual,
                           train_delay=args.train_delay)
     try:
@@ -210,7 +215,7 @@ def cmd_ipfs(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from demo import DemoError, DemoOptions, run_demo
 
-    options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
+    options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition_of(args),
                           training=TrainingSettings.from_args(args), alpha=args.alpha, seed=args.seed,
                           bounds=args.bounds, embedded=args.embedded, drive=args.drive,
                           round_seconds=args.round_seconds, keep=args.keep, json_path=args.json,
@@ -265,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def data_flags(sub: argparse.ArgumentParser) -> None:
         task_flag(sub)
-        sub.add_argument("--partition", default="iid", choices=SCHEMES,
-                         help="how the bundled dataset is split among the clients (by-user: the interest task's "
-                              "users)")
+        sub.add_argument("--partition", choices=SCHEMES,
+                         help="how the bundled dataset is split among the clients (default: the task's own: "
+                              "by-user for interest, each client a group of MovieLens users; iid for the others)")
         sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
 
     everything = tuple(SERVICE_FLAGS)
