@@ -36,6 +36,7 @@ from infra.processes import ManagedProcess, http_answers, machine_busy_seconds, 
 from infra.settings import EMBEDDED, Settings
 from infra.webapp import LOG_FORMAT
 from organization.service import history_path
+from processor.tasks import get_task
 from processor.training import TrainingSettings
 
 
@@ -396,6 +397,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
     return {
         "round": round_id,
         "accuracy": result["metrics"]["accuracy"],
+        "auc": result["metrics"].get("auc"),
         "submissions": result["accepted"],
         "gas": sum(r["gas"] for r in published) + result["finalize_gas"],
         "bytes": sum(r["bytes"] for r in published) + result["model_bytes"],
@@ -409,20 +411,27 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
     }
 
 
-def print_table(rows: list[dict[str, Any]], initial_accuracy: float) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9}{' held-out':>10} {'subm.':>5} {'late':>4} {'gas':>9} {'bytes':>10} "
-          f"{'seconds':>8} {'CPU-s':>6}")
+def print_table(rows: list[dict[str, Any]], initial_accuracy: float, baseline: dict[str, Any]) -> None:
+    with_auc = baseline["auc"] is not None
+    auc_header = f"{'AUC':>6}" if with_auc else ""
+    print(f"\n{'round':>5} {'accuracy':>9}{auc_header}{' held-out':>10} {'subm.':>5} {'late':>4} {'gas':>9} "
+          f"{'bytes':>10} {'seconds':>8} {'CPU-s':>6}")
+    print(f"{'base':>5} {100 * baseline['accuracy']:8.2f}%" + (f"{baseline['auc']:>6.3f}" if with_auc else "")
+          + f"  always answering {baseline['answer']}")
     print(f"{'init':>5} {100 * initial_accuracy:8.2f}%")
     for row in rows:
+        auc = (f"{row['auc']:>6.3f}" if row.get("auc") is not None else f"{'-':>6}") if with_auc else ""
         held_out = f"{100 * row['federated']['accuracy']:8.2f}%" if row.get("federated") else f"{'-':>9}"
         seconds = f"{row['seconds']:>8.2f}" if row["seconds"] is not None else f"{'-':>8}"
         late = len(row.get("refused", []))
-        print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}% {held_out} {row['submissions']:>5} {late:>4} "
+        print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}%{auc} {held_out} {row['submissions']:>5} {late:>4} "
               f"{row['gas']:>9} {row['bytes']:>10} {seconds} {row['cpu_seconds']:>6.2f}"
               + ("  missed its quorum" if row.get("missed_quorum") else ""))
-    print("(accuracy: on the organization's test set; held-out: on the clients' own held-out data, sample-weighted,"
-          " reported with the next round's updates;\n late: updates the contract refused after the deadline; "
-          "CPU-s: the machine's cores' busy time during the round, all processes)")
+    print(f"(base: the trivial baseline, always answering the test set's most common label ({baseline['answer']})"
+          + ("; an AUC of 0.5 is chance" if with_auc else "") + ";\n accuracy"
+          + (" and AUC" if with_auc else "") + ": on the organization's test set; held-out: on the clients' own "
+          "held-out data, sample-weighted, reported with the next round's updates;\n late: updates the contract "
+          "refused after the deadline; CPU-s: the machine's cores' busy time during the round, all processes)")
 
 
 def straggler_and_late_joiner(options: DemoOptions) -> tuple[int | None, int | None]:
@@ -581,13 +590,14 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
             else:
                 rows, initial_accuracy, _, system = run_self_running(options, settings, stack)
                 apps = system.apps
-        print_table(rows, initial_accuracy)
+        baseline = get_task(options.task).baseline()
+        print_table(rows, initial_accuracy, baseline)
         points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]
         accuracy_png({"test accuracy": points}, title=f"{options.task}, {options.clients} clients",
-                     path=options.plot_path)
+                     path=options.plot_path, baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
         print(f"\nplot: {options.plot_path}")
         report = {"task": options.task, "clients": options.clients, "initial_accuracy": initial_accuracy,
-                  "rounds": rows}
+                  "baseline": baseline, "rounds": rows}
         if options.json_path:
             options.json_path.parent.mkdir(parents=True, exist_ok=True)
             options.json_path.write_text(json.dumps(report, indent=1))

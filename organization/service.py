@@ -31,7 +31,7 @@ from infra.webapp import (
 )
 from organization.guide import organization_guide
 from processor import codec, rounds
-from processor.evaluation import majority_baseline, weighted_mean
+from processor.evaluation import weighted_mean
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -128,10 +128,7 @@ class OrganizationService:
 
     @functools.cached_property
     def baseline(self) -> dict[str, Any]:
-        """The trivial baseline of the test metrics: always answering the test set's most common label."""
-        majority = majority_baseline(self.task.data().y_test)
-        return {**majority, "answer": self.task.label_name(majority["label"]),
-                "auc": 0.5 if self.task.num_classes == 2 else None}
+        return self.task.baseline()
 
     @staticmethod
     def _started_round(registry: chain.Registry, round_id: int) -> chain.RoundInfo:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -146,6 +146,15 @@ class Task:
 
     def label_name(self, label: int) -> str:
         return self.label_names[label] if label < len(self.label_names) else f"the digit {label}"
+
+    def baseline(self) -> dict[str, Any]:
+        """The trivial baseline of the test metrics: always answering the test set's most common
+        label ("answer" names it), and an AUC of 0.5 (chance) for a two-class task."""
+        from processor.evaluation import majority_baseline
+
+        majority = majority_baseline(self.data().y_test)
+        return {**majority, "answer": self.label_name(majority["label"]),
+                "auc": 0.5 if self.num_classes == 2 else None}
 
     @property
     def arch_id(self) -> str:

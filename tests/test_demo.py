@@ -12,6 +12,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import requests
 from flask import Flask
@@ -40,11 +41,15 @@ def check_report(report: dict, rounds: int, clients: int) -> None:
     assert report["rounds"][-1]["accuracy"] > report["initial_accuracy"] + 0.2
 
 
-def test_embedded_demo_runs_every_role_in_one_process(tmp_path):
+def test_embedded_demo_runs_every_role_in_one_process(tmp_path, capsys):
     options = DemoOptions(task=TASK, clients=2, rounds=2, training=TrainingSettings(epochs=3), embedded=True,
                           json_path=tmp_path / "report.json", plot_path=tmp_path / "accuracy.png")
     report = run_demo(options, Settings.from_env(state_dir=tmp_path))
     check_report(report, rounds=2, clients=2)
+    # every accuracy beside the trivial baseline: always the test set's most common digit
+    test_labels = get_task(TASK).data().y_test
+    assert report["baseline"]["accuracy"] == pytest.approx(np.bincount(test_labels).max() / len(test_labels))
+    assert f" base {100 * report['baseline']['accuracy']:8.2f}%  always answering the digit " in capsys.readouterr().out
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
