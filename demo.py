@@ -216,10 +216,10 @@ class FullStack:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True)
         self.logs = self.run_dir / "logs"
+        node = chain.local_chain(settings.chain_node, settings.chain_url, self.run_dir)
         if not http_answers(settings.chain_url, "POST"):
-            log(f"starting Ganache at {settings.chain_url}")
-        ganache = stack.enter_context(chain.Ganache(settings.chain_url, db_dir=self.run_dir / "chain",
-                                                    log_path=self.logs / "ganache.log"))
+            log(f"starting {node.name} at {settings.chain_url}")
+        stack.enter_context(node)
         if not ipfs.ipfs_answers(settings.ipfs_api):
             log(f"starting the IPFS daemon at {settings.ipfs_api}")
         stack.enter_context(ipfs.IPFSDaemon.for_api(settings.ipfs_api, repo_dir=settings.state_dir / "ipfs",
@@ -228,7 +228,7 @@ class FullStack:
         record = self.run_dir / "deployments.json"
         self.registry = chain.deploy_registry(self.w3, chain.DEV_KEYS[0])
         chain.record_deployment(record, self.w3, self.registry.address)
-        log(f"deployed the round registry at {self.registry.address} ({'reused' if ganache.reused else 'new'} chain)")
+        log(f"deployed the round registry at {self.registry.address} ({'reused' if node.reused else 'new'} chain)")
         self.env = {"FL_CHAIN_URL": settings.chain_url, "FL_IPFS_API": settings.ipfs_api,
                     "FL_CONTRACT_RECORD": str(record), "FL_STATE_DIR": str(self.run_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
                     **compute_threads(options.clients)}

@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # What the command line checks its choices against: none of these loads TensorFlow.
-from infra.settings import Settings  # noqa: E402
+from infra.settings import CHAIN_NODE_KINDS, Settings  # noqa: E402
 from processor.aggregate import AGGREGATIONS  # noqa: E402
 from processor.partition import SCHEMES  # noqa: E402
 from processor.tasks import TASKS  # noqa: E402
@@ -29,6 +29,8 @@ SERVICE_FLAGS = {
     "ipfs_api": ("--ipfs-api", str, "IPFS HTTP API URL, or 'embedded' (env FL_IPFS_API)"),
     "state_dir": ("--state-dir", Path, "logs, chain data, IPFS repo (env FL_STATE_DIR)"),
     "contract_record": ("--contract-record", Path, "deployment record (env FL_CONTRACT_RECORD)"),
+    "chain_node": ("--node", str, "the chain node to start where none answers: Ganache, or Foundry's anvil "
+                                  "(env FL_CHAIN_NODE; default ganache)", CHAIN_NODE_KINDS),
 }
 
 
@@ -192,12 +194,11 @@ def cmd_chain(args: argparse.Namespace) -> None:
     from infra import chain
 
     settings = settings_from(args)
-    with chain.Ganache(settings.chain_url, db_dir=settings.state_dir / "chain",
-                       log_path=settings.state_dir / "logs" / "ganache.log") as node:
+    with chain.local_chain(settings.chain_node, settings.chain_url, settings.state_dir) as node:
         if node.reused:  # someone else's: left alone, and not this command's to stop
             print(f"a chain is already running at {settings.chain_url}; nothing started")
             return
-        wait_forever(f"Ganache started at {settings.chain_url}")
+        wait_forever(f"{node.name} started at {settings.chain_url}")
 
 
 def cmd_ipfs(args: argparse.Namespace) -> None:
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         sub = commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter,
                                   epilog=f"example:\n  {example}")
         for service in services:
-            flag, kind, text = SERVICE_FLAGS[service]
-            sub.add_argument(flag, type=kind, help=text)
+            flag, kind, text, *choices = SERVICE_FLAGS[service]
+            sub.add_argument(flag, dest=service, type=kind, help=text, choices=choices[0] if choices else None)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                               "by-user for interest, each client a group of MovieLens users; iid for the others)")
         sub.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
 
-    everything = tuple(SERVICE_FLAGS)
+    everything = ("chain_url", "ipfs_api", "state_dir", "contract_record")  # an app's; the demo's and chain's add the node
     app = command("app", cmd_app, "the organization's app", everything,
                   "python run.py app --rounds 10  # runs 10 rounds by itself; dashboard on http://127.0.0.1:5000")
     task_flag(app)
@@ -330,12 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     enrol.add_argument("addresses", nargs="+", metavar="ADDRESS", help="a client's Ethereum address")
     command("compile", cmd_compile, "compile the contract into build/contracts/RoundRegistry.json (setup.sh does it)",
             (), "python run.py compile")
-    command("chain", cmd_chain, "start Ganache and keep it running", ("chain_url", "state_dir"),
-            "python run.py chain --chain-url http://127.0.0.1:8545")
+    command("chain", cmd_chain, "start a chain node (Ganache, or anvil) and keep it running",
+            ("chain_url", "chain_node", "state_dir"), "python run.py chain --node anvil --chain-url http://127.0.0.1:8545")
     command("ipfs", cmd_ipfs, "start the IPFS daemon and keep it running", ("ipfs_api", "state_dir"),
             "python run.py ipfs --ipfs-api http://127.0.0.1:5001")
 
-    demo = command("demo", cmd_demo, "the whole system, several rounds", everything,
+    demo = command("demo", cmd_demo, "the whole system, several rounds", (*everything, "chain_node"),
                    "python run.py demo --task interest --partition by-user --clients 5 --rounds 10")
     data_flags(demo)
     TrainingSettings.add_flags(demo)

@@ -4,6 +4,7 @@
 |-----------------------|---------------------------------|------------------------------------------------|
 | FL_STATE_DIR          | .fl (in the repo)               | logs, chain database, IPFS repo, embedded store |
 | FL_CHAIN_URL          | http://127.0.0.1:8545           | JSON-RPC URL of the EVM node; "embedded" = eth-tester |
+| FL_CHAIN_NODE         | ganache                         | the node `run.py chain` and the demo start: ganache or anvil |
 | FL_IPFS_API           | http://127.0.0.1:5001           | IPFS HTTP RPC API; "embedded" = on-disk store   |
 | FL_CONTRACT_RECORD    | build/deployments.json          | where the deployed contract address is recorded |
 | FL_ORG_KEY            | Ganache deterministic account 0 | organization's private key                      |
@@ -22,12 +23,14 @@ from pathlib import Path
 from infra.files import REPO_ROOT
 
 EMBEDDED = "embedded"
+CHAIN_NODE_KINDS = ("ganache", "anvil")  # infra.chain.CHAIN_NODES, named without loading web3
 
 
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path = REPO_ROOT / ".fl"
     chain_url: str = "http://127.0.0.1:8545"
+    chain_node: str = "ganache"  # which local node to start where none answers at chain_url
     ipfs_api: str = "http://127.0.0.1:5001"
     contract_record: Path = REPO_ROOT / "build" / "deployments.json"
     org_key: str | None = None
@@ -43,6 +46,7 @@ class Settings:
         settings = cls(
             state_dir=Path(env.get("FL_STATE_DIR", REPO_ROOT / ".fl")),
             chain_url=env.get("FL_CHAIN_URL", cls.chain_url),
+            chain_node=env.get("FL_CHAIN_NODE", cls.chain_node),
             ipfs_api=env.get("FL_IPFS_API", cls.ipfs_api),
             contract_record=Path(env.get("FL_CONTRACT_RECORD", REPO_ROOT / "build" / "deployments.json")),
             org_key=env.get("FL_ORG_KEY") or None,
@@ -53,4 +57,7 @@ class Settings:
             or cls.allowed_hosts,
             secret_key=env.get("FL_SECRET_KEY") or None,
         )
-        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.chain_node not in CHAIN_NODE_KINDS:
+            raise ValueError(f"FL_CHAIN_NODE is {settings.chain_node!r}: choose one of {', '.join(CHAIN_NODE_KINDS)}")
+        return settings

@@ -34,6 +34,8 @@ PARSE_ONLY = ("import sys, run\n"
     (["chain", "--ipfs-api", "http://127.0.0.1:5001"], "unrecognized arguments: --ipfs-api"),
     (["ipfs", "--chain-url", "http://127.0.0.1:8545"], "unrecognized arguments: --chain-url"),
     (["compile", "--state-dir", "x"], "unrecognized arguments: --state-dir"),
+    (["chain", "--node", "hardhat"], "argument --node: invalid choice: 'hardhat'"),
+    (["app", "--node", "anvil"], "unrecognized arguments: --node"),
 ])
 def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""The chain layer on a real Ganache node: the same contract, Truffle's deployment, restarts."""
+"""The chain layer on each real node, Ganache and anvil: the same contract, Truffle's deployment,
+restarts, reverts by name, blocks and logs pushed over the node's WebSocket."""
 from __future__ import annotations
 
 import json
@@ -25,19 +26,21 @@ from tests.fixtures.chain import (
     expect_revert,
 )
 
-pytestmark = pytest.mark.ganache
+pytestmark = [pytest.mark.ganache, pytest.mark.anvil]
 
 RESTART_URL = "http://127.0.0.1:8646"
 
 
 @pytest.fixture(scope="module")
-def w3(ganache_url):
-    return chain.connect(ganache_url)
+def w3(node_url):
+    return chain.connect(node_url)
 
 
-def test_ganache_accounts_are_the_dev_keys(w3):
-    assert w3.eth.chain_id == chain.GANACHE_CHAIN_ID and w3.net.version == str(chain.GANACHE_NETWORK_ID)
+def test_the_nodes_accounts_are_the_dev_keys(w3):
+    assert w3.eth.chain_id == chain.GANACHE_CHAIN_ID
+    assert w3.net.version in (str(chain.GANACHE_NETWORK_ID), str(chain.GANACHE_CHAIN_ID))  # Ganache's, anvil's
     assert w3.eth.accounts[:len(chain.DEV_KEYS)] == [Account.from_key(key).address for key in chain.DEV_KEYS]
+    assert all(w3.eth.get_balance(account) >= chain.DEV_BALANCE_WEI // 2 for account in w3.eth.accounts[:3])
 
 
 def test_round_lifecycle_with_events(w3):
@@ -64,7 +67,7 @@ def test_a_submission_costs_four_requests_once_fees_and_gas_are_known(w3, monkey
     assert asked == ["eth_call", "eth_getTransactionCount", "eth_sendRawTransaction", "eth_getTransactionReceipt"]
 
 
-def test_reverts_are_named_on_ganache(w3):
+def test_reverts_are_named(w3):
     registry = chain.deploy_registry(w3, ORG_KEY)
     registry.add_client(ORG_KEY, CLIENTS[0])
     expect_revert("RoundNotOpen", lambda: registry.submit_update(CLIENT_KEYS[0], 1, cid_for("early"), 5))
@@ -80,12 +83,12 @@ def test_reverts_are_named_on_ganache(w3):
     expect_revert("RoundAlreadyFinalized", lambda: registry.finalize_round(ORG_KEY, 1, cid_for("model")))
 
 
-def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, ganache_url, tmp_path):
+def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, node_url, tmp_path):
     truffle = REPO_ROOT / "node_modules" / ".bin" / "truffle"
     build_dir = tmp_path / "build" / "contracts"
     done = subprocess.run([str(truffle), "migrate", "--reset", "--network", "development"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "FL_CHAIN_URL": ganache_url, "FL_TRUFFLE_BUILD_DIR": str(build_dir)})
+                          env={**os.environ, "FL_CHAIN_URL": node_url, "FL_TRUFFLE_BUILD_DIR": str(build_dir)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     address = chain.find_deployment(w3, tmp_path / "no-record.json", artifact=build_dir / "RoundRegistry.json")
     assert address is not None and address.lower() in done.stdout.lower()
@@ -97,9 +100,11 @@ def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, ganache_url, 
     assert registry.submissions(1) == [chain.Submission(CLIENTS[0], cid_for("truffle update"), 42)]
 
 
-def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
-    db, log = tmp_path / "db", tmp_path / "ganache.log"
-    with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
+@pytest.mark.parametrize("kind", list(chain.CHAIN_NODES))
+def test_restart_on_the_same_database_keeps_the_rounds(tmp_path, kind):
+    node_class = chain.CHAIN_NODES[kind]
+    db, log = tmp_path / "db", tmp_path / f"{kind}.log"
+    with node_class(RESTART_URL, db_dir=db, log_path=log) as node:
         assert not node.reused
         w3 = chain.connect(RESTART_URL)
         registry = chain.deploy_registry(w3, ORG_KEY, open_enrolment=True)
@@ -108,7 +113,7 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
         registry.start_round(ORG_KEY, cid_for("base"))
         registry.submit_update(CLIENT_KEYS[0], 1, cid_for("update"), 7)
         # A second start at the same URL reuses the running node and leaves it alone.
-        with chain.Ganache(RESTART_URL, db_dir=tmp_path / "other", log_path=log) as again:
+        with node_class(RESTART_URL, db_dir=tmp_path / "other", log_path=log) as again:
             assert again.reused
         assert chain.connect(RESTART_URL).eth.block_number == w3.eth.block_number
     with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
@@ -118,7 +123,7 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
     with pytest.raises(chain.ChainUnavailable, match=RESTART_URL):
         close_and_finalize(registry, 1, cid_for("model"))
 
-    with chain.Ganache(RESTART_URL, db_dir=db, log_path=log) as node:
+    with node_class(RESTART_URL, db_dir=db, log_path=log) as node:
         assert not node.reused
         w3 = chain.connect(RESTART_URL)
         registry = chain.Registry(w3, chain.find_deployment(w3, record))
@@ -129,7 +134,7 @@ def test_restart_on_the_same_database_keeps_the_rounds(tmp_path):
 
 
 def test_block_watcher_is_pushed_each_new_block_and_polls_nothing(w3, monkeypatch):
-    """Over HTTP the watcher follows Ganache's WebSocket: a mined block reaches on_block without
+    """Over HTTP the watcher follows the node's WebSocket: a mined block reaches on_block without
     the watcher asking the node for its block number."""
     asked_by_watcher = []
     post = requests.Session.post
@@ -184,3 +189,15 @@ def test_block_watcher_polls_where_no_websocket_answers():
         assert isinstance(errors.get(timeout=10), chain.NODE_ERRORS)
     finally:
         watcher.stop()
+
+
+def test_events_of_a_range_past_the_head_are_none(w3):
+    """The demo's follower asks from the block after the last it read: on an idle chain that is past
+    the head, which anvil refuses as out of range and Ganache answers with no logs."""
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    head = w3.eth.block_number
+    assert registry.events("ClientAdded", head + 1, head) == []
+    assert registry.events("ClientAdded", head + 1) == []
+    registry.add_client(ORG_KEY, CLIENTS[0])
+    [added] = registry.events("ClientAdded", head + 1)
+    assert added["args"]["client"] == CLIENTS[0]
