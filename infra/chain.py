@@ -95,6 +95,23 @@ DEV_KEYS: list[str] = [
     "0xae9a2e131e9b359b198fa280de53ddbe2247730b881faae7af08e567e58915bd",
 ]
 DEV_BALANCE_WEI = 1000 * 10**18  # Ganache's default balance
+# A client account beyond DEV_KEYS (run.py clients runs any number) is topped up to CLIENT_FUNDS_WEI
+# once it holds less than CLIENT_MIN_WEI: a submission costs about 0.0002 ether on Ganache.
+CLIENT_FUNDS_WEI = 10**18
+CLIENT_MIN_WEI = CLIENT_FUNDS_WEI // 10
+TRANSFER_GAS = 21_000
+
+
+def client_key(k: int) -> str:
+    """Client k's private key: Ganache's deterministic account k + 1 while there is one, then a key
+    derived from a fixed seed (the same on every machine and run), funded by fund_accounts."""
+    if k + 1 < len(DEV_KEYS):
+        return DEV_KEYS[k + 1]
+    return "0x" + keccak(text=f"federated learning client {k}").hex()
+
+
+def client_address(k: int) -> str:
+    return Account.from_key(client_key(k)).address
 
 
 class ChainUnavailable(Exception):
@@ -559,6 +576,29 @@ def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
         return contract_error_from(exc) or ContractError(
             "Reverted", (receipt["transactionHash"].to_0x_hex(),), {"tx": receipt["transactionHash"].to_0x_hex()})
     return None
+
+
+def fund_accounts(w3: Web3, payer_key: str, addresses: list[str]) -> list[str]:
+    """Top up each of `addresses` holding less than CLIENT_MIN_WEI to CLIENT_FUNDS_WEI from
+    `payer_key`'s account; the addresses funded. The transfers are sent back to back and then
+    waited for: one block each on an automining node, not one round trip each."""
+    try:
+        short = {address: CLIENT_FUNDS_WEI - balance for address in addresses
+                 if (balance := w3.eth.get_balance(to_checksum_address(address))) < CLIENT_MIN_WEI}
+        payer = Account.from_key(payer_key)
+        hashes = []
+        with _lock_for(payer.address):
+            nonce = w3.eth.get_transaction_count(payer.address, "pending")
+            for offset, (address, value) in enumerate(short.items()):
+                tx = {"to": to_checksum_address(address), "value": value, "gas": TRANSFER_GAS,
+                      "nonce": nonce + offset, "chainId": w3.eth.chain_id, **_fee_fields(w3)}
+                hashes.append(w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction))
+        for tx_hash in hashes:
+            if w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)["status"] != 1:
+                raise ChainUnavailable(f"funding transfer {tx_hash.to_0x_hex()} failed")
+    except NODE_ERRORS as exc:
+        raise _unavailable(w3, exc) from exc
+    return list(short)
 
 
 def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False,
