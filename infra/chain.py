@@ -308,6 +308,20 @@ _embedded_lock = threading.Lock()
 _embedded_w3: Web3 | None = None
 
 
+class SerialTesterProvider(EthereumTesterProvider):
+    """eth-tester's chain, one request at a time: it mines as it takes a transaction, and a request
+    that meets a block half mined by another thread fails (BlockNotFound), as many devices of one
+    process (run.py clients) sending at once would."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = threading.RLock()
+
+    def make_request(self, method, params):
+        with self._guard:
+            return super().make_request(method, params)
+
+
 def _embedded_chain() -> Web3:
     """One in-process py-evm chain per process, with the DEV_KEYS accounts funded at genesis."""
     global _embedded_w3
@@ -321,7 +335,7 @@ def _embedded_chain() -> Web3:
                 genesis_state[bytes.fromhex(Account.from_key(key).address[2:])] = {
                     "balance": DEV_BALANCE_WEI, "nonce": 0, "code": b"", "storage": {}}
             tester = EthereumTester(PyEVMBackend(genesis_state=genesis_state))
-            _embedded_w3 = Web3(EthereumTesterProvider(tester))
+            _embedded_w3 = Web3(SerialTesterProvider(tester))
         return _embedded_w3
 
 
