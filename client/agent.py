@@ -137,7 +137,8 @@ class ClientAgent:
             raise
         else:
             self._finished_rounds.add(round_id)
-            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"])
+            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"],
+                         seconds=job.result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
 
 
