@@ -157,7 +157,7 @@ def cmd_clients(args: argparse.Namespace) -> None:
                           train_delay=args.train_delay)
     try:
         group = ClientGroup(settings_from(args), config, args.count)
-    except (DeviceDataError, WrongNetwork, ValueError) as exc:  # a wrong split or task, said in one line
+    except (DeviceDataError, WrongNetwork, ValueError) as exc:  # a wrong count, split or task, in one line
         sys.exit(f"clients {args.first_id}-{args.first_id + args.count - 1}: {exc}")
     unfunded = group.unfunded()
     if unfunded:
@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
     cli.add_argument("--data", type=Path, help="the device's own data: a CSV file with the task's columns "
                                                "(README.md); default: partition K of the bundled dataset")
-    cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1)")
+    cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1, and for K of 19 and "
+                                   "up a key derived from a fixed seed, as run.py clients uses)")
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
     cli.add_argument("--host", default="127.0.0.1", help="address to serve the page and API on")
     cli.add_argument("--port", type=int, help="port to serve the page and API on (default: 5100 + K)")

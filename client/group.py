@@ -7,7 +7,6 @@ task's model (training takes turns on it), and one AgentWatcher, so one subscrip
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 from client.agent import AgentWatcher, ClientAgent
@@ -16,7 +15,6 @@ from infra import chain
 from infra.settings import Settings
 from infra.webapp import JobRunner, find_registry, open_store
 
-log = logging.getLogger("client.group")
 # Agents looking at once: one trains while the others pull, encode or wait for IPFS and the chain.
 PARALLEL_AGENTS = 4
 
@@ -26,6 +24,8 @@ class ClientGroup:
     with its own id (its partition of the data, its key and its batch order)."""
 
     def __init__(self, settings: Settings, config: ClientConfig, count: int, w3=None, store=None) -> None:
+        if count < 1:
+            raise ValueError(f"a group has at least one device, not {count}")
         w3 = w3 or chain.connect(settings.chain_url)
         store = store or open_store(settings)
         registry = find_registry(w3, settings)  # None before the organization deploys: each looks later
