@@ -148,26 +148,24 @@ def cmd_client(args: argparse.Namespace) -> None:
 
 
 def cmd_clients(args: argparse.Namespace) -> None:
-    from client.group import ClientGroup
+    from client.group import GroupConfig, create_app
     from client.service import ClientConfig, WrongNetwork
+    from infra.webapp import serve
     from processor.device_data import DeviceDataError
 
-    config = ClientConfig(client_id=args.first_id, num_clients=args.clients or args.first_id + args.count,
-                          task=args.task, partition=args.partition, alpha=args.alpha, seed=args.seed, agent=True,
-                          train_delay=args.train_delay)
+    first = ClientConfig(client_id=args.first_id, num_clients=args.clients or args.first_id + args.count,
+                         task=args.task, partition=args.partition, alpha=args.alpha, seed=args.seed, agent=True,
+                         train_delay=args.train_delay)
+    devices = f"clients {args.first_id}-{args.first_id + args.count - 1}"
     try:
-        group = ClientGroup(settings_from(args), config, args.count)
+        app = create_app({"SETTINGS": app_settings(args), "GROUP_CONFIG": GroupConfig(first, args.count)})
     except (DeviceDataError, WrongNetwork, ValueError) as exc:  # a wrong count, split or task, in one line
-        sys.exit(f"clients {args.first_id}-{args.first_id + args.count - 1}: {exc}")
-    unfunded = group.unfunded()
+        sys.exit(f"{devices}: {exc}")
+    unfunded = app.extensions["group"].unfunded()
     if unfunded:
-        print(f"{len(unfunded)} of the accounts cannot pay for a submission: fund them with `python run.py enrol "
-              f"--clients-of {args.count} --first-id {args.first_id}`", file=sys.stderr)
-    group.start()
-    try:
-        wait_forever(f"clients {args.first_id}-{args.first_id + args.count - 1} take part in every round")
-    finally:
-        group.stop()
+        print(f"{devices}: {len(unfunded)} of the accounts cannot pay for a submission: fund them with "
+              f"`python run.py enrol --clients-of {args.count} --first-id {args.first_id}`", file=sys.stderr)
+    serve(app, args.host, args.port, debug=args.debug)
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -348,13 +346,17 @@ def main(argv: list[str] | None = None) -> None:
                      help="seconds added to every round's training: a slow device (the demo's straggler)")
 
     group = command("clients", cmd_clients, "many devices in one process, each taking part in every round by itself",
-                    everything, "python run.py clients --count 100  # clients 0-99; enrol them with "
-                                "`run.py enrol --clients-of 100`")
+                    everything, "python run.py clients --count 100  # clients 0-99, status on "
+                                "http://127.0.0.1:5099/api/status; enrol them with `run.py enrol --clients-of 100`")
     data_flags(group)
     group.add_argument("--count", type=int, required=True, help="number of devices N")
     group.add_argument("--first-id", type=int, default=0, help="the first device's client number K: the devices "
                                                                 "are K .. K + N - 1 (their partitions and keys)")
     group.add_argument("--clients", type=int, help="number of clients the data is split among (default: K + N)")
+    group.add_argument("--host", default="127.0.0.1", help="address to serve the devices' status on")
+    group.add_argument("--port", type=int, default=5099, help="port to serve the devices' status on "
+                                                               "(GET /api/status)")
+    debug_flag(group)
     verbose_flag(group)
     group.add_argument("--seed", type=int, default=0, help="seed of the partition and of local training's batch order")
     group.add_argument("--train-delay", type=float, default=0.0, help="seconds added to every round's training")

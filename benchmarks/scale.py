@@ -21,7 +21,8 @@ Progress and those details go to stderr; the last line on stdout is one JSON obj
 (with --json; without it, the details and a line per figure come first).
 
     python -m benchmarks.scale --json
-    python -m benchmarks.scale --json --counts 10 --rounds 3 --chain-port 9146 --ipfs-port 5502 --org-port 5800
+    python -m benchmarks.scale --json --counts 10 --rounds 3 --chain-port 9146 --ipfs-port 5502 --org-port 5800 \
+        --clients-port 5801
 """
 from __future__ import annotations
 
@@ -51,7 +52,6 @@ ROUNDS = 3
 SAMPLE_SECONDS = 0.5
 ROUND_SECONDS = 900  # each round's deadline: far beyond a round's time, so a round that misses it says so
 RUN_TIMEOUT = 3600
-CLIENTS_READY = "take part in every round"  # what run.py clients prints once its devices run
 
 
 class ProcessSampler:
@@ -137,10 +137,9 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int]) -> dict:
             str(ROUND_SECONDS), "--port", str(ports["org"])), lambda: port_listens(ports["org"]),
             log_path=logs / "organization.log", env=env, cwd=REPO_ROOT, ready_timeout=600)
         stack.callback(org.stop)
-        clients_log = logs / "clients.log"
-        clients = ManagedProcess("clients", run_py("clients", "--count", str(count), "--task", "mnist"),
-                                 lambda: clients_log.exists() and CLIENTS_READY in clients_log.read_text(),
-                                 log_path=clients_log, env=env, cwd=REPO_ROOT, ready_timeout=600)
+        clients = ManagedProcess("clients", run_py("clients", "--count", str(count), "--task", "mnist", "--port",
+                                                   str(ports["clients"])), lambda: port_listens(ports["clients"]),
+                                 log_path=logs / "clients.log", env=env, cwd=REPO_ROOT, ready_timeout=600)
         stack.callback(clients.stop)
         org.start()
         w3 = chain.connect(chain_url)
@@ -187,9 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chain-port", type=int, help="Ganache's port (default: a free one)")
     parser.add_argument("--ipfs-port", type=int, help="the IPFS API's port (default: a free one)")
     parser.add_argument("--org-port", type=int, help="the organization's app port (default: a free one)")
+    parser.add_argument("--clients-port", type=int, help="the clients' status port (default: a free one)")
     args = parser.parse_args(argv)
     ports = {"chain": args.chain_port or demo.free_port(0), "ipfs": args.ipfs_port or demo.free_port(0),
-             "org": args.org_port or demo.free_port(0)}
+             "org": args.org_port or demo.free_port(0), "clients": args.clients_port or demo.free_port(0)}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="scale-benchmark-") as folder:
         for count in args.counts:

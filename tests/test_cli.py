@@ -186,9 +186,10 @@ def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_
     base = rounds.make_base(digits, rounds.initial_model(digits))
     model = codec.encode_model(digits, base.weights, base.fisher, round_id=1, plan=TrainingSettings())
     registry.start_round(chain.DEV_KEYS[0], ipfs.open_store(ipfs_api, tmp_path).add(model))
+    port = free_port()
     with (tmp_path / "clients.log").open("wb") as output:
         process = subprocess.Popen([*PYTHON_RUN, "clients", "--count", "3", "--first-id", "18", "--clients", "21",
-                                    "--task", "digits", "--ipfs-api", ipfs_api, *services],
+                                    "--task", "digits", "--ipfs-api", ipfs_api, "--port", str(port), *services],
                                    cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
@@ -196,9 +197,12 @@ def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "clients.log").read_text()
             time.sleep(0.5)
         time.sleep(2)  # a second submission would come now
+        devices = requests.get(f"http://127.0.0.1:{port}/api/status", timeout=30).json()["devices"]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, (tmp_path / "clients.log").read_text()
     assert sorted(submission.client for submission in registry.submissions(1)) == sorted(addresses)
+    assert [(device["address"], device["state"]) for device in devices] == [
+        (address, "submitted to round 1; waiting for the next round") for address in addresses]
     assert (tmp_path / "clients.log").read_text().splitlines() == [
-        "clients 18-20 take part in every round; Ctrl-C stops it."]
+        f" * Running on http://127.0.0.1:{port} (waitress); Ctrl-C stops it"]

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from client.group import ClientGroup
+from client.group import ClientGroup, GroupConfig
 from client.service import ClientConfig
 from demo import embedded_system
 from infra import chain
@@ -37,9 +37,9 @@ def test_a_group_submits_once_per_device_and_round_from_its_own_accounts_across_
     runner.step()  # deploys the registry
     registry = org.registry
 
-    def group() -> ClientGroup:
-        return ClientGroup(system.settings, ClientConfig(client_id=FIRST_ID, num_clients=FIRST_ID + COUNT, task=TASK),
-                           COUNT, w3=system.w3, store=system.store)
+    def group() -> ClientGroup:  # its watcher not started: the test takes its looks
+        first = ClientConfig(client_id=FIRST_ID, num_clients=FIRST_ID + COUNT, task=TASK, agent=True)
+        return ClientGroup(system.settings, GroupConfig(first, COUNT), system.w3, system.store, registry)
 
     devices = group()
     addresses = [chain.client_address(k) for k in range(FIRST_ID, FIRST_ID + COUNT)]
@@ -59,6 +59,8 @@ def test_a_group_submits_once_per_device_and_round_from_its_own_accounts_across_
     assert all(events(agent) == [(1, "noticed"), (1, "submitted")] for agent in invited)
     assert events(outsider) == [(1, "not_invited")]
     assert sorted(submitters(registry, 1)) == sorted(addresses[:-1])
+    assert [(device["client_id"], device["address"], device["last_event"]["event"]) for device in devices.status()] \
+        == list(zip(range(FIRST_ID, FIRST_ID + COUNT), addresses, ["submitted"] * 3 + ["not_invited"]))
 
     reads = []
     monkeypatch.setattr(chain.Registry, "_call", lambda self, *args, _call=chain.Registry._call:
