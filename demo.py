@@ -199,13 +199,6 @@ def log(message: str) -> None:
 # ---- bringing the system up ---------------------------------------------------------------
 
 
-def client_address(k: int) -> str:
-    """Client k's account: Ganache's deterministic account k + 1 (run.py client's default)."""
-    from eth_account import Account
-
-    return Account.from_key(chain.DEV_KEYS[k + 1]).address
-
-
 class FullStack:
     """Ganache, the IPFS daemon and a deployed registry, and the apps as separate processes."""
 
@@ -267,7 +260,7 @@ class FullStack:
 
     def enrol(self, k: int) -> None:
         """Enrol client k, as the operator does with `run.py enrol`: it takes part from the next round."""
-        self.registry.add_client(chain.DEV_KEYS[0], client_address(k))
+        self.registry.add_client(chain.DEV_KEYS[0], chain.client_address(k))
 
     def history(self) -> dict[str, Any]:
         try:
@@ -276,7 +269,7 @@ class FullStack:
             return {"initial": None, "rounds": {}}
 
     def activity(self, k: int) -> list[dict]:
-        return read_json_lines(self.run_dir / "client" / client_address(k) / "activity.jsonl")
+        return read_json_lines(self.run_dir / "client" / chain.client_address(k) / "activity.jsonl")
 
 
 def start_driven_stack(options: DemoOptions, settings: Settings, stack: ExitStack) -> tuple[Endpoint, list[Endpoint]]:
@@ -519,7 +512,7 @@ class RoundFollower:
         """The clients started so far that round `round_id` expects (enrolled before it opened)."""
         for k in list(self.system.clients):
             if k not in self.enrolled_from:  # fixed once enrolled: asked until then
-                first_round = self.system.registry.enrolled_from(client_address(k))
+                first_round = self.system.registry.enrolled_from(chain.client_address(k))
                 if first_round:
                     self.enrolled_from[k] = first_round
         return sum(first_round <= round_id for first_round in self.enrolled_from.values())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Entry point of every process: app, client, deploy, chain, ipfs and demo. See README.md."""
+"""Entry point of every process: app, client, clients, deploy, chain, ipfs and demo. See README.md."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +62,7 @@ def app_settings(args: argparse.Namespace) -> Settings:
 # custom operations are on", once per library).
 TENSORFLOW_NOTES = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"
                               r"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] ")
-TENSORFLOW_COMMANDS = ("app", "client", "demo")
+TENSORFLOW_COMMANDS = ("app", "client", "clients", "demo")
 
 
 def load_tensorflow_quietly() -> None:
@@ -154,6 +154,27 @@ def cmd_client(args: argparse.Namespace) -> None:
     serve(app, args.host, args.port if args.port else 5100 + args.id, debug=args.debug)
 
 
+def cmd_clients(args: argparse.Namespace) -> None:
+    from client.group import GroupConfig, create_app
+    from client.service import ClientConfig, WrongNetwork
+    from infra.webapp import serve
+    from processor.device_data import DeviceDataError
+
+    first = ClientConfig(client_id=args.first_id, num_clients=args.clients or args.first_id + args.count,
+                         task=args.task, partition=args.partition, alpha=args.alpha, seed=args.seed, agent=True,
+                         train_delay=args.train_delay)
+    devices = f"clients {args.first_id}-{args.first_id + args.count - 1}"
+    try:
+        app = create_app({"SETTINGS": app_settings(args), "GROUP_CONFIG": GroupConfig(first, args.count)})
+    except (DeviceDataError, WrongNetwork, ValueError) as exc:  # a wrong count, split or task, in one line
+        sys.exit(f"{devices}: {exc}")
+    unfunded = app.extensions["group"].unfunded()
+    if unfunded:
+        print(f"{devices}: {len(unfunded)} of the accounts cannot pay for a submission: fund them with "
+              f"`python run.py enrol --clients-of {args.count} --first-id {args.first_id}`", file=sys.stderr)
+    serve(app, args.host, args.port, debug=args.debug)
+
+
 def cmd_deploy(args: argparse.Namespace) -> None:
     from infra import chain
 
@@ -168,19 +189,28 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 def cmd_enrol(args: argparse.Namespace) -> None:
     from infra import chain
 
+    if bool(args.addresses) == bool(args.clients_of):
+        sys.exit("run.py enrol: name the addresses to enrol, or --clients-of N (not both)")
     settings = settings_from(args)
     w3 = chain.connect(settings.chain_url)
     address = chain.find_deployment(w3, settings.contract_record)
     if address is None:
         sys.exit(f"no round registry is recorded for this chain in {settings.contract_record}: deploy one first")
     registry = chain.Registry(w3, address)
-    for client in args.addresses:
+    org_key = settings.org_key or chain.DEV_KEYS[0]
+    if args.clients_of:
+        addresses = [chain.client_address(k) for k in range(args.first_id, args.first_id + args.clients_of)]
+        funded = chain.fund_accounts(w3, org_key, addresses)
+        print(f"funded {len(funded)} of the {len(addresses)} accounts from the organization's")
+    else:
+        addresses = args.addresses
+    for client in addresses:
         if not w3.is_address(client):
             sys.exit(f"'{client}' is not an Ethereum address")
         if registry.is_client(client):
             print(f"{client} is already enrolled")
             continue
-        registry.add_client(settings.org_key or chain.DEV_KEYS[0], client)
+        registry.add_client(org_key, client)
         print(f"enrolled {client}: it takes part from round {registry.enrolled_from(client)}")
 
 
@@ -308,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
     cli.add_argument("--data", type=Path, help="the device's own data: a CSV file with the task's columns "
                                                "(README.md); default: partition K of the bundled dataset")
-    cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1)")
+    cli.add_argument("--key", help="private key (default: Ganache deterministic account K + 1, and for K of 19 and "
+                                   "up a key derived from a fixed seed, as run.py clients uses)")
     cli.add_argument("--account", type=int, help="use Ganache deterministic account N")
     cli.add_argument("--host", default="127.0.0.1", help="address to serve the page and API on")
     cli.add_argument("--port", type=int, help="port to serve the page and API on (default: 5100 + K)")
@@ -320,6 +351,22 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--train-delay", type=float, default=0.0,
                      help="seconds added to every round's training: a slow device (the demo's straggler)")
 
+    group = command("clients", cmd_clients, "many devices in one process, each taking part in every round by itself",
+                    everything, "python run.py clients --count 100  # clients 0-99, status on "
+                                "http://127.0.0.1:5099/api/status; enrol them with `run.py enrol --clients-of 100`")
+    data_flags(group)
+    group.add_argument("--count", type=int, required=True, help="number of devices N")
+    group.add_argument("--first-id", type=int, default=0, help="the first device's client number K: the devices "
+                                                                "are K .. K + N - 1 (their partitions and keys)")
+    group.add_argument("--clients", type=int, help="number of clients the data is split among (default: K + N)")
+    group.add_argument("--host", default="127.0.0.1", help="address to serve the devices' status on")
+    group.add_argument("--port", type=int, default=5099, help="port to serve the devices' status on "
+                                                               "(GET /api/status)")
+    debug_flag(group)
+    verbose_flag(group)
+    group.add_argument("--seed", type=int, default=0, help="seed of the partition and of local training's batch order")
+    group.add_argument("--train-delay", type=float, default=0.0, help="seconds added to every round's training")
+
     deploy = command("deploy", cmd_deploy, "deploy the round registry and record its address",
                      ("chain_url", "state_dir", "contract_record"), "python run.py deploy --open-enrolment")
     deploy.add_argument("--open-enrolment", action="store_true",
@@ -328,7 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     enrol = command("enrol", cmd_enrol, "enrol client accounts in the recorded round registry (organization's key)",
                     ("chain_url", "state_dir", "contract_record"),
                     "python run.py enrol 0xFFcf8FDEE72ac11b5c542428B35EEF5769C409f0")
-    enrol.add_argument("addresses", nargs="+", metavar="ADDRESS", help="a client's Ethereum address")
+    enrol.add_argument("addresses", nargs="*", metavar="ADDRESS", help="a client's Ethereum address")
+    enrol.add_argument("--clients-of", type=int, metavar="N",
+                       help="instead of addresses: the N accounts of `run.py clients --count N`, each funded first "
+                            "from the organization's account when it holds less than 0.1 ether")
+    enrol.add_argument("--first-id", type=int, default=0, help="with --clients-of: the group's first client id")
     command("compile", cmd_compile, "compile the contract into build/contracts/RoundRegistry.json (setup.sh does it)",
             (), "python run.py compile")
     command("chain", cmd_chain, "start a chain node (Ganache, or anvil) and keep it running",

@@ -2,8 +2,8 @@
 
 One deployment with 100 clients enrolled and a one-hour deadline per round; 1 client submits in
 round 1, 10 in round 2 and 100 in round 3, each a realistic CIDv1 ("bafkrei...", 59 characters).
-Clients beyond Ganache's 20 accounts get keys derived from a fixed seed and are funded from
-account 0. Progress goes to stderr; the last line on stdout is one JSON object:
+Clients beyond Ganache's 20 accounts get keys derived from a fixed seed (chain.client_key) and
+are funded from account 0. Progress goes to stderr; the last line on stdout is one JSON object:
     {"submit_gas": {"1": max, "10": max, "100": max}, "submit_max_over_min", "start_round_gas", "close_gas",
      "finalize_gas", "register_gas", "set_rules_gas"}
 submit_max_over_min is the largest submission's gas over the smallest, across all three rounds
@@ -21,41 +21,19 @@ import tempfile
 from pathlib import Path
 
 from eth_account import Account
-from eth_utils import keccak
 
 from benchmarks.measure import log, report
 from infra import chain
 from infra.ipfs import compute_cid
 
 CLIENT_COUNTS = (1, 10, 100)
-CLIENT_FUNDS_WEI = 10**18
-
-
-def client_keys(count: int) -> list[str]:
-    """Ganache's accounts 1-19, then keys derived from a fixed seed (the same on every run)."""
-    keys = chain.DEV_KEYS[1:count + 1]
-    keys += ["0x" + keccak(text=f"gas benchmark client {i}").hex() for i in range(count - len(keys))]
-    return keys
-
-
-def fund(w3, payer_key: str, addresses: list[str]) -> None:
-    payer = Account.from_key(payer_key)
-    nonce = w3.eth.get_transaction_count(payer.address, "pending")
-    hashes = []
-    for offset, address in enumerate(addresses):
-        tx = {"to": address, "value": CLIENT_FUNDS_WEI, "gas": 21_000, "gasPrice": w3.eth.gas_price,
-              "nonce": nonce + offset, "chainId": w3.eth.chain_id}
-        hashes.append(w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction))
-    for tx_hash in hashes:
-        assert w3.eth.wait_for_transaction_receipt(tx_hash)["status"] == 1
 
 
 def measure(w3) -> dict:
     org = chain.DEV_KEYS[0]
-    keys = client_keys(max(CLIENT_COUNTS))
-    unfunded = [Account.from_key(key).address for key in keys if key not in chain.DEV_KEYS]
-    log(f"funding {len(unfunded)} extra client accounts")
-    fund(w3, org, unfunded)
+    keys = [chain.client_key(k) for k in range(max(CLIENT_COUNTS))]
+    funded = chain.fund_accounts(w3, org, [Account.from_key(key).address for key in keys])
+    log(f"funded {len(funded)} extra client accounts")
 
     registry = chain.deploy_registry(w3, org)
     log(f"deployed the round registry at {registry.address}")

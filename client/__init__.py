@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Flask
 
-from client.agent import ClientAgent
+from client.agent import AgentWatcher, ClientAgent
 from client.service import ClientConfig, ClientService
 from infra import webapp
 
@@ -30,5 +30,6 @@ def extensions(settings, client_config: ClientConfig, w3, store, registry) -> di
     service.check_network()  # a device started for another task than the network's stops here
     jobs = webapp.JobRunner()
     if client_config.agent:
-        service.agent = ClientAgent(service, jobs).start()
+        service.agent = ClientAgent(service, jobs)
+        AgentWatcher([service.agent]).start()
     return {"client": service, "jobs": jobs}

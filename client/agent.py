@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from client.service import ClientService
@@ -28,7 +29,9 @@ MAX_BACKOFF_SECONDS = 5.0  # between attempts while the chain or IPFS is down
 
 
 class ClientAgent:
-    def __init__(self, service: ClientService, jobs: JobRunner, poll_seconds: float = POLL_SECONDS) -> None:
+    """One device's decisions; an AgentWatcher wakes it (one watcher may wake many agents)."""
+
+    def __init__(self, service: ClientService, jobs: JobRunner) -> None:
         self.service = service
         self.jobs = jobs
         self.activity_path = service.settings.state_dir / "client" / service.address / "activity.jsonl"
@@ -36,16 +39,6 @@ class ClientAgent:
         self.last_event: dict[str, Any] | None = None
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
         self._enrolled_from = 0  # the first round this client may take part in, once the chain says it
-        # Woken by a round's opening only: the other clients' submissions do not concern it.
-        self._watcher = chain.BlockWatcher("client-agent", service.w3, self._look, self._waiting, poll_seconds,
-                                           RECHECK_SECONDS, MAX_BACKOFF_SECONDS, chain.event_topics("RoundStarted"))
-
-    def start(self) -> "ClientAgent":
-        self._watcher.start()
-        return self
-
-    def stop(self) -> None:
-        self._watcher.stop()
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "last_event": self.last_event}
@@ -54,9 +47,13 @@ class ClientAgent:
         self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
         append_json_line(self.activity_path, self.last_event)
 
-    def _look(self, logs: list | None) -> bool:
+    def look(self, logs: list | None) -> None:
+        """What the watcher calls: `logs` are the RoundStarted logs pushed, None for a look at the chain."""
         self.check_round(self._announced(logs))
-        return False  # a device takes part for as long as it runs
+
+    def done_with(self, round_id: int) -> bool:
+        """Whether round `round_id` has had its outcome for this client (learnt from the chain)."""
+        return round_id in self._finished_rounds
 
     def _announced(self, logs: list | None) -> chain.StartedRound | None:
         """The latest round the pushed logs opened; None when none did (a recheck reads the chain)."""
@@ -77,7 +74,7 @@ class ClientAgent:
             self._enrolled_from = registry.enrolled_from(self.service.address)
         return 0 < self._enrolled_from <= round_id
 
-    def _waiting(self, exc: Exception, wait: float) -> None:  # an outage: said, then tried again later
+    def waiting(self, exc: Exception, wait: float) -> None:  # an outage: said, then tried again later
         self.state = f"waiting for the chain or IPFS: {describe_error(exc)}"
         log.warning("agent: %s; trying again in %.1f s", self.state, wait)
 
@@ -140,5 +137,67 @@ class ClientAgent:
             raise
         else:
             self._finished_rounds.add(round_id)
-            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"])
+            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"],
+                         seconds=job.result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
+
+
+class AgentWatcher:
+    """One BlockWatcher for any number of agents on one chain connection: woken by a round's opening
+    only (the other clients' submissions do not concern them), it hands every look to each agent,
+    up to `parallel` at a time. Their training takes turns on the process's one model (the task's
+    lock); their IPFS and chain calls overlap it. A hundred agents thus cost one subscription."""
+
+    def __init__(self, agents: list[ClientAgent], poll_seconds: float = POLL_SECONDS, parallel: int = 1) -> None:
+        self.agents = agents
+        self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="client-agent") if parallel > 1 else None
+        self._failed: list[ClientAgent] = []  # the agents whose last look failed
+        self._watcher = chain.BlockWatcher("client-agents", agents[0].service.w3, self._look, self._waiting,
+                                           poll_seconds, RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
+                                           chain.event_topics("RoundStarted"))
+
+    def start(self) -> "AgentWatcher":
+        self._watcher.start()
+        return self
+
+    def stop(self) -> None:
+        self._watcher.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _due(self, logs: list | None) -> list[ClientAgent]:
+        """The agents a look concerns. A recheck (no logs) reads the current round once and leaves
+        out the agents done with it: a hundred idle agents cost one call, not a hundred."""
+        if logs is not None or len(self.agents) == 1:
+            return self.agents
+        try:
+            registry = self.agents[0].service.registry
+        except ActionError:  # no contract yet: each agent says so
+            return self.agents
+        current = registry.current_round()
+        return [agent for agent in self.agents if not agent.done_with(current)]
+
+    def _look(self, logs: list | None) -> bool:
+        """Every due agent looks; the failed ones are tried again by the watcher's next look."""
+        due = self._due(logs)
+        if self._pool is None:
+            outcomes = [_outcome(agent, logs) for agent in due]
+        else:
+            outcomes = list(self._pool.map(lambda agent: _outcome(agent, logs), due))
+        self._failed = [agent for agent, error in zip(due, outcomes) if error is not None]
+        if self._failed:
+            raise next(error for error in outcomes if error is not None)
+        return False  # devices take part for as long as they run
+
+    def _waiting(self, exc: Exception, wait: float) -> None:
+        for agent in self._failed or self.agents:  # before any look: the chain itself failed
+            agent.waiting(exc, wait)
+        self._failed = []
+
+
+def _outcome(agent: ClientAgent, logs: list | None) -> Exception | None:
+    try:
+        agent.look(logs)
+    except Exception as exc:
+        return exc
+    return None

@@ -63,7 +63,7 @@ class ClientConfig:
     alpha: float = 0.5
     seed: int = 0
     data_path: Path | None = None  # the device's own data (processor.device_data); None: a bundled partition
-    key: str | None = None  # private key; default: Ganache deterministic account client_id + 1
+    key: str | None = None  # private key; default: chain.client_key(client_id)
     agent: bool = False  # take part in every round by itself (client.agent); False: only when asked
     train_delay: float = 0.0  # seconds added to every round's training: a slow device, for demos and tests
 
@@ -95,7 +95,7 @@ class ClientService:
         self.w3 = w3
         self.store = store
         self._registry = registry
-        self.key = config.key or chain.DEV_KEYS[config.client_id + 1]
+        self.key = config.key or chain.client_key(config.client_id)
         self.address = Account.from_key(self.key).address
         if config.data_path is not None:
             x, y = read_device_data(self.task, config.data_path)

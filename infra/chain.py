@@ -102,6 +102,23 @@ DEV_KEYS: list[str] = [
     "0xae9a2e131e9b359b198fa280de53ddbe2247730b881faae7af08e567e58915bd",
 ]
 DEV_BALANCE_WEI = 1000 * 10**18  # Ganache's default balance
+# A client account beyond DEV_KEYS (run.py clients runs any number) is topped up to CLIENT_FUNDS_WEI
+# once it holds less than CLIENT_MIN_WEI: a submission costs about 0.0002 ether on Ganache.
+CLIENT_FUNDS_WEI = 10**18
+CLIENT_MIN_WEI = CLIENT_FUNDS_WEI // 10
+TRANSFER_GAS = 21_000
+
+
+def client_key(k: int) -> str:
+    """Client k's private key: Ganache's deterministic account k + 1 while there is one, then a key
+    derived from a fixed seed (the same on every machine and run), funded by fund_accounts."""
+    if k + 1 < len(DEV_KEYS):
+        return DEV_KEYS[k + 1]
+    return "0x" + keccak(text=f"federated learning client {k}").hex()
+
+
+def client_address(k: int) -> str:
+    return Account.from_key(client_key(k)).address
 
 
 class ChainUnavailable(Exception):
@@ -298,6 +315,20 @@ _embedded_lock = threading.Lock()
 _embedded_w3: Web3 | None = None
 
 
+class SerialTesterProvider(EthereumTesterProvider):
+    """eth-tester's chain, one request at a time: it mines as it takes a transaction, and a request
+    that meets a block half mined by another thread fails (BlockNotFound), as many devices of one
+    process (run.py clients) sending at once would."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = threading.RLock()
+
+    def make_request(self, method, params):
+        with self._guard:
+            return super().make_request(method, params)
+
+
 def _embedded_chain() -> Web3:
     """One in-process py-evm chain per process, with the DEV_KEYS accounts funded at genesis."""
     global _embedded_w3
@@ -311,7 +342,7 @@ def _embedded_chain() -> Web3:
                 genesis_state[bytes.fromhex(Account.from_key(key).address[2:])] = {
                     "balance": DEV_BALANCE_WEI, "nonce": 0, "code": b"", "storage": {}}
             tester = EthereumTester(PyEVMBackend(genesis_state=genesis_state))
-            _embedded_w3 = Web3(EthereumTesterProvider(tester))
+            _embedded_w3 = Web3(SerialTesterProvider(tester))
         return _embedded_w3
 
 
@@ -566,6 +597,29 @@ def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
         return contract_error_from(exc) or ContractError(
             "Reverted", (receipt["transactionHash"].to_0x_hex(),), {"tx": receipt["transactionHash"].to_0x_hex()})
     return None
+
+
+def fund_accounts(w3: Web3, payer_key: str, addresses: list[str]) -> list[str]:
+    """Top up each of `addresses` holding less than CLIENT_MIN_WEI to CLIENT_FUNDS_WEI from
+    `payer_key`'s account; the addresses funded. The transfers are sent back to back and then
+    waited for: one block each on an automining node, not one round trip each."""
+    try:
+        short = {address: CLIENT_FUNDS_WEI - balance for address in addresses
+                 if (balance := w3.eth.get_balance(to_checksum_address(address))) < CLIENT_MIN_WEI}
+        payer = Account.from_key(payer_key)
+        hashes = []
+        with _lock_for(payer.address):
+            nonce = w3.eth.get_transaction_count(payer.address, "pending")
+            for offset, (address, value) in enumerate(short.items()):
+                tx = {"to": to_checksum_address(address), "value": value, "gas": TRANSFER_GAS,
+                      "nonce": nonce + offset, "chainId": w3.eth.chain_id, **_fee_fields(w3)}
+                hashes.append(w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction))
+        for tx_hash in hashes:
+            if w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)["status"] != 1:
+                raise ChainUnavailable(f"funding transfer {tx_hash.to_0x_hex()} failed")
+    except NODE_ERRORS as exc:
+        raise _unavailable(w3, exc) from exc
+    return list(short)
 
 
 def deploy_registry(w3: Web3, key: str, open_enrolment: bool = False,

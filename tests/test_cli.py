@@ -44,13 +44,13 @@ def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     assert complaint in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["app", "client", "deploy", "enrol", "chain", "ipfs", "demo"])
+@pytest.mark.parametrize("command", ["app", "client", "clients", "deploy", "enrol", "chain", "ipfs", "demo"])
 def test_each_commands_help_shows_defaults_and_an_example(command):
     done = subprocess.run([*PYTHON_RUN, command, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0
     assert "example:\n  python run.py " + command in done.stdout
-    if command in ("app", "client", "demo"):  # the others' flags are URLs, paths and switches, with no default
+    if command in ("app", "client", "clients", "demo"):  # the others' flags: URLs, paths, switches, no default
         assert "(default: " in done.stdout
 
 
@@ -160,3 +160,51 @@ def test_a_client_of_another_task_than_the_networks_stops_in_one_line(ganache_ur
     assert done.stderr.strip().splitlines()[-1].startswith(
         "client 0: the organization's rounds learn the task 'digits' (base model ")
     assert done.stderr.strip().endswith("but this client was started for 'mnist': start it with --task digits")
+
+
+@pytest.mark.ganache
+@pytest.mark.ipfs_daemon
+def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_funded(ganache_url, ipfs_api,
+                                                                                       tmp_path):
+    """Three devices in one `run.py clients` process, two of them beyond Ganache's accounts: `run.py
+    enrol --clients-of` funds and enrols them, and each submits once to the open round."""
+    from infra import chain, ipfs
+    from processor import codec, rounds
+    from processor.tasks import get_task
+    from processor.training import TrainingSettings
+
+    w3 = chain.connect(ganache_url)
+    registry = chain.deploy_registry(w3, chain.DEV_KEYS[0])
+    record = tmp_path / "deployments.json"
+    chain.record_deployment(record, w3, registry.address)
+    services = ["--chain-url", ganache_url, "--contract-record", str(record), "--state-dir", str(tmp_path)]
+    enrolled = subprocess.run([*PYTHON_RUN, "enrol", "--clients-of", "3", "--first-id", "18", *services],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    addresses = [chain.client_address(k) for k in (18, 19, 20)]
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert all(registry.is_client(address) for address in addresses)
+    assert all(w3.eth.get_balance(address) >= chain.CLIENT_MIN_WEI for address in addresses)
+    digits = get_task("digits")
+    base = rounds.make_base(digits, rounds.initial_model(digits))
+    model = codec.encode_model(digits, base.weights, base.fisher, round_id=1, plan=TrainingSettings())
+    registry.start_round(chain.DEV_KEYS[0], ipfs.open_store(ipfs_api, tmp_path).add(model))
+    port = free_port()
+    with (tmp_path / "clients.log").open("wb") as output:
+        process = subprocess.Popen([*PYTHON_RUN, "clients", "--count", "3", "--first-id", "18", "--clients", "21",
+                                    "--task", "digits", "--ipfs-api", ipfs_api, "--port", str(port), *services],
+                                   cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while registry.round(1).submissions < 3:
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "clients.log").read_text()
+            time.sleep(0.5)
+        time.sleep(2)  # a second submission would come now
+        devices = requests.get(f"http://127.0.0.1:{port}/api/status", timeout=30).json()["devices"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, (tmp_path / "clients.log").read_text()
+    assert sorted(submission.client for submission in registry.submissions(1)) == sorted(addresses)
+    assert [(device["address"], device["state"]) for device in devices] == [
+        (address, "submitted to round 1; waiting for the next round") for address in addresses]
+    assert (tmp_path / "clients.log").read_text().splitlines() == [
+        f" * Running on http://127.0.0.1:{port} (waitress); Ctrl-C stops it"]

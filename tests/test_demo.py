@@ -109,7 +109,7 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
         weights, _, _ = codec.decode_model(task, store.get(info.model_cid))
         accuracy = task.evaluate(weights, data.x_test, data.y_test)["accuracy"]
         assert accuracy == pytest.approx(rows[round_id - 1]["accuracy"])
-    clients = [demo.client_address(k) for k in range(3)]
+    clients = [chain.client_address(k) for k in range(3)]
     assert submitters == {1: [clients[0]], 2: [clients[0]], 3: sorted([clients[0], clients[2]])}
 
 

@@ -174,8 +174,8 @@ def test_an_agent_takes_part_from_the_round_started_event_alone(network, monkeyp
     reads = []
     monkeypatch.setattr(chain.Registry, "_call", lambda self, *args, _call=chain.Registry._call:
                         reads.append(args[0]) or _call(self, *args))
-    agents[0]._look([pushed])
+    agents[0].look([pushed])
     assert events(agents[0]) == [(1, "noticed"), (1, "submitted")] and "currentRoundFor" not in reads
-    agents[2]._look([pushed])  # not enrolled in time for round 1
+    agents[2].look([pushed])  # not enrolled in time for round 1
     assert events(agents[2]) == [(1, "not_invited")]
     assert org.registry.round(1).submissions == 1
