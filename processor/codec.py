@@ -1,7 +1,8 @@
 """Models and deltas as safetensors bytes: the only format that ever goes to IPFS.
 
 safetensors parsing never runs code (unlike pickle). Decoding validates everything against the
-task's architecture before a tensor is used: names, shapes, dtype, finite values, metadata.
+task's architecture before a tensor is used: names, shapes, dtype, finite values, metadata. Only
+the task's global tensors (`Task.spec`) are ever encoded; a file carrying a private one is refused.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.numpy import save
 from processor.evaluation import Evaluation
 from processor.tasks import Task
 from processor.training import TrainingSettings
-from processor.weights import Weights
+from processor.weights import Weights, is_private
 
 FORMAT = "fl-ipfs/1"
 STORED_DTYPES = {"float32": np.float32, "float16": np.float16}  # of deltas and of the Fisher
@@ -178,6 +179,9 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, .
     dtypes allowed for it), and its metadata."""
     table, metadata = read_header(data)
     _check_metadata(task, metadata, kind)
+    private = sorted(name for name in table if is_private(name.split("/", 1)[-1]))
+    if private:
+        raise CodecError(f"private tensor(s) {', '.join(private)}: a device's user state never leaves it")
     expected = {f"{p}/{n}": shape for p in prefixes for n, shape in task.spec.items()}
     missing = sorted(set(expected) - set(table))
     unknown = sorted(set(table) - set(expected))
