@@ -48,6 +48,9 @@ class RoundRecord:
     test: dict[str, float]
     clients: list[ClientRecord] = field(default_factory=list)
     federated: dict[str, float] | None = None  # the clients' held_out reports, sample-weighted (with `holdout`)
+    # every client's held-out rows, each scored on its device, as one set: the figure a central
+    # model is measured by (an AUC also ranks one device's rows against another's)
+    pooled: dict[str, float] | None = None
 
 
 @dataclass
@@ -100,11 +103,15 @@ def simulate(task: Task, config: SimulationConfig,
             updates.append((result.delta, result.num_samples))
             clients.append(record)
         weights = rounds.aggregate(base.weights, updates, method=config.aggregation, clip_norm=config.clip_norm)
-        for client, (hx, hy), private in zip(clients, held_out, privates):
-            client.held_out = Evaluation.of(task.evaluate(weights, hx, hy, private), len(hy))
-        federated = weighted_mean(c.held_out for c in clients) if held_out else None
+        federated = pooled = None
+        if held_out:
+            scores = [task.logits(weights, hx, private) for (hx, _), private in zip(held_out, privates)]
+            for client, (_, hy), logits in zip(clients, held_out, scores):
+                client.held_out = Evaluation.of(task.metrics(logits, hy), len(hy))
+            federated = weighted_mean(c.held_out for c in clients)
+            pooled = task.metrics(np.concatenate(scores), np.concatenate([hy for _, hy in held_out]))
         # the organization's panel: users no device holds, so the global part alone (cold start)
-        record = RoundRecord(round_id, task.evaluate(weights, data.x_test, data.y_test), clients, federated)
+        record = RoundRecord(round_id, task.evaluate(weights, data.x_test, data.y_test), clients, federated, pooled)
         history.append(record)
         if on_round:
             on_round(record)

@@ -145,7 +145,10 @@ def load_interest(folder: Path | None = None) -> TaskData:
     n_test, n_val = int(TEST_FRACTION * len(ids)), int(VAL_FRACTION * len(ids))
     test, val = np.isin(user, ids[:n_test]), np.isin(user, ids[n_test:n_test + n_val])
     train = ~(test | val)
-    return TaskData(x[train], y[train], x[val], y[val], x[test], y[test], groups_train=user[train])
+    # the validation users each have a slot (the organization may pretrain on them); the test
+    # panel's are never trained, so their zero state (cold start) needs none
+    return TaskData(x[train], y[train], with_user_slots(x[val], user[val]), y[val], x[test], y[test],
+                    groups_train=user[train])
 
 
 @dataclass
@@ -257,7 +260,11 @@ class Task:
         device's `private` tensors, as for `logits`) on (x, y)."""
         if len(y) == 0:
             raise ValueError("cannot evaluate on an empty set")
-        logits = self.logits(weights, x, private).astype(np.float64)
+        return self.metrics(self.logits(weights, x, private), y)
+
+    def metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Accuracy and mean cross-entropy (and AUC for a two-class task) of `logits` for labels `y`."""
+        logits = logits.astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         metrics = {"accuracy": float(np.mean(logits.argmax(axis=1) == y)),

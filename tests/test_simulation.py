@@ -1,5 +1,6 @@
 """The single-process simulation, built on the same round steps as the apps."""
 import numpy as np
+import pytest
 
 from processor import rounds
 from processor.simulation import SimulationConfig, simulate
@@ -78,7 +79,10 @@ def test_each_device_keeps_its_users_state_between_rounds_and_never_sends_it(tmp
         assert all(np.array_equal(given[n], earlier.private[n]) for n in task.private_spec)
         assert np.abs(given["user_bias/embeddings"]).max() > 0
     assert all(set(r.delta) == set(task.spec) for _, r in calls)
-    assert result.rounds[-1].federated["devices"] == 2
+    last = result.rounds[-1]
+    assert last.federated["devices"] == 2 and len(last.clients) == 2
+    # pooled, the held-out rows' accuracy is the reports' sample-weighted one
+    assert last.pooled["accuracy"] == pytest.approx(last.federated["accuracy"])
 
 
 def test_private_user_state_tells_users_apart_where_the_global_model_cannot(tmp_path):
@@ -89,6 +93,6 @@ def test_private_user_state_tells_users_apart_where_the_global_model_cannot(tmp_
     with_state = simulate(task, config).rounds[-1]
     without_state = simulate(without, config).rounds[-1]
     # held-out ratings are each user's latest: known from its earlier ones, by its own device only
-    assert with_state.federated["accuracy"] == 1.0 and with_state.federated["auc"] == 1.0
+    assert with_state.federated["accuracy"] == 1.0 and with_state.pooled["auc"] == 1.0
     assert without_state.federated["accuracy"] < 0.75
     assert with_state.test["auc"] == without_state.test["auc"] == 0.5  # the panel's users are new to everyone
