@@ -326,9 +326,10 @@ INTEREST_ITEMS = 1683  # MovieLens-100K's item ids run from 1 to 1682
 
 
 def interest_task(loader: Callable[[], TaskData] = load_interest, side: int = INTEREST_SIDE,
-                  num_items: int = INTEREST_ITEMS, user_state: bool = True) -> RecommenderTask:
+                  num_items: int = INTEREST_ITEMS, factors: int = 16, user_state: bool = True) -> RecommenderTask:
+    """The interest task's recommender over `loader`'s rows of `side` side features and `num_items` items."""
     return RecommenderTask("interest", loader, side + 2, (), 2, default_partition="by-user",
-                           label_names=INTEREST_LABELS, num_items=num_items, user_state=user_state)
+                           label_names=INTEREST_LABELS, num_items=num_items, factors=factors, user_state=user_state)
 
 
 TASKS: dict[str, Task] = {

@@ -10,7 +10,7 @@ from safetensors.numpy import save
 
 from processor import codec
 from processor.codec import CodecError
-from processor.tasks import get_task
+from processor.tasks import get_task, interest_task
 from processor.training import TrainingSettings
 
 TASK = get_task("digits")
@@ -266,3 +266,14 @@ def test_a_recommenders_files_hold_its_global_tensors_and_a_private_one_is_refus
     with pytest.raises(CodecError, match=r"private tensor\(s\) delta/user_bias/embeddings, "
                                          r"delta/user_factors/embeddings: a device's user state never leaves it"):
         codec.decode_delta(interest, save(leaking, metadata=metadata))
+
+
+def test_a_devices_private_file_round_trips_and_fits_only_its_own_model():
+    interest = get_task("interest")
+    rng = np.random.default_rng(1)
+    private = {n: rng.normal(size=s).astype(np.float32) for n, s in interest.private_spec.items()}
+    decoded = codec.decode_private(interest, codec.encode_private(interest, private))
+    assert all(np.array_equal(decoded[n], private[n]) for n in interest.private_spec)
+    smaller = interest_task(interest.data, factors=8)
+    with pytest.raises(CodecError, match="metadata arch is 'rec-44-1683-16-u1024', expected 'rec-44-1683-8-u1024'"):
+        codec.decode_private(smaller, codec.encode_private(interest, private))
