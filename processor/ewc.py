@@ -8,6 +8,8 @@ tensors (its users' state, `processor.weights.is_private`) are its own to move.
 """
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -133,9 +135,10 @@ def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: 
     """The Fisher of a chain of Dense layers (as `mlp` builds), in closed form.
 
     A sample's kernel gradient is the outer product of the layer's input a and the gradient g of
-    its pre-activation, so the summed squares are (a^2)^T (g^2): one batched backward pass and a matmul per layer, instead
-    of a backward pass per sample (30-50x faster than tf.vectorized_map here). Batches of 1024
-    take the mnist organization's 500 validation samples at once: 5.5 ms against 7.2 in batches of 256.
+    its pre-activation, so the summed squares are (a^2)^T (g^2): one batched backward pass and a
+    matmul per layer, instead of a backward pass per sample (30-50x faster than
+    tf.vectorized_map here). Batches of 1024 take the mnist organization's 500 validation samples
+    at once: 5.5 ms against 7.2 in batches of 256.
     """
     variables = [v for layer in layers for v in (layer.kernel, layer.bias)]
 
@@ -176,22 +179,21 @@ def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size
     return {v.path: (t / max(len(x), 1)).astype(np.float32) for v, t in zip(variables, totals)}
 
 
+@functools.cache
 def _summed_squared_gradients(model: EWCModel):
     """A traced function of (x, y) -> per global variable, the sum over samples of squared gradients;
     made once per model, so later rounds reuse its trace."""
-    if getattr(model, "_summed_squares", None) is None:
-        variables = model.global_variables
+    variables = model.global_variables
 
-        def one(sample):
-            xi, yi = sample
-            with tf.GradientTape() as tape:
-                nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yi[None], logits=model(xi[None]))
-            # an embedding's gradient is sparse (the rows the sample uses): made dense to be squared
-            return [tf.convert_to_tensor(g) for g in tape.gradient(nll, variables)]
+    def one(sample):
+        xi, yi = sample
+        with tf.GradientTape() as tape:
+            nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yi[None], logits=model(xi[None]))
+        # an embedding's gradient is sparse (the rows the sample uses): made dense to be squared
+        return [tf.convert_to_tensor(g) for g in tape.gradient(nll, variables)]
 
-        @tf.function(reduce_retracing=True)
-        def summed(xb, yb):
-            return [tf.reduce_sum(tf.square(g), axis=0) for g in tf.vectorized_map(one, (xb, yb))]
+    @tf.function(reduce_retracing=True)
+    def summed(xb, yb):
+        return [tf.reduce_sum(tf.square(g), axis=0) for g in tf.vectorized_map(one, (xb, yb))]
 
-        model._summed_squares = summed
-    return model._summed_squares
+    return summed
