@@ -134,3 +134,6 @@ def test_an_interest_device_keeps_its_users_state_across_rounds_and_restarts(tmp
     assert not any(name.startswith("delta/user_") for name in codec.read_header(published)[0])
     restarted = ClientService(system.settings, config, system.w3, system.store)
     assert all(np.array_equal(restarted.private[n], learned[n]) for n in INTEREST.private_spec)
+    service.private_path.write_bytes(b"not a model of this task")  # e.g. left by another version
+    afresh = ClientService(system.settings, config, system.w3, system.store)
+    assert all(np.all(t == 0) for t in afresh.private.values())
