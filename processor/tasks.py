@@ -298,6 +298,10 @@ class RecommenderTask(Task):
 
     def device_rows(self, data: TaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows `index`, the device's users numbered from 0 in its own private table."""
+        users = len(np.unique(data.groups_train[index]))
+        if users > self.users:
+            raise ValueError(f"a device holds {users} users, more than its private table's {self.users}: "
+                             "deal the users to more clients")
         return with_user_slots(data.x_train[index], data.groups_train[index]), data.y_train[index]
 
     def device_holdout(self, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

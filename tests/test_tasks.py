@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from processor import rounds
-from processor.tasks import ITEM_COLUMN, USER_COLUMN, get_task, latest_split, read_movielens
+from processor.tasks import ITEM_COLUMN, USER_COLUMN, RecommenderTask, get_task, latest_split, read_movielens
 from tests.fixtures.movielens import write_copy
 
 
@@ -49,6 +49,10 @@ def test_interest_rows_are_in_rating_order_and_a_device_numbers_its_own_users():
     x, _ = task.client_data(3, 20)
     slots = x[:, USER_COLUMN]
     assert set(np.unique(slots)) == set(range(int(slots.max()) + 1)) and slots.max() < task.users
+    small = RecommenderTask("interest", task.data, task.input_dim, (), 2, "by-user", num_items=task.num_items, users=40)
+    assert small.client_data(3, 20)[0].shape == x.shape  # 33 users fit 40 slots; 661 do not
+    with pytest.raises(ValueError, match="a device holds 661 users, more than its private table's 40"):
+        small.client_data(0, 1)
 
 
 def test_a_recommender_device_holds_out_each_users_latest_fifth():
