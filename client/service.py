@@ -1,6 +1,8 @@
 """A device's side of a round: pull the base model, train on local data with EWC, publish the delta.
 
 The local data never leaves this process: only the delta goes to IPFS and its CID to the chain.
+Neither does what the device learns of its own users (a recommender's private tensors): it keeps
+them from round to round, in memory and in its state directory, so that a restart keeps them.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from infra.webapp import (
 )
 from processor import codec, rounds
 from processor.device_data import read_device_data
-from processor.evaluation import Evaluation, holdout_split, majority_baseline
+from processor.evaluation import Evaluation, majority_baseline
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
@@ -103,13 +105,37 @@ class ClientService:
             x, y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
                                          seed=config.seed, alpha=config.alpha)
         # A share of the samples never trains: each round's base is evaluated on it (federated evaluation).
-        train, held_out = holdout_split(len(y), seed=config.seed + config.client_id)
+        train, held_out = self.task.device_holdout(x, seed=config.seed + config.client_id)
         self.x, self.y, self.x_eval, self.y_eval = x[train], y[train], x[held_out], y[held_out]
+        self.private_path = settings.state_dir / "client" / self.address / "private.safetensors"
+        self.private = self._load_private()
         self.base: PulledBase | None = None
         self.trained: TrainedUpdate | None = None
         self.last_tx: dict[str, Any] | None = None
         self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
         self.agent = None  # the ClientAgent, when this device takes part by itself
+
+    def _load_private(self) -> dict:
+        """The private tensors this device saved, or zero ones (users it has not trained yet) when
+        it has none, or none that fit this task's model."""
+        if not self.task.private_spec or not self.private_path.exists():
+            return self.task.initial_private()
+        try:
+            return codec.decode_private(self.task, self.private_path.read_bytes())
+        except codec.CodecError as exc:
+            log.warning("client %d: starting its users' state afresh: %s does not fit (%s)",
+                        self.config.client_id, self.private_path, exc)
+            return self.task.initial_private()
+
+    def _keep_private(self, private: dict) -> None:
+        """Keep the private tensors for the next round, on disk too (replaced whole, never half-written)."""
+        self.private = private
+        if not private:
+            return
+        self.private_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.private_path.with_suffix(".partial")
+        partial.write_bytes(codec.encode_private(self.task, private))
+        partial.replace(self.private_path)
 
     @property
     def registry(self) -> chain.Registry:
@@ -253,14 +279,17 @@ class ClientService:
                              report["loss"])
 
             with timer.phase("evaluation"):
-                evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval),
-                                            len(self.y_eval)) if len(self.y_eval) else None)
+                evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval,
+                                                               self.private), len(self.y_eval))
+                              if len(self.y_eval) else None)
             if cfg.train_delay:
                 time.sleep(cfg.train_delay)
             with timer.phase("training"):
                 result = rounds.local_update(
                     self.task, self.base.weights, self.base.fisher, self.x, self.y, self.base.plan,
-                    seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress)
+                    seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress,
+                    private=self.private)
+                self._keep_private(result.private)
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result, evaluation)
             return {**self._trained_view(), "seconds": timer.as_dict()}
 

@@ -1,7 +1,8 @@
 """Models and deltas as safetensors bytes: the only format that ever goes to IPFS.
 
 safetensors parsing never runs code (unlike pickle). Decoding validates everything against the
-task's architecture before a tensor is used: names, shapes, dtype, finite values, metadata.
+task's architecture before a tensor is used: names, shapes, dtype, finite values, metadata. Only
+the task's global tensors (`Task.spec`) are ever encoded; a file carrying a private one is refused.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from safetensors.numpy import save
 from processor.evaluation import Evaluation
 from processor.tasks import Task
 from processor.training import TrainingSettings
-from processor.weights import Weights
+from processor.weights import Weights, is_private
 
 FORMAT = "fl-ipfs/1"
 STORED_DTYPES = {"float32": np.float32, "float16": np.float16}  # of deltas and of the Fisher
@@ -173,14 +174,19 @@ def _tensor_views(data: bytes, header_size: int, table: dict[str, TensorEntry]) 
             for name, entry in table.items()}
 
 
-def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, ...]]):
+def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, ...]], spec: dict | None = None):
     """The tensors of `data` as float32, each under a prefix of `prefixes` (mapped to the file
-    dtypes allowed for it), and its metadata."""
+    dtypes allowed for it) for every tensor of `spec` (the task's global ones by default), and its
+    metadata."""
+    spec = task.spec if spec is None else spec
     table, metadata = read_header(data)
     _check_metadata(task, metadata, kind)
-    expected = {f"{p}/{n}": shape for p in prefixes for n, shape in task.spec.items()}
+    expected = {f"{p}/{n}": shape for p in prefixes for n, shape in spec.items()}
     missing = sorted(set(expected) - set(table))
     unknown = sorted(set(table) - set(expected))
+    private = [name for name in unknown if is_private(name.split("/", 1)[-1])]
+    if private:
+        raise CodecError(f"private tensor(s) {', '.join(private)}: a device's user state never leaves it")
     if missing:
         raise CodecError(f"missing tensor(s): {', '.join(missing)}")
     if unknown:
@@ -251,3 +257,15 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
     if expected_base_cid is not None and fields.base_cid != expected_base_cid:
         raise CodecError(f"the update was trained from base {fields.base_cid}, expected {expected_base_cid}")
     return {n: tensors[f"delta/{n}"] for n in task.spec}, metadata
+
+
+def encode_private(task: Task, private: Weights) -> bytes:
+    """A device's private tensors (its users' state), as float32, for its own disk only."""
+    tensors = {f"private/{n}": np.ascontiguousarray(private[n], np.float32) for n in task.private_spec}
+    return save(tensors, metadata=_metadata(task, "private"))
+
+
+def decode_private(task: Task, data: bytes) -> Weights:
+    """A device's private tensors from `encode_private`'s bytes, checked as every file is."""
+    tensors, _ = _decode(task, data, "private", {"private": ("F32",)}, task.private_spec)
+    return {n: np.array(tensors[f"private/{n}"]) for n in task.private_spec}

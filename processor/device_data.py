@@ -4,8 +4,9 @@
 - digits: `label` (0-9) and `pixel0` ... `pixel63`, integers 0-16 (an 8x8 image);
 - interest: one row per rating the device's user gave: `item_id` (a MovieLens-100K item),
   `rating` (1-5), and the user's own `age` (1-120), `gender` (M or F) and `occupation` (one of
-  MovieLens's). Features are made as for the bundled dataset: the user's profile beside the item's
-  genres and year from the public item catalogue; a rating of 4 or more is "interested".
+  MovieLens's), oldest rating first (the device holds out the latest fifth to evaluate on).
+  Features are made as for the bundled dataset: the user's profile beside the item's genres and
+  year from the public item catalogue; a rating of 4 or more is "interested".
 
 Every problem is a DeviceDataError that names the file, the row and the column.
 """

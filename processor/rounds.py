@@ -2,6 +2,9 @@
 
 The organization: `initial_model`, `make_base` (weights + Fisher), `aggregate`.
 A client: `local_update` (train from the base with EWC, return the delta).
+
+Weights here are the task's global tensors (`Task.spec`). A device's private tensors (its users'
+state, `Task.private_spec`) go into its training and come back beside the delta, never in it.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ class Base:
 
 @dataclass
 class LocalResult:
-    delta: Weights
+    delta: Weights  # of the global tensors
+    private: Weights  # the device's private tensors after training: it keeps them for the next round
     num_samples: int
     metrics_before: dict[str, float]  # base model on the client's own data
     metrics_after: dict[str, float]  # locally trained model on the client's own data
@@ -43,27 +47,40 @@ def initial_model(task: Task, seed: int = 0, pretrain_epochs: int = 0,
                   training: TrainingSettings = TrainingSettings()) -> Weights:
     """Random weights from `seed`, optionally pretrained on the organization's validation data
     for `pretrain_epochs` (with the batch size and learning rate of `training`, and no EWC)."""
-    weights = get_weights(task.build_model(seed))
+    weights = shared(task, get_weights(task.build_model(seed)))
     if pretrain_epochs > 0:
         data = task.data()
         zeros = {n: np.zeros_like(w) for n, w in weights.items()}
         pretraining = replace(training, epochs=pretrain_epochs, ewc_lambda=0.0)
-        weights = train(task, weights, zeros, data.x_val, data.y_val, pretraining, seed=seed)
+        # the organization's users are not the devices': their private state is not kept
+        weights = shared(task, train(task, weights, zeros, data.x_val, data.y_val, pretraining, seed=seed))
     return weights
 
 
+def shared(task: Task, tensors: Weights) -> Weights:
+    """The global tensors of `tensors`."""
+    return {n: tensors[n] for n in task.spec}
+
+
+def private_part(task: Task, tensors: Weights) -> Weights:
+    """The private tensors of `tensors`."""
+    return {n: tensors[n] for n in task.private_spec}
+
+
 def make_base(task: Task, weights: Weights) -> Base:
-    """The base model of a round: `weights` with their Fisher on the organization's validation data."""
+    """The base model of a round: `weights` with their Fisher on the organization's validation data
+    (its users unknown to the model: no private state)."""
     data = task.data()
     with task.lock:
         model = task.model()
-        set_weights(model, weights)
+        set_weights(model, {**weights, **task.initial_private()})
         return Base(weights, fisher_diagonal(model, data.x_val, data.y_val))
 
 
 def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, training: TrainingSettings,
-          seed: int, progress: ProgressFn | None = None) -> Weights:
-    """SGD from `weights` on (x, y) with the EWC penalty anchored at `weights`; the trained weights.
+          seed: int, progress: ProgressFn | None = None, private: Weights | None = None) -> Weights:
+    """SGD from `weights` and the device's `private` tensors (zero when None) on (x, y), with the
+    EWC penalty anchored at `weights`; the trained tensors, global and private.
 
     Every epoch visits the samples in a new order drawn from `seed` alone.
     """
@@ -72,7 +89,7 @@ def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.nd
     orders = np.random.default_rng(seed)
     with task.lock:
         model = task.model()
-        set_weights(model, weights)
+        set_weights(model, {**weights, **(task.initial_private() if private is None else private)})
         model.set_anchor(weights, fisher, training.ewc_lambda)
         model.optimizer.learning_rate = training.learning_rate
         batches_per_epoch = -(-len(y) // training.batch_size)
@@ -106,11 +123,15 @@ class BatchProgress(keras.callbacks.Callback):
 
 
 def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray,
-                 training: TrainingSettings, seed: int, progress: ProgressFn | None = None) -> LocalResult:
-    """A client's round: train from the base on local data with EWC and return the delta."""
-    local = train(task, base_weights, fisher, x, y, training, seed, progress)
-    return LocalResult(delta=agg.subtract(local, base_weights), num_samples=int(len(y)),
-                       metrics_before=task.evaluate(base_weights, x, y), metrics_after=task.evaluate(local, x, y))
+                 training: TrainingSettings, seed: int, progress: ProgressFn | None = None,
+                 private: Weights | None = None) -> LocalResult:
+    """A client's round: train from the base and its `private` tensors (zero when None) on local
+    data with EWC; the delta of the global tensors, and the private ones trained."""
+    local = train(task, base_weights, fisher, x, y, training, seed, progress, private)
+    trained_global, trained_private = shared(task, local), private_part(task, local)
+    return LocalResult(delta=agg.subtract(trained_global, base_weights), private=trained_private,
+                       num_samples=int(len(y)), metrics_before=task.evaluate(base_weights, x, y, private),
+                       metrics_after=task.evaluate(trained_global, x, y, trained_private))
 
 
 def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], method: str = "fedavg",

@@ -17,10 +17,11 @@ from typing import Any, Callable
 import numpy as np
 
 from processor import partition
-from processor.weights import Weights
+from processor.weights import Weights, is_private
 
 HOLDOUT_SEED = 0  # the organization's held-out sets never change with the experiment's seed
 VAL_FRACTION, TEST_FRACTION = 0.1, 0.2
+ITEM_COLUMN, USER_COLUMN = -2, -1  # of a recommender's rows: the item's id and the user's device-local slot
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,17 @@ def _read_table(path: Path) -> list[list[str]]:
 
 def movielens_features(ratings: np.ndarray, users: dict[int, tuple[int, str, str]],
                        items: dict[int, tuple[int | None, list[str]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, label, user) per rating: user age, gender and occupation; item genres and year.
+    """(features, label, user) per rating of `ratings` (user, item, rating, ...): the side features
+    (user age, gender and occupation; item genres and year), then the item's MovieLens id, then the
+    user's device-local slot (0 here: `with_user_slots` numbers a device's users).
 
     Label 1 ("interested") when the rating is at least 4.
     """
     occupations = sorted({u[2] for u in users.values()})
     genres = sorted({g for _, gs in items.values() for g in gs})
-    width = 2 + len(occupations) + len(genres) + 2
-    x = np.zeros((len(ratings), width), np.float32)
-    for row, (user, item, _) in enumerate(ratings):
+    side = 2 + len(occupations) + len(genres) + 2
+    x = np.zeros((len(ratings), side + 2), np.float32)
+    for row, (user, item) in enumerate(ratings[:, :2].astype(np.int64)):
         age, gender, occupation = users[user]
         year, item_genres = items[item]
         x[row, 0] = age / 100.0
@@ -86,23 +89,33 @@ def movielens_features(ratings: np.ndarray, users: dict[int, tuple[int, str, str
         x[row, 2 + occupations.index(occupation)] = 1.0
         for g in item_genres:
             x[row, 2 + len(occupations) + genres.index(g)] = 1.0
-        x[row, -2] = 0.0 if year is None else (year - 1900) / 100.0
-        x[row, -1] = year is None
+        x[row, side - 2] = 0.0 if year is None else (year - 1900) / 100.0
+        x[row, side - 1] = year is None
+        x[row, ITEM_COLUMN] = item
     return x, (ratings[:, 2] >= 4).astype(np.int64), ratings[:, 0].astype(np.int64)
+
+
+def with_user_slots(x: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """`x` with each row's user slot set: the rank of its user among `users`' distinct ids, so
+    that a device's users index its own private table from 0."""
+    slotted = x.copy()
+    slotted[:, USER_COLUMN] = np.unique(users, return_inverse=True)[1]
+    return slotted
 
 
 def read_movielens(folder: Path) -> tuple[np.ndarray, dict, dict]:
     """MovieLens-100K from recbole's atomic files (ml-100k.inter/.user/.item) or the original
-    GroupLens files (u.data/u.user/u.item)."""
+    GroupLens files (u.data/u.user/u.item): ratings as rows (user, item, rating, timestamp)."""
     folder = Path(folder)
     if (folder / "ml-100k.inter").exists():
-        ratings = np.array([[int(u), int(i), float(r)] for u, i, r, _ in _read_table(folder / "ml-100k.inter")])
+        ratings = np.array([[int(u), int(i), float(r), float(t)]
+                            for u, i, r, t in _read_table(folder / "ml-100k.inter")])
         users = {int(u): (int(a), g, o) for u, a, g, o, _ in _read_table(folder / "ml-100k.user")}
         items = {int(i): (int(y) if y.isdigit() else None, c.split()) for i, _, y, c in
                  (row + [""] * (4 - len(row)) for row in _read_table(folder / "ml-100k.item"))}
     elif (folder / "u.data").exists():
         data = (folder / "u.data").read_text(encoding="latin-1").split()
-        ratings = np.array(data, dtype=np.float64).reshape(-1, 4)[:, :3]
+        ratings = np.array(data, dtype=np.float64).reshape(-1, 4)
         users = {}
         for line in (folder / "u.user").read_text(encoding="latin-1").splitlines():
             u, a, g, o, _ = line.split("|")
@@ -122,15 +135,20 @@ def read_movielens(folder: Path) -> tuple[np.ndarray, dict, dict]:
 
 def load_interest(folder: Path | None = None) -> TaskData:
     """Will this user like this item? MovieLens-100K, split by user: the organization's panel of
-    users (10% validation, 20% test) is disjoint from the users on the devices."""
+    users (10% validation, 20% test) is disjoint from the users on the devices. Rows are in the
+    order the ratings were given (by timestamp), so a user's latest ratings are its last rows."""
     if folder is None:
         folder = Path(str(resources.files("recbole") / "dataset_example" / "ml-100k"))
-    x, y, user = movielens_features(*read_movielens(folder))
+    ratings, users, items = read_movielens(folder)
+    x, y, user = movielens_features(ratings[np.argsort(ratings[:, 3], kind="stable")], users, items)
     ids = np.random.default_rng(HOLDOUT_SEED).permutation(np.unique(user))
     n_test, n_val = int(TEST_FRACTION * len(ids)), int(VAL_FRACTION * len(ids))
     test, val = np.isin(user, ids[:n_test]), np.isin(user, ids[n_test:n_test + n_val])
     train = ~(test | val)
-    return TaskData(x[train], y[train], x[val], y[val], x[test], y[test], groups_train=user[train])
+    # the validation users each have a slot (the organization may pretrain on them); the test
+    # panel's are never trained, so their zero state (cold start) needs none
+    return TaskData(x[train], y[train], with_user_slots(x[val], user[val]), y[val], x[test], y[test],
+                    groups_train=user[train])
 
 
 @dataclass
@@ -195,9 +213,22 @@ class Task:
         return self._lock
 
     @cached_property
-    def spec(self) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape, in the model's order."""
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {v.path: tuple(v.shape) for v in self.model().trainable_variables}
+
+    @property
+    def spec(self) -> dict[str, tuple[int, ...]]:
+        """Global tensor name -> shape, in the model's order: what a base model and a delta hold."""
+        return {n: shape for n, shape in self._shapes.items() if not is_private(n)}
+
+    @property
+    def private_spec(self) -> dict[str, tuple[int, ...]]:
+        """Private tensor name -> shape: what a device keeps of its own users (none for an MLP)."""
+        return {n: shape for n, shape in self._shapes.items() if is_private(n)}
+
+    def initial_private(self) -> Weights:
+        """A device's private tensors before it has trained: zero, for users it has never seen."""
+        return {n: np.zeros(shape, np.float32) for n, shape in self.private_spec.items()}
 
     def client_data(self, client_id: int, num_clients: int, scheme: str | None = None, seed: int = 0,
                     alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -207,23 +238,42 @@ class Task:
         data = self.data()
         parts = partition.split(scheme or self.default_partition, data.y_train, num_clients, seed,
                                 alpha=alpha, groups=data.groups_train)
-        index = parts[client_id]
+        return self.device_rows(data, parts[client_id])
+
+    def device_rows(self, data: TaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The training pool's rows `index` as one device holds them."""
         return data.x_train[index], data.y_train[index]
 
-    def logits(self, weights: Weights, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    def device_holdout(self, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (train, held out) of a device's rows: the held-out ones measure each base model
+        on the device (federated evaluation). A random tenth here."""
+        from processor.evaluation import holdout_split
+
+        return holdout_split(len(x), seed)
+
+    def logits(self, weights: Weights, x: np.ndarray, private: Weights | None = None,
+               batch_size: int = 4096) -> np.ndarray:
+        """The model's logits on `x`: global `weights` with the device's `private` tensors (zero
+        when None: users the model has never seen)."""
         from processor.ewc import set_weights
 
         with self._lock:
             model = self.model()
-            set_weights(model, weights)
+            set_weights(model, {**weights, **(self.initial_private() if private is None else private)})
             return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
                                    for i in range(0, len(x), batch_size)])
 
-    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Accuracy and mean cross-entropy (and AUC for a two-class task) of `weights` on (x, y)."""
+    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray,
+                 private: Weights | None = None) -> dict[str, float]:
+        """Accuracy and mean cross-entropy (and AUC for a two-class task) of `weights` (with the
+        device's `private` tensors, as for `logits`) on (x, y)."""
         if len(y) == 0:
             raise ValueError("cannot evaluate on an empty set")
-        logits = self.logits(weights, x).astype(np.float64)
+        return self.metrics(self.logits(weights, x, private), y)
+
+    def metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Accuracy and mean cross-entropy (and AUC for a two-class task) of `logits` for labels `y`."""
+        logits = logits.astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         metrics = {"accuracy": float(np.mean(logits.argmax(axis=1) == y)),
@@ -235,18 +285,70 @@ class Task:
         return metrics
 
 
+@dataclass
+class RecommenderTask(Task):
+    """Will this user like this item: rows of side features, item id and device-local user slot
+    (`movielens_features`), scored by `processor.ewc.recommender`. Items are global; each device
+    keeps its users' factors and biases to itself, in a table of `users` slots."""
+    num_items: int = 0  # the item table's rows: the largest item id + 1
+    factors: int = 16
+    users: int = 1024  # of a device's private table: as many users as one device may hold
+    user_state: bool = True  # False: the same model without the private user part
+
+    @property
+    def arch_id(self) -> str:
+        side = self.input_dim - 2
+        return f"rec-{side}-{self.num_items}-{self.factors}-u{self.users if self.user_state else 0}"
+
+    def build_model(self, seed: int = 0):
+        from processor.ewc import recommender
+
+        return recommender(self.input_dim - 2, self.num_items, self.factors, self.users, self.user_state, seed)
+
+    def device_rows(self, data: TaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows `index`, the device's users numbered from 0 in its own private table."""
+        users = len(np.unique(data.groups_train[index]))
+        if users > self.users:
+            raise ValueError(f"a device holds {users} users, more than its private table's {self.users}: "
+                             "deal the users to more clients")
+        return with_user_slots(data.x_train[index], data.groups_train[index]), data.y_train[index]
+
+    def device_holdout(self, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's latest ratings (its last rows, a fifth of them) held out: the model is
+        measured on what the user rated next, never on a rating older than those it trained on."""
+        return latest_split(x[:, USER_COLUMN], LATEST_FRACTION)
+
+
+LATEST_FRACTION = 0.2  # of each user's ratings, the latest, held out on the device
+
+
+def latest_split(users: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held out): for each user, the last `fraction` of its rows (rounded, at least
+    one of two or more rows) held out."""
+    held = np.zeros(len(users), bool)
+    for user in np.unique(users):
+        rows = np.flatnonzero(users == user)
+        count = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+        held[rows[len(rows) - count:]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 INTEREST_LABELS = ("not interested", "interested")  # a rating below 4, and of 4 or 5
+INTEREST_SIDE = 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
+INTEREST_ITEMS = 1683  # MovieLens-100K's item ids run from 1 to 1682
 
 
-def _interest_width() -> int:
-    return 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
+def interest_task(loader: Callable[[], TaskData] = load_interest, side: int = INTEREST_SIDE,
+                  num_items: int = INTEREST_ITEMS, factors: int = 16, user_state: bool = True) -> RecommenderTask:
+    """The interest task's recommender over `loader`'s rows of `side` side features and `num_items` items."""
+    return RecommenderTask("interest", loader, side + 2, (), 2, default_partition="by-user",
+                           label_names=INTEREST_LABELS, num_items=num_items, factors=factors, user_state=user_state)
 
 
 TASKS: dict[str, Task] = {
     "mnist": Task("mnist", load_mnist, 784, (128,), 10),
     "digits": Task("digits", load_digits, 64, (32,), 10),
-    "interest": Task("interest", load_interest, _interest_width(), (64, 32), 2, default_partition="by-user",
-                     label_names=INTEREST_LABELS),
+    "interest": interest_task(),
 }
 
 
@@ -255,10 +357,11 @@ def get_task(name: str, data_path: Path | str | None = None) -> Task:
     if data_path is not None:
         if name != "interest":
             raise ValueError(f"task {name!r} does not take a data path")
-        # A copy may hold other occupations or genres than the bundled one: its width is its own.
+        # A copy may hold other occupations, genres or items than the bundled one: its sizes are its own.
         data = load_interest(Path(data_path))
-        return Task("interest", lambda: data, data.x_train.shape[1], (64, 32), 2, default_partition="by-user",
-                    label_names=INTEREST_LABELS)
+        items = int(max(data.x_train[:, ITEM_COLUMN].max(), data.x_val[:, ITEM_COLUMN].max(),
+                        data.x_test[:, ITEM_COLUMN].max())) + 1
+        return interest_task(lambda: data, data.x_train.shape[1] - 2, items)
     try:
         return TASKS[name]
     except KeyError:

@@ -4,3 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+
+# A tensor whose layer's name starts with this is private: the device learns it about its own
+# users and keeps it (never in a delta, a base model or on IPFS). Every other tensor is global.
+PRIVATE_PREFIX = "user_"
+
+
+def is_private(name: str) -> bool:
+    """Whether the tensor called `name` (e.g. "user_factors/embeddings") stays on the device."""
+    return name.startswith(PRIVATE_PREFIX)

@@ -10,7 +10,7 @@ from safetensors.numpy import save
 
 from processor import codec
 from processor.codec import CodecError
-from processor.tasks import get_task
+from processor.tasks import get_task, interest_task
 from processor.training import TrainingSettings
 
 TASK = get_task("digits")
@@ -243,3 +243,37 @@ def test_a_plan_that_does_not_fit_its_schema_is_refused(plan, message):
     metadata = {} if plan is None else {"plan": plan}
     with pytest.raises(CodecError, match=message):
         codec.training_plan(metadata)
+
+
+def test_a_recommenders_files_hold_its_global_tensors_and_a_private_one_is_refused():
+    interest = get_task("interest")
+    assert set(interest.private_spec) == {"user_factors/embeddings", "user_bias/embeddings"}
+    rng = np.random.default_rng(0)
+    delta = {n: rng.normal(size=s).astype(np.float32) for n, s in interest.spec.items()}
+    fields = dict(round_id=3, base_cid=CID, num_samples=120, client=CLIENT)
+    encoded = codec.encode_delta(interest, delta, **fields)
+    assert set(codec.read_header(encoded)[0]) == {f"delta/{n}" for n in interest.spec}
+    decoded, _ = codec.decode_delta(interest, encoded)
+    assert all(np.array_equal(decoded[n], delta[n]) for n in interest.spec)
+    model = codec.encode_model(interest, delta, delta, round_id=1, plan=TrainingSettings())
+    assert not any("user_" in name for name in codec.read_header(model)[0])
+
+    # a delta that also carries the user state, as a careless or curious client might publish it
+    leaking = {f"delta/{n}": t for n, t in delta.items()}
+    leaking.update({f"delta/{n}": np.zeros(s, np.float32) for n, s in interest.private_spec.items()})
+    metadata = {"format": codec.FORMAT, "kind": "delta", "task": "interest", "arch": interest.arch_id,
+                "round": "3", "base_cid": CID, "num_samples": "120", "client": CLIENT, "dtype": "float32"}
+    with pytest.raises(CodecError, match=r"private tensor\(s\) delta/user_bias/embeddings, "
+                                         r"delta/user_factors/embeddings: a device's user state never leaves it"):
+        codec.decode_delta(interest, save(leaking, metadata=metadata))
+
+
+def test_a_devices_private_file_round_trips_and_fits_only_its_own_model():
+    interest = get_task("interest")
+    rng = np.random.default_rng(1)
+    private = {n: rng.normal(size=s).astype(np.float32) for n, s in interest.private_spec.items()}
+    decoded = codec.decode_private(interest, codec.encode_private(interest, private))
+    assert all(np.array_equal(decoded[n], private[n]) for n in interest.private_spec)
+    smaller = interest_task(interest.data, factors=8)
+    with pytest.raises(CodecError, match="metadata arch is 'rec-44-1683-16-u1024', expected 'rec-44-1683-8-u1024'"):
+        codec.decode_private(smaller, codec.encode_private(interest, private))

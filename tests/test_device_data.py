@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from client.service import ClientConfig
+from client.service import ClientConfig, ClientService
 from demo import embedded_system
 from infra.files import REPO_ROOT
 from organization.service import OrganizationConfig
+from processor import codec
 from processor.device_data import DeviceDataError, read_device_data
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -107,3 +108,32 @@ def test_run_py_says_what_is_wrong_with_the_file_in_one_line(tmp_path):
                            "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == f"client 0: {tmp_path / 'bad.csv'}: unexpected column(s) colour"
+
+
+def test_an_interest_device_keeps_its_users_state_across_rounds_and_restarts(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("item_id,rating,age,gender,occupation\n"
+                    + "".join(f"{i},{5 if i % 2 else 2},30,F,engineer\n" for i in range(1, 41)))
+    config = ClientConfig(client_id=0, task="interest", data_path=path)
+    system = embedded_system(tmp_path, OrganizationConfig(task="interest", training=TrainingSettings(learning_rate=0.5)),
+                             [config])
+    org, device = system.org.test_client(), system.clients[0].test_client()
+    service = system.clients[0].extensions["client"]
+    status = device.get("/api/status").get_json()
+    assert (status["data"]["samples"], status["data"]["held_out"]) == (32, 8)  # the user's latest fifth
+    assert all(np.all(t == 0) for t in service.private.values())  # a user the device has not trained yet
+    assert org.post("/api/deploy").status_code == 201
+    assert org.post("/api/clients", json={"address": status["address"]}).status_code == 200
+    assert org.post("/api/rounds").status_code == 201
+    assert device.post("/api/participate", json={"wait": True}).get_json()["state"] == "done"
+    assert org.post("/api/rounds/1/aggregate").get_json()["accepted"] == 1
+
+    learned = service.private
+    assert learned["user_bias/embeddings"][0, 0] != 0 and not np.any(learned["user_bias/embeddings"][1:])
+    published = system.store.get(service.last_tx["cid"])
+    assert not any(name.startswith("delta/user_") for name in codec.read_header(published)[0])
+    restarted = ClientService(system.settings, config, system.w3, system.store)
+    assert all(np.array_equal(restarted.private[n], learned[n]) for n in INTEREST.private_spec)
+    service.private_path.write_bytes(b"not a model of this task")  # e.g. left by another version
+    afresh = ClientService(system.settings, config, system.w3, system.store)
+    assert all(np.all(t == 0) for t in afresh.private.values())

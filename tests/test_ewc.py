@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from processor import rounds
 from processor.aggregate import l2_norm
-from processor.ewc import EWCModel, fisher_diagonal, get_weights, mlp, set_weights
+from processor.ewc import EWCModel, fisher_diagonal, get_weights, mlp, recommender, set_weights
 from processor.tasks import Task, get_task, load_digits
 from processor.training import TrainingSettings
 
@@ -62,6 +62,46 @@ def test_vectorised_fisher_equals_a_per_sample_reference_on_a_tiny_model():
     for name in fast:
         np.testing.assert_allclose(fast[name], reference[name], rtol=1e-4, atol=1e-7)
     assert all(np.all(f >= 0) for f in fast.values())
+
+
+def tiny_recommender_rows(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.column_stack([rng.normal(size=(rows, 3)), rng.integers(0, 5, rows), rng.integers(0, 4, rows)])
+    return x.astype(np.float32), rng.integers(0, 2, rows)
+
+
+def test_a_recommenders_fisher_from_vectorised_per_sample_gradients_equals_a_loop():
+    model = recommender(side_dim=3, num_items=5, factors=2, users=4, user_state=True, seed=7)
+    rng = np.random.default_rng(0)
+    for v in model.trainable_variables:  # a device's trained user state, so every product term counts
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    x, y = tiny_recommender_rows(rng, 300)  # two batches of PER_SAMPLE_BATCH, the last partial
+    fast = fisher_diagonal(model, x, y)
+
+    shared = model.global_variables
+    reference = {v.path: np.zeros(v.shape) for v in shared}
+    for xi, yi in zip(x, y):
+        with tf.GradientTape() as tape:
+            nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[int(yi)], logits=model(xi[None]))
+        for v, g in zip(shared, tape.gradient(nll, shared)):
+            reference[v.path] += tf.convert_to_tensor(g).numpy() ** 2 / len(x)
+    assert set(fast) == set(reference) == {"side/kernel", "side/bias", "item_bias/embeddings",
+                                           "item_factors/embeddings", "side_taste/kernel"}
+    for name in fast:
+        np.testing.assert_allclose(fast[name], reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_penalty_holds_the_global_tensors_and_leaves_the_users_state_free():
+    model = recommender(side_dim=3, num_items=5, factors=2, users=4, user_state=True, seed=7)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = tiny_recommender_rows(np.random.default_rng(1), 64)
+    start = get_weights(model)
+    shared = {v.path for v in model.global_variables}
+    model.set_anchor({n: start[n] for n in shared}, {n: np.ones_like(start[n]) for n in shared}, 1e5)
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    moved = {n: float(np.abs(w - start[n]).max()) for n, w in get_weights(model).items()}
+    assert max(moved[n] for n in shared) < 1e-3
+    assert moved["user_bias/embeddings"] > 0.1 and moved["user_factors/embeddings"] > 1e-3
 
 
 def test_a_new_round_reassigns_variables_without_retracing(monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
 
 from processor import aggregate as agg
 from processor import codec, screen
@@ -153,3 +154,21 @@ def test_weights_are_scaled_by_each_deltas_cosine_with_the_consensus():
         expected = max(1, round(100 * max(0.0, agg.cosine(delta, consensus))))
         assert merge.verdicts[address(k)].weight == expected
     assert merge.verdicts[address(3)].weight < min(merge.verdicts[address(k)].weight for k in range(3)) / 2
+
+
+def test_an_update_that_carries_private_user_state_is_refused():
+    interest = get_task("interest")
+    base = {n: np.zeros(s, np.float32) for n, s in interest.spec.items()}
+    delta = {n: np.full(s, 0.01, np.float32) for n, s in interest.spec.items()}
+    fields = {"round_id": ROUND, "base_cid": BASE_CID, "num_samples": 100}
+    honest = [Received(address(k), 100, codec.encode_delta(interest, delta, client=address(k), **fields))
+              for k in range(3)]
+    leaking = {f"delta/{n}": t for n, t in delta.items()}
+    leaking["delta/user_bias/embeddings"] = np.ones(interest.private_spec["user_bias/embeddings"], np.float32)
+    metadata = {"format": codec.FORMAT, "kind": "delta", "task": "interest", "arch": interest.arch_id,
+                "round": str(ROUND), "base_cid": BASE_CID, "num_samples": "100", "client": address(3)}
+    merge = merge_round(interest, base, [*honest, Received(address(3), 100, save(leaking, metadata=metadata))],
+                        ROUND, BASE_CID)
+    assert merge.accepted == 3
+    assert "private tensor(s) delta/user_bias/embeddings" in merge.verdicts[address(3)].reason
+    assert set(merge.weights) == set(interest.spec)

@@ -1,10 +1,12 @@
 """The single-process simulation, built on the same round steps as the apps."""
 import numpy as np
+import pytest
 
 from processor import rounds
 from processor.simulation import SimulationConfig, simulate
-from processor.tasks import get_task
+from processor.tasks import get_task, interest_task
 from processor.training import TrainingSettings
+from tests.fixtures.movielens import write_copy
 
 
 def test_three_clients_three_rounds_on_digits_learn_the_task():
@@ -47,3 +49,50 @@ def test_the_same_seed_gives_the_same_simulation():
     a, b = simulate(task, config), simulate(task, config)
     for name in a.final_weights:
         np.testing.assert_array_equal(a.final_weights[name], b.final_weights[name])
+
+
+def taste_only_copy(folder):
+    """Users alike in every feature, each liking all films or none (by the parity of 7u mod 3):
+    only what a device learns of its own users can tell them apart."""
+    write_copy(folder, users=60, items=15, rating=lambda u, i: 5 if (7 * u) % 3 == 0 else 1,
+               profile=lambda u: (30, "F", "writer"))
+    return get_task("interest", data_path=folder)
+
+
+def test_each_device_keeps_its_users_state_between_rounds_and_never_sends_it(tmp_path, monkeypatch):
+    task = taste_only_copy(tmp_path)
+    calls = []
+    original = rounds.local_update
+
+    def spy(*args, private=None, **kwargs):
+        result = original(*args, private=private, **kwargs)
+        calls.append((private, result))
+        return result
+
+    monkeypatch.setattr(rounds, "local_update", spy)
+    config = SimulationConfig(num_clients=2, rounds=2, partition="by-user", holdout=True,
+                              training=TrainingSettings(epochs=5, learning_rate=0.5))
+    result = simulate(task, config)
+    first, second = calls[:2], calls[2:]
+    assert all(np.all(t == 0) for private, _ in first for t in private.values())  # a new device knows no one
+    for (given, _), (_, earlier) in zip(second, first):
+        assert all(np.array_equal(given[n], earlier.private[n]) for n in task.private_spec)
+        assert np.abs(given["user_bias/embeddings"]).max() > 0
+    assert all(set(r.delta) == set(task.spec) for _, r in calls)
+    last = result.rounds[-1]
+    assert last.federated["devices"] == 2 and len(last.clients) == 2
+    # pooled, the held-out rows' accuracy is the reports' sample-weighted one
+    assert last.pooled["accuracy"] == pytest.approx(last.federated["accuracy"])
+
+
+def test_private_user_state_tells_users_apart_where_the_global_model_cannot(tmp_path):
+    task = taste_only_copy(tmp_path)
+    without = interest_task(task.data, task.input_dim - 2, task.num_items, user_state=False)
+    config = SimulationConfig(num_clients=2, rounds=3, partition="by-user", holdout=True,
+                              training=TrainingSettings(epochs=5, learning_rate=0.5))
+    with_state = simulate(task, config).rounds[-1]
+    without_state = simulate(without, config).rounds[-1]
+    # held-out ratings are each user's latest: known from its earlier ones, by its own device only
+    assert with_state.federated["accuracy"] == 1.0 and with_state.pooled["auc"] == 1.0
+    assert without_state.federated["accuracy"] < 0.75
+    assert with_state.test["auc"] == without_state.test["auc"] == 0.5  # the panel's users are new to everyone
