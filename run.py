@@ -23,6 +23,8 @@ from processor.partition import SCHEMES  # noqa: E402
 from processor.tasks import TASKS  # noqa: E402
 from processor.training import TrainingSettings  # noqa: E402
 
+TASK_PLANS = {name: task.plan for name, task in TASKS.items()}  # how each task's clients train by default
+
 # The flags that say where the services are, and the commands that use each.
 SERVICE_FLAGS = {
     "chain_url": ("--chain-url", str, "JSON-RPC URL of the chain, or 'embedded' (env FL_CHAIN_URL)"),
@@ -114,7 +116,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     from processor.screen import policy_for
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                                training=TrainingSettings.from_args(args),
+                                training=TrainingSettings.from_args(args, base=TASKS[args.task].plan),
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 open_enrolment=args.open_enrolment,
                                 max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES,
@@ -247,7 +249,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition_of(args),
-                          training=TrainingSettings.from_args(args), alpha=args.alpha, seed=args.seed,
+                          training=TrainingSettings.from_args(args, base=TASKS[args.task].plan), alpha=args.alpha,
+                          seed=args.seed,
                           bounds=args.bounds, embedded=args.embedded, drive=args.drive,
                           round_seconds=args.round_seconds, keep=args.keep, json_path=args.json,
                           org_port=args.port, first_client_port=args.client_port)
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     debug_flag(app)
     verbose_flag(app)
     app.add_argument("--seed", type=int, default=0, help="seed of the initial model")
-    TrainingSettings.add_flags(app)  # the round plan: how every client trains
+    TrainingSettings.add_flags(app, plans=TASK_PLANS)  # the round plan: how every client trains
     app.add_argument("--pretrain-epochs", type=int, default=0,
                      help="pretrain the first model on the organization's data")
     app.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS, help="how the updates are merged")
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = command("demo", cmd_demo, "the whole system, several rounds", (*everything, "chain_node"),
                    "python run.py demo --task interest --partition by-user --clients 5 --rounds 10")
     data_flags(demo)
-    TrainingSettings.add_flags(demo)
+    TrainingSettings.add_flags(demo, plans=TASK_PLANS)
     demo.add_argument("--clients", type=int, default=3, help="number of client processes")
     bounds_flag(demo)
     demo.add_argument("--rounds", type=int, default=5, help="rounds to run")

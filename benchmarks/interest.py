@@ -24,10 +24,9 @@ import numpy as np
 from processor import rounds
 from processor.evaluation import Evaluation, majority_baseline, weighted_mean
 from processor.simulation import SimulationConfig, SimulationResult, simulate
-from processor.tasks import USER_COLUMN, RecommenderTask, get_task, interest_task
+from processor.tasks import INTEREST_PLAN, USER_COLUMN, RecommenderTask, get_task, interest_task
 from processor.training import TrainingSettings
 
-DEFAULTS = TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0)
 
 
 def per_round(result: SimulationResult) -> dict:
@@ -76,7 +75,7 @@ def main() -> None:
     cli.add_argument("--central-epochs", type=int, default=8, help="epochs of the centralized ceiling")
     cli.add_argument("--central-learning-rate", type=float, default=0.3,
                      help="its SGD learning rate (a ceiling: slower and longer than a round's local training)")
-    TrainingSettings.add_flags(cli, defaults=DEFAULTS, exclude=("ewc_lambda", "update_dtype"))
+    TrainingSettings.add_flags(cli, defaults=INTEREST_PLAN, exclude=("ewc_lambda", "update_dtype"))
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     args = cli.parse_args()

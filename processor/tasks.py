@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from processor import partition
+from processor.training import TrainingSettings
 from processor.weights import Weights, is_private
 
 HOLDOUT_SEED = 0  # the organization's held-out sets never change with the experiment's seed
@@ -159,6 +160,7 @@ class Task:
     hidden: tuple[int, ...]
     num_classes: int
     default_partition: str = "iid"
+    plan: TrainingSettings = TrainingSettings()  # how clients train unless the organization says otherwise
     label_names: tuple[str, ...] = ()  # what each label means to a person; digits need none
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -336,12 +338,14 @@ def latest_split(users: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nda
 INTEREST_LABELS = ("not interested", "interested")  # a rating below 4, and of 4 or 5
 INTEREST_SIDE = 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
 INTEREST_ITEMS = 1683  # MovieLens-100K's item ids run from 1 to 1682
+# The plan benchmarks/interest.py measured for the recommender (the MLP tasks' plan learns it slowly).
+INTEREST_PLAN = TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0)
 
 
 def interest_task(loader: Callable[[], TaskData] = load_interest, side: int = INTEREST_SIDE,
                   num_items: int = INTEREST_ITEMS, factors: int = 16, user_state: bool = True) -> RecommenderTask:
     """The interest task's recommender over `loader`'s rows of `side` side features and `num_items` items."""
-    return RecommenderTask("interest", loader, side + 2, (), 2, default_partition="by-user",
+    return RecommenderTask("interest", loader, side + 2, (), 2, default_partition="by-user", plan=INTEREST_PLAN,
                            label_names=INTEREST_LABELS, num_items=num_items, factors=factors, user_state=user_state)
 
 

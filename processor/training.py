@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 UPDATE_DTYPES = ("float16", "float32")  # processor.codec.STORED_DTYPES, without loading the codec
 
@@ -32,9 +32,11 @@ class TrainingSettings:
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser, defaults: "TrainingSettings | None" = None,
-                  exclude: tuple[str, ...] = ()) -> None:
+                  exclude: tuple[str, ...] = (), plans: "dict[str, TrainingSettings] | None" = None) -> None:
         """--epochs, --batch-size, --learning-rate, --ewc-lambda and --update-dtype (but those named
-        in `exclude`), with the values of `defaults` (TrainingSettings() by default)."""
+        in `exclude`), with the values of `defaults` (TrainingSettings() by default). With `plans`
+        (each task's own plan, by name), a flag not given is None, its help lists the tasks' values,
+        and `from_args` takes the task's plan for it."""
         default = defaults or TrainingSettings()
         helps = {
             "epochs": ("--epochs", int, "local epochs per round"),
@@ -48,13 +50,22 @@ class TrainingSettings:
             if name in exclude:
                 continue
             extra = {"choices": UPDATE_DTYPES} if name == "update_dtype" else {}
-            parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
-                                help=f"{text} (default: %(default)s)", **extra)
+            if plans:
+                by_task = ", ".join(f"{task} {getattr(plan, name)}" for task, plan in plans.items())
+                parser.add_argument(flag, dest=name, type=kind, default=None,
+                                    help=f"{text} (default: the task's plan: {by_task})", **extra)
+            else:
+                parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
+                                    help=f"{text} (default: %(default)s)", **extra)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainingSettings":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{**values, **overrides})
+    def from_args(cls, args: argparse.Namespace, base: "TrainingSettings | None" = None,
+                  **overrides) -> "TrainingSettings":
+        """The flags' settings; a flag left None takes `base`'s value (a task's plan)."""
+        base = base or cls()
+        values = {f.name: getattr(args, f.name) for f in fields(cls)
+                  if hasattr(args, f.name) and getattr(args, f.name) is not None}
+        return replace(base, **{**values, **overrides})
 
     def to_json(self) -> str:
         """The settings as the round plan carries them (in the base model's metadata)."""

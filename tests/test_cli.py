@@ -3,6 +3,7 @@ the flags it uses, help shows defaults and an example, expected failures are one
 serve with waitress and say only that unless asked for more."""
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import socket
@@ -208,3 +209,21 @@ def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_
         (address, "submitted to round 1; waiting for the next round") for address in addresses]
     assert (tmp_path / "clients.log").read_text().splitlines() == [
         f" * Running on http://127.0.0.1:{port} (waitress); Ctrl-C stops it"]
+
+
+def test_an_unset_training_flag_takes_the_tasks_plan():
+    """The interest task's recommender trains by its own measured plan unless a flag says otherwise."""
+    from processor.tasks import TASKS
+    from processor.training import TrainingSettings
+
+    def plan_of(argv: list[str]) -> TrainingSettings:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--task")
+        TrainingSettings.add_flags(parser, plans=run.TASK_PLANS)
+        args = parser.parse_args(argv)
+        return TrainingSettings.from_args(args, base=TASKS[args.task].plan)
+
+    assert plan_of(["--task", "interest"]) == TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0)
+    assert plan_of(["--task", "mnist"]) == TrainingSettings()
+    assert plan_of(["--task", "interest", "--epochs", "1"]) == TrainingSettings(epochs=1, batch_size=64,
+                                                                                learning_rate=1.0)
