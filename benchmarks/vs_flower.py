@@ -60,9 +60,10 @@ FLOWER_PATH = Path(os.environ.get("FLOWER_PATH", REPO_ROOT / ".venv" / "flwr-ove
 # ---- the Flower side (runs in a child process with Flower importable) -----------------------
 
 
-def flower_apps(rounds: int, seed: int, training: TrainingSettings, on_evaluate):
+def flower_apps(rounds: int, seed: int, training: TrainingSettings, on_evaluate, trace: str | None = None):
     """Flower's ServerApp and ClientApp for the work above, for either engine. `on_evaluate(round,
-    accuracy)` is called after each evaluation (round 0: the initial model)."""
+    accuracy)` is called after each evaluation (round 0: the initial model). With `trace`, each fit
+    appends when its process started and when the fit began and ended (epoch seconds) to that file."""
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, ndarrays_to_parameters
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
@@ -81,8 +82,14 @@ def flower_apps(rounds: int, seed: int, training: TrainingSettings, on_evaluate)
             def fit(self, parameters, config):
                 base = dict(zip(task.spec, parameters))
                 zeros = {n: 0.0 * w for n, w in base.items()}
+                began = time.time()
                 result = steps.local_update(task, base, zeros, x, y, training,
                                             seed=seed + 1000 * int(config["round"]) + k)
+                if trace:
+                    import psutil
+
+                    record(trace, {"round": int(config["round"]), "client": k, "fit_began": began,
+                                   "fit_ended": time.time(), "process_started": psutil.Process().create_time()})
                 return [base[n] + result.delta[n] for n in task.spec], result.num_samples, {}
 
         return Client().to_client()
@@ -164,6 +171,35 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",  
 APP_MODULE = "vs_flower_app"
 
 
+def record(path: str, entry: dict) -> None:
+    """One JSON line appended to `path` (one write: lines from several processes never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def deployment_phases(trace: Path) -> list[dict]:
+    """Per round, where the deployment's seconds went (medians over the clients): from the previous
+    evaluation until a client's flwr-clientapp process started (the message's way to the SuperNode
+    and the process's launch), from then until its fit began (Python, flwr, TensorFlow and the data
+    loaded, the message pulled), the fit itself, and from the last fit's end to the evaluation
+    (replies back, FedAvg, test evaluation)."""
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    evaluated = {e["evaluated"]: e["at"] for e in lines if "evaluated" in e}
+    phases = []
+    for r in sorted(evaluated)[1:]:
+        fits = [e for e in lines if e.get("round") == r]
+        if not fits or r - 1 not in evaluated:
+            continue
+        phases.append({"to_process_s": round(statistics.median(f["process_started"] for f in fits) - evaluated[r - 1], 2),
+                       "process_to_fit_s": round(statistics.median(f["fit_began"] - f["process_started"] for f in fits), 2),
+                       "fit_s": round(statistics.median(f["fit_ended"] - f["fit_began"] for f in fits), 3),
+                       "last_fit_to_evaluated_s": round(evaluated[r] - max(f["fit_ended"] for f in fits), 2)})
+    return phases
+
+
 def deployment_apps(rounds: int, seed: int, out: str, **training):
     """The Flower App's ServerApp and ClientApp (imported by the app module written at run time).
     The ServerApp writes the figures to `out` after every evaluation."""
@@ -171,10 +207,11 @@ def deployment_apps(rounds: int, seed: int, out: str, **training):
 
     def on_evaluate(server_round: int, accuracy: float) -> None:
         clock(server_round, accuracy)
+        record(f"{out}.trace", {"evaluated": server_round, "at": time.time()})
         Path(f"{out}.part").write_text(json.dumps(clock.figures()))
         os.replace(f"{out}.part", out)  # the benchmark never reads half a file
 
-    return flower_apps(rounds, seed, TrainingSettings(**training), on_evaluate)
+    return flower_apps(rounds, seed, TrainingSettings(**training), on_evaluate, trace=f"{out}.trace")
 
 
 def write_flower_app(folder: Path, args: argparse.Namespace, out: Path) -> Path:
@@ -280,6 +317,7 @@ def run_flower_deployment(args: argparse.Namespace) -> dict:
             logs = "\n".join(p.with_log("is still running") for p in [superlink, *nodes])
             raise RuntimeError(f"flower deployment: {len(figures.get('accuracy_per_round', []))} of "
                                f"{args.rounds} rounds before the deadline\n{logs}")
+        figures["phases_per_round"] = deployment_phases(Path(f"{out}.trace"))
         return figures
 
 
