@@ -1,6 +1,7 @@
 """Flower and this system side by side on the same work: accuracy and wall time per round.
 
     python -m benchmarks.vs_flower [--json] [--rounds 10] [--lam 3000] [--plot results/vs_flower.png]
+    python -m benchmarks.vs_flower --json --only deployment    # Flower's deployment engine and ours_fedavg
 
 Plots: accuracy per round (--plot) and, beside it, wall and CPU-seconds per round (*_cost.png).
 
@@ -11,6 +12,14 @@ processor.rounds.local_update and the same per-round seeds (seed + 1000 * round 
 the only difference is the orchestration:
 - flower: Flower 1.41's simulation engine (ray, 5 virtual SuperNodes, 1 CPU each) runs the
   federated loop with its FedAvg strategy; the test accuracy comes from its evaluate_fn.
+- flower_deployment: the same ServerApp and ClientApp run as Flower's users deploy them: one
+  `flower-superlink` (insecure, HTTP API on 9392) and one `flower-supernode` per client (runtime
+  API on 9401-9405, --node-config partition-id=K), and `flwr run` of a Flower App that this script
+  writes into a temporary folder (its FLWR_HOME holds the connection). Everything stays on the
+  machine: telemetry, the update check and `uv sync` of the app's dependencies are switched off.
+  Flower's subprocess isolation starts a fresh `flwr-clientapp` process for every message, so
+  every round each client imports flwr and TensorFlow and loads its data again: the
+  per-round phases (`phases_per_round`) show it. Its processes get our clients' thread settings.
 - ours_fedavg / ours_ewc: the full stack (Ganache, the IPFS daemon, the organization and 5
   client processes), lambda 0 and lambda --lam, driven by demo.run_demo. Our clients publish
   their updates as float16 (the default; --update-dtype float32 for Flower's wire precision).
@@ -18,18 +27,22 @@ the only difference is the orchestration:
   default it bounds each client's influence by the round's medians: benchmarks/attack_influence.py).
 - ours_embedded: every role in one process (eth-tester, the on-disk store), lambda 0.
 Per round seconds: ours from the clients' start to the organization's finished aggregation and
-evaluation; Flower's between successive evaluate_fn calls (training, transfer, aggregation and
-evaluation). Start-up (processes, ray, contract deployment) is excluded on both sides. CPU-seconds
-per round: the busy time of all the machine's cores over the same interval (every process of
+evaluation; Flower's (either engine) between successive evaluate_fn calls (training, transfer,
+aggregation and evaluation). Start-up (processes, ray, SuperLink and SuperNodes, contract
+deployment) is excluded on all sides. CPU-seconds per round: the busy time of all the machine's cores over the same interval (every process of
 either side: clients, servers, daemons, ray), which says how close a side is to the cores' limit.
 
 Flower must stay out of the runtime environment: its protobuf pin (<7) conflicts with ours, so
 this script runs the Flower side in a child process with FLOWER_PATH (default
 .venv/flwr-overlay, made by `pip install --target .venv/flwr-overlay -r
 benchmarks/requirements-bench.txt`) ahead on sys.path. Progress goes to stderr; with --json
-the last stdout line is {"flower", "ours_fedavg", "ours_ewc", "ours_embedded": {"accuracy_per_round",
-"seconds_per_round", "cpu_seconds_per_round"}, "ratio_seconds_per_round", "ratio_cpu_seconds_per_round",
-"accuracy_gap_pp"}.
+the last stdout line is {"flower", "flower_deployment", "ours_fedavg", "ours_ewc", "ours_embedded":
+{"accuracy_per_round", "seconds_per_round", "cpu_seconds_per_round"}, "ratio_seconds_per_round",
+"ratio_cpu_seconds_per_round", "accuracy_gap_pp" (ours_fedavg against flower, the simulation),
+"vs_flower_deployment": {"ratio_seconds_per_round", "ratio_cpu_seconds_per_round", "accuracy_gap_pp"}
+(ours_fedavg's median against flower_deployment's; the largest gap of any round),
+"load_average_1min": {"min", "median", "max"} (sampled every 5 s during the runs)}; each run has the
+keys its side made.
 """
 from __future__ import annotations
 
