@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -354,7 +355,7 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, training=TrainingSettings.from_args(args, ewc_lambda=lam), bounds="none",
-                          embedded=embedded,
+                          embedded=embedded, straggler=False, late_joiner=False,  # every client every round
                           plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
                           org_port=free_port(5640), first_client_port=free_ports(5650, CLIENTS))
     # a chain and an IPFS daemon of this run's own (free ports, never 8545 / 5001, a fresh state dir)
@@ -417,6 +418,8 @@ def main() -> None:
                         "and ours_fedavg (default: all)")
     parser.add_argument("--flower-only", type=Path, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every run's context managers stop the processes they started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     if args.flower_only:
         args.flower_only.write_text(json.dumps(run_flower(args.rounds, args.seed, TrainingSettings.from_args(args))))
