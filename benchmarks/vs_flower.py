@@ -356,6 +356,7 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, training=TrainingSettings.from_args(args, ewc_lambda=lam), bounds="none",
                           embedded=embedded, straggler=False, late_joiner=False,  # every client every round
+                          drive=True,  # rounds driven and timed by demo.run_round, as before the network ran itself
                           plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
                           org_port=free_port(5640), first_client_port=free_ports(5650, CLIENTS))
     # a chain and an IPFS daemon of this run's own (free ports, never 8545 / 5001, a fresh state dir)
@@ -374,7 +375,7 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
     return {"update_dtype": options.training.update_dtype, "initial_accuracy": report["initial_accuracy"],
             "accuracy_per_round": [r["accuracy"] for r in rows],
             "seconds_per_round": [r["seconds"] for r in rows],
-            "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows], "phases_per_round": [r["phases"] for r in rows]}
+            "cpu_seconds_per_round": [r["cpu_seconds"] for r in rows], "phases_per_round": [r.get("phases") for r in rows]}
 
 
 class LoadSampler:
