@@ -7,7 +7,8 @@ Plots: accuracy per round (--plot) and, beside it, wall and CPU-seconds per roun
 
 The work: task mnist, the Keras model of processor.tasks with initial weights from --seed,
 dirichlet(alpha 0.5) partitions over 5 clients, 1 local epoch of SGD (batch 32, lr 0.05) per
-round, every client every round, test accuracy after each round. Both sides train with
+round, every client every round, test accuracy after each round. Each client trains on its
+partition less the share our clients hold out for federated evaluation (processor.evaluation.holdout_split). Both sides train with
 processor.rounds.local_update and the same per-round seeds (seed + 1000 * round + client), so
 the only difference is the orchestration:
 - flower: Flower 1.41's simulation engine (ray, 5 virtual SuperNodes, 1 CPU each) runs the
@@ -86,11 +87,16 @@ def flower_apps(rounds: int, seed: int, training: TrainingSettings, on_evaluate,
     def client_fn(context: Context):
         # runs in a ray actor or a flwr-clientapp process: only plain values cross over
         from processor import rounds as steps
+        from processor.evaluation import holdout_split
         from processor.tasks import get_task
 
         k = int(context.node_config["partition-id"])
         task = get_task(TASK)
         x, y = task.client_data(k, CLIENTS, scheme="dirichlet", seed=seed, alpha=ALPHA)
+        # our clients keep a share of their samples out of training (federated evaluation,
+        # client/service.py): the same share stays out here, so both sides train on the same samples
+        train, _ = holdout_split(len(y), seed=seed + k)
+        x, y = x[train], y[train]
 
         class Client(NumPyClient):
             def fit(self, parameters, config):
