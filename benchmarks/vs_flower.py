@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -377,6 +378,8 @@ def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -
         report = run_demo(options, settings)
     finally:
         sys.stdout = stdout
+    if not args.state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)  # its own, kept only when the run failed (its logs)
     rows = report["rounds"]
     return {"update_dtype": options.training.update_dtype, "initial_accuracy": report["initial_accuracy"],
             "accuracy_per_round": [r["accuracy"] for r in rows],
