@@ -15,9 +15,14 @@ Per N:
 - gas per submission: the largest gasUsed of the run's submitUpdate receipts;
 and where a round's time goes (rounds 2..): CPU-seconds per process and per round, the devices'
 seconds per round summed by phase (their activity logs), and the organization's merge by phase.
+Then the same run on each chain node, Ganache and anvil, at 5 and 30 clients (--chain-counts), with
+each node's CPU per mined transaction (benchmarks.chains), and with --flower the ratio of our
+round to Flower's deployment engine's (benchmarks.vs_flower --only deployment).
 Progress and those details go to stderr; the last line on stdout is one JSON object:
     {"clients": {"10": {"seconds_per_round", "peak_mb", "startup_s", "accepted"}, "30": ..., "100": ...},
-     "gas_per_submission": {"10": g, "30": g, "100": g}}
+     "chains": {"ganache": {"5": s, "30": s, "cpu_ms_per_tx": x}, "anvil": {...}},
+     "gas_per_submission": {"10": g, "30": g, "100": g},
+     "vs_flower_deployment": {"ratio_seconds_per_round", "ratio_cpu_seconds_per_round", "accuracy_gap_pp"}}
 (with --json; without it, the details and a line per figure come first).
 
     python -m benchmarks.scale --json
@@ -41,13 +46,16 @@ from pathlib import Path
 import psutil
 
 import demo
+from benchmarks.chains import cpu_ms_per_transaction
 from benchmarks.measure import log, report
 from infra import chain, ipfs
 from infra.files import REPO_ROOT, read_json_lines
 from infra.processes import ManagedProcess, port_listens
+from infra.settings import CHAIN_NODE_KINDS
 from organization.service import history_path
 
 COUNTS = (10, 30, 100)
+CHAIN_COUNTS = (5, 30)  # the Ganache / anvil comparison's
 ROUNDS = 3
 SAMPLE_SECONDS = 0.5
 ROUND_SECONDS = 900  # each round's deadline: far beyond a round's time, so a round that misses it says so
@@ -122,15 +130,15 @@ def wait_for(what: str, condition, processes: list[ManagedProcess], timeout: flo
         time.sleep(0.5)
 
 
-def run(count: int, rounds: int, folder: Path, ports: dict[str, int]) -> dict:
-    """One run of `rounds` rounds with `count` clients; its figures."""
+def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str = "ganache") -> dict:
+    """One run of `rounds` rounds with `count` clients on a `node` chain (ganache, anvil); its figures."""
     chain_url, ipfs_api = f"http://127.0.0.1:{ports['chain']}", f"http://127.0.0.1:{ports['ipfs']}"
     record, logs = folder / "deployments.json", folder / "logs"
     env = {"FL_CHAIN_URL": chain_url, "FL_IPFS_API": ipfs_api, "FL_CONTRACT_RECORD": str(record),
            "FL_STATE_DIR": str(folder), **demo.compute_threads(2)}  # two TensorFlow processes share the cores
     with ExitStack() as stack, ProcessSampler() as processes:
         launched = time.time()
-        stack.enter_context(chain.Ganache(chain_url, db_dir=folder / "chain", log_path=logs / "ganache.log"))
+        stack.enter_context(chain.local_chain(node, chain_url, folder))
         stack.enter_context(ipfs.IPFSDaemon.for_api(ipfs_api, repo_dir=folder / "ipfs", log_path=logs / "ipfs.log"))
         org = ManagedProcess("organization", run_py(
             "app", "--task", "mnist", "--rounds", str(rounds), "--quorum", str(count), "--round-seconds",
@@ -178,6 +186,13 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int]) -> dict:
     return {**figures, "gas": max(gas), "details": details}
 
 
+def flower_deployment_ratio() -> dict:
+    """benchmarks.vs_flower's comparison with Flower's deployment engine, run as its own command."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.vs_flower", "--json", "--only", "deployment"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["vs_flower_deployment"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
@@ -187,16 +202,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ipfs-port", type=int, help="the IPFS API's port (default: a free one)")
     parser.add_argument("--org-port", type=int, help="the organization's app port (default: a free one)")
     parser.add_argument("--clients-port", type=int, help="the clients' status port (default: a free one)")
+    parser.add_argument("--chain-counts", type=int, nargs="*", default=list(CHAIN_COUNTS),
+                        help="client counts of the Ganache / anvil comparison (none: skip it)")
+    parser.add_argument("--flower", action="store_true", help="also run benchmarks.vs_flower's deployment "
+                                                               "comparison (Flower's SuperLink and SuperNodes)")
     args = parser.parse_args(argv)
     ports = {"chain": args.chain_port or demo.free_port(0), "ipfs": args.ipfs_port or demo.free_port(0),
              "org": args.org_port or demo.free_port(0), "clients": args.clients_port or demo.free_port(0)}
-    runs = {}
+    runs, nodes = {}, {}
     with tempfile.TemporaryDirectory(prefix="scale-benchmark-") as folder:
         for count in args.counts:
             runs[count] = run(count, args.rounds, Path(folder) / str(count), ports)
+        for kind in CHAIN_NODE_KINDS if args.chain_counts else ():
+            nodes[kind] = {str(n): run(n, args.rounds, Path(folder) / f"{kind}-{n}", ports, node=kind)
+                           ["seconds_per_round"] for n in args.chain_counts}
+            with chain.local_chain(kind, f"http://127.0.0.1:{ports['chain']}", Path(folder) / f"{kind}-tx") as node:
+                nodes[kind]["cpu_ms_per_tx"] = round(cpu_ms_per_transaction(node), 2)
+            log(f"{kind}: {nodes[kind]}")
     result = {"clients": {str(n): {key: r[key] for key in ("seconds_per_round", "peak_mb", "startup_s", "accepted")}
                           for n, r in runs.items()},
               "gas_per_submission": {str(n): r["gas"] for n, r in runs.items()}}
+    if nodes:
+        result["chains"] = nodes
+    if args.flower:
+        result["vs_flower_deployment"] = flower_deployment_ratio()
     if not args.json:
         for n, r in runs.items():
             print(f"{n} clients: {json.dumps(r['details'])}")
