@@ -163,7 +163,7 @@ def cmd_clients(args: argparse.Namespace) -> None:
     from processor.device_data import DeviceDataError
 
     first = ClientConfig(client_id=args.first_id, num_clients=args.clients or args.first_id + args.count,
-                         task=args.task, partition=args.partition, alpha=args.alpha, seed=args.seed, agent=True,
+                         task=args.task, partition=partition_of(args), alpha=args.alpha, seed=args.seed, agent=True,
                          train_delay=args.train_delay)
     devices = f"clients {args.first_id}-{args.first_id + args.count - 1}"
     try:

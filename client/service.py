@@ -17,6 +17,7 @@ import numpy as np
 from eth_account import Account
 
 from infra import chain, ipfs
+from infra.files import write_atomically
 from infra.settings import Settings
 from infra.webapp import (
     ActionError,
@@ -130,12 +131,8 @@ class ClientService:
     def _keep_private(self, private: dict) -> None:
         """Keep the private tensors for the next round, on disk too (replaced whole, never half-written)."""
         self.private = private
-        if not private:
-            return
-        self.private_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.private_path.with_suffix(".partial")
-        partial.write_bytes(codec.encode_private(self.task, private))
-        partial.replace(self.private_path)
+        if private:
+            write_atomically(self.private_path, codec.encode_private(self.task, private))
 
     @property
     def registry(self) -> chain.Registry:

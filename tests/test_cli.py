@@ -17,6 +17,7 @@ import requests
 from flask import Flask
 
 import run
+from demo import free_port
 from infra.files import REPO_ROOT
 from infra.webapp import serve
 
@@ -68,17 +69,11 @@ def test_a_port_in_use_is_said_without_a_traceback_naming_the_flag(capsys, debug
         assert f"Port {port} is in use" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def organization_app(tmp_path, *flags: str):
     """`run.py app` on the embedded chain and store, serving; yields its URL and a list that holds,
     once it has stopped (SIGTERM), everything it printed."""
-    port, output_path, printed = free_port(), tmp_path / "output.txt", []
+    port, output_path, printed = free_port(0), tmp_path / "output.txt", []
     url = f"http://127.0.0.1:{port}"
     with output_path.open("wb") as output:
         process = subprocess.Popen([*PYTHON_RUN, "app", "--task", "digits", "--chain-url", "embedded", "--ipfs-api",
@@ -189,7 +184,7 @@ def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_
     base = rounds.make_base(digits, rounds.initial_model(digits))
     model = codec.encode_model(digits, base.weights, base.fisher, round_id=1, plan=TrainingSettings())
     registry.start_round(chain.DEV_KEYS[0], ipfs.open_store(ipfs_api, tmp_path).add(model))
-    port = free_port()
+    port = free_port(0)
     with (tmp_path / "clients.log").open("wb") as output:
         process = subprocess.Popen([*PYTHON_RUN, "clients", "--count", "3", "--first-id", "18", "--clients", "21",
                                     "--task", "digits", "--ipfs-api", ipfs_api, "--port", str(port), *services],

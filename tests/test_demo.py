@@ -19,7 +19,7 @@ from flask import Flask
 from tqdm import tqdm
 
 import demo
-from demo import DemoError, DemoOptions, HttpEndpoint, ProcessEnded, run_demo
+from demo import DemoError, DemoOptions, HttpEndpoint, ProcessEnded, free_port, run_demo
 from infra import chain, ipfs
 from infra.files import REPO_ROOT
 from infra.processes import ManagedProcess, ServiceError, port_listens
@@ -113,12 +113,6 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
     assert submitters == {1: [clients[0]], 2: [clients[0]], 3: sorted([clients[0], clients[2]])}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def listening(port: int) -> socket.socket:
     holder = socket.socket()
     holder.bind(("127.0.0.1", port))
@@ -129,7 +123,7 @@ def listening(port: int) -> socket.socket:
 def test_the_demo_stops_before_anything_starts_when_a_port_is_in_use(tmp_path):
     """Through the command line: the organization's port is taken, so the demo says which port and
     which flag moves it, in one line, and starts no chain."""
-    port, chain_port = free_port(), free_port()
+    port, chain_port = free_port(0), free_port(0)
     with listening(port):
         done = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), "demo", "--port", str(port),
                                "--chain-url", f"http://127.0.0.1:{chain_port}", "--ipfs-api", "http://127.0.0.1:9",
@@ -145,10 +139,10 @@ def test_the_demo_stops_before_anything_starts_when_a_port_is_in_use(tmp_path):
 def test_a_clients_port_in_use_names_the_client_and_its_flag(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(demo.chain, "Ganache", lambda *args, **kwargs: started.append(args))
-    first = free_port()
+    first = free_port(0)
     with listening(first + 1):
         with pytest.raises(DemoError, match=rf"^port {first + 1} \(client 1's\) is in use .* with --client-port"):
-            run_demo(DemoOptions(clients=3, org_port=free_port(), first_client_port=first),
+            run_demo(DemoOptions(clients=3, org_port=free_port(0), first_client_port=first),
                      Settings.from_env(state_dir=tmp_path))
     assert started == []
 
@@ -212,7 +206,7 @@ def test_a_process_that_exits_is_named_with_its_code_and_its_logs_last_lines(tmp
 
 def test_a_driven_client_that_died_stops_the_demo_with_how_it_ended(tmp_path):
     """--drive: a call to a client that the system killed names the client, not the connection."""
-    port = free_port()
+    port = free_port(0)
     server = ManagedProcess("client-0", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
                             is_ready=lambda: port_listens(port), log_path=tmp_path / "client-0.log")
     server.start()
