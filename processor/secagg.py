@@ -1,0 +1,443 @@
+"""Secure aggregation's cryptographic core: pairwise masks that cancel in the sum (Bonawitz et al. 2017).
+
+Each client quantizes its clipped update into Z_{2^32}, then adds, for every other client p, a
+pseudo-random stream derived from an X25519 agreement with p: with sign +1 when its address sorts
+before p's and -1 after, so each pair's two streams cancel in the sum and the aggregator learns the
+sum only. A client that drops after masking leaves its pairs uncancelled; its mask secret is
+Shamir-shared among the others beforehand (sealed with AES-GCM for each holder), so t survivors can
+rebuild it and the aggregator removes the leftover streams. The stages follow Flower's SecAgg+.
+
+Pure functions over bytes and NumPy arrays: no I/O. Every argument may come from an attacker (bytes
+read from IPFS), so each is checked and a bad one raises ValueError with the reason. The primitives
+(X25519, HKDF, AES, Shamir over GF(2^128)) are pycryptodome's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol import DH
+from Crypto.Protocol.KDF import HKDF
+from Crypto.Protocol.SecretSharing import Shamir
+from Crypto.PublicKey import ECC
+from Crypto.Random import get_random_bytes
+
+MODULUS_BITS = 32  # arithmetic in Z_{2^32}: numpy uint32 wraps, so sums and masks need no explicit mod
+MODULUS = 1 << MODULUS_BITS
+MASK_DTYPE = np.dtype("<u4")  # little-endian on every platform: the same key gives the same stream
+
+KEY_BYTES = 32  # X25519 keys, shared keys and AES-256 keys
+NONCE_BYTES = 12  # AES-GCM nonce
+TAG_BYTES = 16  # AES-GCM tag
+MAX_LENGTH = 1 << 28  # mask length cap (1 GiB of uint32): a larger claim is an attack or a bug
+
+_HALF = 16  # pycryptodome's Shamir shares 16-byte secrets; a 32-byte secret is two halves
+_INDEX_BYTES = 2  # a share's index, big-endian, before the two 16-byte halves
+SHARE_BYTES = _INDEX_BYTES + 2 * _HALF
+MAX_HOLDERS = (1 << (8 * _INDEX_BYTES)) - 1
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _require_bytes(value: object, name: str, length: int | None = None) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{name} must be bytes, got {type(value).__name__}")
+    value = bytes(value)
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must be {length} bytes, got {len(value)}")
+    return value
+
+
+def _require_int(value: object, name: str, low: int, high: int) -> int:
+    # bool is an int subclass; True as a length or threshold is a bug, not a 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def _require_context(context: object) -> bytes:
+    context = _require_bytes(context, "context")
+    if not context:
+        # the context is what makes one round's masks differ from the next one's with the same keys
+        raise ValueError("context must not be empty: bind it to the round (e.g. contract, round number)")
+    return context
+
+
+def _require_vector(values: object, name: str) -> np.ndarray:
+    if not isinstance(values, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(values).__name__}")
+    if values.dtype != np.uint32:
+        raise ValueError(f"{name} must be uint32 (quantize it first), got {values.dtype}")
+    if values.size > MAX_LENGTH:
+        raise ValueError(f"{name} has {values.size} values, more than the {MAX_LENGTH} allowed")
+    return values
+
+
+def _address(address: object, name: str) -> str:
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"{name} must be a non-empty string address, got {address!r}")
+    return address.lower()
+
+
+def _addressed_keys(keys: object, name: str) -> dict[str, bytes]:
+    """`keys` (address -> 32-byte public key) checked and keyed by lowercase address."""
+    if not isinstance(keys, dict):
+        raise ValueError(f"{name} must be a dict of address -> key, got {type(keys).__name__}")
+    out: dict[str, bytes] = {}
+    for address, key in keys.items():
+        lower = _address(address, f"an address in {name}")
+        if lower in out:
+            raise ValueError(f"{name} names {address!r} twice (addresses compare in lowercase)")
+        out[lower] = _require_bytes(key, f"{name}[{address!r}]", KEY_BYTES)
+    return out
+
+
+# --- quantization -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Maps each coordinate of a clipped vector, in [-bound, bound], to an integer in Z_{2^32} so that
+    the sum of up to `max_clients` of them cannot wrap.
+
+    Each value becomes one of `levels + 1` integers 0..levels (-bound -> 0, +bound -> levels), with
+    levels = floor((2^32 - 1) / max_clients): max_clients of them sum to at most 2^32 - 1.
+    """
+
+    bound: float  # every coordinate is clipped to [-bound, bound] first
+    max_clients: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float, np.floating, np.integer)):
+            raise ValueError(f"bound must be a number, got {type(self.bound).__name__}")
+        if not math.isfinite(self.bound) or self.bound <= 0:
+            raise ValueError(f"bound must be finite and positive, got {self.bound}")
+        _require_int(self.max_clients, "max_clients", 1, MODULUS - 1)
+
+    @property
+    def levels(self) -> int:
+        """The largest integer one client's value maps to."""
+        return (MODULUS - 1) // int(self.max_clients)
+
+    @property
+    def step(self) -> float:
+        """The quantization step: the error bound per coordinate per client is step (stochastic) or step/2."""
+        return 2.0 * float(self.bound) / self.levels
+
+    def quantize(self, values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """`values` clipped to [-bound, bound] and mapped to uint32 levels, in the same shape.
+
+        With `rng`, stochastic rounding (up with probability equal to the fractional part), so the
+        expected quantized value is the clipped value exactly: rounding errors average out in a sum of
+        many clients. Without it, rounding to nearest (deterministic, error at most step/2).
+        """
+        values = np.asarray(values)
+        if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+            raise ValueError(f"values must be real numbers, got {values.dtype}")
+        if values.size > MAX_LENGTH:
+            raise ValueError(f"values has {values.size} entries, more than the {MAX_LENGTH} allowed")
+        scaled = values.astype(np.float64)  # a copy: the caller's array is never changed
+        if np.isnan(scaled).any():
+            raise ValueError("values contain NaN, which has no place in [-bound, bound]")
+        bound = float(self.bound)
+        np.clip(scaled, -bound, bound, out=scaled)
+        scaled += bound
+        scaled *= self.levels / (2.0 * bound)  # now in [0, levels]
+        if rng is None:
+            np.rint(scaled, out=scaled)
+        else:
+            if not isinstance(rng, np.random.Generator):
+                raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+            scaled += rng.random(scaled.shape)
+            np.floor(scaled, out=scaled)
+        # float rounding may land a hair past levels; never let one client exceed its share of Z_{2^32}
+        np.clip(scaled, 0, self.levels, out=scaled)
+        return scaled.astype(np.uint32)
+
+    def dequantize_sum(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The float64 sum of the `count` clipped vectors whose quantized values sum to `total`."""
+        total = _require_vector(total, "total")
+        count = _require_int(count, "count", 1, int(self.max_clients))
+        return total.astype(np.float64) * self.step - count * float(self.bound)
+
+
+def add(vectors: Iterable[np.ndarray]) -> np.ndarray:
+    """The uint32 sum (mod 2^32) of equally shaped uint32 vectors, one at a time.
+
+    Use this, not np.sum over a stacked array: NumPy sums uint32 into uint64 by default, which breaks
+    both the mask cancellation and the wrap-free quantized sum.
+    """
+    total: np.ndarray | None = None
+    for i, vector in enumerate(vectors):
+        vector = _require_vector(vector, f"vector {i}")
+        if total is None:
+            total = vector.copy()
+        elif vector.shape != total.shape:
+            raise ValueError(f"vector {i} has shape {vector.shape}, the first had {total.shape}")
+        else:
+            np.add(total, vector, out=total)
+    if total is None:
+        raise ValueError("no vectors to add")
+    return total
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair in raw RFC 7748 encodings."""
+
+    secret: bytes  # 32 bytes, X25519 private scalar encoding
+    public: bytes  # 32 bytes, X25519 public key encoding
+
+    def __repr__(self) -> str:  # never print a secret into a log
+        return f"KeyPair(public={self.public.hex()})"
+
+
+def new_key_pair() -> KeyPair:
+    """A fresh X25519 key pair from the OS's random source."""
+    key = ECC.generate(curve="curve25519")
+    return KeyPair(secret=bytes(key.seed), public=key.public_key().export_key(format="raw"))
+
+
+def _private_key(secret: object) -> ECC.EccKey:
+    secret = _require_bytes(secret, "secret", KEY_BYTES)
+    return DH.import_x25519_private_key(secret)
+
+
+def _public_key(public: object, name: str) -> ECC.EccKey:
+    public = _require_bytes(public, name, KEY_BYTES)
+    try:
+        return DH.import_x25519_public_key(public)
+    except ValueError as error:  # pycryptodome refuses the small-order points
+        raise ValueError(f"{name} is not a valid X25519 public key ({error})") from None
+
+
+def public_key(secret: bytes) -> bytes:
+    """The public key of `secret`: to check a secret rebuilt from shares against the one published."""
+    return _private_key(secret).public_key().export_key(format="raw")
+
+
+def shared_key(secret: bytes, peer_public: bytes, context: bytes) -> bytes:
+    """A 32-byte key only the two parties can compute: X25519 agreement, then HKDF-SHA256 over `context`.
+
+    Symmetric: shared_key(a.secret, b.public, c) == shared_key(b.secret, a.public, c). A different
+    `context` gives an unrelated key, so one key pair can serve many rounds without reusing a mask.
+    """
+    context = _require_context(context)
+    private = _private_key(secret)
+    peer = _public_key(peer_public, "peer_public")
+
+    def kdf(z: bytes) -> bytes:
+        if not any(z):  # a contributory check, as RFC 7748 section 6.1 advises
+            raise ValueError("peer_public gives an all-zero X25519 shared secret")
+        return HKDF(bytes(z), KEY_BYTES, salt=None, hashmod=SHA256, context=context)
+
+    try:
+        return DH.key_agreement(static_priv=private, static_pub=peer, kdf=kdf)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"X25519 agreement failed: {error}") from None
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+
+def mask_stream(key: bytes, length: int) -> np.ndarray:
+    """`length` pseudo-random uint32 values: the AES-256-CTR keystream of `key`, little-endian.
+
+    The counter starts at 0 with no nonce; that is safe because each key is used for one stream only
+    (shared_key binds it to the pair and the round's context).
+    """
+    key = _require_bytes(key, "key", KEY_BYTES)
+    length = _require_int(length, "length", 0, MAX_LENGTH)
+    stream = np.zeros(length, MASK_DTYPE)
+    if length:
+        buffer = memoryview(stream).cast("B")
+        AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=0).encrypt(buffer, output=buffer)  # in place
+    return stream.astype(np.uint32, copy=False)
+
+
+def _signed_streams(me: str, secret: bytes, peers: dict[str, bytes], length: int, context: bytes) -> np.ndarray:
+    """Sum over peers p != me of sign(me, p) * mask_stream(shared_key(secret, peers[p], context))."""
+    total = np.zeros(length, np.uint32)
+    for peer in sorted(peers):
+        if peer == me:
+            continue
+        stream = mask_stream(shared_key(secret, peers[peer], context), length)
+        if me < peer:
+            np.add(total, stream, out=total)
+        else:
+            np.subtract(total, stream, out=total)  # wraps: adds 2^32 - stream
+    return total
+
+
+def pairwise_mask(me: str, secret: bytes, peers: dict[str, bytes], length: int, context: bytes) -> np.ndarray:
+    """The uint32 mask `me` adds: over peers p != me, +stream when me < p, -stream (2^32 - x) when me > p.
+
+    Addresses compare in lowercase; peers[me], if present, is skipped. The two members of a pair derive
+    the same stream with opposite signs, so the masks of a full set of clients sum to 0 mod 2^32.
+    """
+    me = _address(me, "me")
+    peers = _addressed_keys(peers, "peers")
+    length = _require_int(length, "length", 0, MAX_LENGTH)
+    context = _require_context(context)
+    _private_key(secret)  # fail on a bad secret even with no peers to reach the check in shared_key
+    if not any(peer != me for peer in peers):
+        raise ValueError("peers holds no client but me: a mask would be zero and reveal the vector")
+    return _signed_streams(me, secret, peers, length, context)
+
+
+def mask(values: np.ndarray, me: str, secret: bytes, peers: dict[str, bytes], context: bytes) -> np.ndarray:
+    """`values` (uint32, any shape) plus `me`'s pairwise mask, mod 2^32: uniform to anyone but the pairs."""
+    values = _require_vector(values, "values")
+    masked = pairwise_mask(me, secret, peers, values.size, context)
+    np.add(masked, values.reshape(-1), out=masked)
+    return masked.reshape(values.shape)
+
+
+def unmask_sum(total: np.ndarray, survivors: dict[str, bytes], dropped_secrets: dict[str, bytes], context: bytes) -> np.ndarray:
+    """The plain uint32 sum of the survivors' vectors, from `total`, the sum of their masked vectors.
+
+    The masks among survivors cancelled already; each survivor's stream with a dropped client d did not.
+    With d's mask secret (rebuilt from shares), pairwise_mask(d, ...) over the survivors is exactly the
+    negation of those leftovers, so adding it removes them.
+
+    `survivors` (address -> mask public key) must be exactly the clients whose masked vectors are in
+    `total`, and must not overlap `dropped_secrets`: a survivor's secret would unmask its own vector.
+    """
+    total = _require_vector(total, "total")
+    survivors = _addressed_keys(survivors, "survivors")
+    context = _require_context(context)
+    if not survivors:
+        raise ValueError("no survivors: there is no sum to unmask")
+    if not isinstance(dropped_secrets, dict):
+        raise ValueError(f"dropped_secrets must be a dict of address -> secret, got {type(dropped_secrets).__name__}")
+    result = total.reshape(-1).copy()
+    seen: set[str] = set()
+    for address, secret in dropped_secrets.items():
+        dropped = _address(address, "an address in dropped_secrets")
+        if dropped in seen:
+            raise ValueError(f"dropped_secrets names {address!r} twice (addresses compare in lowercase)")
+        seen.add(dropped)
+        if dropped in survivors:
+            raise ValueError(f"{address!r} is both a survivor and dropped: its masked vector would be exposed")
+        _require_bytes(secret, f"dropped_secrets[{address!r}]", KEY_BYTES)
+        np.add(result, _signed_streams(dropped, secret, survivors, result.size, context), out=result)
+    return result.reshape(total.shape)
+
+
+# --- secret sharing ---------------------------------------------------------------------------
+
+
+def split_secret(secret: bytes, holders: list[str], threshold: int) -> dict[str, bytes]:
+    """Shamir `threshold`-of-n shares of a 32-byte secret, one per holder.
+
+    Holders are sorted by lowercase address and get indices 1..n in that order. The secret is split as
+    two 16-byte halves with pycryptodome's Shamir (over GF(2^128)); each share is SHARE_BYTES bytes:
+    the index (2 bytes, big-endian), then the share of the first half, then of the second.
+    """
+    secret = _require_bytes(secret, "secret", KEY_BYTES)
+    if not isinstance(holders, (list, tuple)):
+        raise ValueError(f"holders must be a list of addresses, got {type(holders).__name__}")
+    by_lower: dict[str, str] = {}
+    for holder in holders:
+        lower = _address(holder, "a holder")
+        if lower in by_lower:
+            raise ValueError(f"holders names {holder!r} twice (addresses compare in lowercase)")
+        by_lower[lower] = holder
+    n = len(by_lower)
+    if n > MAX_HOLDERS:
+        raise ValueError(f"at most {MAX_HOLDERS} holders, got {n}")
+    if n < 2:
+        raise ValueError(f"sharing needs at least 2 holders, got {n}")
+    threshold = _require_int(threshold, "threshold", 2, n)
+    first = Shamir.split(threshold, n, secret[:_HALF])
+    second = Shamir.split(threshold, n, secret[_HALF:])
+    shares: dict[str, bytes] = {}
+    for lower, (index, part1), (index2, part2) in zip(sorted(by_lower), first, second):
+        assert index == index2
+        shares[by_lower[lower]] = index.to_bytes(_INDEX_BYTES, "big") + part1 + part2
+    return shares
+
+
+def share_index(share: bytes) -> int:
+    """The index (1..n) a share was made for, after checking its length."""
+    share = _require_bytes(share, "a share", SHARE_BYTES)
+    index = int.from_bytes(share[:_INDEX_BYTES], "big")
+    if index == 0:  # the polynomial at 0 is the secret itself: never a share
+        raise ValueError("a share has index 0, which no holder is given")
+    return index
+
+
+def _combine(shares: list[bytes]) -> bytes:
+    indexed = [(share_index(s), s) for s in shares]
+    first = Shamir.combine([(i, s[_INDEX_BYTES:_INDEX_BYTES + _HALF]) for i, s in indexed])
+    second = Shamir.combine([(i, s[_INDEX_BYTES + _HALF:]) for i, s in indexed])
+    return first + second
+
+
+def combine_shares(shares: list[bytes], threshold: int) -> bytes:
+    """The 32-byte secret rebuilt from at least `threshold` shares made by split_secret.
+
+    Refuses fewer than `threshold` shares (pycryptodome would silently return a wrong secret), shares of
+    the wrong length, index 0 and duplicate indices. With more than `threshold`, it rebuilds from the
+    first and from the last `threshold` and refuses when they disagree (some share is corrupt). A corrupt
+    share can still go unnoticed with exactly `threshold` shares: compare public_key(result) with the
+    public key the owner published.
+    """
+    if not isinstance(shares, (list, tuple)):
+        raise ValueError(f"shares must be a list of bytes, got {type(shares).__name__}")
+    threshold = _require_int(threshold, "threshold", 2, MAX_HOLDERS)
+    shares = [_require_bytes(s, f"share {i}", SHARE_BYTES) for i, s in enumerate(shares)]
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} shares cannot rebuild a secret shared {threshold}-of-n")
+    indices = [share_index(s) for s in shares]
+    if len(set(indices)) != len(indices):
+        duplicates = sorted({i for i in indices if indices.count(i) > 1})
+        raise ValueError(f"shares repeat indices {duplicates}: each holder's share counts once")
+    secret = _combine(shares[:threshold])
+    if len(shares) > threshold and _combine(shares[-threshold:]) != secret:
+        raise ValueError("the shares are inconsistent: at least one of them is corrupt")
+    return secret
+
+
+# --- sealed messages --------------------------------------------------------------------------
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """AES-256-GCM of `plaintext` under `key`, authenticating `associated` too: nonce || ciphertext || tag.
+
+    The nonce is 12 random bytes, so one key may seal many messages (well under 2^32).
+    """
+    key = _require_bytes(key, "key", KEY_BYTES)
+    plaintext = _require_bytes(plaintext, "plaintext")
+    associated = _require_bytes(associated, "associated")
+    nonce = get_random_bytes(NONCE_BYTES)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    cipher.update(associated)
+    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+    return nonce + ciphertext + tag
+
+
+def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
+    """The plaintext of `sealed` (from seal); ValueError unless `key` and `associated` authenticate it."""
+    key = _require_bytes(key, "key", KEY_BYTES)
+    sealed = _require_bytes(sealed, "sealed")
+    associated = _require_bytes(associated, "associated")
+    if len(sealed) < NONCE_BYTES + TAG_BYTES:
+        raise ValueError(f"sealed message is {len(sealed)} bytes, shorter than nonce and tag ({NONCE_BYTES + TAG_BYTES})")
+    nonce, ciphertext, tag = sealed[:NONCE_BYTES], sealed[NONCE_BYTES:-TAG_BYTES], sealed[-TAG_BYTES:]
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
+    cipher.update(associated)
+    try:
+        return cipher.decrypt_and_verify(ciphertext, tag)
+    except ValueError:
+        raise ValueError("sealed message does not authenticate: wrong key, tampered bytes or other associated data") from None

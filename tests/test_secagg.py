@@ -1,0 +1,365 @@
+"""Secure aggregation's core (processor/secagg.py): quantization, masks that cancel, dropout recovery,
+Shamir shares and sealed messages, on fixed keys and seeds so every statistical check is repeatable."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+from Crypto.Protocol.SecretSharing import Shamir
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processor import secagg
+from processor.secagg import KeyPair, Quantizer
+
+CONTEXT = b"contract 0xabc / round 7"
+ADDRESSES = [  # mixed case on purpose: the sign convention compares lowercase
+    "0x5B38Da6a701c568545dCfcB03FcB875f56beddC4",
+    "0xAb8483F64d9C6d1EcF9b849Ae677dD3315835cb2",
+    "0x4B20993Bc481177ec7E8f571ceCaE8A9e22C02db",
+    "0x78731D3Ca6b7E34aC0F824c42a7cC18A495cabaB",
+    "0x617F2E2fD72FD9D5503197092aC168c91465E7f2",
+]
+
+
+def fixed_key_pair(i: int) -> KeyPair:
+    """A repeatable key pair (the tests' statistics must not depend on the OS's random source)."""
+    secret = bytes([i + 1]) * 32
+    return KeyPair(secret=secret, public=secagg.public_key(secret))
+
+
+@pytest.fixture(scope="module")
+def clients() -> dict[str, KeyPair]:
+    return {address: fixed_key_pair(i) for i, address in enumerate(ADDRESSES)}
+
+
+def publics(clients: dict[str, KeyPair]) -> dict[str, bytes]:
+    return {address: pair.public for address, pair in clients.items()}
+
+
+def plain_vectors(n: int, length: int, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    quantizer = Quantizer(bound=1.0, max_clients=10)
+    return {i: quantizer.quantize(rng.uniform(-1, 1, length), rng) for i in range(n)}
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bound=st.floats(1e-3, 1e3),
+    max_clients=st.integers(1, 10_000),
+    k=st.integers(1, 30),
+    seed=st.integers(0, 2**32 - 1),
+    stochastic=st.booleans(),
+)
+def test_dequantized_sum_is_the_float_sum_within_k_steps(bound, max_clients, k, seed, stochastic):
+    k = min(k, max_clients)
+    quantizer = Quantizer(bound=bound, max_clients=max_clients)
+    rng = np.random.default_rng(seed)
+    vectors = [rng.uniform(-1.5 * bound, 1.5 * bound, 200) for _ in range(k)]  # some need clipping
+    quantized = [quantizer.quantize(v, rng if stochastic else None) for v in vectors]
+    assert all(q.dtype == np.uint32 for q in quantized)
+    total = quantizer.dequantize_sum(secagg.add(quantized), k)
+    expected = sum(np.clip(v, -bound, bound) for v in vectors)
+    per_client = quantizer.step if stochastic else quantizer.step / 2
+    # a few ulps of float64 on top of the quantization error bound
+    assert np.all(np.abs(total - expected) <= k * per_client * (1 + 1e-9) + 1e-12 * k * bound)
+
+
+@pytest.mark.parametrize("max_clients", [1, 2, 3, 7, 1000, 2**32 - 1])
+def test_extremes_never_wrap_even_with_max_clients(max_clients):
+    quantizer = Quantizer(bound=2.5, max_clients=max_clients)
+    top = quantizer.quantize(np.array([2.5, 1e30, np.inf]))
+    bottom = quantizer.quantize(np.array([-2.5, -1e30, -np.inf]))
+    assert list(top) == [quantizer.levels] * 3 and list(bottom) == [0] * 3
+    clients = min(max_clients, 1000)  # the same sum as max_clients copies, without the loop
+    total = np.array([quantizer.levels * max_clients, 0], dtype=np.uint64)
+    assert total[0] <= 2**32 - 1  # max_clients copies of +bound fit in Z_{2^32}
+    total = total.astype(np.uint32)
+    np.testing.assert_allclose(quantizer.dequantize_sum(total, max_clients), [2.5 * max_clients, -2.5 * max_clients])
+    summed = secagg.add([top[:1]] * clients)
+    assert int(summed[0]) == quantizer.levels * clients  # no wrap along the way either
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+    quantizer = Quantizer(bound=1.0, max_clients=4)
+    value = -1.0 + 0.3 * quantizer.step * 2 + 12345 * quantizer.step  # 0.6 of the way between two levels
+    values = np.full(40_000, value)
+    stochastic = quantizer.quantize(values, np.random.default_rng(1)).astype(np.float64) * quantizer.step - 1.0
+    nearest = quantizer.quantize(values).astype(np.float64) * quantizer.step - 1.0
+    assert set(np.unique(stochastic - value).round(12)) <= {round(-0.6 * quantizer.step, 12), round(0.4 * quantizer.step, 12)}
+    # the mean error's standard deviation is 0.49 step / 200: 0.02 step is 8 of them
+    assert abs(np.mean(stochastic - value)) < 0.02 * quantizer.step
+    assert np.mean(nearest - value) == pytest.approx(0.4 * quantizer.step, rel=1e-6)
+
+
+def test_quantize_keeps_the_shape_and_leaves_the_input_alone():
+    quantizer = Quantizer(bound=1.0, max_clients=3)
+    values = np.array([[0.5, -2.0], [3.0, 0.0]], np.float32)
+    before = values.copy()
+    assert quantizer.quantize(values).shape == (2, 2)
+    np.testing.assert_array_equal(values, before)
+
+
+@pytest.mark.parametrize("bound, max_clients", [(0.0, 3), (-1.0, 3), (float("nan"), 3), (float("inf"), 3), (1.0, 0), (1.0, 2**32), (1.0, True), (1.0, 2.0)])
+def test_bad_quantizers_are_refused(bound, max_clients):
+    with pytest.raises(ValueError):
+        Quantizer(bound=bound, max_clients=max_clients)
+
+
+def test_quantizer_refuses_nan_bad_totals_and_too_many_clients():
+    quantizer = Quantizer(bound=1.0, max_clients=3)
+    with pytest.raises(ValueError, match="NaN"):
+        quantizer.quantize(np.array([0.0, np.nan]))
+    with pytest.raises(ValueError, match="uint32"):
+        quantizer.dequantize_sum(np.zeros(3, np.int64), 2)
+    with pytest.raises(ValueError, match="count"):
+        quantizer.dequantize_sum(np.zeros(3, np.uint32), 4)  # more than max_clients: may have wrapped
+    with pytest.raises(ValueError, match="count"):
+        quantizer.dequantize_sum(np.zeros(3, np.uint32), 0)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def test_shared_key_is_symmetric_and_bound_to_the_context():
+    a, b, c = secagg.new_key_pair(), secagg.new_key_pair(), secagg.new_key_pair()
+    assert len(a.secret) == len(a.public) == 32 and secagg.public_key(a.secret) == a.public
+    ab = secagg.shared_key(a.secret, b.public, CONTEXT)
+    assert len(ab) == 32
+    assert ab == secagg.shared_key(b.secret, a.public, CONTEXT)
+    assert ab != secagg.shared_key(a.secret, b.public, CONTEXT + b"!")
+    assert ab != secagg.shared_key(a.secret, c.public, CONTEXT)
+    assert a.secret.hex() not in repr(a)
+
+
+@pytest.mark.parametrize(
+    "secret, public, context, reason",
+    [
+        (b"\x01" * 31, None, CONTEXT, "secret must be 32 bytes"),
+        ("a" * 32, None, CONTEXT, "secret must be bytes"),
+        (None, b"\x09" * 33, CONTEXT, "peer_public must be 32 bytes"),
+        (None, bytes(32), CONTEXT, "not a valid X25519 public key"),  # small-order point
+        (None, b"\x01" + bytes(31), CONTEXT, "not a valid X25519 public key"),
+        (None, None, b"", "context must not be empty"),
+        (None, None, "round 7", "context must be bytes"),
+    ],
+)
+def test_shared_key_refuses_bad_input_clearly(secret, public, context, reason):
+    pair = fixed_key_pair(0)
+    with pytest.raises(ValueError, match=reason):
+        secagg.shared_key(pair.secret if secret is None else secret, fixed_key_pair(1).public if public is None else public, context)
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+
+def test_mask_stream_is_deterministic_keyed_and_fast():
+    key = bytes(range(32))
+    stream = secagg.mask_stream(key, 1000)
+    assert stream.dtype == np.uint32 and stream.shape == (1000,)
+    np.testing.assert_array_equal(stream, secagg.mask_stream(key, 1000))
+    np.testing.assert_array_equal(stream[:10], secagg.mask_stream(key, 10))  # a prefix of the same stream
+    assert not np.array_equal(stream, secagg.mask_stream(bytes(range(1, 33)), 1000))
+    assert secagg.mask_stream(key, 0).shape == (0,)
+    best = min(_timed(lambda: secagg.mask_stream(key, 1_000_000)) for _ in range(3))
+    assert best < 0.05, f"1M mask values took {best * 1e3:.1f} ms"
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("key, length", [(b"k" * 16, 10), (b"k" * 32, -1), (b"k" * 32, 1.5), (b"k" * 32, True), (b"k" * 32, 2**40)])
+def test_mask_stream_refuses_bad_input(key, length):
+    with pytest.raises(ValueError):
+        secagg.mask_stream(key, length)
+
+
+def test_pairwise_signs_follow_lowercase_address_order(clients):
+    low, high = sorted(ADDRESSES[:2], key=str.lower)
+    peers = {low: clients[low].public, high: clients[high].public}
+    stream = secagg.mask_stream(secagg.shared_key(clients[low].secret, clients[high].public, CONTEXT), 50)
+    np.testing.assert_array_equal(secagg.pairwise_mask(low, clients[low].secret, peers, 50, CONTEXT), stream)
+    np.testing.assert_array_equal(secagg.pairwise_mask(high.upper().replace("0X", "0x"), clients[high].secret, peers, 50, CONTEXT), np.uint32(0) - stream)
+
+
+def test_masks_of_five_clients_cancel_exactly(clients):
+    plain = plain_vectors(5, 1000)
+    peers = publics(clients)
+    masked = [secagg.mask(plain[i], address, clients[address].secret, peers, CONTEXT) for i, address in enumerate(ADDRESSES)]
+    for i in range(5):
+        assert masked[i].dtype == np.uint32 and np.mean(masked[i] == plain[i]) < 0.01
+    np.testing.assert_array_equal(secagg.add(masked), secagg.add(plain.values()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 6), shape=st.sampled_from([(0,), (1,), (7,), (3, 4)]), seed=st.integers(0, 2**32 - 1))
+def test_masks_cancel_for_any_group_and_shape(n, shape, seed):
+    rng = np.random.default_rng(seed)
+    pairs = {f"0x{i:040x}": fixed_key_pair(i) for i in range(n)}
+    peers = publics(pairs)
+    plain = [rng.integers(0, 2**32, shape, dtype=np.uint32) for _ in range(n)]
+    masked = [secagg.mask(p, address, pairs[address].secret, peers, CONTEXT) for p, address in zip(plain, pairs)]
+    assert all(m.shape == shape for m in masked)
+    np.testing.assert_array_equal(secagg.add(masked), secagg.add(plain))
+
+
+def test_a_masked_vector_looks_uniform_and_unrelated_to_the_plain_one(clients):
+    quantizer = Quantizer(bound=1.0, max_clients=5)
+    ramp = quantizer.quantize(np.linspace(-1, 1, 10_000))  # as structured as a plain vector gets
+    masked = secagg.mask(ramp, ADDRESSES[0], clients[ADDRESSES[0]].secret, publics(clients), CONTEXT).astype(np.float64)
+    sigma = 2**32 / np.sqrt(12)  # a uniform value's standard deviation
+    assert abs(masked.mean() - 2**31) < 4 * sigma / np.sqrt(10_000)
+    assert masked.var() / sigma**2 == pytest.approx(1.0, abs=0.05)
+    assert abs(np.corrcoef(masked, ramp.astype(np.float64))[0, 1]) < 0.05
+    counts = np.bincount((masked // 2**28).astype(int), minlength=16)  # top 4 bits
+    chi_square = float(((counts - 625) ** 2 / 625).sum())
+    assert chi_square < 37.7  # the 0.999 quantile with 15 degrees of freedom
+    low_bits = np.bincount((masked.astype(np.uint32) & 15).astype(int), minlength=16)
+    assert float(((low_bits - 625) ** 2 / 625).sum()) < 37.7
+
+
+def test_masking_refuses_bad_input(clients):
+    me = ADDRESSES[0]
+    secret = clients[me].secret
+    with pytest.raises(ValueError, match="uint32"):
+        secagg.mask(np.zeros(4, np.float32), me, secret, publics(clients), CONTEXT)
+    with pytest.raises(ValueError, match="numpy array"):
+        secagg.mask([1, 2, 3], me, secret, publics(clients), CONTEXT)
+    with pytest.raises(ValueError, match="no client but me"):
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {me.lower(): clients[me].public}, CONTEXT)
+    with pytest.raises(ValueError, match="twice"):
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: clients[ADDRESSES[1]].public, ADDRESSES[1].lower(): clients[ADDRESSES[1]].public}, CONTEXT)
+    with pytest.raises(ValueError, match="32 bytes"):
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: b"short"}, CONTEXT)
+    with pytest.raises(ValueError, match="not a valid X25519"):
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: bytes(32)}, CONTEXT)
+    with pytest.raises(ValueError, match="address"):
+        secagg.mask(np.zeros(4, np.uint32), "", secret, publics(clients), CONTEXT)
+
+
+# --- dropout recovery ---------------------------------------------------------------------------
+
+
+def test_two_dropouts_are_recovered_from_three_survivors_shares(clients):
+    threshold = 3
+    peers = publics(clients)
+    plain = dict(zip(ADDRESSES, plain_vectors(5, 2000, seed=3).values()))
+    # stage 1: each client shares its mask secret with everyone (sealed per holder in the protocol)
+    shares = {owner: secagg.split_secret(pair.secret, ADDRESSES, threshold) for owner, pair in clients.items()}
+    # stage 2: everyone masks against all four others; two then drop before their vectors arrive
+    masked = {a: secagg.mask(plain[a], a, clients[a].secret, peers, CONTEXT) for a in ADDRESSES}
+    dropped = [ADDRESSES[1], ADDRESSES[3]]
+    survivors = {a: peers[a] for a in ADDRESSES if a not in dropped}
+    total = secagg.add(masked[a] for a in survivors)
+    plain_sum = secagg.add(plain[a] for a in survivors)
+    assert np.mean(total == plain_sum) < 0.01  # the survivor-dropout streams are still in there
+    # stage 3: the three survivors hand in their shares of each dropped client's secret
+    recovered = {d: secagg.combine_shares([shares[d][s] for s in survivors], threshold) for d in dropped}
+    assert all(secagg.public_key(recovered[d]) == peers[d] for d in dropped)
+    np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, recovered, CONTEXT), plain_sum)
+    with pytest.raises(ValueError, match="both a survivor and dropped"):
+        secagg.unmask_sum(total, survivors, {ADDRESSES[0].lower(): clients[ADDRESSES[0]].secret}, CONTEXT)
+    with pytest.raises(ValueError, match="no survivors"):
+        secagg.unmask_sum(total, {}, recovered, CONTEXT)
+
+
+def test_unmask_sum_without_dropouts_is_the_identity(clients):
+    peers = publics(clients)
+    plain = plain_vectors(5, 100, seed=4)
+    total = secagg.add(secagg.mask(plain[i], a, clients[a].secret, peers, CONTEXT) for i, a in enumerate(ADDRESSES))
+    np.testing.assert_array_equal(secagg.unmask_sum(total, peers, {}, CONTEXT), secagg.add(plain.values()))
+
+
+# --- Shamir -------------------------------------------------------------------------------------
+
+
+def test_any_threshold_shares_recover_the_secret():
+    secret = bytes(range(32))
+    shares = secagg.split_secret(secret, ADDRESSES, 3)
+    assert set(shares) == set(ADDRESSES)
+    by_index = sorted(ADDRESSES, key=str.lower)
+    assert [secagg.share_index(shares[a]) for a in by_index] == [1, 2, 3, 4, 5]
+    assert all(len(s) == secagg.SHARE_BYTES == 34 for s in shares.values())
+    for subset in itertools.combinations(shares.values(), 3):
+        assert secagg.combine_shares(list(subset), 3) == secret
+    assert secagg.combine_shares(list(shares.values()), 3) == secret  # more than needed is fine
+
+
+def test_fewer_than_threshold_shares_are_refused():
+    secret = bytes(range(32))
+    shares = list(secagg.split_secret(secret, ADDRESSES, 3).values())
+    # pycryptodome itself interpolates whatever it gets: two shares of a 3-of-5 give a wrong secret
+    halves = [(secagg.share_index(s), s[2:18]) for s in shares[:2]]
+    assert Shamir.combine(halves) != secret[:16]
+    with pytest.raises(ValueError, match="2 shares cannot rebuild a secret shared 3-of-n"):
+        secagg.combine_shares(shares[:2], 3)
+
+
+def test_duplicate_malformed_and_inconsistent_shares_are_refused():
+    shares = list(secagg.split_secret(bytes(range(32)), ADDRESSES, 3).values())
+    with pytest.raises(ValueError, match="repeat indices"):
+        secagg.combine_shares([shares[0], shares[0], shares[1]], 3)
+    relabelled = shares[0][:2] + shares[1][2:]  # the second share claiming the first one's index
+    with pytest.raises(ValueError, match="repeat indices"):
+        secagg.combine_shares([shares[0], relabelled, shares[2]], 3)
+    with pytest.raises(ValueError, match="34 bytes"):
+        secagg.combine_shares([shares[0][:-1], shares[1], shares[2]], 3)
+    with pytest.raises(ValueError, match="bytes"):
+        secagg.combine_shares([shares[0].hex(), shares[1], shares[2]], 3)
+    with pytest.raises(ValueError, match="index 0"):
+        secagg.combine_shares([bytes(2) + shares[0][2:], shares[1], shares[2]], 3)
+    with pytest.raises(ValueError, match="threshold"):
+        secagg.combine_shares(shares, 1)
+    corrupt = shares[3][:10] + bytes([shares[3][10] ^ 1]) + shares[3][11:]
+    with pytest.raises(ValueError, match="inconsistent"):
+        secagg.combine_shares(shares[:3] + [corrupt], 3)
+
+
+@pytest.mark.parametrize("threshold", [1, 0, 6, True])
+def test_split_refuses_thresholds_outside_two_to_n(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        secagg.split_secret(bytes(32), ADDRESSES, threshold)
+
+
+def test_split_refuses_bad_secrets_and_holders():
+    with pytest.raises(ValueError, match="32 bytes"):
+        secagg.split_secret(bytes(16), ADDRESSES, 3)
+    with pytest.raises(ValueError, match="twice"):
+        secagg.split_secret(bytes(32), ADDRESSES + [ADDRESSES[0].lower()], 3)
+    with pytest.raises(ValueError, match="at least 2 holders"):
+        secagg.split_secret(bytes(32), ADDRESSES[:1], 2)
+
+
+# --- sealed messages ----------------------------------------------------------------------------
+
+
+def test_seal_round_trips_and_refuses_any_tampering():
+    key = secagg.shared_key(fixed_key_pair(0).secret, fixed_key_pair(1).public, b"seal")
+    share = secagg.split_secret(bytes(range(32)), ADDRESSES, 3)[ADDRESSES[2]]
+    associated = b"round 7|from 0xab|to 0x4b"
+    sealed = secagg.seal(key, share, associated)
+    assert len(sealed) == 12 + len(share) + 16
+    assert secagg.open_sealed(key, sealed, associated) == share
+    assert secagg.seal(key, share, associated) != sealed  # a fresh nonce every time
+    for position in (0, 12, len(sealed) - 1):  # nonce, ciphertext, tag
+        tampered = bytearray(sealed)
+        tampered[position] ^= 0x80
+        with pytest.raises(ValueError, match="does not authenticate"):
+            secagg.open_sealed(key, bytes(tampered), associated)
+    with pytest.raises(ValueError, match="does not authenticate"):
+        secagg.open_sealed(key, sealed, associated + b"x")
+    with pytest.raises(ValueError, match="does not authenticate"):
+        secagg.open_sealed(bytes(32), sealed, associated)
+    with pytest.raises(ValueError, match="shorter than nonce and tag"):
+        secagg.open_sealed(key, sealed[:27], associated)
+    with pytest.raises(ValueError, match="32 bytes"):
+        secagg.open_sealed(key[:16], sealed, associated)
+    assert secagg.open_sealed(key, secagg.seal(key, b"", b""), b"") == b""
