@@ -5,7 +5,7 @@ mean need every delta at once by nature.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy.linalg.blas import saxpy
@@ -62,6 +62,13 @@ def weighted_mean(deltas: Iterable[tuple[Weights, int]]) -> Weights:
     for t in total.values():
         np.divide(t, np.float32(samples), out=t)
     return total
+
+
+def unit_weights(deltas: Iterable[tuple[Weights, int]]) -> Iterator[tuple[Weights, int]]:
+    """The deltas each with weight 1, whatever their sample counts: `weighted_mean` of them is their
+    plain mean. DP rounds merge so: one client's influence on the sum is bounded by the clip norm
+    only when no client's weight exceeds 1 (a sample count would multiply it)."""
+    return ((delta, 1) for delta, _ in deltas)
 
 
 def _stack(deltas: Sequence[Weights], name: str) -> np.ndarray:

@@ -135,11 +135,12 @@ def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarr
 
 
 def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], method: str = "fedavg",
-              clip_norm: float | None = None, trim_fraction: float = 0.2) -> Weights:
-    """The next base model: base + the merged deltas.
+              clip_norm: float | None = None, trim_fraction: float = 0.2, server_rate: float = 1.0) -> Weights:
+    """The next base model: base + `server_rate` x the merged deltas.
 
     fedavg streams (one delta in memory at a time); median and trimmed_mean hold them all.
-    With `clip_norm`, every delta is first scaled down to at most that L2 norm.
+    With `clip_norm`, every delta is first scaled down to at most that L2 norm. A server rate above
+    1 (a server learning rate, FedOpt's) lengthens the step: DP rounds clip every delta short.
     """
     if method not in agg.AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(agg.AGGREGATIONS)}")
@@ -151,4 +152,6 @@ def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], meth
         collected = [delta for delta, _ in deltas]
         merged = agg.coordinate_median(collected) if method == "median" else \
             agg.trimmed_mean(collected, trim_fraction)
+    if server_rate != 1.0:
+        merged = {name: np.float32(server_rate) * t for name, t in merged.items()}
     return agg.apply_delta(base_weights, merged)

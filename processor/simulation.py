@@ -10,8 +10,9 @@ from typing import Callable
 import numpy as np
 
 from processor import rounds
-from processor.aggregate import apply_delta
+from processor.aggregate import apply_delta, unit_weights
 from processor.evaluation import Evaluation, weighted_mean
+from processor.privacy import PrivacyPlan, privatize
 from processor.tasks import Task
 from processor.training import TrainingSettings
 from processor.weights import Weights
@@ -29,6 +30,8 @@ class SimulationConfig:
     aggregation: str = "fedavg"
     clip_norm: float | None = None
     holdout: bool = False  # each client keeps `Task.device_holdout` of its rows out of training (federated evaluation)
+    privacy: PrivacyPlan = field(default_factory=PrivacyPlan)  # how each client privatizes its delta (none by default)
+    server_rate: float = 1.0  # the server's step: base + this x the merged deltas
 
 
 @dataclass
@@ -100,9 +103,11 @@ def simulate(task: Task, config: SimulationConfig,
                 record.probe_before = task.evaluate(base.weights, px, py, before)["accuracy"]
                 record.probe_after = task.evaluate(apply_delta(base.weights, result.delta), px, py,
                                                    result.private)["accuracy"]
-            updates.append((result.delta, result.num_samples))
+            updates.append((privatize(result.delta, config.privacy), result.num_samples))
             clients.append(record)
-        weights = rounds.aggregate(base.weights, updates, method=config.aggregation, clip_norm=config.clip_norm)
+        merged = unit_weights(updates) if config.privacy.is_dp else updates  # DP rounds: the plain mean
+        weights = rounds.aggregate(base.weights, merged, method=config.aggregation, clip_norm=config.clip_norm,
+                                   server_rate=config.server_rate)
         federated = pooled = None
         if held_out:
             scores = [task.logits(weights, hx, private) for (hx, _), private in zip(held_out, privates)]
