@@ -24,7 +24,25 @@ pragma solidity 0.8.26;
 ///      the CID in storage as well cost 82,600 gas per submission (two fresh slots, the CID decoded
 ///      to its digest) or 147,300 (kept as a string); the floor of this design is one fresh slot
 ///      (22,100) and the round's header (5,000) plus the 21,000 of a transaction.
+///
+///      Secure aggregation. A round whose plan asks for it also carries the messages of its
+///      stages (postRoundMessage): the clients' signed ephemeral keys, the CIDs of their encrypted
+///      secret shares and of their revealed shares, and the organization's rosters. The contract
+///      stores none of them; it checks who may post which kind when, and logs each in one event.
 contract RoundRegistry {
+    /// @notice The messages of a secure-aggregation round, in the order its stages use them.
+    /// @dev Keys, Shares and Reveal come from the round's invited clients, the rosters from the
+    ///      owner. Keys, Shares and the rosters only while the round is open; Reveal only once it
+    ///      is closed and until it is finalized (which clients dropped out is then fixed on chain:
+    ///      those on the mask roster that submitted no update).
+    enum MessageKind {
+        Keys, // a client's ephemeral public keys for the round, signed with its account's key
+        Shares, // CID of a client's Shamir shares of its mask secret, each encrypted to one peer
+        KeyRoster, // the clients whose keys the round uses (packed 20-byte addresses)
+        MaskRoster, // the clients whose shares arrived: they mask against each other and train
+        Reveal // CID of a client's decrypted shares of the mask secrets of the clients that dropped out
+    }
+
     /// @notice A round's header and CIDs.
     /// @dev The first eight fields share one slot: submitUpdate reads and updates only that slot
     ///      (and the round's seed when it invites a share of the clients).
@@ -68,6 +86,8 @@ contract RoundRegistry {
     uint256 public constant MAX_CID_LENGTH = 100;
     /// @notice An invited share of ALL_INVITED basis points invites every enrolled client.
     uint16 public constant ALL_INVITED = 10_000;
+    /// @notice The longest round message: a roster of 200 clients, or keys with their signature.
+    uint256 public constant MAX_MESSAGE_LENGTH = 4_000;
 
     /// @notice The organization: the only account that manages clients and rounds.
     address public immutable owner;
@@ -132,6 +152,12 @@ contract RoundRegistry {
     error TooManySamples(uint256 numSamples, uint256 maxSamples);
     /// @notice maxSamples must be positive.
     error ZeroMaxSamples();
+    /// @notice A round message must not be empty.
+    error EmptyMessage();
+    /// @notice The round message is longer than MAX_MESSAGE_LENGTH.
+    error MessageTooLong(uint256 length, uint256 maxLength);
+    /// @notice This kind of round message cannot be posted in the round's present state.
+    error WrongStage(uint256 round, MessageKind kind);
 
     /// @notice Round `round` started from the model at `baseCid`; it takes updates until `deadline`
     ///         (unix seconds, 0 = none) and is merged from at least `quorum` of them. It invites
@@ -152,6 +178,8 @@ contract RoundRegistry {
     event RoundClosed(uint256 indexed round, uint256 submissionCount);
     /// @notice Round `round` produced the model at `modelCid` from `submissionCount` updates.
     event RoundFinalized(uint256 indexed round, string modelCid, uint256 submissionCount);
+    /// @notice `sender` posted a message of `kind` for round `round`: a stage of secure aggregation.
+    event RoundMessage(uint256 indexed round, address indexed sender, MessageKind kind, bytes payload);
     /// @notice `client` may submit updates from round `fromRound` on.
     event ClientAdded(address indexed client, uint256 fromRound);
     /// @notice `client` may no longer submit updates.
@@ -284,6 +312,27 @@ contract RoundRegistry {
         submitted[msg.sender] = true;
         ++r.submissionCount;
         emit UpdateSubmitted(round, msg.sender, cid, numSamples);
+    }
+
+    /// @notice Posts a message of a secure-aggregation stage of round `round` (see MessageKind for
+    ///         who posts which kind, and when). The contract checks the sender and the stage and
+    ///         logs the message in a RoundMessage event; readers check its content.
+    /// @param round The round's number.
+    /// @param kind What the message is.
+    /// @param payload Its content: keys and signature, a CID, or packed 20-byte addresses.
+    function postRoundMessage(uint256 round, MessageKind kind, bytes calldata payload) external {
+        if (payload.length == 0) revert EmptyMessage();
+        if (payload.length > MAX_MESSAGE_LENGTH) revert MessageTooLong(payload.length, MAX_MESSAGE_LENGTH);
+        Round storage r = _rounds[round];
+        if (r.startBlock == 0 || r.finalized) revert RoundNotOpen(round);
+        bool fromOwner = kind == MessageKind.KeyRoster || kind == MessageKind.MaskRoster;
+        if (fromOwner) {
+            if (msg.sender != owner) revert NotOwner(msg.sender);
+        } else if (!_isEnrolledFor(round, msg.sender) || !_isDrawn(round, msg.sender)) {
+            revert NotInvited(round, msg.sender);
+        }
+        if (kind == MessageKind.Reveal ? !r.closed : (r.closed || _isPastDeadline(r))) revert WrongStage(round, kind);
+        emit RoundMessage(round, msg.sender, kind, payload);
     }
 
     /// @notice Closes the open round to submissions, so that the set the organization merges is

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import enum
 import functools
 import json
 import logging
@@ -221,6 +222,24 @@ class Submission:
     client: str
     cid: str
     num_samples: int
+
+
+class MessageKind(enum.IntEnum):
+    """The contract's MessageKind: the messages of a secure-aggregation round, in stage order."""
+    KEYS = 0  # a client's ephemeral public keys, signed
+    SHARES = 1  # CID of a client's encrypted shares of its mask secret
+    KEY_ROSTER = 2  # from the owner: the clients whose keys the round uses
+    MASK_ROSTER = 3  # from the owner: the clients whose shares arrived, who mask and train
+    REVEAL = 4  # CID of a client's decrypted shares of the dropped clients' mask secrets
+
+
+@dataclass(frozen=True)
+class RoundMessage:
+    """A RoundMessage event: `sender` is the account that sent it (the contract checked its role)."""
+    sender: str
+    kind: MessageKind
+    payload: bytes
+    block_number: int
 
 
 # ---- compiling --------------------------------------------------------------------------------
@@ -687,6 +706,9 @@ class Registry:
     def add_client(self, key: str, address: str) -> TxResult:
         return self._transact(key, "addClient", to_checksum_address(address))
 
+    def post_round_message(self, key: str, round_id: int, kind: MessageKind, payload: bytes) -> TxResult:
+        return self._transact(key, "postRoundMessage", round_id, int(kind), payload)
+
     def remove_client(self, key: str, address: str) -> TxResult:
         return self._transact(key, "removeClient", to_checksum_address(address))
 
@@ -726,6 +748,21 @@ class Registry:
             raise _unavailable(self.w3, exc) from exc
         logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
         return [Submission(log["args"]["client"], log["args"]["cid"], log["args"]["numSamples"]) for log in logs]
+
+    def round_messages(self, info: RoundInfo) -> list[RoundMessage]:
+        """Round `info`'s secure-aggregation messages in the order they were sent (an unknown kind,
+        which this contract cannot log, is skipped)."""
+        if info.start_block == 0:
+            return []
+        try:
+            logs = self.contract.events.RoundMessage().get_logs(
+                from_block=info.start_block, argument_filters={"round": info.round_id})
+        except NODE_ERRORS as exc:
+            raise _unavailable(self.w3, exc) from exc
+        logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
+        return [RoundMessage(log["args"]["sender"], MessageKind(log["args"]["kind"]), bytes(log["args"]["payload"]),
+                             log["blockNumber"])
+                for log in logs if log["args"]["kind"] in MessageKind._value2member_map_]
 
     def emitted(self, raw_log, event: str) -> bool:
         """Whether a raw log is this registry's `event`."""
@@ -770,7 +807,9 @@ class Registry:
         round_id, cid = self._call("latestModel")
         return round_id, cid
 
+    @functools.cached_property
     def owner(self) -> str:
+        """The organization's account (an immutable: asked once)."""
         return self._call("owner")
 
     def events(self, name: str, from_block: int | None = None, to_block: int | str = "latest") -> list[dict]:

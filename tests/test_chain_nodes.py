@@ -93,7 +93,7 @@ def test_contract_deployed_by_truffle_is_driven_by_the_binding(w3, node_url, tmp
     address = chain.find_deployment(w3, tmp_path / "no-record.json", artifact=build_dir / "RoundRegistry.json")
     assert address is not None and address.lower() in done.stdout.lower()
     registry = chain.Registry(w3, address)
-    assert registry.owner() == Account.from_key(ORG_KEY).address and not registry.open_enrolment
+    assert registry.owner == Account.from_key(ORG_KEY).address and not registry.open_enrolment
     registry.add_client(ORG_KEY, CLIENTS[0])
     registry.start_round(ORG_KEY, cid_for("truffle base"))
     registry.submit_update(CLIENT_KEYS[0], 1, cid_for("truffle update"), 42)

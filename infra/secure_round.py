@@ -1,0 +1,182 @@
+"""The messages of a secure-aggregation round, as the chain and IPFS carry them, read and checked.
+
+A secure round's stages (Bonawitz et al. 2017, without self-masks: which clients dropped out is
+decided by the chain, where an update either was submitted before the round closed or was not):
+
+1. every invited client posts two ephemeral X25519 public keys, one to encrypt secret shares and
+   one to agree masks, signed with its account's key (RoundMessage Keys);
+2. the organization posts the key roster: the clients whose keys the round uses;
+3. each client on it splits its mask secret into Shamir shares, one per client on the roster,
+   encrypts each to its holder, adds the file to IPFS and posts its CID (Shares);
+4. the organization posts the mask roster: the clients whose shares arrived;
+5. each client on it trains, quantizes its delta, adds the pairwise masks agreed with every other
+   client on the mask roster, and submits it as its update;
+6. once the round is closed, every client that submitted decrypts its shares of the mask
+   secrets of the clients on the mask roster that submitted nothing, and posts them (Reveal);
+   the organization recovers those secrets from `threshold` reveals and removes their masks.
+
+Every byte read here may come from an attacker: a message that does not parse is ignored, and
+the reason is kept; a sender's first message of each kind is the one that counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_utils import to_checksum_address
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from typing import Annotated
+
+from infra.chain import MessageKind, RoundMessage
+
+KEY_BYTES = 32  # an X25519 public key
+SIGNATURE_BYTES = 65  # r, s, v of an account's signature
+ADDRESS_BYTES = 20
+SHARES_FORMAT = "fl-secagg-shares/1"
+REVEAL_FORMAT = "fl-secagg-reveal/1"
+MAX_FILE_BYTES = 256 * 1024  # a shares or reveal file: about 130 bytes per client on the roster
+MAX_ROSTER = 1000
+
+
+def context(registry_address: str, round_id: int, purpose: str) -> bytes:
+    """What binds a derived key to one registry, one round and one use (masks or share encryption)."""
+    return f"fl-secagg|{purpose}|{to_checksum_address(registry_address)}|{round_id}".encode()
+
+
+def keys_statement(registry_address: str, round_id: int, encryption_key: bytes, mask_key: bytes) -> bytes:
+    """What a client signs when it posts its keys: they are for this round of this registry only."""
+    return context(registry_address, round_id, "keys") + encryption_key + mask_key
+
+
+def signed_keys(account_key: str, registry_address: str, round_id: int, encryption_key: bytes,
+                mask_key: bytes) -> bytes:
+    """A Keys message: both public keys and the account's signature (EIP-191) over their statement."""
+    statement = keys_statement(registry_address, round_id, encryption_key, mask_key)
+    signature = Account.sign_message(encode_defunct(primitive=statement), private_key=account_key).signature
+    return encryption_key + mask_key + bytes(signature)
+
+
+@dataclass(frozen=True)
+class PostedKeys:
+    encryption: bytes  # X25519 public key the client's shares are encrypted to
+    mask: bytes  # X25519 public key its pairwise masks are agreed with
+
+
+def read_keys(payload: bytes, sender: str, registry_address: str, round_id: int) -> PostedKeys:
+    """The keys of a Keys message; ValueError when it is malformed or not signed by `sender`."""
+    if len(payload) != 2 * KEY_BYTES + SIGNATURE_BYTES:
+        raise ValueError(f"a keys message is {2 * KEY_BYTES + SIGNATURE_BYTES} bytes, this one {len(payload)}")
+    encryption, mask = payload[:KEY_BYTES], payload[KEY_BYTES:2 * KEY_BYTES]
+    statement = keys_statement(registry_address, round_id, encryption, mask)
+    try:
+        signer = Account.recover_message(encode_defunct(primitive=statement), signature=payload[2 * KEY_BYTES:])
+    except Exception as exc:  # eth-keys raises several kinds for a malformed signature
+        raise ValueError(f"the keys' signature is malformed ({type(exc).__name__})") from exc
+    if signer.lower() != sender.lower():
+        raise ValueError(f"the keys are signed by {signer}, not by their sender {sender}")
+    if encryption == mask:
+        raise ValueError("the encryption and mask keys are the same key")
+    return PostedKeys(encryption, mask)
+
+
+def pack_roster(addresses: list[str]) -> bytes:
+    """A roster message: the addresses, sorted, 20 bytes each."""
+    return b"".join(bytes.fromhex(to_checksum_address(a)[2:]) for a in sorted(addresses, key=str.lower))
+
+
+def read_roster(payload: bytes) -> list[str]:
+    """The addresses of a roster message; ValueError when it is malformed."""
+    if len(payload) % ADDRESS_BYTES or not payload:
+        raise ValueError(f"a roster is a whole number of {ADDRESS_BYTES}-byte addresses, this one {len(payload)} bytes")
+    addresses = [to_checksum_address(payload[i:i + ADDRESS_BYTES]) for i in range(0, len(payload), ADDRESS_BYTES)]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("a roster names a client twice")
+    return addresses
+
+
+@dataclass
+class SecureRoundView:
+    """What a round's messages say: each sender's first message of each kind that parses."""
+    keys: dict[str, PostedKeys] = field(default_factory=dict)
+    shares: dict[str, str] = field(default_factory=dict)  # client -> CID of its encrypted shares
+    reveals: dict[str, str] = field(default_factory=dict)  # client -> CID of its revealed shares
+    key_roster: list[str] | None = None
+    mask_roster: list[str] | None = None
+    key_roster_block: int = 0
+    mask_roster_block: int = 0
+    ignored: list[str] = field(default_factory=list)  # why messages were not taken
+
+    @classmethod
+    def read(cls, messages: list[RoundMessage], owner: str, registry_address: str, round_id: int) -> "SecureRoundView":
+        view = cls()
+        for message in messages:
+            sender = to_checksum_address(message.sender)
+            try:
+                view._take(message, sender, owner, registry_address, round_id)
+            except ValueError as exc:
+                view.ignored.append(f"{message.kind.name.lower()} from {sender}: {exc}")
+        return view
+
+    def _take(self, message: RoundMessage, sender: str, owner: str, registry_address: str, round_id: int) -> None:
+        kind = message.kind
+        if kind in (MessageKind.KEY_ROSTER, MessageKind.MASK_ROSTER):
+            if sender.lower() != owner.lower():  # the contract allows none: a different contract's log
+                raise ValueError("a roster not from the organization")
+            attribute = "key_roster" if kind == MessageKind.KEY_ROSTER else "mask_roster"
+            if getattr(self, attribute) is None:
+                setattr(self, attribute, read_roster(message.payload))
+                setattr(self, f"{attribute}_block", message.block_number)
+        elif kind == MessageKind.KEYS:
+            if sender not in self.keys:
+                self.keys[sender] = read_keys(message.payload, sender, registry_address, round_id)
+        else:
+            posted = self.shares if kind == MessageKind.SHARES else self.reveals
+            if sender not in posted:
+                posted[sender] = read_cid(message.payload)
+
+    def dropped(self, submitted: set[str]) -> list[str]:
+        """The clients on the mask roster that submitted no update (checksummed addresses in `submitted`)."""
+        return [c for c in self.mask_roster or [] if c not in submitted]
+
+
+def read_cid(payload: bytes) -> str:
+    """A CID posted as a message; ValueError for anything that is not a short ASCII word."""
+    if len(payload) > 100 or not payload.isascii() or not payload.isalnum():
+        raise ValueError("not a CID")
+    return payload.decode()
+
+
+Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+HexBlob = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{2,512}$")]
+
+
+class _SharesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: str
+    round: int = Field(ge=1)
+    client: Address
+    shares: dict[Address, HexBlob] = Field(max_length=MAX_ROSTER)
+
+
+def encode_shares_file(kind_format: str, round_id: int, client: str, shares: dict[str, bytes]) -> bytes:
+    """A shares file (SHARES_FORMAT: each share encrypted to its holder) or a reveal file
+    (REVEAL_FORMAT: the shares of dropped clients' secrets this client held, decrypted), as JSON."""
+    return orjson.dumps({"format": kind_format, "round": round_id, "client": to_checksum_address(client),
+                         "shares": {to_checksum_address(a): blob.hex() for a, blob in sorted(shares.items())}})
+
+
+def decode_shares_file(data: bytes, kind_format: str, round_id: int, client: str) -> dict[str, bytes]:
+    """The shares of a file `client` posted for round `round_id`, by holder (or by dropped client);
+    ValueError when the bytes are not such a file."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"the file is {len(data)} bytes, more than {MAX_FILE_BYTES}")
+    try:
+        parsed = _SharesFile.model_validate(orjson.loads(data))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"not a shares file: {str(exc).splitlines()[0]}") from exc
+    if parsed.format != kind_format or parsed.round != round_id or parsed.client.lower() != client.lower():
+        raise ValueError(f"the file is a {parsed.format!r} of {parsed.client} for round {parsed.round}, not a "
+                         f"{kind_format!r} of {client} for round {round_id}")
+    return {to_checksum_address(a): bytes.fromhex(blob) for a, blob in parsed.shares.items()}

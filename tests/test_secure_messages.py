@@ -1,0 +1,114 @@
+"""The secure-aggregation stages' messages: who the contract lets post what when, and how the
+message layer (infra.secure_round) reads keys, rosters and share files written by an attacker."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from infra import chain
+from infra.chain import MessageKind
+from infra.secure_round import (
+    REVEAL_FORMAT,
+    SHARES_FORMAT,
+    SecureRoundView,
+    decode_shares_file,
+    encode_shares_file,
+    pack_roster,
+    read_keys,
+    read_roster,
+    signed_keys,
+)
+from processor import secagg
+from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, cid_for, expect_revert
+
+
+@pytest.fixture(scope="module")
+def w3():
+    return chain.connect(chain.EMBEDDED)
+
+
+@pytest.fixture()
+def registry(w3) -> chain.Registry:
+    """Clients 0-2 enrolled, round 1 open."""
+    registry = chain.deploy_registry(w3, ORG_KEY)
+    for address in CLIENTS[:3]:
+        registry.add_client(ORG_KEY, address)
+    registry.start_round(ORG_KEY, cid_for("base"))
+    return registry
+
+
+def keys_of(registry: chain.Registry, k: int, round_id: int = 1) -> tuple[bytes, secagg.KeyPair, secagg.KeyPair]:
+    encryption, mask = secagg.new_key_pair(), secagg.new_key_pair()
+    return signed_keys(CLIENT_KEYS[k], registry.address, round_id, encryption.public, mask.public), encryption, mask
+
+
+def test_each_kind_of_message_is_allowed_only_to_its_sender_and_stage(registry):
+    payload, _, _ = keys_of(registry, 0)
+    registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.KEYS, payload)
+    expect_revert("NotInvited", lambda: registry.post_round_message(CLIENT_KEYS[5], 1, MessageKind.KEYS, payload))
+    expect_revert("NotOwner", lambda: registry.post_round_message(
+        CLIENT_KEYS[0], 1, MessageKind.KEY_ROSTER, pack_roster(CLIENTS[:2])))
+    expect_revert("EmptyMessage", lambda: registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.SHARES, b""))
+    expect_revert("MessageTooLong", lambda: registry.post_round_message(
+        CLIENT_KEYS[0], 1, MessageKind.SHARES, bytes(4001)))
+    expect_revert("RoundNotOpen", lambda: registry.post_round_message(CLIENT_KEYS[0], 2, MessageKind.KEYS, payload))
+    # a reveal before the round closes would hand out a secret while its owner may still submit
+    expect_revert("WrongStage", lambda: registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.REVEAL, b"bafy"))
+    registry.post_round_message(ORG_KEY, 1, MessageKind.KEY_ROSTER, pack_roster(CLIENTS[:2]))
+    registry.submit_update(CLIENT_KEYS[0], 1, cid_for("masked"), 5)
+    registry.close_round(ORG_KEY, 1)
+    expect_revert("WrongStage", lambda: registry.post_round_message(CLIENT_KEYS[1], 1, MessageKind.KEYS, payload))
+    expect_revert("WrongStage", lambda: registry.post_round_message(
+        ORG_KEY, 1, MessageKind.MASK_ROSTER, pack_roster(CLIENTS[:2])))
+    registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.REVEAL, cid_for("reveal").encode())
+    registry.finalize_round(ORG_KEY, 1, cid_for("model"))
+    expect_revert("RoundNotOpen", lambda: registry.post_round_message(
+        CLIENT_KEYS[0], 1, MessageKind.REVEAL, cid_for("reveal").encode()))
+    kinds = [(m.sender, m.kind) for m in registry.round_messages(registry.round(1))]
+    assert kinds == [(CLIENTS[0], MessageKind.KEYS), (registry.owner, MessageKind.KEY_ROSTER),
+                     (CLIENTS[0], MessageKind.REVEAL)]
+
+
+def test_the_view_takes_each_senders_first_valid_message_and_says_why_others_are_ignored(registry):
+    first, encryption, mask = keys_of(registry, 0)
+    second, _, _ = keys_of(registry, 0)
+    forged, _, _ = keys_of(registry, 2)  # client 2's signature, posted by client 1
+    other_round, _, _ = keys_of(registry, 1, round_id=7)
+    for key, payload in ((CLIENT_KEYS[0], first), (CLIENT_KEYS[0], second), (CLIENT_KEYS[1], forged),
+                         (CLIENT_KEYS[1], other_round), (CLIENT_KEYS[1], b"\x01" * 129)):
+        registry.post_round_message(key, 1, MessageKind.KEYS, payload)
+    registry.post_round_message(CLIENT_KEYS[2], 1, MessageKind.SHARES, b"not a cid!")
+    registry.post_round_message(CLIENT_KEYS[2], 1, MessageKind.SHARES, cid_for("shares").encode())
+    registry.post_round_message(ORG_KEY, 1, MessageKind.KEY_ROSTER, pack_roster([CLIENTS[0]]))
+    view = SecureRoundView.read(registry.round_messages(registry.round(1)), registry.owner, registry.address, 1)
+    assert view.keys == {CLIENTS[0]: read_keys(first, CLIENTS[0], registry.address, 1)}
+    assert view.keys[CLIENTS[0]].mask == mask.public and view.keys[CLIENTS[0]].encryption == encryption.public
+    assert view.shares == {CLIENTS[2]: cid_for("shares")}
+    assert view.key_roster == [CLIENTS[0]] and view.mask_roster is None
+    # client 1's three: another's signature, a signature for round 7, and bytes that are no signature
+    ignored_keys = [reason for reason in view.ignored if reason.startswith(f"keys from {CLIENTS[1]}")]
+    assert len(ignored_keys) == 3
+    assert sum(f"not by their sender {CLIENTS[1]}" in reason for reason in ignored_keys) >= 2
+    assert any(reason.startswith(f"shares from {CLIENTS[2]}: not a CID") for reason in view.ignored)
+    assert view.dropped({CLIENTS[0]}) == []
+
+
+def test_rosters_and_share_files_refuse_malformed_bytes():
+    assert read_roster(pack_roster(list(reversed(CLIENTS[:3])))) == sorted(CLIENTS[:3], key=str.lower)
+    for bad in (b"", bytes(19), pack_roster(CLIENTS[:1]) * 2):
+        with pytest.raises(ValueError):
+            read_roster(bad)
+    shares = {CLIENTS[1]: b"\x01\x02", CLIENTS[2]: b"\xff"}
+    data = encode_shares_file(SHARES_FORMAT, 3, CLIENTS[0], shares)
+    assert decode_shares_file(data, SHARES_FORMAT, 3, CLIENTS[0]) == shares
+    hostile = [data[:-1], b"[" * 5000, orjson.dumps({"format": SHARES_FORMAT, "round": 3, "client": CLIENTS[0],
+                                                     "shares": {CLIENTS[1]: "zz"}}),
+               orjson.dumps({"format": SHARES_FORMAT, "round": 3, "client": CLIENTS[0], "shares": {}, "x": 1}),
+               b" " * 300_000]
+    for bad in hostile:
+        with pytest.raises(ValueError):
+            decode_shares_file(bad, SHARES_FORMAT, 3, CLIENTS[0])
+    for fmt, round_id, client in ((REVEAL_FORMAT, 3, CLIENTS[0]), (SHARES_FORMAT, 4, CLIENTS[0]),
+                                  (SHARES_FORMAT, 3, CLIENTS[1])):
+        with pytest.raises(ValueError, match="not a"):
+            decode_shares_file(data, fmt, round_id, client)
