@@ -295,16 +295,18 @@ class EmbeddedSystem:
     store: ipfs.ContentStore
 
 
-def embedded_system(state_dir: Path, org_config, client_configs: Sequence = (), registry=None) -> EmbeddedSystem:
+def embedded_system(state_dir: Path, org_config, client_configs: Sequence = (), registry=None,
+                    chain_url: str = EMBEDDED, ipfs_api: str = EMBEDDED) -> EmbeddedSystem:
     """The organization's app (`org_config`) and a client app per ClientConfig, sharing the embedded
-    chain and a store under `state_dir`; with `registry`, an already deployed contract."""
+    chain and a store under `state_dir` (or the chain node and IPFS node at `chain_url` and
+    `ipfs_api`); with `registry`, an already deployed contract."""
     import client
     import organization
 
-    settings = Settings.from_env(state_dir=state_dir, chain_url=EMBEDDED, ipfs_api=EMBEDDED,
+    settings = Settings.from_env(state_dir=state_dir, chain_url=chain_url, ipfs_api=ipfs_api,
                                  contract_record=state_dir / "deployments.json")
-    w3 = chain.connect(EMBEDDED)
-    store = ipfs.open_store(EMBEDDED, state_dir)
+    w3 = chain.connect(chain_url)
+    store = ipfs.open_store(ipfs_api, state_dir)
     shared = {"SETTINGS": settings, "W3": w3, "STORE": store, **({"REGISTRY": registry} if registry else {})}
     org = organization.create_app({**shared, "ORG_CONFIG": org_config})
     clients = [client.create_app({**shared, "CLIENT_CONFIG": config}) for config in client_configs]

@@ -130,8 +130,11 @@ def wait_for(what: str, condition, processes: list[ManagedProcess], timeout: flo
         time.sleep(0.5)
 
 
-def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str = "ganache") -> dict:
-    """One run of `rounds` rounds with `count` clients on a `node` chain (ganache, anvil); its figures."""
+def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str = "ganache",
+        app_flags: tuple[str, ...] = (), measure_more=None) -> dict:
+    """One run of `rounds` rounds with `count` clients on a `node` chain (ganache, anvil); its figures.
+    `app_flags` go to the organization's `run.py app`; `measure_more(registry, store)`, called while
+    the chain and IPFS still run, adds its own figures."""
     chain_url, ipfs_api = f"http://127.0.0.1:{ports['chain']}", f"http://127.0.0.1:{ports['ipfs']}"
     record, logs = folder / "deployments.json", folder / "logs"
     env = {"FL_CHAIN_URL": chain_url, "FL_IPFS_API": ipfs_api, "FL_CONTRACT_RECORD": str(record),
@@ -142,7 +145,7 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str 
         stack.enter_context(ipfs.IPFSDaemon.for_api(ipfs_api, repo_dir=folder / "ipfs", log_path=logs / "ipfs.log"))
         org = ManagedProcess("organization", run_py(
             "app", "--task", "mnist", "--rounds", str(rounds), "--quorum", str(count), "--round-seconds",
-            str(ROUND_SECONDS), "--port", str(ports["org"])), lambda: port_listens(ports["org"]),
+            str(ROUND_SECONDS), "--port", str(ports["org"]), *app_flags), lambda: port_listens(ports["org"]),
             log_path=logs / "organization.log", env=env, cwd=REPO_ROOT, ready_timeout=600)
         stack.callback(org.stop)
         clients = ManagedProcess("clients", run_py("clients", "--count", str(count), "--task", "mnist", "--port",
@@ -167,6 +170,7 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str 
         entries = json.loads(history.read_text())
         gas = [w3.eth.get_transaction_receipt(event["tx_hash"])["gasUsed"]
                for event in registry.events("UpdateSubmitted")]
+        more = measure_more(registry, ipfs.open_store(ipfs_api, folder)) if measure_more else {}
     opened = [entries["first_opening_sent_at"]] + [entries["rounds"][str(r)]["next_opening_sent_at"]
                                                    for r in range(1, rounds + 1)]
     seconds = [round(b - a, 2) for a, b in zip(opened, opened[1:])]
@@ -183,7 +187,7 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str 
                "device_seconds_per_round": device_seconds(folder, later),
                "peak_mb_by_process": {name: round(mb) for name, mb in processes.peak_by_process.items()}}
     log(f"{count} clients: {figures}; {json.dumps(details)}")
-    return {**figures, "gas": max(gas), "details": details}
+    return {**figures, "gas": max(gas), "details": details, **more}
 
 
 def flower_deployment_ratio() -> dict:

@@ -48,8 +48,22 @@ class ClientAgent:
         append_json_line(self.activity_path, self.last_event)
 
     def look(self, logs: list | None) -> None:
-        """What the watcher calls: `logs` are the RoundStarted logs pushed, None for a look at the chain."""
+        """What the watcher calls: `logs` are the logs pushed, None for a look at the chain. Other
+        clients' secure-round messages call for no look: only the organization's rosters move a
+        client's stage on."""
+        if logs and all(self._is_clients_message(log) for log in logs):
+            return
         self.check_round(self._announced(logs))
+
+    def _is_clients_message(self, raw_log) -> bool:
+        try:
+            registry = self.service.registry
+        except ActionError:
+            return False
+        if not registry.emitted(raw_log, "RoundMessage"):
+            return False
+        sender = "0x" + bytes(raw_log["topics"][2])[-20:].hex()
+        return sender.lower() != registry.owner.lower()
 
     def done_with(self, round_id: int) -> bool:
         """Whether round `round_id` has had its outcome for this client (learnt from the chain)."""
@@ -97,7 +111,11 @@ class ClientAgent:
             if round_id not in self._finished_rounds:  # after a restart, or a submission made by hand
                 self._finished_rounds.add(round_id)
                 self._record(round_id, "already_submitted")
-            self.state = f"submitted to round {round_id}; waiting for the next round"
+            party = self.service.secure_party
+            if party is not None and party.round_id == round_id and not party.revealed and not opened.open:
+                self._reveal(round_id)
+            else:
+                self.state = f"submitted to round {round_id}; waiting for the next round"
         elif round_id in self._finished_rounds:
             self.state = f"done with round {round_id}; waiting for the next round"
         elif not opened.invited:
@@ -136,15 +154,38 @@ class ClientAgent:
             self._record(round_id, "failed", reason=describe_error(exc))
             raise
         else:
+            result = job.result
+            if "waiting" in result:  # a secure round's next stage is not there yet: the next look goes on
+                self.state = f"round {round_id}: waiting for {result['waiting']}"
+                return
             self._finished_rounds.add(round_id)
-            self._record(round_id, "submitted", cid=job.result["cid"], tx=job.result["tx"],
-                         seconds=job.result["seconds"])  # where the device's time went: chain, ipfs, training...
+            if "left_out" in result:
+                self._record(round_id, "left_out", reason=result["left_out"])
+                self.state = f"round {round_id}: left out: {result['left_out']}"
+                return
+            self._record(round_id, "submitted", cid=result["cid"], tx=result["tx"],
+                         seconds=result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
+
+    def _reveal(self, round_id: int) -> None:
+        """A secure round this client submitted to is closed: reveal what the merge needs of the clients
+        that dropped out."""
+        try:
+            job = self.jobs.start("reveal", lambda job: self.service.reveal(round_id), wait=True)
+        except ActionError as exc:
+            if exc.status >= 500:
+                raise
+            self.state = f"round {round_id}: {exc}"
+            return
+        revealed = job.result["revealed_for"]
+        self._record(round_id, "revealed", dropped=revealed)
+        self.state = (f"round {round_id}: revealed shares for the {len(revealed)} clients that dropped out"
+                      if revealed else f"submitted to round {round_id}; waiting for the next round")
 
 
 class AgentWatcher:
-    """One BlockWatcher for any number of agents on one chain connection: woken by a round's opening
-    only (the other clients' submissions do not concern them), it hands every look to each agent,
+    """One BlockWatcher for any number of agents on one chain connection: woken by a round's opening,
+    its closing and its secure-aggregation messages (the other clients' submissions do not concern them), it hands every look to each agent,
     up to `parallel` at a time. Their training takes turns on the process's one model (the task's
     lock); their IPFS and chain calls overlap it. A hundred agents thus cost one subscription."""
 
@@ -154,7 +195,7 @@ class AgentWatcher:
         self._failed: list[ClientAgent] = []  # the agents whose last look failed
         self._watcher = chain.BlockWatcher("client-agents", agents[0].service.w3, self._look, self._waiting,
                                            poll_seconds, RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
-                                           chain.event_topics("RoundStarted"))
+                                           chain.event_topics("RoundStarted", "RoundMessage", "RoundClosed"))
 
     def start(self) -> "AgentWatcher":
         self._watcher.start()

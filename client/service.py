@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from eth_account import Account
 
+from client import secure_round
 from infra import chain, ipfs
 from infra.files import write_atomically
 from infra.settings import Settings
@@ -30,7 +31,7 @@ from infra.webapp import (
     retrying,
     store_status,
 )
-from processor import codec, rounds
+from processor import codec, privacy, rounds, secure_sum
 from processor.device_data import read_device_data
 from processor.evaluation import Evaluation, majority_baseline
 from processor.tasks import get_task
@@ -115,6 +116,7 @@ class ClientService:
         self.last_tx: dict[str, Any] | None = None
         self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
         self.agent = None  # the ClientAgent, when this device takes part by itself
+        self.secure_party: secure_round.SecureParty | None = None  # its secrets in the current secure round
 
     def _load_private(self) -> dict:
         """The private tensors this device saved, or zero ones (users it has not trained yet) when
@@ -320,16 +322,86 @@ class ClientService:
     def participate(self, job: Job | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
         """Pull, train and publish; a failure at any step publishes nothing. `opened`: the round as
         the caller just read it, open and not yet submitted to (the contract still refuses a second
-        submission)."""
+        submission). In a secure round, take its stages as far as they can go now: the result
+        says what it waits for ("waiting") or why this client is left out ("left_out")."""
         timer = PhaseTimer()
         with timer.phase("chain"):  # read once for all three steps
             opened = opened or self._unsubmitted_round()
-        for step, action in (("pull", lambda: self.pull(timer, opened)), ("train", lambda: self.train(job, timer)),
-                             ("publish", lambda: self.publish(timer, opened))):
+        if job is not None:
+            job.step = "pull"
+        self.pull(timer, opened)
+        if self.base.privacy.secure_aggregation:
+            return {**self._secure_step(job, timer, opened), "seconds": timer.as_dict()}
+        for step, action in (("train", lambda: self.train(job, timer)), ("publish", lambda: self.publish(timer, opened))):
             if job is not None:
                 job.step = step
             result = action()
         return {**result, **(self._trained_view() or {}), "seconds": timer.as_dict()}
+
+    def _secure_step(self, job: Job | None, timer: PhaseTimer, opened: chain.ClientRound) -> dict[str, Any]:
+        registry, me, round_id = self.registry, self.address, opened.round_id
+        party = self.secure_party
+        if party is None or (party.round_id, party.base_cid) != (round_id, opened.base_cid):
+            party = self.secure_party = secure_round.SecureParty(round_id, opened.base_cid)
+        plan = self.base.privacy
+        with timer.phase("chain"):
+            view = secure_round.read_view(registry, registry.round(round_id))
+        if me not in view.keys:
+            if job is not None:
+                job.step = "keys"
+            with timer.phase("chain"):
+                secure_round.post_keys(registry, self.key, party)
+        elif (view.keys[me].encryption, view.keys[me].mask) != (party.encryption.public, party.mask.public):
+            return {"round": round_id, "left_out": "this client's keys for the round are not the ones it holds "
+                                                   "(it restarted after posting them)"}
+        if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
+            if job is not None:
+                job.step = "train"
+            self.train(job, timer)  # while the other clients post their keys
+        problem = secure_round.roster_problem(view, me, plan.threshold)
+        if problem:
+            return {"round": round_id, "left_out": problem}
+        if view.key_roster is None:
+            return {"round": round_id, "waiting": "the organization's key roster"}
+        if me not in view.shares:
+            if job is not None:
+                job.step = "shares"
+            with timer.phase("ipfs"):
+                secure_round.post_shares(registry, self.store, self.key, me, party, view, plan.threshold)
+        if view.mask_roster is None:
+            return {"round": round_id, "waiting": "the organization's mask roster"}
+        if job is not None:
+            job.step = "publish"
+        with self._lock:
+            result = self.trained.result
+            bound = secure_sum.quantization_bound(plan.clip_norm, privacy.client_noise_std(plan))
+            with timer.phase("encoding"):  # the delta is privatized already (train)
+                data = secure_round.masked_update(registry, self.task, party, me, view, result.delta, bound,
+                                                  result.num_samples)
+            with timer.phase("ipfs"):
+                cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
+            with timer.phase("chain"):
+                tx = registry.submit_update(self.key, round_id, cid, result.num_samples)
+            party.submitted = True
+            self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,
+                            "gas": tx.gas_used, "bytes": len(data), "masked": True}
+        log.info("client %d: published its masked update %s to round %d", self.config.client_id, cid, round_id)
+        return {**self.last_tx, **(self._trained_view() or {})}
+
+    def reveal(self, round_id: int) -> dict[str, Any]:
+        """After a secure round this client submitted to has closed: reveal its shares of the mask
+        secrets of the clients that dropped out (none when none did)."""
+        party = self.secure_party
+        if party is None or party.round_id != round_id or not party.submitted:
+            raise ActionError(f"this client holds no secrets of round {round_id} to reveal", 409)
+        registry = self.registry
+        info = registry.round(round_id)
+        if not info.closed or info.finalized:
+            raise ActionError(f"round {round_id} is {'finalized' if info.finalized else 'still open'}: "
+                              "shares are revealed only between its closing and its merge", 409)
+        revealed = secure_round.reveal(registry, self.store, self.key, self.address, party, info,
+                                       self.settings.timeout)
+        return {"round": round_id, "revealed_for": revealed}
 
 
 # The actions a device's page and API both offer: name -> what the job does with the service.

@@ -12,7 +12,7 @@ import logging
 
 from infra import chain
 from infra.webapp import describe_error
-from organization.service import OrganizationService
+from organization.service import OrganizationService, RoundWaiting
 
 log = logging.getLogger("organization.runner")
 POLL_SECONDS = 0.1  # between looks at the block number where no blocks are pushed (the embedded chain)
@@ -34,7 +34,7 @@ class RoundRunner:
         # Its own transactions call for no look; the recheck catches deadlines and actions by hand.
         self._watcher = chain.BlockWatcher("round-runner", service.w3, self.step, self._waiting, poll_seconds,
                                            RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
-                                           chain.event_topics("UpdateSubmitted", "ClientAdded"))
+                                           chain.event_topics("UpdateSubmitted", "ClientAdded", "RoundMessage"))
         self.finished = self._watcher.done
 
     def start(self) -> "RoundRunner":
@@ -105,21 +105,24 @@ class RoundRunner:
             service.start_first_round()
             return False
         if info.closed and not info.finalized and info.submissions >= info.quorum:  # left half done by a crash
-            service.aggregate(current)
-            self._current = current + 1  # finalizing opened the next round
-            return False
+            return self._merge(current)  # or a secure round waiting for revealed shares
+        secure = service.config.privacy.secure_aggregation
+        waits_for = service.advance_secure_round(info) if secure and not info.past_deadline(service.clock()) else None
         expected = service.expected_submissions(info)
         everyone_in = expected is not None and info.submissions >= max(expected, 1)
         past_deadline = info.past_deadline(service.clock() - DEADLINE_MARGIN_SECONDS)
         if info.submissions >= info.quorum and (everyone_in or past_deadline):
             self.state = f"merging round {current} ({info.submissions} of {expected or '?'} updates)"
-            service.aggregate(current)
-            self._current = current + 1  # finalizing opened the next round
+            return self._merge(current)
         elif past_deadline:
             self.state = (f"restarting round {current}: {info.submissions} of its quorum of {info.quorum} "
                           "by its deadline")
             service.restart(current)
             self._current = current + 1  # so did restarting
+        elif waits_for is not None and expected is None:
+            self.state = f"round {current} (secure): waiting for {waits_for}"
+            self._deadline = info.deadline
+            self._look_at_deadline()
         else:
             self.state = (f"round {current}: {info.submissions} of {expected if expected is not None else '?'} "
                           f"invited clients have submitted (quorum {info.quorum})")
@@ -127,6 +130,15 @@ class RoundRunner:
                 self._updates_awaited = expected - info.submissions
             self._deadline = info.deadline
             self._look_at_deadline()
+        return False
+
+    def _merge(self, current: int) -> bool:
+        try:
+            self.service.aggregate(current)
+        except RoundWaiting as exc:  # the reveals wake the runner; the recheck ends the wait
+            self.state = str(exc)
+            return False
+        self._current = current + 1  # finalizing opened the next round
         return False
 
     def _look_at_deadline(self) -> None:

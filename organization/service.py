@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
+from eth_utils import to_checksum_address
 
 from infra import chain, ipfs
 from infra.settings import Settings
@@ -29,10 +30,12 @@ from infra.webapp import (
     retrying,
     store_status,
 )
+from infra.secure_round import MAX_FILE_BYTES as MAX_REVEAL_BYTES
+from organization import secure_round
 from organization.guide import organization_guide
-from processor import codec, rounds
+from processor import codec, privacy, rounds, secure_sum
 from processor.evaluation import weighted_mean
-from processor.screen import MergePolicy, Received, merge_round
+from processor.screen import MergePolicy, Received, RoundMerge, merge_round
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
@@ -59,7 +62,14 @@ class OrganizationConfig:
     max_samples: int = chain.DEFAULT_MAX_SAMPLES  # the contract's cap on a submission's sample count
     rules: chain.RoundRules = field(default_factory=chain.RoundRules)  # every round's deadline, quorum, invitations
     rounds: int = 0  # rounds to run by itself (organization.runner); 0: only when asked (buttons, API)
+    # a secure round's key and share stages end when every client expected has posted, or after this
+    # long; so does its wait for the dropped clients' revealed shares
+    stage_seconds: float = 10.0
     target_accuracy: float | None = None  # running by itself, stop once the merged model's test accuracy reaches it
+
+
+class RoundWaiting(ActionError):
+    """The round cannot be merged yet: a secure round's dropped clients' shares may still be revealed."""
 
 
 def history_path(state_dir: Path, registry_address: str) -> Path:
@@ -94,6 +104,7 @@ class OrganizationService:
         self._prefetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
+        self._reveals_awaited_since: dict[int, float] = {}  # secure rounds waiting for revealed shares
 
     # ---- state -------------------------------------------------------------------------
 
@@ -161,9 +172,23 @@ class OrganizationService:
         }
 
     def expected_submissions(self, info: chain.RoundInfo) -> int | None:
-        """How many clients round `info` invites; None under open enrolment, where anyone may take part."""
+        """How many clients round `info` invites; None under open enrolment, where anyone may take part.
+        A secure round expects the clients of its mask roster (None until it is posted)."""
+        if self.config.privacy.secure_aggregation:
+            roster = secure_round.read_view(self.require_registry(), info).mask_roster
+            return None if roster is None else len(roster)
         invited = self.invited_clients(info)
         return None if invited is None else len(invited)
+
+    def advance_secure_round(self, info: chain.RoundInfo) -> str:
+        """Post the open secure round's next roster when its stage is over; what the round waits for."""
+        invited = self.invited_clients(info)
+        if invited is None:
+            raise ActionError("secure aggregation needs the allowlist: under open enrolment no roster of "
+                              "expected clients exists", 409)
+        with self._lock:
+            return secure_round.post_rosters(self.require_registry(), self.key, info, invited,
+                                             self.config.privacy.threshold, self.config.stage_seconds, self.clock())
 
     def invited_clients(self, info: chain.RoundInfo) -> list[str] | None:
         """The clients round `info` invites: enrolled before it opened and drawn by its seed; None
@@ -406,7 +431,10 @@ class OrganizationService:
         with timer.phase("ipfs"):
             received = self._fetch_updates(submissions)
         with timer.phase("aggregation"):
-            merge = merge_round(self.task, base_weights, received, round_id, info.base_cid, self.config.merge)
+            if self.config.privacy.secure_aggregation:
+                merge = self._merge_secure(registry, info, base_weights, received)
+            else:
+                merge = merge_round(self.task, base_weights, received, round_id, info.base_cid, self.config.merge)
         verdicts = {client: verdict.as_dict() for client, verdict in merge.verdicts.items()}
         for client, verdict in verdicts.items():
             if not verdict["accepted"]:
@@ -423,6 +451,24 @@ class OrganizationService:
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
                 "federated_base": weighted_mean(merge.evaluations())}
+
+    def _merge_secure(self, registry: chain.Registry, info: chain.RoundInfo, base_weights,
+                      received: list[Received]) -> RoundMerge:
+        """The secure round's merge; RoundWaiting while the dropped clients' shares may still be revealed."""
+        round_id, plan = info.round_id, self.config.privacy
+        view = secure_round.read_view(registry, info)
+        survivors = [to_checksum_address(r.client) for r in received]
+        reveals = secure_round.read_reveals(view, survivors, round_id, lambda cid: self.store.get(
+            cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
+        since = self._reveals_awaited_since.setdefault(round_id, self.clock())
+        result = secure_round.merge_secure_round(
+            self.task, base_weights, received, view, round_id, info.base_cid, registry.address, plan.threshold,
+            secure_sum.quantization_bound(plan.clip_norm, privacy.client_noise_std(plan)), reveals,
+            reveal_window_over=self.clock() >= since + self.config.stage_seconds)
+        if result.waiting:
+            raise RoundWaiting(f"round {round_id} waits for {result.waiting}")
+        self._reveals_awaited_since.pop(round_id, None)
+        return result.merge
 
     @property
     def _update_timeout(self) -> float:

@@ -23,7 +23,8 @@ from processor.weights import Weights, is_private
 FORMAT = "fl-ipfs/1"
 STORED_DTYPES = {"float32": np.float32, "float16": np.float16}  # of deltas and of the Fisher
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-FILE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}  # safetensors is little-endian
+# safetensors is little-endian; U32 holds a masked update's field elements (processor.secagg)
+FILE_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "U32": np.dtype("<u4")}
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -200,6 +201,8 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, .
     (header_size,) = struct.unpack("<Q", data[:8])
     tensors = _tensor_views(data, header_size, table)
     for name, tensor in tensors.items():
+        if tensor.dtype.kind == "u":  # field elements: every value is one
+            continue
         if tensor.dtype != np.float32:
             # float16 has no BLAS: its dot is a slow loop (50x float32's) that overflows at once, and
             # then the elementwise check runs too; one measured round spent 0.23 s validating its 5
@@ -257,6 +260,30 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
     if expected_base_cid is not None and fields.base_cid != expected_base_cid:
         raise CodecError(f"the update was trained from base {fields.base_cid}, expected {expected_base_cid}")
     return {n: tensors[f"delta/{n}"] for n in task.spec}, metadata
+
+
+def encode_masked_delta(task: Task, masked: Weights, round_id: int, base_cid: str, num_samples: int,
+                        client: str) -> bytes:
+    """A client's update in a secure round: its quantized delta plus its pairwise masks, as uint32
+    field elements (processor.secagg), which alone look uniformly random."""
+    tensors = {f"masked/{n}": np.ascontiguousarray(masked[n], np.uint32) for n in task.spec}
+    return save(tensors, metadata=_metadata(task, "masked_delta", round=round_id, base_cid=base_cid,
+                                            num_samples=num_samples, client=client))
+
+
+def decode_masked_delta(task: Task, data: bytes, expected_round: int, expected_base_cid: str,
+                        expected_client: str) -> Weights:
+    """The field elements of a masked update, checked against the round, base and client it must be for."""
+    tensors, metadata = _decode(task, data, "masked_delta", {"masked": ("U32",)})
+    try:
+        fields = DeltaMetadata.model_validate(metadata)
+    except ValidationError as exc:
+        raise _schema_error("metadata", exc) from None
+    claimed = (fields.round, fields.base_cid, fields.client.lower())
+    if claimed != (str(expected_round), expected_base_cid, expected_client.lower()):
+        raise CodecError(f"the update is of {fields.client} for round {fields.round} from base {fields.base_cid}, "
+                         f"expected {expected_client} for round {expected_round} from {expected_base_cid}")
+    return {n: tensors[f"masked/{n}"] for n in task.spec}
 
 
 def encode_private(task: Task, private: Weights) -> bytes:

@@ -1,0 +1,138 @@
+"""A device's part in a secure-aggregation round (the stages are in infra.secure_round).
+
+Its ephemeral secrets live in this process's memory only, for the one round: never on disk, never
+derived from the account's key (revealing a dropped client's mask secret must reveal nothing else).
+Each call of `advance` takes the stages as far as the chain allows and says what it waits for.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from eth_utils import to_checksum_address
+
+from infra import chain
+from infra.secure_round import (
+    REVEAL_FORMAT,
+    SHARES_FORMAT,
+    SecureRoundView,
+    context,
+    decode_shares_file,
+    encode_shares_file,
+    signed_keys,
+)
+from processor import codec, secagg, secure_sum
+
+log = logging.getLogger("client.secure")
+
+
+@dataclass
+class SecureParty:
+    """This device in one secure round."""
+    round_id: int
+    base_cid: str
+    encryption: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
+    mask: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
+    submitted: bool = False
+    revealed: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where this device stands in the round: `done` once it has nothing more to do before the
+    round closes (submitted, or left out), with the reason when it was left out."""
+    text: str
+    done: bool = False
+    left_out: str | None = None
+    result: dict[str, Any] | None = None  # the submission's, once submitted
+
+
+def read_view(registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
+    return SecureRoundView.read(registry.round_messages(info), registry.owner, registry.address, info.round_id)
+
+
+def share_associated(sender: str, holder: str) -> bytes:
+    """Binds an encrypted share to who made it and who holds it (a share moved to another holder fails)."""
+    return f"{sender.lower()}->{holder.lower()}".encode()
+
+
+def post_keys(registry: chain.Registry, key: str, party: SecureParty) -> None:
+    payload = signed_keys(key, registry.address, party.round_id, party.encryption.public, party.mask.public)
+    registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS, payload)
+
+
+def post_shares(registry: chain.Registry, store, key: str, me: str, party: SecureParty, view: SecureRoundView,
+                threshold: int) -> None:
+    """Split the mask secret among the key roster (t of n recover it), each share sealed to its holder."""
+    holders = view.key_roster
+    shares = secagg.split_secret(party.mask.secret, holders, threshold)
+    share_context = context(registry.address, party.round_id, "shares")
+    sealed = {holder: secagg.seal(secagg.shared_key(party.encryption.secret, view.keys[holder].encryption,
+                                                    share_context),
+                                  shares[holder], share_associated(me, holder))
+              for holder in holders}
+    cid = store.add(encode_shares_file(SHARES_FORMAT, party.round_id, me, sealed))
+    registry.post_round_message(key, party.round_id, chain.MessageKind.SHARES, cid.encode())
+
+
+def masked_update(registry: chain.Registry, task, party: SecureParty, me: str, view: SecureRoundView, delta,
+                  bound: float, num_samples: int) -> bytes:
+    """The trained (and privatized) delta, quantized and masked against the mask roster, encoded."""
+    roster = view.mask_roster
+    quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
+    peers = {client: view.keys[client].mask for client in roster if client != me}
+    # stochastic rounding keeps the mean unbiased; its randomness need not be secret (the masks hide it)
+    rng = np.random.default_rng(secrets.randbits(128))
+    masked = secure_sum.masked_delta(delta, quantizer, me, party.mask.secret, peers,
+                                     context(registry.address, party.round_id, "masks"), rng)
+    return codec.encode_masked_delta(task, masked, party.round_id, party.base_cid, num_samples, me)
+
+
+def roster_problem(view: SecureRoundView, me: str, threshold: int) -> str | None:
+    """Why this client must not go on with the rosters as they stand (None when it may): a roster
+    that leaves it out, names clients without keys, or is smaller than the threshold (then the
+    organization could learn a single client's update from the sum)."""
+    for name, roster in (("key", view.key_roster), ("mask", view.mask_roster)):
+        if roster is None:
+            continue
+        if me not in roster:
+            return f"the {name} roster leaves this client out"
+        if len(roster) < threshold:
+            return f"the {name} roster names {len(roster)} clients, fewer than the threshold {threshold}"
+        if any(client not in view.keys for client in roster):
+            return f"the {name} roster names clients that posted no valid keys"
+    if view.mask_roster is not None and not set(view.mask_roster) <= set(view.key_roster or []):
+        return "the mask roster names clients that are not on the key roster"
+    return None
+
+
+def reveal(registry: chain.Registry, store, key: str, me: str, party: SecureParty, info: chain.RoundInfo,
+           timeout: float) -> list[str]:
+    """Once the round is closed: decrypt and post this client's shares of the mask secrets of the
+    clients on the mask roster that submitted nothing (the chain says which). Shares of a client
+    that submitted are never revealed: with them the organization could unmask its update."""
+    view = read_view(registry, info)
+    submitted = {to_checksum_address(s.client) for s in registry.logged_submissions(info)}
+    dropped = view.dropped(submitted)
+    revealed: dict[str, bytes] = {}
+    share_context = context(registry.address, party.round_id, "shares")
+    for client in dropped:
+        if client not in view.shares or client not in view.keys:
+            continue
+        try:
+            sealed = decode_shares_file(store.get(view.shares[client], timeout=timeout), SHARES_FORMAT,
+                                        party.round_id, client)[me]
+            revealed[client] = secagg.open_sealed(
+                secagg.shared_key(party.encryption.secret, view.keys[client].encryption, share_context),
+                sealed, share_associated(client, me))
+        except (KeyError, ValueError) as exc:
+            log.warning("round %d: no share of %s's secret to reveal: %s", party.round_id, client, exc)
+    if revealed:
+        cid = store.add(encode_shares_file(REVEAL_FORMAT, party.round_id, me, revealed))
+        registry.post_round_message(key, party.round_id, chain.MessageKind.REVEAL, cid.encode())
+    party.revealed = True
+    return sorted(revealed)
+

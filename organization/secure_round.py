@@ -1,0 +1,151 @@
+"""The organization's part in a secure-aggregation round (the stages are in infra.secure_round):
+post the rosters while the round is open, and once it is closed, recover the mask secrets of the
+clients that dropped out and turn the masked updates' sum into the round's mean delta.
+
+What it can no longer do per update: see one client's delta, its norm, or its direction, so none
+of the per-update defences (norm bounds relative to the round, robust aggregation, cosine
+screening) applies; the mean is the only aggregation. What it still checks: every masked update's
+format, shape, round, base and sender; the rosters' size against the threshold; that every
+recovered secret matches the public key its client signed; and the unmasked mean's finiteness and
+range (each coordinate within the quantization bound).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from eth_utils import to_checksum_address
+
+from infra import chain
+from infra.secure_round import REVEAL_FORMAT, SecureRoundView, context, decode_shares_file, pack_roster
+from processor import codec, secagg, secure_sum
+from processor.aggregate import apply_delta
+from processor.screen import Received, RoundMerge, Verdict
+from processor.tasks import Task
+from processor.weights import Weights
+
+log = logging.getLogger("organization.secure")
+
+
+def read_view(registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
+    return SecureRoundView.read(registry.round_messages(info), registry.owner, registry.address, info.round_id)
+
+
+def block_time(registry: chain.Registry, block_number: int) -> float:
+    return float(registry.w3.eth.get_block(block_number)["timestamp"])
+
+
+def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str], threshold: int,
+                 stage_seconds: float, now: float) -> str:
+    """Post the round's next roster once its stage is complete (every client expected has posted)
+    or has lasted `stage_seconds`; what the round waits for, in words."""
+    view = read_view(registry, info)
+    if view.key_roster is None:
+        expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block
+        kind, what = chain.MessageKind.KEY_ROSTER, "keys"
+    elif view.mask_roster is None:
+        expected, posted, since = view.key_roster, [c for c in view.key_roster if c in view.shares], \
+            view.key_roster_block
+        kind, what = chain.MessageKind.MASK_ROSTER, "secret shares"
+    else:
+        return "the masked updates"
+    if len(posted) < len(expected) and now < block_time(registry, since) + stage_seconds:
+        return f"{what} from {len(expected) - len(posted)} of {len(expected)} clients"
+    if len(posted) < threshold:
+        return (f"{what} from at least {threshold} clients (the threshold); {len(posted)} came by the stage's end: "
+                "the round cannot be secure and will miss its quorum")
+    registry.post_round_message(key, info.round_id, kind, pack_roster(posted))
+    log.info("round %d: %s roster of %d clients posted", info.round_id, what, len(posted))
+    return f"the clients' {'shares' if kind == chain.MessageKind.KEY_ROSTER else 'masked updates'}"
+
+
+def recovered_secrets(view: SecureRoundView, dropped: list[str], reveals: dict[str, dict[str, bytes]],
+                      threshold: int) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The mask secrets of the `dropped` clients from the survivors' revealed shares, and for each
+    that cannot be recovered (yet), why. A secret counts only if it gives the public key its client
+    signed: a wrong share cannot slip a wrong secret in."""
+    found, missing = {}, {}
+    for client in dropped:
+        shares = [revealed[client] for revealed in reveals.values() if client in revealed]
+        if len(shares) < threshold:
+            missing[client] = f"{len(shares)} of the {threshold} shares needed are revealed"
+            continue
+        try:
+            secret = secagg.combine_shares(shares[:threshold], threshold)
+        except ValueError as exc:
+            missing[client] = f"its shares do not combine: {exc}"
+            continue
+        if secagg.public_key(secret) != view.keys[client].mask:
+            missing[client] = "the revealed shares give a secret that is not its signed mask key's"
+            continue
+        found[client] = secret
+    return found, missing
+
+
+def read_reveals(view: SecureRoundView, survivors: list[str], round_id: int, fetch) -> dict[str, dict[str, bytes]]:
+    """The shares each survivor revealed, by dropped client; a reveal that cannot be read is skipped."""
+    reveals = {}
+    for client in survivors:
+        if client in view.reveals:
+            try:
+                reveals[client] = decode_shares_file(fetch(view.reveals[client]), REVEAL_FORMAT, round_id, client)
+            except Exception as exc:  # whatever IPFS gave: this reveal does not count
+                log.warning("round %d: the reveal of %s is not used: %s", round_id, client, exc)
+    return reveals
+
+
+@dataclass
+class SecureMerge:
+    """The round's merge, or what it still waits for (`waiting`), or why it is refused (merge.weights None)."""
+    merge: RoundMerge | None = None
+    waiting: str | None = None
+
+
+def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received], view: SecureRoundView,
+                       round_id: int, base_cid: str, registry_address: str, threshold: int, bound: float,
+                       reveals: dict[str, dict[str, bytes]], reveal_window_over: bool) -> SecureMerge:
+    """Unmask the sum of the survivors' masked updates and add its mean to the base."""
+    roster = view.mask_roster or []
+    verdicts: dict[str, Verdict] = {}
+    survivors = [u for u in updates if to_checksum_address(u.client) in roster]
+    for update in updates:
+        if update not in survivors:
+            verdicts[update.client] = Verdict(False, "not on the round's mask roster: its masks cannot cancel")
+    survivor_set = {to_checksum_address(u.client) for u in survivors}
+    dropped = view.dropped(survivor_set)
+
+    def refused(reason: str) -> SecureMerge:
+        for update in survivors:
+            verdicts[update.client] = Verdict(False, reason)
+        log.warning("round %d: secure merge refused: %s", round_id, reason)
+        return SecureMerge(RoundMerge(None, verdicts))
+
+    if len(survivors) < threshold:
+        return refused(f"{len(survivors)} masked updates, fewer than the threshold {threshold}")
+    secrets, missing = recovered_secrets(view, dropped, reveals, threshold)
+    if missing:
+        reason = "; ".join(f"{client}: {why}" for client, why in missing.items())
+        if not reveal_window_over:
+            return SecureMerge(waiting=f"the secrets of {len(missing)} dropped clients ({reason})")
+        return refused(f"the masks of dropped clients cannot be removed ({reason})")
+    masked = []
+    for update in survivors:
+        try:
+            if update.data is None:
+                raise codec.CodecError(update.fetch_error or "the update could not be fetched")
+            masked.append(codec.decode_masked_delta(task, update.data, round_id, base_cid, update.client))
+        except codec.CodecError as exc:
+            # its masks are in no sum without it: the round's sum cannot be unmasked
+            return refused(f"the masked update of {update.client} is unusable ({exc}), and without it the "
+                           "others' masks do not cancel")
+    quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
+    mask_context = context(registry_address, round_id, "masks")
+    mean = secure_sum.unmasked_mean(masked, quantizer, {to_checksum_address(u.client): view.keys[to_checksum_address(u.client)].mask
+                                                         for u in survivors}, secrets, mask_context)
+    out_of_range = max(float(np.max(np.abs(t), initial=0.0)) for t in mean.values())
+    if not np.isfinite(out_of_range) or out_of_range > bound:
+        return refused(f"the unmasked mean holds a value of size {out_of_range:.4g}, beyond the bound {bound:g}")
+    for update in survivors:
+        verdicts[update.client] = Verdict(True, None, weight=1)
+    return SecureMerge(RoundMerge(apply_delta(base_weights, mean), verdicts))
