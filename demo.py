@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -37,6 +37,7 @@ from infra.settings import EMBEDDED, Settings
 from infra.webapp import LOG_FORMAT
 from organization.service import history_path
 from processor.tasks import get_task
+from processor.privacy import PrivacyPlan
 from processor.training import TrainingSettings
 
 
@@ -50,6 +51,7 @@ class DemoOptions:
     alpha: float = 0.5  # Dirichlet concentration
     seed: int = 0  # initial model, partitions and batch order
     bounds: str = "median"  # how the organization bounds one client's influence (processor.screen.BOUNDS)
+    privacy: PrivacyPlan = field(default_factory=PrivacyPlan)  # how every client privatizes its delta
     embedded: bool = False
     drive: bool = False  # full stack: drive every round through the apps' HTTP APIs instead of watching
     round_seconds: int = 20  # each round's deadline, from its opening (full stack, running by itself)
@@ -244,7 +246,8 @@ class FullStack:
         options = self.options
         self.org, url = self.app_process("organization", options.org_port, [
             "app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
-            "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *extra])
+            "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *options.privacy.as_flags(),
+            *extra])
         return self.org, url
 
     def client(self, k: int, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
@@ -328,7 +331,7 @@ def start_embedded(options: DemoOptions, settings: Settings, stack: ExitStack) -
     log(f"embedded chain and store; round registry at {registry.address}; the apps' log: {log_path}")
     system = embedded_system(
         run_dir, OrganizationConfig(task=options.task, seed=options.seed, training=options.training,
-                                    merge=policy_for(options.bounds)),
+                                    merge=policy_for(options.bounds), privacy=options.privacy),
         [ClientConfig(client_id=k, num_clients=options.clients, task=options.task, partition=options.partition,
                       alpha=options.alpha, seed=options.seed)
          for k in range(options.clients)],
@@ -393,6 +396,7 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
         "round": round_id,
         "accuracy": result["metrics"]["accuracy"],
         "auc": result["metrics"].get("auc"),
+        "epsilon": result.get("epsilon"),
         "submissions": result["accepted"],
         "gas": sum(r["gas"] for r in published) + result["finalize_gas"],
         "bytes": sum(r["bytes"] for r in published) + result["model_bytes"],
@@ -406,11 +410,13 @@ def run_round(round_id: int, org: Endpoint, clients: list[Endpoint], options: De
     }
 
 
-def print_table(rows: list[dict[str, Any]], initial_accuracy: float, baseline: dict[str, Any]) -> None:
+def print_table(rows: list[dict[str, Any]], initial_accuracy: float, baseline: dict[str, Any],
+                privacy: PrivacyPlan = PrivacyPlan()) -> None:
     with_auc = baseline["auc"] is not None
     auc_header = f"{'AUC':>6}" if with_auc else ""
+    epsilon_header = f"  epsilon (delta {privacy.delta:g})" if privacy.is_dp else ""
     print(f"\n{'round':>5} {'accuracy':>9}{auc_header}{' held-out':>10} {'subm.':>5} {'late':>4} {'gas':>9} "
-          f"{'bytes':>10} {'seconds':>8} {'CPU-s':>6}")
+          f"{'bytes':>10} {'seconds':>8} {'CPU-s':>6}{epsilon_header}")
     print(f"{'base':>5} {100 * baseline['accuracy']:8.2f}%" + (f"{baseline['auc']:>6.3f}" if with_auc else "")
           + f"  always answering {baseline['answer']}")
     print(f"{'init':>5} {100 * initial_accuracy:8.2f}%")
@@ -421,12 +427,15 @@ def print_table(rows: list[dict[str, Any]], initial_accuracy: float, baseline: d
         late = len(row.get("refused", []))
         print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}%{auc} {held_out} {row['submissions']:>5} {late:>4} "
               f"{row['gas']:>9} {row['bytes']:>10} {seconds} {row['cpu_seconds']:>6.2f}"
+              + (f"  {row['epsilon']:>20.2f}" if privacy.is_dp and row.get("epsilon") is not None else "")
               + ("  missed its quorum" if row.get("missed_quorum") else ""))
     print(f"(base: the trivial baseline, always answering the test set's most common label ({baseline['answer']})"
           + ("; an AUC of 0.5 is chance" if with_auc else "") + ";\n accuracy"
           + (" and AUC" if with_auc else "") + ": on the organization's test set; held-out: on the clients' own "
           "held-out data, sample-weighted, reported with the next round's updates;\n late: updates the contract "
-          "refused after the deadline; CPU-s: the machine's cores' busy time during the round, all processes)")
+          "refused after the deadline; CPU-s: the machine's cores' busy time during the round, all processes"
+          + (f";\n epsilon: the privacy spent by the rounds so far; each client's delta is {privacy.describe()}"
+             if privacy.is_dp else "") + ")")
 
 
 def straggler_and_late_joiner(options: DemoOptions) -> tuple[int | None, int | None]:
@@ -563,6 +572,7 @@ class RoundFollower:
         refused = self.refusals([round_id])
         self.round_id += 1
         return {"round": round_id, "accuracy": entry["metrics"]["accuracy"], "auc": entry["metrics"].get("auc"),
+                "epsilon": entry.get("epsilon"),
                 "submissions": entry.get("accepted", 0), "refused": refused,
                 "missed_quorum": entry.get("missed_quorum", False),
                 "gas": entry.get("finalize_gas", 0), "bytes": entry.get("model_bytes", 0),  # + submissions' at the end
@@ -586,13 +596,13 @@ def run_demo(options: DemoOptions, settings: Settings) -> dict[str, Any]:
                 rows, initial_accuracy, _, system = run_self_running(options, settings, stack)
                 apps = system.apps
         baseline = get_task(options.task).baseline()
-        print_table(rows, initial_accuracy, baseline)
+        print_table(rows, initial_accuracy, baseline, options.privacy)
         points = [(0, initial_accuracy)] + [(row["round"], row["accuracy"]) for row in rows]
         accuracy_png({"test accuracy": points}, title=f"{options.task}, {options.clients} clients",
                      path=options.plot_path, baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
         print(f"\nplot: {options.plot_path}")
         report = {"task": options.task, "clients": options.clients, "initial_accuracy": initial_accuracy,
-                  "baseline": baseline, "rounds": rows}
+                  "baseline": baseline, "privacy": asdict(options.privacy), "rounds": rows}
         if options.json_path:
             options.json_path.parent.mkdir(parents=True, exist_ok=True)
             options.json_path.write_text(json.dumps(report, indent=1))

@@ -20,10 +20,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from infra.settings import CHAIN_NODE_KINDS, Settings  # noqa: E402
 from processor.aggregate import AGGREGATIONS  # noqa: E402
 from processor.partition import SCHEMES  # noqa: E402
+from processor.privacy import PrivacyPlan  # noqa: E402
 from processor.tasks import TASKS  # noqa: E402
 from processor.training import TrainingSettings  # noqa: E402
 
 TASK_PLANS = {name: task.plan for name, task in TASKS.items()}  # how each task's clients train by default
+# `run.py demo --private`: client-level DP on the demo's own rounds (benchmarks/README.md, "Privacy",
+# says how it was chosen and what it costs).
+PRIVATE_DEMO = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.01)
 
 # The flags that say where the services are, and the commands that use each.
 SERVICE_FLAGS = {
@@ -118,6 +122,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
                                 training=TrainingSettings.from_args(args, base=TASKS[args.task].plan),
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
+                                privacy=args.privacy,
                                 open_enrolment=args.open_enrolment,
                                 max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES,
                                 rules=round_rules_from(args), rounds=args.rounds,
@@ -251,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition_of(args),
                           training=TrainingSettings.from_args(args, base=TASKS[args.task].plan), alpha=args.alpha,
                           seed=args.seed,
-                          bounds=args.bounds, embedded=args.embedded, drive=args.drive,
+                          bounds=args.bounds, privacy=args.privacy, embedded=args.embedded, drive=args.drive,
                           round_seconds=args.round_seconds, keep=args.keep, json_path=args.json,
                           org_port=args.port, first_client_port=args.client_port)
     try:
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="pretrain the first model on the organization's data")
     app.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS, help="how the updates are merged")
     app.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
+    PrivacyPlan.add_flags(app)  # how every client privatizes its delta: client-level differential privacy
     bounds_flag(app)
     app.add_argument("--open-enrolment", action="store_true",
                      help="deploy a contract that lets any account submit, instead of enrolled clients only")
@@ -396,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     TrainingSettings.add_flags(demo, plans=TASK_PLANS)
     demo.add_argument("--clients", type=int, default=3, help="number of client processes")
     bounds_flag(demo)
+    demo.add_argument("--private", action="store_true",
+                      help=f"client-level differential privacy: each client clips its delta to L2 norm "
+                           f"{PRIVATE_DEMO.clip_norm:g} and adds Gaussian noise of std "
+                           f"{PRIVATE_DEMO.noise_multiplier:g} x that (the flags below change either)")
+    PrivacyPlan.add_flags(demo, preset="--private's")
     demo.add_argument("--rounds", type=int, default=5, help="rounds to run")
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
     demo.add_argument("--drive", action="store_true", help="drive every round through the apps' HTTP APIs instead "
@@ -409,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")
 
     args = parser.parse_args(argv)
+    if hasattr(args, "noise_multiplier"):  # refused at once, before TensorFlow loads
+        try:
+            args.privacy = PrivacyPlan.from_args(args, base=PRIVATE_DEMO if getattr(args, "private", False) else None)
+        except ValueError as exc:
+            parser.error(str(exc))
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     configure_logging(getattr(args, "verbose", False))
     if args.command in TENSORFLOW_COMMANDS:

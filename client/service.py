@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +34,7 @@ from infra.webapp import (
 from processor import codec, privacy, rounds, secure_sum
 from processor.device_data import read_device_data
 from processor.evaluation import Evaluation, majority_baseline
+from processor.privacy import PrivacyPlan
 from processor.tasks import get_task
 from processor.training import TrainingSettings
 
@@ -79,6 +80,7 @@ class PulledBase:
     weights: dict
     fisher: dict
     plan: TrainingSettings  # how the organization asks this round's clients to train
+    privacy: PrivacyPlan  # how they privatize their deltas
 
 
 @dataclass
@@ -86,7 +88,7 @@ class TrainedUpdate:
     round_id: int
     base_cid: str
     plan: TrainingSettings  # the plan it was trained by
-    result: rounds.LocalResult
+    result: rounds.LocalResult  # its delta privatized by the round's privacy plan
     evaluation: Evaluation | None  # the base on this device's held-out data
 
 
@@ -176,6 +178,7 @@ class ClientService:
             "client_id": self.config.client_id, "address": self.address, "task": self.task.name,
             "partition": self.config.partition, "data": self.data_summary(),
             "plan": asdict(self.base.plan) if self.base else None,
+            "privacy": self.base.privacy.describe() if self.base else None,
             "base": {"round": self.base.round_id, "cid": self.base.cid} if self.base else None,
             "trained": self._trained_view(), "last_tx": self.last_tx, "round": None, "chain_error": None,
             "contract": None, "enrolled": None, "ipfs": store_status(self.store, self.settings.ipfs_api),
@@ -234,10 +237,10 @@ class ClientService:
                     self._check_task(data, opened.base_cid)
                     try:
                         weights, fisher, metadata = codec.decode_model(self.task, data)
-                        plan = codec.training_plan(metadata)
+                        plan, privacy_plan = codec.training_plan(metadata), codec.privacy_plan(metadata)
                     except codec.CodecError as exc:
                         raise ActionError(f"the base model {opened.base_cid} cannot be used: {exc}", 502) from None
-                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher, plan)
+                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher, plan, privacy_plan)
             self.base.round_id = opened.round_id
             return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
@@ -281,6 +284,7 @@ class ClientService:
                 evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval,
                                                                self.private), len(self.y_eval))
                               if len(self.y_eval) else None)
+            self._check_privacy_budget()
             if cfg.train_delay:
                 time.sleep(cfg.train_delay)
             with timer.phase("training"):
@@ -289,8 +293,24 @@ class ClientService:
                     seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress,
                     private=self.private)
                 self._keep_private(result.private)
+            with timer.phase("privacy"):
+                result = self.privatized(result)
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result, evaluation)
             return {**self._trained_view(), "seconds": timer.as_dict()}
+
+    def _check_privacy_budget(self) -> None:
+        """Refuse to train for a round whose update would spend more than the plan's epsilon budget:
+        this device's privacy is spent by publishing, whatever the organization does next."""
+        plan, round_id = self.base.privacy, self.base.round_id
+        if plan.epsilon_budget and privacy.epsilon_spent(round_id, plan) > plan.epsilon_budget:
+            raise ActionError(f"the privacy budget is spent: an update to round {round_id} would take epsilon to "
+                              f"{privacy.epsilon_spent(round_id, plan):.2f}, above the plan's budget of "
+                              f"{plan.epsilon_budget:g} (delta {plan.delta:g})", 409)
+
+    def privatized(self, result: rounds.LocalResult) -> rounds.LocalResult:
+        """`result` with its delta as it may leave this device: clipped and noised by the round's
+        privacy plan (unchanged without one)."""
+        return replace(result, delta=privacy.privatize(result.delta, self.base.privacy))
 
     def publish(self, timer: PhaseTimer | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
         """Publish the trained update. `opened`: the round as participate already read and checked it

@@ -1,7 +1,8 @@
 """The organization running the rounds by itself: it opens the first round, closes each one once
 every invited client has submitted or its deadline has passed, merges what arrived and publishes
 (which opens the next round), restarts a round that missed its quorum, and stops after the
-configured number of rounds or once the target accuracy is reached.
+configured number of rounds, once the target accuracy is reached, or before a round would spend
+more than the privacy plan's epsilon budget.
 
 Each decision is read from the chain, so a restarted organization carries on where it stopped
 (a round left closed but not finalized is merged again).
@@ -13,6 +14,7 @@ import logging
 from infra import chain
 from infra.webapp import describe_error
 from organization.service import OrganizationService, RoundWaiting
+from processor import privacy
 
 log = logging.getLogger("organization.runner")
 POLL_SECONDS = 0.1  # between looks at the block number where no blocks are pushed (the embedded chain)
@@ -36,6 +38,7 @@ class RoundRunner:
                                            RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
                                            chain.event_topics("UpdateSubmitted", "ClientAdded", "RoundMessage"))
         self.finished = self._watcher.done
+        self._rounds_allowed = privacy.rounds_within_budget(service.config.privacy)  # None: no budget
 
     def start(self) -> "RoundRunner":
         self._watcher.start()
@@ -95,6 +98,10 @@ class RoundRunner:
             log.info(self.state)
             return True
         current, info = self._current_round(registry)
+        if self._rounds_allowed is not None and max(current, 1) > self._rounds_allowed:
+            self.state = self._budget_spent(max(current, 1), done, accuracy)
+            log.info(self.state)
+            return True
         if current == 0:
             enrolled = service.enrolled_clients(1)
             if enrolled is not None and len(enrolled) < service.config.rules.quorum:
@@ -140,6 +147,15 @@ class RoundRunner:
             return False
         self._current = current + 1  # finalizing opened the next round
         return False
+
+    def _budget_spent(self, round_id: int, done: int, accuracy: float | None) -> str:
+        """Why the run ends before round `round_id`: its updates would spend more than the budget.
+        Its clients refuse to train in it (client.service), should it be open already."""
+        plan = self.service.config.privacy
+        shown = "none yet" if accuracy is None else f"{accuracy:.4f}"
+        return (f"finished: the privacy budget is spent: round {round_id} would take epsilon to "
+                f"{privacy.epsilon_spent(round_id, plan):.2f}, above the budget of {plan.epsilon_budget:g} "
+                f"(delta {plan.delta:g}); {done} rounds merged, test accuracy {shown}")
 
     def _look_at_deadline(self) -> None:
         """Have the watcher look once the open round's deadline is surely past."""

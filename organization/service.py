@@ -35,6 +35,7 @@ from organization import secure_round
 from organization.guide import organization_guide
 from processor import codec, privacy, rounds, secure_sum
 from processor.evaluation import weighted_mean
+from processor.privacy import PrivacyPlan
 from processor.screen import MergePolicy, Received, RoundMerge, merge_round
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -56,6 +57,7 @@ class OrganizationConfig:
     pretrain_epochs: int = 0  # 0 = random initial model; >0 = pretrained on the organization's own data
     training: TrainingSettings = field(default_factory=TrainingSettings)  # the plan every client trains by
     merge: MergePolicy = field(default_factory=MergePolicy)  # how updates are checked, bounded and merged
+    privacy: PrivacyPlan = field(default_factory=PrivacyPlan)  # how every client privatizes its delta
     max_update_bytes: int = 64 * 1024 * 1024
     fetch_timeout: float | None = None  # seconds to wait for one update (None: FL_TIMEOUT); then it is rejected
     open_enrolment: bool = False
@@ -216,6 +218,7 @@ class OrganizationService:
             "ipfs": self.ipfs_status(), "contract": None, "current_round": None, "previous_round": None,
             "clients": None, "history": self.accuracy_history(), "baseline": self.baseline,
             "runner": self.runner.status() if self.runner else None,
+            "privacy": {**asdict(self.config.privacy), "description": self.config.privacy.describe()},
         }
         if self.registry is not None:
             status["contract"] = {"address": self.registry.address}
@@ -266,8 +269,15 @@ class OrganizationService:
         for key in sorted(history["rounds"], key=int):
             entry = history["rounds"][key]
             points.append({"round": int(key), **entry["metrics"], "missed_quorum": entry.get("missed_quorum", False),
-                           "federated": entry.get("federated")})
+                           "federated": entry.get("federated"), "epsilon": entry.get("epsilon")})
         return points
+
+    def epsilon_after(self, round_id: int) -> float | None:
+        """Epsilon spent, at the privacy plan's delta, once round `round_id`'s updates are out: every
+        round so far counts, a restarted one too (its updates were published all the same); None
+        when the rounds are not differentially private."""
+        plan = self.config.privacy
+        return privacy.epsilon_spent(round_id, plan) if plan.is_dp else None
 
     def evaluate_on_test(self, weights) -> dict[str, float]:
         data = self.task.data()
@@ -336,8 +346,9 @@ class OrganizationService:
         return cid, len(data)
 
     def _published_notes(self) -> dict[str, str]:
-        """What every base model states besides its plan: how the organization merges updates."""
-        return {"merge": json.dumps(asdict(self.config.merge), sort_keys=True)}
+        """What every base model states besides its training plan: how the organization merges
+        updates, and how each client privatizes its delta (`codec.privacy_plan` reads it)."""
+        return {"merge": json.dumps(asdict(self.config.merge), sort_keys=True), "privacy": self.config.privacy.to_json()}
 
     def _apply_rules(self, registry: chain.Registry) -> None:
         """Make the chain's round rules the configured ones before a round opens (once per process)."""
@@ -367,7 +378,7 @@ class OrganizationService:
             history["rounds"][str(round_id)] = {"missed_quorum": True, "metrics": previous,
                                                 "submissions": info.submissions, "quorum": info.quorum,
                                                 "model_cid": info.base_cid, "next_opening_sent_at": sent_at,
-                                                "opened_next_at": time.time()}
+                                                "opened_next_at": time.time(), "epsilon": self.epsilon_after(round_id)}
             self._save_history(history)
             log.warning("round %d missed its quorum (%d of %d updates by its deadline); round %d opens from the "
                         "same base", round_id, info.submissions, info.quorum, round_id + 1)
@@ -434,7 +445,8 @@ class OrganizationService:
             if self.config.privacy.secure_aggregation:
                 merge = self._merge_secure(registry, info, base_weights, received)
             else:
-                merge = merge_round(self.task, base_weights, received, round_id, info.base_cid, self.config.merge)
+                merge = merge_round(self.task, base_weights, received, round_id, info.base_cid,
+                                    self.config.merge, self.config.privacy)
         verdicts = {client: verdict.as_dict() for client, verdict in merge.verdicts.items()}
         for client, verdict in verdicts.items():
             if not verdict["accepted"]:
@@ -450,7 +462,7 @@ class OrganizationService:
                  round_id, merge.accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
-                "federated_base": weighted_mean(merge.evaluations())}
+                "federated_base": weighted_mean(merge.evaluations()), "epsilon": self.epsilon_after(round_id)}
 
     def _merge_secure(self, registry: chain.Registry, info: chain.RoundInfo, base_weights,
                       received: list[Received]) -> RoundMerge:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from safetensors.numpy import save
 
 from processor.evaluation import Evaluation
+from processor.privacy import PrivacyPlan
 from processor.tasks import Task
 from processor.training import TrainingSettings
 from processor.weights import Weights, is_private
@@ -229,6 +230,17 @@ def training_plan(metadata: dict[str, str]) -> TrainingSettings:
         raise CodecError("the base model carries no training plan")
     try:
         return TrainingSettings.from_json(metadata["plan"])
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
+
+
+def privacy_plan(metadata: dict[str, str]) -> PrivacyPlan:
+    """How the round's clients privatize their deltas, from a base model's metadata; a base that
+    carries no plan (published before plans had one) asks for no privacy."""
+    if "privacy" not in metadata:
+        return PrivacyPlan()
+    try:
+        return PrivacyPlan.from_json(metadata["privacy"])
     except ValueError as exc:
         raise CodecError(str(exc)) from None
 

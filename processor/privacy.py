@@ -76,16 +76,23 @@ class PrivacyPlan:
     }
 
     @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """--dp-clip-norm, --noise-multiplier, --dp-delta and --epsilon-budget, defaulting to no privacy."""
+    def add_flags(cls, parser: argparse.ArgumentParser, preset: str | None = None) -> None:
+        """--dp-clip-norm, --noise-multiplier, --dp-delta and --epsilon-budget, defaulting to no
+        privacy; with `preset` (what a preset flag sets, in words), a flag not given is None and
+        `from_args` takes the preset's value for it."""
         default = cls()
         for name, (flag, kind, text) in cls.FLAGS.items():
-            parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
-                                help=f"{text} (default: %(default)s)")
+            if preset:
+                parser.add_argument(flag, dest=name, type=kind, default=None,
+                                    help=f"{text} (default: {getattr(default, name)}, or {preset})")
+            else:
+                parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
+                                    help=f"{text} (default: %(default)s)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, base: "PrivacyPlan | None" = None) -> "PrivacyPlan":
-        """The flags' plan; a flag not given (None, or absent) keeps `base`'s value."""
+        """The flags' plan; a flag left None takes `base`'s value (a preset's). ValueError for a plan
+        that does not hold together."""
         values = {name: getattr(args, name) for name in cls.FLAGS if getattr(args, name, None) is not None}
         return replace(base or cls(), **values)
 
@@ -118,12 +125,13 @@ class PrivacyPlan:
     def describe(self) -> str:
         """What a client does to its delta under this plan, in words."""
         if self.clip_norm == 0:
-            return "nothing (no differential privacy)"
+            return "published as trained (no differential privacy)"
         noise = client_noise_std(self)
-        added = f", Gaussian noise std {noise:.3g} per coordinate" if noise else ", no noise"
-        share = f" (its share of the sum's std {self.noise_multiplier * self.clip_norm:.3g})" \
-            if self.secure_aggregation and noise else ""
-        return f"clipped to {self.clip_norm:g}{added}{share}"
+        if not noise:
+            return f"clipped to L2 norm {self.clip_norm:g}, no noise"
+        share = (f" (its share of the noise of std {self.noise_multiplier * self.clip_norm:.3g} on the sum of "
+                 f"at least {self.threshold})") if self.secure_aggregation else ""
+        return f"clipped to L2 norm {self.clip_norm:g}, plus Gaussian noise of std {noise:.3g} per coordinate{share}"
 
 
 # ---- the mechanism ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 from processor import aggregate as agg
 from processor import codec, rounds
 from processor.evaluation import Evaluation
+from processor.privacy import PrivacyPlan, max_update_norm
 from processor.tasks import Task
 from processor.weights import Weights
 
@@ -155,14 +156,20 @@ def capped_weights(sample_counts: Sequence[int], multiple: float | None) -> list
 
 
 def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], round_id: int, base_cid: str,
-                policy: MergePolicy = MergePolicy()) -> RoundMerge:
-    """Check every update, bound each one's influence by the round's medians, and merge the rest."""
+                policy: MergePolicy = MergePolicy(), privacy: PrivacyPlan = PrivacyPlan()) -> RoundMerge:
+    """Check every update, bound each one's influence by the round's medians, and merge the rest.
+
+    In a DP round (`privacy` adds noise) every delta is mostly its noise, so the round's medians and
+    cosines would judge the noise: each client's influence is bounded by its clip norm instead,
+    an update longer than a clipped delta with its noise can plausibly be is refused
+    (`privacy.max_update_norm`), and the rest merge by their plain mean, whatever `policy` says."""
     verdicts: dict[str, Verdict] = {}
     checked: list[tuple[Received, Weights, float]] = []
     reports: dict[str, Evaluation | None] = {}
+    max_norm = min(policy.max_norm, max_update_norm(privacy, sum(math.prod(s) for s in task.spec.values())))
     for update in updates:
         try:
-            delta, norm, reports[update.client] = check_update(task, update, round_id, base_cid, policy.max_norm)
+            delta, norm, reports[update.client] = check_update(task, update, round_id, base_cid, max_norm)
         except Rejected as exc:
             verdicts[update.client] = Verdict(False, str(exc))
             continue
@@ -172,6 +179,8 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
             continue
         checked.append((update, delta, norm))
 
+    if privacy.is_dp:
+        return _plain_mean(base_weights, checked, reports, verdicts)
     if checked and policy.reject_multiple is not None:
         median = float(np.median([norm for _, _, norm in checked]))
         bound = policy.reject_multiple * median
@@ -216,3 +225,15 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
 
     deltas = [(delta, weight) for (_, delta, _), weight in zip(checked, weights)]
     return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts)
+
+
+def _plain_mean(base_weights: Weights, checked: list[tuple[Received, Weights, float]],
+                reports: dict[str, Evaluation | None], verdicts: dict[str, Verdict]) -> RoundMerge:
+    """A DP round's merge: the plain mean of its checked deltas (sample counts are on chain, but
+    a weight above 1 would multiply a client's influence past the clip norm)."""
+    for update, _, norm in checked:
+        verdicts[update.client] = Verdict(True, None, norm=norm, weight=1, evaluation=reports[update.client])
+    if not checked:
+        return RoundMerge(None, verdicts)
+    deltas = agg.unit_weights((delta, update.num_samples) for update, delta, _ in checked)
+    return RoundMerge(rounds.aggregate(base_weights, deltas), verdicts)

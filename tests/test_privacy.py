@@ -172,3 +172,100 @@ def test_batched_clients_train_as_local_update_does():
         for name in task.spec:
             np.testing.assert_allclose(stacked[name][k], reference[name], atol=1e-5)
         assert agg.l2_norm(reference) > 0.01
+
+
+# ---- the organization's check of DP updates ---------------------------------------------------
+
+
+def test_a_dp_round_merges_the_plain_mean_and_refuses_an_update_longer_than_its_noise_allows():
+    from processor import codec
+    from processor.screen import MergePolicy, Received, merge_round
+
+    task = get_task("digits")
+    base = rounds.initial_model(task, seed=0)
+    plan = PrivacyPlan(clip_norm=0.5, noise_multiplier=0.4)
+    rng = np.random.default_rng(1)
+    raw = [{n: rng.normal(0, 0.3, s).astype(np.float32) for n, s in task.spec.items()} for _ in range(4)]
+    deltas = [privacy.privatize(d, plan) for d in raw[:3]]
+    deltas.append({n: raw[3][n] + (deltas[0][n] - privacy.clip(raw[0], 0.5)[n]) for n in task.spec})  # not clipped
+    addresses = [f"0x{k + 1:040x}" for k in range(4)]
+    updates = [Received(a, 10 * (k + 1), codec.encode_delta(task, d, 1, "bafy-base", 10 * (k + 1), a))
+               for k, (a, d) in enumerate(zip(addresses, deltas))]
+    merge = merge_round(task, base, updates, 1, "bafy-base", MergePolicy(), plan)
+    assert [merge.verdicts[a].accepted for a in addresses] == [True, True, True, False]
+    assert "exceeds the bound" in merge.verdicts[addresses[3]].reason
+    assert [merge.verdicts[a].weight for a in addresses[:3]] == [1, 1, 1]  # not the sample counts
+    for name in task.spec:  # no median clipping or cosine weighting of noise: the plain mean
+        mean = np.mean([d[name] for d in deltas[:3]], axis=0)
+        np.testing.assert_allclose(merge.weights[name], base[name] + mean, atol=1e-6)
+
+
+# ---- DP rounds on Ganache and the IPFS daemon ------------------------------------------------
+
+
+@pytest.mark.ganache
+@pytest.mark.ipfs_daemon
+def test_dp_rounds_on_the_full_stack_publish_noised_deltas_account_epsilon_and_stop_at_the_budget(
+        tmp_path, ganache_url, ipfs_api):
+    import organization
+    import client
+    from client.agent import ClientAgent
+    from client.service import ClientConfig
+    from infra import chain, ipfs
+    from infra.files import read_json_lines
+    from infra.settings import Settings
+    from organization.runner import RoundRunner
+    from organization.service import OrganizationConfig
+    from processor import codec
+
+    task = get_task("digits")
+    two_rounds = privacy.epsilon_spent(2, PrivacyPlan(clip_norm=0.5, noise_multiplier=0.8))
+    plan = PrivacyPlan(clip_norm=0.5, noise_multiplier=0.8, epsilon_budget=two_rounds + 0.01)
+    settings = Settings.from_env(state_dir=tmp_path, chain_url=ganache_url, ipfs_api=ipfs_api,
+                                 contract_record=tmp_path / "deployments.json")
+    shared = {"SETTINGS": settings, "W3": chain.connect(ganache_url), "STORE": ipfs.open_store(ipfs_api, tmp_path)}
+    config = OrganizationConfig(task=task.name, training=TrainingSettings(epochs=2, learning_rate=0.1),
+                                rules=chain.RoundRules(duration=0, quorum=2), privacy=plan)
+    org_app = organization.create_app({**shared, "ORG_CONFIG": config})
+    client_apps = [client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(client_id=k, num_clients=2,
+                                                                              task=task.name)})
+                   for k in range(2)]
+    org = org_app.extensions["organization"]
+    org.config = dataclasses.replace(org.config, rounds=5)  # the runner's steps are the test's: no thread
+    runner = RoundRunner(org)
+    agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in client_apps]
+    assert not runner.step() and org.registry is not None
+    for agent in agents:
+        org.add_client(agent.service.address)
+    assert not runner.step() and org.registry.current_round() == 1
+
+    dimension = sum(math.prod(shape) for shape in task.spec.values())
+    noise_norm = 0.8 * 0.5 * math.sqrt(dimension)  # each public delta carries the whole noise (local DP)
+    for round_id in (1, 2):
+        for agent in agents:
+            agent.check_round()
+        info = org.registry.round(round_id)
+        for submission in org.registry.logged_submissions(info):
+            delta, _ = codec.decode_delta(task, org.store.get(submission.cid))
+            norm = agg.l2_norm(delta)
+            # what the clipped delta (norm <= 0.5) adds to the noise's norm is at most its own 0.5
+            assert noise_norm * 0.95 - 0.5 < norm < noise_norm * 1.05 + 0.5
+            assert norm <= privacy.max_update_norm(plan, dimension)
+        assert not runner.step() and org.registry.round(round_id).finalized
+        entry = org.history()["rounds"][str(round_id)]
+        assert entry["epsilon"] == pytest.approx(privacy.epsilon_spent(round_id, plan))
+        assert entry["accepted"] == 2 and all(v["weight"] == 1 for v in entry["verdicts"].values())
+
+    assert org.registry.current_round() == 3  # finalizing round 2 opened it, but it would exceed the budget
+    assert runner.step() and "privacy budget is spent" in runner.state
+    for agent in agents:
+        agent.check_round()
+        last = read_json_lines(agent.activity_path)[-1]
+        assert (last["round"], last["event"]) == (3, "refused") and "privacy budget is spent" in last["reason"]
+    assert org.registry.round(3).submissions == 0
+    org.runner = runner
+    page = org_app.test_client().get("/").get_data(as_text=True)
+    assert "Epsilon spent (delta 1e-05)" in page and f"{entry['epsilon']:.2f}" in page
+    assert "privacy budget is spent" in page
+    device_page = client_apps[0].test_client().get("/").get_data(as_text=True)
+    assert f"clipped to L2 norm 0.5, plus Gaussian noise of std {0.4:.3g} per coordinate" in device_page
