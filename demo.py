@@ -247,7 +247,8 @@ class FullStack:
         self.org, url = self.app_process("organization", options.org_port, [
             "app", "--task", options.task, "--seed", str(options.seed), "--bounds", options.bounds,
             "--round-seconds", str(options.round_seconds), *options.training.as_flags(), *options.privacy.as_flags(),
-            *extra])
+            # a secure round merged from fewer updates than the threshold could not be unmasked
+            *(["--quorum", str(options.privacy.threshold)] if options.privacy.secure_aggregation else []), *extra])
         return self.org, url
 
     def client(self, k: int, extra: Sequence[str] = ()) -> tuple[ManagedProcess, str]:

@@ -25,9 +25,9 @@ from processor.tasks import TASKS  # noqa: E402
 from processor.training import TrainingSettings  # noqa: E402
 
 TASK_PLANS = {name: task.plan for name, task in TASKS.items()}  # how each task's clients train by default
-# `run.py demo --private`: client-level DP on the demo's own rounds (benchmarks/README.md, "Privacy",
-# says how it was chosen and what it costs).
-PRIVATE_DEMO = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.01)
+# `run.py demo --private`: client-level DP and secure aggregation on the demo's own rounds
+# (benchmarks/README.md, "Privacy", says how it was chosen and what it costs).
+PRIVATE_DEMO = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.01, secure_aggregation=True, threshold=2)
 
 # The flags that say where the services are, and the commands that use each.
 SERVICE_FLAGS = {
@@ -126,9 +126,29 @@ def cmd_app(args: argparse.Namespace) -> None:
                                 open_enrolment=args.open_enrolment,
                                 max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES,
                                 rules=round_rules_from(args), rounds=args.rounds,
-                                target_accuracy=args.target_accuracy)
+                                target_accuracy=args.target_accuracy, stage_seconds=args.stage_seconds)
     app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
     serve(app, args.host, args.port, debug=args.debug)
+
+
+def secure_aggregation_allowed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what secure rounds cannot do: the organization must post their rosters as they run
+    (rounds run by themselves, on an allowlist), and a round merged from fewer updates than the
+    threshold could not be unmasked."""
+    threshold = args.privacy.threshold
+    if getattr(args, "drive", False) or getattr(args, "embedded", False):
+        parser.error("secure aggregation runs on the self-running network: leave out --drive and --embedded")
+    if args.command == "app" and args.rounds == 0:
+        parser.error("secure aggregation needs the organization to run the rounds by itself (it posts each "
+                     "round's rosters as the stages end): give --rounds")
+    if getattr(args, "open_enrolment", False):
+        parser.error("secure aggregation needs the allowlist (its rosters name the expected clients): "
+                     "leave out --open-enrolment")
+    if hasattr(args, "clients") and args.clients < threshold:
+        parser.error(f"--clients {args.clients} is fewer than the secure aggregation threshold {threshold}")
+    if hasattr(args, "quorum") and args.quorum < threshold:
+        parser.error(f"--quorum {args.quorum} is below the secure aggregation threshold {threshold}: a round "
+                     "merged from fewer updates could not be unmasked")
 
 
 def round_rules_from(args: argparse.Namespace):
@@ -338,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="run this many rounds by itself (0: only when asked, by the dashboard's buttons or the API)")
     app.add_argument("--target-accuracy", type=float, help="running by itself, stop once the merged model's test "
                                                            "accuracy reaches this (0-1)")
+    app.add_argument("--stage-seconds", type=float, default=10.0,
+                     help="secure aggregation: the longest a round waits for the clients' keys, for their secret "
+                          "shares, and for the shares revealed of those that dropped out (default: %(default)s)")
 
     cli = command("client", cmd_client, "one device's app", everything,
                   "python run.py client --id 0 --clients 3  # takes part in every round; page on "
@@ -403,9 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--clients", type=int, default=3, help="number of client processes")
     bounds_flag(demo)
     demo.add_argument("--private", action="store_true",
-                      help=f"client-level differential privacy: each client clips its delta to L2 norm "
-                           f"{PRIVATE_DEMO.clip_norm:g} and adds Gaussian noise of std "
-                           f"{PRIVATE_DEMO.noise_multiplier:g} x that (the flags below change either)")
+                      help=f"client-level differential privacy and secure aggregation: each client clips its "
+                           f"delta to L2 norm {PRIVATE_DEMO.clip_norm:g}, adds its share of Gaussian noise of std "
+                           f"{PRIVATE_DEMO.noise_multiplier:g} x that on the sum, and masks it so that the "
+                           f"organization sees only the sum of at least {PRIVATE_DEMO.threshold} (the flags below "
+                           f"change each)")
     PrivacyPlan.add_flags(demo, preset="--private's")
     demo.add_argument("--rounds", type=int, default=5, help="rounds to run")
     demo.add_argument("--embedded", action="store_true", help="eth-tester and the on-disk store, one process")
@@ -425,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
             args.privacy = PrivacyPlan.from_args(args, base=PRIVATE_DEMO if getattr(args, "private", False) else None)
         except ValueError as exc:
             parser.error(str(exc))
+        if args.privacy.secure_aggregation:
+            secure_aggregation_allowed(parser, args)
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     configure_logging(getattr(args, "verbose", False))
     if args.command in TENSORFLOW_COMMANDS:

@@ -18,6 +18,7 @@ Progress goes to stderr; the last line of stdout is one JSON object:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -90,11 +91,12 @@ def in_process(folder: Path) -> dict:
             ipfs.IPFSDaemon.for_api(ipfs_api, repo_dir=folder / "ipfs", log_path=folder / "ipfs.log"):
         config = OrganizationConfig(
             task="mnist", privacy=PrivacyPlan(clip_norm=CLIP_NORM, secure_aggregation=True, threshold=threshold),
-            rules=chain.RoundRules(duration=600, quorum=threshold), rounds=10)
+            rules=chain.RoundRules(duration=600, quorum=threshold))
         system = demo.embedded_system(folder / "state", config,
                                       [ClientConfig(client_id=k, num_clients=clients, task="mnist")
                                        for k in range(clients)], chain_url=chain_url, ipfs_api=ipfs_api)
         org = system.org.extensions["organization"]
+        org.config = dataclasses.replace(org.config, rounds=10)  # after the app is made: no runner thread of its own
         runner = RoundRunner(org)
         agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in system.clients]
         runner.step()

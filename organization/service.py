@@ -371,6 +371,7 @@ class OrganizationService:
                                   f"{info.quorum} updates and its deadline {deadline_text(info.deadline) or 'none'}",
                                   409)
             self._apply_rules(registry)
+            registry.catch_up(info.deadline)
             sent_at = time.time()
             tx = registry.restart_round(self.key, round_id)
             history = self.history()

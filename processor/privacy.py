@@ -58,6 +58,8 @@ class PrivacyPlan:
         if self.secure_aggregation != (self.threshold >= 2) or self.threshold < 0:
             raise ValueError(f"the privacy plan's threshold must be >= 2 with secure aggregation and 0 without, "
                              f"got {self.threshold} with secure_aggregation {self.secure_aggregation}")
+        if self.secure_aggregation and self.clip_norm == 0:
+            raise ValueError("secure aggregation needs a clip norm: it bounds the values each client adds to the sum")
 
     @property
     def is_dp(self) -> bool:
@@ -73,6 +75,11 @@ class PrivacyPlan:
         "delta": ("--dp-delta", float, "DP: the delta epsilon is stated at"),
         "epsilon_budget": ("--epsilon-budget", float, "DP: end the training before a round would spend more than "
                                                       "this epsilon (0: no budget)"),
+        "secure_aggregation": ("--secure-aggregation", bool, "the organization sees only the sum of each round's "
+                                                             "updates, each masked by pairwise masks (needs "
+                                                             "--dp-clip-norm and --threshold)"),
+        "threshold": ("--threshold", int, "secure aggregation: the fewest clients a round's sum may have; a round "
+                                          "survives all but this many dropping out (the quorum must be at least it)"),
     }
 
     @classmethod
@@ -82,12 +89,13 @@ class PrivacyPlan:
         `from_args` takes the preset's value for it."""
         default = cls()
         for name, (flag, kind, text) in cls.FLAGS.items():
+            how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
             if preset:
-                parser.add_argument(flag, dest=name, type=kind, default=None,
-                                    help=f"{text} (default: {getattr(default, name)}, or {preset})")
+                parser.add_argument(flag, dest=name, default=None,
+                                    help=f"{text} (default: {getattr(default, name)}, or {preset})", **how)
             else:
-                parser.add_argument(flag, dest=name, type=kind, default=getattr(default, name),
-                                    help=f"{text} (default: %(default)s)")
+                parser.add_argument(flag, dest=name, default=getattr(default, name),
+                                    help=f"{text} (default: %(default)s)", **how)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, base: "PrivacyPlan | None" = None) -> "PrivacyPlan":
@@ -98,7 +106,14 @@ class PrivacyPlan:
 
     def as_flags(self) -> list[str]:
         """This plan as the flags `add_flags` defines, for starting another process."""
-        return [part for name, (flag, _, _) in self.FLAGS.items() for part in (flag, str(getattr(self, name)))]
+        flags = []
+        for name, (flag, kind, _) in self.FLAGS.items():
+            value = getattr(self, name)
+            if kind is bool:
+                flags.append(flag if value else flag.replace("--", "--no-", 1))
+            else:
+                flags += [flag, str(value)]
+        return flags
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
