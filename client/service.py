@@ -374,10 +374,6 @@ class ClientService:
         elif (view.keys[me].encryption, view.keys[me].mask) != (party.encryption.public, party.mask.public):
             return {"round": round_id, "left_out": "this client's keys for the round are not the ones it holds "
                                                    "(it restarted after posting them)"}
-        if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
-            if job is not None:
-                job.step = "train"
-            self.train(job, timer)  # while the other clients post their keys
         problem = secure_round.roster_problem(view, me, plan.threshold)
         if problem:
             return {"round": round_id, "left_out": problem}
@@ -388,6 +384,17 @@ class ClientService:
                 job.step = "shares"
             with timer.phase("ipfs"):
                 secure_round.post_shares(registry, self.store, self.key, me, party, view, plan.threshold)
+        # Trained once its shares are out: a slow device is then on the mask roster, and should it
+        # miss the deadline, its masks are removed from the sum with the others' shares.
+        if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
+            if job is not None:
+                job.step = "train"
+            self.train(job, timer)
+            with timer.phase("chain"):  # the mask roster was likely posted meanwhile
+                view = secure_round.read_view(registry, registry.round(round_id))
+            problem = secure_round.roster_problem(view, me, plan.threshold)
+            if problem:
+                return {"round": round_id, "left_out": problem}
         if view.mask_roster is None:
             return {"round": round_id, "waiting": "the organization's mask roster"}
         if job is not None:
