@@ -107,14 +107,16 @@ def in_process(folder: Path) -> dict:
         def secure_round(submitting: list[ClientAgent]) -> tuple[float, float]:
             """One round through its stages; the seconds of the survivors' reveals and of the merge."""
             round_id = org.registry.current_round()
-            for _ in range(3):  # keys (and training), shares, masked updates
-                for agent in (agents if _ < 2 else submitting):
+            for _ in range(2):  # keys, then shares (and training): each followed by its roster
+                for agent in agents:
                     agent.check_round()
                 runner.step()
+            for agent in submitting:
+                agent.check_round()
             revealing = 0.0
             if len(submitting) < len(agents):
                 org.clock = lambda: time.time() + 700  # past the deadline: closed with the survivors
-                runner.step()
+                runner.step()  # closes the round; waits for the reveals
                 started = time.perf_counter()
                 for agent in submitting:
                     agent.check_round()

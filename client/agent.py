@@ -60,10 +60,8 @@ class ClientAgent:
             registry = self.service.registry
         except ActionError:
             return False
-        if not registry.emitted(raw_log, "RoundMessage"):
-            return False
-        sender = "0x" + bytes(raw_log["topics"][2])[-20:].hex()
-        return sender.lower() != registry.owner.lower()
+        sender = registry.message_sender(raw_log)
+        return sender is not None and sender != registry.owner
 
     def done_with(self, round_id: int) -> bool:
         """Whether round `round_id` has had its outcome for this client (learnt from the chain)."""

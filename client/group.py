@@ -20,7 +20,7 @@ from infra.settings import Settings
 from infra.webapp import JobRunner
 
 # Agents looking at once: one trains while the others pull, encode or wait for IPFS and the chain.
-PARALLEL_AGENTS = 4
+PARALLEL_AGENTS = 8
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from eth_utils import to_checksum_address
@@ -36,18 +35,9 @@ class SecureParty:
     base_cid: str
     encryption: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
     mask: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
+    info: chain.RoundInfo | None = None  # the round as read once: its start block bounds its messages
     submitted: bool = False
     revealed: bool = False
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Where this device stands in the round: `done` once it has nothing more to do before the
-    round closes (submitted, or left out), with the reason when it was left out."""
-    text: str
-    done: bool = False
-    left_out: str | None = None
-    result: dict[str, Any] | None = None  # the submission's, once submitted
 
 
 def read_view(registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:

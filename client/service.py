@@ -283,7 +283,7 @@ class ClientService:
             with timer.phase("evaluation"):
                 evaluation = (Evaluation.of(self.task.evaluate(self.base.weights, self.x_eval, self.y_eval,
                                                                self.private), len(self.y_eval))
-                              if len(self.y_eval) else None)
+                              if len(self.y_eval) and self.base.privacy.publishes_evaluation else None)
             self._check_privacy_budget()
             if cfg.train_delay:
                 time.sleep(cfg.train_delay)
@@ -365,7 +365,9 @@ class ClientService:
             party = self.secure_party = secure_round.SecureParty(round_id, opened.base_cid)
         plan = self.base.privacy
         with timer.phase("chain"):
-            view = secure_round.read_view(registry, registry.round(round_id))
+            if party.info is None:  # where the round's messages start: read once
+                party.info = registry.round(round_id)
+            view = secure_round.read_view(registry, party.info)
         if me not in view.keys:
             if job is not None:
                 job.step = "keys"
@@ -384,19 +386,15 @@ class ClientService:
                 job.step = "shares"
             with timer.phase("ipfs"):
                 secure_round.post_shares(registry, self.store, self.key, me, party, view, plan.threshold)
-        # Trained once its shares are out: a slow device is then on the mask roster, and should it
-        # miss the deadline, its masks are removed from the sum with the others' shares.
+        if view.mask_roster is None:
+            return {"round": round_id, "waiting": "the organization's mask roster"}
+        # Trained once it is on the mask roster: the stages before take only the network's
+        # messages, and a device too slow to submit by the deadline is a dropout the others'
+        # shares recover, not a client that holds up the rosters.
         if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
             if job is not None:
                 job.step = "train"
             self.train(job, timer)
-            with timer.phase("chain"):  # the mask roster was likely posted meanwhile
-                view = secure_round.read_view(registry, registry.round(round_id))
-            problem = secure_round.roster_problem(view, me, plan.threshold)
-            if problem:
-                return {"round": round_id, "left_out": problem}
-        if view.mask_roster is None:
-            return {"round": round_id, "waiting": "the organization's mask roster"}
         if job is not None:
             job.step = "publish"
         with self._lock:

@@ -762,18 +762,23 @@ class Registry:
 
     def round_messages(self, info: RoundInfo) -> list[RoundMessage]:
         """Round `info`'s secure-aggregation messages in the order they were sent (an unknown kind,
-        which this contract cannot log, is skipped)."""
+        which this contract cannot log, is skipped). Decoded here with eth_abi: web3's event
+        decoding cost 1.3 ms a log, and every look at a secure round reads them all."""
         if info.start_block == 0:
             return []
+        topics = [_event_topics()["RoundMessage"], info.round_id.to_bytes(32, "big")]
         try:
-            logs = self.contract.events.RoundMessage().get_logs(
-                from_block=info.start_block, argument_filters={"round": info.round_id})
+            logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": info.start_block, "toBlock": "latest",
+                                         "topics": ["0x" + bytes(t).hex() for t in topics]})
         except NODE_ERRORS as exc:
             raise _unavailable(self.w3, exc) from exc
-        logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
-        return [RoundMessage(log["args"]["sender"], MessageKind(log["args"]["kind"]), bytes(log["args"]["payload"]),
-                             log["blockNumber"])
-                for log in logs if log["args"]["kind"] in MessageKind._value2member_map_]
+        messages = []
+        for log in sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"])):
+            kind, payload = abi_decode(["uint8", "bytes"], bytes(log["data"]))
+            if kind in MessageKind._value2member_map_:
+                messages.append(RoundMessage(to_checksum_address(bytes(log["topics"][2])[-20:]), MessageKind(kind),
+                                             bytes(payload), log["blockNumber"]))
+        return messages
 
     def emitted(self, raw_log, event: str) -> bool:
         """Whether a raw log is this registry's `event`."""
@@ -784,6 +789,12 @@ class Registry:
         args = self.contract.events.RoundStarted().process_log(raw_log)["args"]
         return StartedRound(args["round"], args["baseCid"], args["deadline"], args["quorum"], args["invitedShare"],
                             bytes(args["seed"]))
+
+    def message_sender(self, raw_log) -> str | None:
+        """Who sent a RoundMessage log pushed by a subscription (its indexed sender); None for any other log."""
+        if not self.emitted(raw_log, "RoundMessage"):
+            return None
+        return to_checksum_address(bytes(raw_log["topics"][2])[-20:])
 
     def pushed_submission(self, raw_log) -> tuple[int, Submission]:
         """The round and the submission an UpdateSubmitted log pushed by a subscription records."""

@@ -20,6 +20,7 @@ the reason is kept; a sender's first message of each kind is the one that counts
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import orjson
@@ -64,6 +65,7 @@ class PostedKeys:
     mask: bytes  # X25519 public key its pairwise masks are agreed with
 
 
+@functools.lru_cache(maxsize=4096)  # every look at a round reads its keys again: each is checked once
 def read_keys(payload: bytes, sender: str, registry_address: str, round_id: int) -> PostedKeys:
     """The keys of a Keys message; ValueError when it is malformed or not signed by `sender`."""
     if len(payload) != 2 * KEY_BYTES + SIGNATURE_BYTES:

@@ -31,6 +31,8 @@ class RoundRunner:
         self.state = "starting"
         self._current = 0  # the round last seen current
         self._updates_awaited: int | None = None  # updates the open round lacked at the last look
+        self._messages_awaited: int | None = None  # a secure round's stage: client messages it lacked
+        self._stage_ends_at = 0.0  # when that stage ends regardless (0: none awaited)
         self._deadline = 0  # the open round's, as read at the last look
         # Woken by what moves a round on: an update, or a client enrolling before the first round.
         # Its own transactions call for no look; the recheck catches deadlines and actions by hand.
@@ -86,6 +88,14 @@ class RoundRunner:
             self.state = f"round {self._current}: waiting for {self._updates_awaited} more invited clients' updates"
             return False
         self._updates_awaited = None
+        # A secure round's stage: the clients' messages that leave it incomplete call for no look either
+        senders = [registry.message_sender(log) for log in logs] if logs and registry else []
+        from_clients = sum(sender is not None and sender != registry.owner for sender in senders)
+        if self._messages_awaited is not None and senders and all(senders) and from_clients < self._messages_awaited:
+            self._messages_awaited -= from_clients
+            self._look_at_deadline()
+            return False
+        self._messages_awaited, self._stage_ends_at = None, 0.0
         service = self.service
         if service.registry is None:
             self.state = "deploying the round registry"
@@ -114,7 +124,7 @@ class RoundRunner:
         if info.closed and not info.finalized and info.submissions >= info.quorum:  # left half done by a crash
             return self._merge(current)  # or a secure round waiting for revealed shares
         secure = service.config.privacy.secure_aggregation
-        waits_for = service.advance_secure_round(info) if secure and not info.past_deadline(service.clock()) else None
+        stage = service.advance_secure_round(info) if secure and not info.past_deadline(service.clock()) else None
         expected = service.expected_submissions(info)
         everyone_in = expected is not None and info.submissions >= max(expected, 1)
         past_deadline = info.past_deadline(service.clock() - DEADLINE_MARGIN_SECONDS)
@@ -126,8 +136,10 @@ class RoundRunner:
                           "by its deadline")
             service.restart(current)
             self._current = current + 1  # so did restarting
-        elif waits_for is not None and expected is None:
-            self.state = f"round {current} (secure): waiting for {waits_for}"
+        elif stage is not None and expected is None:
+            self.state = f"round {current} (secure): waiting for {stage.text}"
+            self._messages_awaited = stage.messages
+            self._stage_ends_at = stage.ends_at
             self._deadline = info.deadline
             self._look_at_deadline()
         else:
@@ -158,6 +170,8 @@ class RoundRunner:
                 f"(delta {plan.delta:g}); {done} rounds merged, test accuracy {shown}")
 
     def _look_at_deadline(self) -> None:
-        """Have the watcher look once the open round's deadline is surely past."""
-        if self._deadline:
-            self._watcher.look_within(self._deadline + DEADLINE_MARGIN_SECONDS + 0.1 - self.service.clock())
+        """Have the watcher look once the open round's deadline is surely past (and a secure round's
+        stage, when it waits for one to end)."""
+        for moment in (self._deadline, self._stage_ends_at):
+            if moment:
+                self._watcher.look_within(moment + DEADLINE_MARGIN_SECONDS + 0.1 - self.service.clock())

@@ -36,28 +36,41 @@ def block_time(registry: chain.Registry, block_number: int) -> float:
     return float(registry.w3.eth.get_block(block_number)["timestamp"])
 
 
+@dataclass(frozen=True)
+class StageWait:
+    """What an open secure round waits for: in words, how many client messages (None: none, it
+    waits for updates), and when its stage ends regardless (unix seconds; 0: no such end)."""
+    text: str
+    messages: int | None = None
+    ends_at: float = 0.0
+
+
 def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str], threshold: int,
-                 stage_seconds: float, now: float) -> str:
+                 stage_seconds: float, now: float) -> StageWait:
     """Post the round's next roster once its stage is complete (every client expected has posted)
-    or has lasted `stage_seconds`; what the round waits for, in words."""
+    or has lasted `stage_seconds`; what the round waits for then."""
     view = read_view(registry, info)
     if view.key_roster is None:
         expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block
-        kind, what = chain.MessageKind.KEY_ROSTER, "keys"
+        kind, what, roster = chain.MessageKind.KEY_ROSTER, "keys", "key roster"
     elif view.mask_roster is None:
         expected, posted, since = view.key_roster, [c for c in view.key_roster if c in view.shares], \
             view.key_roster_block
-        kind, what = chain.MessageKind.MASK_ROSTER, "secret shares"
+        kind, what, roster = chain.MessageKind.MASK_ROSTER, "secret shares", "mask roster"
     else:
-        return "the masked updates"
-    if len(posted) < len(expected) and now < block_time(registry, since) + stage_seconds:
-        return f"{what} from {len(expected) - len(posted)} of {len(expected)} clients"
+        return StageWait("the masked updates")
+    ends_at = block_time(registry, since) + stage_seconds
+    if len(posted) < len(expected) and now < ends_at:
+        missing = len(expected) - len(posted)
+        return StageWait(f"{what} from {missing} of {len(expected)} clients", missing, ends_at)
     if len(posted) < threshold:
-        return (f"{what} from at least {threshold} clients (the threshold); {len(posted)} came by the stage's end: "
-                "the round cannot be secure and will miss its quorum")
+        return StageWait(f"{what} from at least {threshold} clients (the threshold); {len(posted)} came by the "
+                         "stage's end: the round cannot be secure and will miss its quorum")
     registry.post_round_message(key, info.round_id, kind, pack_roster(posted))
-    log.info("round %d: %s roster of %d clients posted", info.round_id, what, len(posted))
-    return f"the clients' {'shares' if kind == chain.MessageKind.KEY_ROSTER else 'masked updates'}"
+    log.info("round %d: %s of %d clients posted (their %s came)", info.round_id, roster, len(posted), what)
+    if kind == chain.MessageKind.KEY_ROSTER:
+        return StageWait("the clients' secret shares", len(posted), now + stage_seconds)
+    return StageWait("the masked updates")
 
 
 def recovered_secrets(view: SecureRoundView, dropped: list[str], reveals: dict[str, dict[str, bytes]],
@@ -141,8 +154,8 @@ def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received
                            "others' masks do not cancel")
     quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
     mask_context = context(registry_address, round_id, "masks")
-    mean = secure_sum.unmasked_mean(masked, quantizer, {to_checksum_address(u.client): view.keys[to_checksum_address(u.client)].mask
-                                                         for u in survivors}, secrets, mask_context)
+    survivor_keys = {client: view.keys[client].mask for client in map(to_checksum_address, (u.client for u in survivors))}
+    mean = secure_sum.unmasked_mean(masked, quantizer, survivor_keys, secrets, mask_context)
     out_of_range = max(float(np.max(np.abs(t), initial=0.0)) for t in mean.values())
     if not np.isfinite(out_of_range) or out_of_range > bound:
         return refused(f"the unmasked mean holds a value of size {out_of_range:.4g}, beyond the bound {bound:g}")

@@ -182,7 +182,7 @@ class OrganizationService:
         invited = self.invited_clients(info)
         return None if invited is None else len(invited)
 
-    def advance_secure_round(self, info: chain.RoundInfo) -> str:
+    def advance_secure_round(self, info: chain.RoundInfo) -> secure_round.StageWait:
         """Post the open secure round's next roster when its stage is over; what the round waits for."""
         invited = self.invited_clients(info)
         if invited is None:

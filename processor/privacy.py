@@ -66,6 +66,12 @@ class PrivacyPlan:
         """Whether the rounds are differentially private (they add noise)."""
         return self.noise_multiplier > 0
 
+    @property
+    def publishes_evaluation(self) -> bool:
+        """Whether a client's update carries its metrics of the base on its own held-out data: not
+        in a private round, where neither the noise nor the masks would cover them."""
+        return not (self.is_dp or self.secure_aggregation)
+
     # ---- flags and JSON, as TrainingSettings has them --------------------------------------
 
     FLAGS = {  # field: (flag, type, help)

@@ -8,8 +8,9 @@ Shamir-shared among the others beforehand (sealed with AES-GCM for each holder),
 rebuild it and the aggregator removes the leftover streams. The stages follow Flower's SecAgg+.
 
 Pure functions over bytes and NumPy arrays: no I/O. Every argument may come from an attacker (bytes
-read from IPFS), so each is checked and a bad one raises ValueError with the reason. The primitives
-(X25519, HKDF, AES, Shamir over GF(2^128)) are pycryptodome's.
+read from IPFS), so each is checked and a bad one raises ValueError with the reason. HKDF, AES and
+Shamir over GF(2^128) are pycryptodome's; X25519 is OpenSSL's (`cryptography`): pycryptodome's
+took 3 ms an agreement, and a round of 20 clients makes 780 of them.
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ from typing import Iterable
 import numpy as np
 from Crypto.Cipher import AES
 from Crypto.Hash import SHA256
-from Crypto.Protocol import DH
 from Crypto.Protocol.KDF import HKDF
 from Crypto.Protocol.SecretSharing import Shamir
-from Crypto.PublicKey import ECC
 from Crypto.Random import get_random_bytes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 MODULUS_BITS = 32  # arithmetic in Z_{2^32}: numpy uint32 wraps, so sums and masks need no explicit mod
 MODULUS = 1 << MODULUS_BITS
@@ -204,26 +204,21 @@ class KeyPair:
 
 def new_key_pair() -> KeyPair:
     """A fresh X25519 key pair from the OS's random source."""
-    key = ECC.generate(curve="curve25519")
-    return KeyPair(secret=bytes(key.seed), public=key.public_key().export_key(format="raw"))
+    key = X25519PrivateKey.generate()
+    return KeyPair(secret=key.private_bytes_raw(), public=key.public_key().public_bytes_raw())
 
 
-def _private_key(secret: object) -> ECC.EccKey:
-    secret = _require_bytes(secret, "secret", KEY_BYTES)
-    return DH.import_x25519_private_key(secret)
+def _private_key(secret: object) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(_require_bytes(secret, "secret", KEY_BYTES))
 
 
-def _public_key(public: object, name: str) -> ECC.EccKey:
-    public = _require_bytes(public, name, KEY_BYTES)
-    try:
-        return DH.import_x25519_public_key(public)
-    except ValueError as error:  # pycryptodome refuses the small-order points
-        raise ValueError(f"{name} is not a valid X25519 public key ({error})") from None
+def _public_key(public: object, name: str) -> X25519PublicKey:
+    return X25519PublicKey.from_public_bytes(_require_bytes(public, name, KEY_BYTES))
 
 
 def public_key(secret: bytes) -> bytes:
     """The public key of `secret`: to check a secret rebuilt from shares against the one published."""
-    return _private_key(secret).public_key().export_key(format="raw")
+    return _private_key(secret).public_key().public_bytes_raw()
 
 
 def shared_key(secret: bytes, peer_public: bytes, context: bytes) -> bytes:
@@ -233,18 +228,12 @@ def shared_key(secret: bytes, peer_public: bytes, context: bytes) -> bytes:
     `context` gives an unrelated key, so one key pair can serve many rounds without reusing a mask.
     """
     context = _require_context(context)
-    private = _private_key(secret)
-    peer = _public_key(peer_public, "peer_public")
-
-    def kdf(z: bytes) -> bytes:
-        if not any(z):  # a contributory check, as RFC 7748 section 6.1 advises
-            raise ValueError("peer_public gives an all-zero X25519 shared secret")
-        return HKDF(bytes(z), KEY_BYTES, salt=None, hashmod=SHA256, context=context)
-
+    private, peer = _private_key(secret), _public_key(peer_public, "peer_public")
     try:
-        return DH.key_agreement(static_priv=private, static_pub=peer, kdf=kdf)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"X25519 agreement failed: {error}") from None
+        z = private.exchange(peer)
+    except ValueError:  # OpenSSL refuses a small-order point: an all-zero secret (RFC 7748 section 6.1)
+        raise ValueError("peer_public is not a valid X25519 public key (a small-order point)") from None
+    return HKDF(z, KEY_BYTES, salt=None, hashmod=SHA256, context=context)
 
 
 # --- masks ------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def stage(agents: list[ClientAgent]) -> list[str]:
 def run_to_masked_updates(runner: RoundRunner, agents: list[ClientAgent], submitting: list[ClientAgent]) -> None:
     """Keys, key roster, shares, mask roster; then `submitting` submit their masked updates."""
     assert all("key roster" in state for state in stage(agents))  # keys posted
-    assert not runner.step() and runner.state.endswith("waiting for the clients' shares"), runner.state
+    assert not runner.step() and runner.state.endswith("waiting for the clients' secret shares"), runner.state
     assert all("mask roster" in state for state in stage(agents))  # shares posted, then trained
     assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
     stage(submitting)
