@@ -9,7 +9,8 @@ noise of std z * C, z calibrated so that the rounds spend epsilon at delta 1e-5 
 RDP accountant, no amplification by sampling: every client takes part in every round). The noise is
 that of distributed DP, the product's setting with secure aggregation: each client adds
 z * C / sqrt(n) and the n clients' sum carries z * C. (Without secure aggregation each public
-delta carries z * C itself, and the mean sqrt(n) times the noise: local DP, far costlier.) A DP
+delta carries z * C itself, and the mean sqrt(n) times the noise: local DP, far costlier; --local-dp
+measures it.) A DP
 round merges the plain mean of the clipped noised deltas; the server then steps by `server_rate`
 times it (a server learning rate, as in Reddi et al.'s FedOpt: the noise on the mean shrinks as
 1/n, and clipping shortens every update, so the server takes longer steps than plain FedAvg's 1).
@@ -53,13 +54,12 @@ DELTA = 1e-5
 MNIST_TRAINING = TrainingSettings(epochs=5, batch_size=32, learning_rate=0.5, update_dtype="float32")
 
 
-def distributed_plan(epsilon: float | None, rounds_: int, clients: int, clip_norm: float) -> PrivacyPlan:
-    """The plan of `rounds_` rounds of `clients` spending `epsilon` at DELTA (None: no DP)."""
-    if epsilon is None:
-        return PrivacyPlan()
+def dp_plan(epsilon: float, rounds_: int, clients: int, clip_norm: float, local: bool = False) -> PrivacyPlan:
+    """The plan of `rounds_` rounds of `clients`, each adding its share of the sum's noise, spending
+    `epsilon` at DELTA; `local`: each adding the whole noise to its public delta."""
     z = privacy.noise_multiplier_for(epsilon, rounds_, DELTA)
-    return PrivacyPlan(clip_norm=clip_norm, noise_multiplier=z, delta=DELTA, secure_aggregation=True,
-                       threshold=clients)
+    secure = {} if local else {"secure_aggregation": True, "threshold": clients}
+    return PrivacyPlan(clip_norm=clip_norm, noise_multiplier=z, delta=DELTA, **secure)
 
 
 def mnist_accuracy(clients: int, rounds_: int, plan: PrivacyPlan, server_rate: float,
@@ -100,14 +100,14 @@ def interest_accuracy(clients: int, rounds_: int, plan: PrivacyPlan, server_rate
 
 
 def cost_table(name: str, accuracy, epsilons: list[float], clients: int, rounds_: int, clip_norm: float,
-               server_rate: float) -> dict:
+               server_rate: float, local: bool) -> dict:
     baseline = accuracy(clients, rounds_, PrivacyPlan(), server_rate)
     log(f"{name}: {clients} clients, {rounds_} rounds, no DP: accuracy {100 * baseline:.2f} %")
     clipped = accuracy(clients, rounds_, PrivacyPlan(clip_norm=clip_norm), server_rate)
     log(f"{name}: clipped to {clip_norm:g}, no noise: accuracy {100 * clipped:.2f} %")
     table = {"no_dp_accuracy": round(baseline, 4), "clip_only_accuracy": round(clipped, 4)}
     for epsilon in epsilons:
-        plan = distributed_plan(epsilon, rounds_, clients, clip_norm)
+        plan = dp_plan(epsilon, rounds_, clients, clip_norm, local)
         reached = accuracy(clients, rounds_, plan, server_rate)
         log(f"{name}: epsilon {epsilon:g} (z {plan.noise_multiplier:.3f}, C {clip_norm:g}): accuracy "
             f"{100 * reached:.2f} % against {100 * baseline:.2f} % without DP")
@@ -122,7 +122,7 @@ def fewest_clients_for(cost_pp: float, epsilon: float, candidates: list[int], ro
     """The fewest of `candidates` (tried in increasing order) at which `epsilon` costs at most `cost_pp` on mnist."""
     for clients in sorted(candidates):
         baseline = mnist_accuracy(clients, rounds_, PrivacyPlan(), server_rate)
-        reached = mnist_accuracy(clients, rounds_, distributed_plan(epsilon, rounds_, clients, clip_norm), server_rate)
+        reached = mnist_accuracy(clients, rounds_, dp_plan(epsilon, rounds_, clients, clip_norm), server_rate)
         log(f"mnist, {clients} clients: epsilon {epsilon:g} costs {100 * (baseline - reached):.2f} pp "
             f"({100 * reached:.2f} % against {100 * baseline:.2f} %)")
         if 100 * (baseline - reached) <= cost_pp:
@@ -145,17 +145,20 @@ def main() -> None:
     cli.add_argument("--search-clients", type=int, nargs="+", default=[100, 250, 500, 1000],
                      help="mnist clients per round tried for clients_for_3pp_at_eps8")
     cli.add_argument("--only", choices=["mnist", "interest", "search"], help="one part only")
+    cli.add_argument("--local-dp", action="store_true",
+                     help="each client adds the whole noise to its public delta (no secure aggregation)")
     args = cli.parse_args()
     result: dict = {"dp": {}}
     if args.only in (None, "mnist"):
         result["dp"]["mnist"] = cost_table("mnist", mnist_accuracy, args.epsilons, args.mnist_clients,
-                                           args.mnist_rounds, args.mnist_clip, args.mnist_server_rate)
+                                           args.mnist_rounds, args.mnist_clip, args.mnist_server_rate, args.local_dp)
     if args.only in (None, "search"):
         result["clients_for_3pp_at_eps8"] = fewest_clients_for(3.0, 8.0, args.search_clients, args.mnist_rounds,
                                                                args.mnist_clip, args.mnist_server_rate)
     if args.only in (None, "interest"):
         result["dp"]["interest"] = cost_table("interest", interest_accuracy, args.epsilons, args.interest_clients,
-                                              args.interest_rounds, args.interest_clip, args.interest_server_rate)
+                                              args.interest_rounds, args.interest_clip, args.interest_server_rate,
+                                              args.local_dp)
     report(result, args.json)
 
 
