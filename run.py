@@ -27,7 +27,7 @@ from processor.training import TrainingSettings  # noqa: E402
 TASK_PLANS = {name: task.plan for name, task in TASKS.items()}  # how each task's clients train by default
 # `run.py demo --private`: client-level DP and secure aggregation on the demo's own rounds
 # (benchmarks/README.md, "Privacy", says how it was chosen and what it costs).
-PRIVATE_DEMO = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.01, secure_aggregation=True, threshold=2)
+PRIVATE_DEMO = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.05, secure_aggregation=True, threshold=2)
 
 # The flags that say where the services are, and the commands that use each.
 SERVICE_FLAGS = {
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0, help="initial model, partitions and batch order")
 
     args = parser.parse_args(argv)
-    if hasattr(args, "noise_multiplier"):  # refused at once, before TensorFlow loads
+    if hasattr(args, "privacy_noise_multiplier"):  # refused at once, before TensorFlow loads
         try:
             args.privacy = PrivacyPlan.from_args(args, base=PRIVATE_DEMO if getattr(args, "private", False) else None)
         except ValueError as exc:

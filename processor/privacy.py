@@ -74,7 +74,9 @@ class PrivacyPlan:
 
     # ---- flags and JSON, as TrainingSettings has them --------------------------------------
 
-    FLAGS = {  # field: (flag, type, help)
+    # field: (flag, type, help); each parsed into "privacy_" + field, apart from the flags of other
+    # settings with a like name (run.py app's --clip-norm bounds the merge, not a client's delta)
+    FLAGS = {
         "clip_norm": ("--dp-clip-norm", float, "DP: each client clips its delta to this L2 norm (0: no clipping)"),
         "noise_multiplier": ("--noise-multiplier", float, "DP: the Gaussian noise on a round's sum of deltas has std "
                                                           "this x the clip norm (0: no DP)"),
@@ -97,17 +99,18 @@ class PrivacyPlan:
         for name, (flag, kind, text) in cls.FLAGS.items():
             how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
             if preset:
-                parser.add_argument(flag, dest=name, default=None,
+                parser.add_argument(flag, dest=f"privacy_{name}", default=None,
                                     help=f"{text} (default: {getattr(default, name)}, or {preset})", **how)
             else:
-                parser.add_argument(flag, dest=name, default=getattr(default, name),
+                parser.add_argument(flag, dest=f"privacy_{name}", default=getattr(default, name),
                                     help=f"{text} (default: %(default)s)", **how)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, base: "PrivacyPlan | None" = None) -> "PrivacyPlan":
         """The flags' plan; a flag left None takes `base`'s value (a preset's). ValueError for a plan
         that does not hold together."""
-        values = {name: getattr(args, name) for name in cls.FLAGS if getattr(args, name, None) is not None}
+        given = {name: getattr(args, f"privacy_{name}", None) for name in cls.FLAGS}
+        values = {name: value for name, value in given.items() if value is not None}
         return replace(base or cls(), **values)
 
     def as_flags(self) -> list[str]:

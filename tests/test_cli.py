@@ -38,6 +38,8 @@ PARSE_ONLY = ("import sys, run\n"
     (["compile", "--state-dir", "x"], "unrecognized arguments: --state-dir"),
     (["chain", "--node", "hardhat"], "argument --node: invalid choice: 'hardhat'"),
     (["app", "--node", "anvil"], "unrecognized arguments: --node"),
+    (["app", "--noise-multiplier", "1"], "adds noise (noise_multiplier > 0) without a clip norm"),
+    (["demo", "--private", "--dp-delta", "2"], "delta must lie in (0, 1)"),
 ])
 def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,

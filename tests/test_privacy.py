@@ -155,6 +155,22 @@ def test_a_bad_plan_is_refused_saying_what_is_wrong(text, says):
         PrivacyPlan.from_json(text)
 
 
+def test_the_plans_flags_are_apart_from_the_merges_clip_norm():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clip-norm", type=float)  # run.py app's: the organization's bound on the merge
+    PrivacyPlan.add_flags(parser)
+    args = parser.parse_args(["--clip-norm", "5", "--dp-clip-norm", "1", "--noise-multiplier", "0.5"])
+    assert args.clip_norm == 5.0
+    assert PrivacyPlan.from_args(args) == PrivacyPlan(clip_norm=1.0, noise_multiplier=0.5)
+    assert PrivacyPlan.from_args(parser.parse_args(["--clip-norm", "5"])) == PrivacyPlan()
+    preset = argparse.ArgumentParser()
+    PrivacyPlan.add_flags(preset, preset="the preset's")
+    assert PrivacyPlan.from_args(preset.parse_args(["--noise-multiplier", "2"]), base=DP_PLAN) == \
+        dataclasses.replace(DP_PLAN, noise_multiplier=2.0)
+
+
 # ---- the batched clients ---------------------------------------------------------------------
 
 
