@@ -1,8 +1,8 @@
 """The interest task's recommender, federated with and without private user state, against the
 same architecture trained centrally and against always answering the majority label.
 
-    python -m benchmarks.interest --json [--clients 20] [--rounds 20] [--epochs 3] [--batch-size 64] [--learning-rate 1.0]
-        [--regularizer fedprox] [--ewc-lambda 0.01]
+    python -m benchmarks.interest --json [--clients 20] [--rounds 20] [--epochs 3] [--batch-size 64]
+        [--learning-rate 1.0] [--regularizer fedprox] [--ewc-lambda 0.01]
 
 Each client (a group of users, `by-user` partition) holds out its users' latest 20% of ratings
 (`RecommenderTask.device_holdout`) and, after every round, scores them with the merged model and
