@@ -112,6 +112,17 @@ def wait_forever(what: str) -> None:
         pass
 
 
+def plan_from(args: argparse.Namespace) -> TrainingSettings:
+    """The round plan: the flags given, the task's own plan for the rest. FedCurv is refused: its
+    pull comes from the clients' curvature statistics, which the apps do not exchange (only the
+    simulation does), so it would train as plain FedAvg."""
+    plan = TrainingSettings.from_args(args, base=TASKS[args.task].plan)
+    if plan.regularizer == "fedcurv":
+        sys.exit("--regularizer fedcurv runs in the simulation only (benchmarks/forgetting.py): the apps do not "
+                 "exchange the clients' curvature statistics yet; choose ewc or fedprox")
+    return plan
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     from infra import chain
     from infra.webapp import serve
@@ -120,7 +131,7 @@ def cmd_app(args: argparse.Namespace) -> None:
     from processor.screen import policy_for
 
     config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                                training=TrainingSettings.from_args(args, base=TASKS[args.task].plan),
+                                training=plan_from(args),
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 privacy=args.privacy,
                                 open_enrolment=args.open_enrolment,
@@ -274,7 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from demo import DemoError, DemoOptions, run_demo
 
     options = DemoOptions(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition_of(args),
-                          training=TrainingSettings.from_args(args, base=TASKS[args.task].plan), alpha=args.alpha,
+                          training=plan_from(args), alpha=args.alpha,
                           seed=args.seed,
                           bounds=args.bounds, privacy=args.privacy, embedded=args.embedded, drive=args.drive,
                           round_seconds=args.round_seconds, keep=args.keep, json_path=args.json,

@@ -1,11 +1,27 @@
-"""Catastrophic forgetting: plain FedAvg against FedAvg with EWC on the original's skewed split.
+"""Forgetting, and whether a penalty pays for itself: FedAvg, EWC, FedCurv and FedProx, each over
+seeds, in four settings.
 
-    python -m benchmarks.forgetting --json [--rounds 5] [--lam 20] [--plot results/forgetting.png]
+    python -m benchmarks.forgetting --json [--settings skewed dirichlet classes interest] [--seeds 0 1 2]
+        [--methods ewc:0 ewc:10 fedcurv:0.3 fedprox:0.1]
 
-Two clients: A holds 90% of digits 0-4 and 10% of 5-9, B the reverse. "Retained accuracy" is a
-client's locally trained model on the test digits it holds little of; "forgetting" is how much
-local training lowered that accuracy from the base model's. Progress goes to stderr; the last
-line of stdout is one JSON object.
+A method is a regularizer and its lambda (`TrainingSettings.regularizer`, `ewc_lambda`; lambda 0
+is FedAvg).
+
+- skewed, dirichlet: mnist, 5 clients on the skewed split (each holds 90% of two digits) or on
+  Dirichlet(0.1), 20 rounds, every client every round. Forgetting is how much a client's local
+  training lowers the accuracy, on the test digits, of the classes it holds little of (less than
+  5% of its rows), from the base model's; rounds to target, the first round whose test accuracy
+  reaches --target.
+- classes: mnist class-incremental: 5 clients (iid), 5 periods of two digits each (0-1, 2-3, ...),
+  2 rounds per period; a round's clients hold only its period's digits.
+- interest: the interest recommender on MovieLens ratings in time order: 10 clients (by user), the
+  training pool cut into 4 periods, 2 rounds per period, each client training on its users'
+  ratings of the round's period only (with the interest task's plan).
+In the continual settings (classes, interest), forgetting is how much accuracy (AUC for interest)
+on each earlier period's held-out rows (each device's, `SimulationConfig.holdout`) fell from the
+end of that period's rounds to the end of the run; the final figure is that of all periods'
+held-out rows for interest, the test accuracy for mnist. Progress goes to stderr; the last line
+of stdout is one JSON object.
 """
 from __future__ import annotations
 
@@ -13,73 +29,111 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 
-from infra.files import REPO_ROOT
-from infra.plots import accuracy_png
-from processor.partition import minority_classes
+from processor.partition import scarce_classes
 from processor.simulation import SimulationConfig, SimulationResult, simulate
-from processor.tasks import get_task
+from processor.tasks import Task, get_task
 from processor.training import TrainingSettings
 
+MNIST_PLAN = TrainingSettings(epochs=2)
+SCARCE_SHARE = 0.05  # a class under this share of a client's rows is one it holds little of
+SETTINGS = {
+    "skewed": ("mnist", SimulationConfig(num_clients=5, rounds=20, partition="skewed", training=MNIST_PLAN)),
+    "dirichlet": ("mnist", SimulationConfig(num_clients=5, rounds=20, partition="dirichlet", alpha=0.1,
+                                            training=MNIST_PLAN)),
+    "classes": ("mnist", SimulationConfig(num_clients=5, rounds=10, partition="iid", training=MNIST_PLAN,
+                                          holdout=True, periods=5)),
+    "interest": ("interest", SimulationConfig(num_clients=10, rounds=8, partition="by-user",
+                                              training=get_task("interest").plan, holdout=True, periods=4)),
+}
 
-def summarise(result: SimulationResult) -> dict:
-    clients = [c for r in result.rounds for c in r.clients]
-    return {
-        "accuracy_per_round": [round(a, 4) for a in result.accuracy_per_round],
-        "retained_accuracy": round(float(np.mean([c.probe_after for c in clients])), 4),
-        "forgetting": round(float(np.mean([c.probe_before - c.probe_after for c in clients])), 4),
-        "final_accuracy": round(result.accuracy_per_round[-1], 4),
-        "initial_accuracy": round(result.initial_test["accuracy"], 4),
-    }
+
+DEFAULT_METHODS = ("ewc:0", "ewc:10", "fedcurv:0.3", "fedprox:0.1")
+
+
+def method(text: str) -> tuple[str, float]:
+    """"regularizer:lambda" as the pair, checked by TrainingSettings."""
+    regularizer, _, lam = text.partition(":")
+    try:
+        settings = TrainingSettings(regularizer=regularizer, ewc_lambda=float(lam))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return settings.regularizer, settings.ewc_lambda
+
+
+def label_of(regularizer: str, lam: float) -> str:
+    return "fedavg" if lam == 0 else f"{regularizer} {lam:g}"
+
+
+def probes(task: Task, config: SimulationConfig) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each client's probe: the test rows of the classes it holds little of."""
+    data = task.data()
+    classes = np.unique(data.y_train)
+    found = {}
+    for k in range(config.num_clients):
+        _, y = task.client_data(k, config.num_clients, scheme=config.partition, seed=config.seed, alpha=config.alpha)
+        scarce = np.isin(data.y_test, scarce_classes(y, classes, SCARCE_SHARE))
+        if scarce.any():
+            found[k] = (data.x_test[scarce], data.y_test[scarce])
+    return found
+
+
+def summary(result: SimulationResult, config: SimulationConfig, metric: str, target: float) -> dict:
+    """Final figure, rounds to target (continual: none) and forgetting of one run."""
+    if config.periods > 1:
+        # interest: every period's held-out rows (its test panel is cold start); mnist: the test digits
+        figures = [r.pooled[metric] if metric == "auc" else r.test[metric] for r in result.rounds]
+        return {"final": round(figures[-1], 4), "rounds_to_target": None,
+                "forgetting": round(result.forgetting(metric), 4), "per_round": [round(f, 4) for f in figures]}
+    clients = [c for r in result.rounds for c in r.clients if c.probe_before is not None]
+    reached = [r.round for r in result.rounds if r.test[metric] >= target]
+    return {"final": round(result.rounds[-1].test[metric], 4), "rounds_to_target": reached[0] if reached else None,
+            "forgetting": round(float(np.mean([c.probe_before - c.probe_after for c in clients])), 4),
+            "per_round": [round(r.test[metric], 4) for r in result.rounds]}
+
+
+def spread(values: list) -> dict:
+    """Mean and half the range over seeds (None when a seed has no value: e.g. target not reached)."""
+    if any(v is None for v in values):
+        return {"mean": None, "half_range": None, "seeds": values}
+    return {"mean": round(float(np.mean(values)), 4), "half_range": round((max(values) - min(values)) / 2, 4),
+            "seeds": values}
 
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("--task", default="mnist")
-    cli.add_argument("--rounds", type=int, default=5)
-    cli.add_argument("--lam", type=float, default=3000.0, help="EWC lambda of the EWC run")
-    TrainingSettings.add_flags(cli, defaults=TrainingSettings(epochs=2), exclude=("ewc_lambda", "update_dtype"))
-    cli.add_argument("--seed", type=int, default=0)
-    cli.add_argument("--pretrain-epochs", type=int, default=20,
-                     help="the organization pretrains the first base model on its validation data")
-    cli.add_argument("--plot", type=Path, default=REPO_ROOT / "results" / "forgetting.png")
+    cli.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    cli.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    cli.add_argument("--methods", nargs="+", type=method, default=[method(m) for m in DEFAULT_METHODS],
+                     help="regularizer:lambda, e.g. fedcurv:0.3 (ewc:0 is FedAvg)")
+    cli.add_argument("--target", type=float, default=0.85, help="the mnist test accuracy rounds are counted to")
     cli.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     args = cli.parse_args()
 
-    task = get_task(args.task)
-    data = task.data()
-    probes = {}
-    for client in range(2):
-        mask = np.isin(data.y_test, minority_classes(data.y_test, 2, client))
-        probes[client] = (data.x_test[mask], data.y_test[mask])
-
-    report = {"task": args.task, "rounds": args.rounds, "lambda": args.lam}
-    for label, lam in (("fedavg", 0.0), ("ewc", args.lam)):
-        config = SimulationConfig(num_clients=2, rounds=args.rounds, partition="skewed",
-                                  training=TrainingSettings.from_args(args, ewc_lambda=lam), seed=args.seed,
-                                  pretrain_epochs=args.pretrain_epochs)
-        started = time.perf_counter()
-
-        def show(record, label=label, started=started):
-            forgetting = np.mean([c.probe_before - c.probe_after for c in record.clients])
-            print(f"{label:6s} round {record.round}/{args.rounds}: test accuracy {record.test['accuracy']:.4f}, "
-                  f"forgetting {forgetting:.4f} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-
-        report[label] = summarise(simulate(task, config, probes=probes, on_round=show))
-
-    curves = {"FedAvg (lambda 0)": list(enumerate([report["fedavg"]["initial_accuracy"]]
-                                                    + report["fedavg"]["accuracy_per_round"])),
-              f"EWC (lambda {args.lam:g})": list(enumerate([report["ewc"]["initial_accuracy"]]
-                                                            + report["ewc"]["accuracy_per_round"]))}
-    accuracy_png(curves, title=f"{args.task}, skewed split, 2 clients: test accuracy per round", path=args.plot)
-    print(f"plot: {args.plot}", file=sys.stderr)
-    for label in ("fedavg", "ewc"):
-        r = report[label]
-        print(f"{label:6s} final {r['final_accuracy']:.4f}  retained {r['retained_accuracy']:.4f}  "
-              f"forgetting {r['forgetting']:.4f}", file=sys.stderr)
+    report = {"seeds": args.seeds, "target": args.target, "settings": {}}
+    for setting in args.settings:
+        task_name, shape = SETTINGS[setting]
+        task = get_task(task_name)
+        metric = "auc" if task_name == "interest" else "accuracy"
+        report["settings"][setting] = {"metric": metric}
+        for regularizer, lam in args.methods:
+            label = label_of(regularizer, lam)
+            runs = []
+            for seed in args.seeds:
+                config = replace(shape, seed=seed,
+                                 training=replace(shape.training, regularizer=regularizer, ewc_lambda=lam))
+                started = time.perf_counter()
+                result = simulate(task, config, probes=None if config.periods > 1 else probes(task, config))
+                runs.append(summary(result, config, metric, args.target))
+                print(f"{setting} {label} seed {seed}: final {metric} {runs[-1]['final']:.4f}, rounds to target "
+                      f"{runs[-1]['rounds_to_target']}, forgetting {runs[-1]['forgetting']:.4f} "
+                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            report["settings"][setting][label] = {
+                **{key: spread([r[key] for r in runs]) for key in ("final", "rounds_to_target", "forgetting")},
+                "per_round": [r["per_round"] for r in runs]}
     if args.json:
         print(json.dumps(report))
 

@@ -1,7 +1,8 @@
 """The interest task's recommender, federated with and without private user state, against the
 same architecture trained centrally and against always answering the majority label.
 
-    python -m benchmarks.interest --json [--clients 20] [--rounds 12] [--epochs 3] [--batch-size 64] [--learning-rate 1.0]
+    python -m benchmarks.interest --json [--clients 20] [--rounds 20] [--epochs 3] [--batch-size 64]
+        [--learning-rate 1.0] [--regularizer fedprox] [--ewc-lambda 0.01]
 
 Each client (a group of users, `by-user` partition) holds out its users' latest 20% of ratings
 (`RecommenderTask.device_holdout`) and, after every round, scores them with the merged model and
@@ -26,7 +27,6 @@ from processor.evaluation import Evaluation, majority_baseline, weighted_mean
 from processor.simulation import SimulationConfig, SimulationResult, simulate
 from processor.tasks import INTEREST_PLAN, USER_COLUMN, RecommenderTask, get_task, interest_task
 from processor.training import TrainingSettings
-
 
 
 def per_round(result: SimulationResult) -> dict:
@@ -71,11 +71,11 @@ def central(task: RecommenderTask, config: SimulationConfig, training: TrainingS
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--clients", type=int, default=20)
-    cli.add_argument("--rounds", type=int, default=12)
+    cli.add_argument("--rounds", type=int, default=20)
     cli.add_argument("--central-epochs", type=int, default=8, help="epochs of the centralized ceiling")
     cli.add_argument("--central-learning-rate", type=float, default=0.3,
                      help="its SGD learning rate (a ceiling: slower and longer than a round's local training)")
-    TrainingSettings.add_flags(cli, defaults=INTEREST_PLAN, exclude=("ewc_lambda", "update_dtype"))
+    TrainingSettings.add_flags(cli, defaults=INTEREST_PLAN, exclude=("update_dtype",))
     cli.add_argument("--seed", type=int, default=0)
     cli.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     args = cli.parse_args()
@@ -97,8 +97,9 @@ def main() -> None:
         results[label] = simulate(variant, config, on_round=show)
     report = {label: per_round(result) for label, result in results.items()}
     started = time.perf_counter()
+    # plain SGD: the federated plan's proximal pull has no counterpart in one central training
     report["central"] = central(task, config, replace(config.training, epochs=args.central_epochs,
-                                                      learning_rate=args.central_learning_rate))
+                                                      learning_rate=args.central_learning_rate, ewc_lambda=0.0))
     print(f"central: {report['central']} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     held_labels = np.concatenate([hy for *_, hy in devices(task, config)])
     report["majority"] = {"accuracy": round(majority_baseline(held_labels)["accuracy"], 4)}

@@ -167,13 +167,23 @@ def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: 
 
 
 def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size: int) -> Weights:
-    """The Fisher of any model, from per-sample gradients vectorised over a batch (tf.vectorized_map)."""
+    """The Fisher of any model, from per-sample gradients vectorised over a batch (tf.vectorized_map).
+
+    Every batch has `batch_size` rows, a short last one padded with copies of its first row that
+    count for nothing: one input shape, one trace. (Batches of other sizes retrace to an unknown
+    batch size, which tf.vectorized_map mis-vectorises for the recommender: a batch of one row
+    after a longer one failed in a shape check.)
+    """
     variables = model.global_variables
     totals = [np.zeros(v.shape, np.float64) for v in variables]
     summed = _summed_squared_gradients(model)
     for start in range(0, len(x), batch_size):
-        parts = summed(tf.convert_to_tensor(x[start:start + batch_size], tf.float32),
-                       tf.convert_to_tensor(y[start:start + batch_size], tf.int32))
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        counted = np.arange(batch_size) < len(yb)
+        padding = np.zeros(batch_size - len(yb), np.int64)
+        parts = summed(tf.convert_to_tensor(np.concatenate([xb, xb[padding]]), tf.float32),
+                       tf.convert_to_tensor(np.concatenate([yb, yb[padding]]), tf.int32),
+                       tf.convert_to_tensor(counted, tf.float32))
         for total, part in zip(totals, parts):
             total += part.numpy()
     return {v.path: (t / max(len(x), 1)).astype(np.float32) for v, t in zip(variables, totals)}
@@ -181,8 +191,8 @@ def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size
 
 @functools.cache
 def _summed_squared_gradients(model: EWCModel):
-    """A traced function of (x, y) -> per global variable, the sum over samples of squared gradients;
-    made once per model, so later rounds reuse its trace."""
+    """A traced function of (x, y, counted) -> per global variable, the sum over the counted
+    samples of squared gradients; made once per model, so later rounds reuse its trace."""
     variables = model.global_variables
 
     def one(sample):
@@ -192,8 +202,8 @@ def _summed_squared_gradients(model: EWCModel):
         # an embedding's gradient is sparse (the rows the sample uses): made dense to be squared
         return [tf.convert_to_tensor(g) for g in tape.gradient(nll, variables)]
 
-    @tf.function(reduce_retracing=True)
-    def summed(xb, yb):
-        return [tf.reduce_sum(tf.square(g), axis=0) for g in tf.vectorized_map(one, (xb, yb))]
+    @tf.function
+    def summed(xb, yb, counted):
+        return [tf.tensordot(counted, tf.square(g), axes=1) for g in tf.vectorized_map(one, (xb, yb))]
 
     return summed

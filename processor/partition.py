@@ -56,10 +56,11 @@ def skewed(labels: np.ndarray, num_clients: int, seed: int, majority: float = 0.
     return [np.sort(np.concatenate(chunks)) for chunks in parts]
 
 
-def minority_classes(labels: np.ndarray, num_clients: int, client_id: int) -> np.ndarray:
-    """The classes a client holds little of under `skewed`: every group but its own."""
-    groups = np.array_split(np.unique(labels), num_clients)
-    return np.concatenate([g for k, g in enumerate(groups) if k != client_id])
+def scarce_classes(shard_labels: np.ndarray, classes: np.ndarray, share: float) -> np.ndarray:
+    """The `classes` that make up less than `share` of a client's labels `shard_labels`: what it
+    holds little of (under `skewed`, every group but its own)."""
+    counts = np.array([np.sum(shard_labels == c) for c in classes])
+    return classes[counts < share * max(len(shard_labels), 1)]
 
 
 def by_group(groups: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:

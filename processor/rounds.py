@@ -1,7 +1,8 @@
 """The steps of a round, shared by the apps, the simulation and the benchmarks.
 
 The organization: `initial_model`, `make_base` (weights + Fisher), `aggregate`.
-A client: `local_update` (train from the base with EWC, return the delta).
+A client: `local_update` (train from the base with the plan's penalty, return the delta; for
+FedCurv also its curvature statistics, which the organization sums with `penalty.summed`).
 
 Weights here are the task's global tensors (`Task.spec`). A device's private tensors (its users'
 state, `Task.private_spec`) go into its training and come back beside the delta, never in it.
@@ -16,7 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from processor import aggregate as agg
+from processor import penalty
 from processor.ewc import fisher_diagonal, get_weights, set_weights
+from processor.penalty import Curvature
 from processor.tasks import Task
 from processor.training import TrainingSettings
 from processor.weights import Weights
@@ -41,6 +44,7 @@ class LocalResult:
     num_samples: int
     metrics_before: dict[str, float]  # base model on the client's own data
     metrics_after: dict[str, float]  # locally trained model on the client's own data
+    curvature: Curvature | None = None  # with the fedcurv regularizer: what the client adds to the round's sum
 
 
 def initial_model(task: Task, seed: int = 0, pretrain_epochs: int = 0,
@@ -71,16 +75,23 @@ def make_base(task: Task, weights: Weights) -> Base:
     """The base model of a round: `weights` with their Fisher on the organization's validation data
     (its users unknown to the model: no private state)."""
     data = task.data()
+    return Base(weights, fisher_of(task, weights, data.x_val, data.y_val))
+
+
+def fisher_of(task: Task, weights: Weights, x: np.ndarray, y: np.ndarray, private: Weights | None = None) -> Weights:
+    """The Fisher of the global `weights` (with a device's `private` tensors, zero when None) on (x, y)."""
     with task.lock:
         model = task.model()
-        set_weights(model, {**weights, **task.initial_private()})
-        return Base(weights, fisher_diagonal(model, data.x_val, data.y_val))
+        set_weights(model, {**weights, **(task.initial_private() if private is None else private)})
+        return fisher_diagonal(model, x, y)
 
 
 def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, training: TrainingSettings,
-          seed: int, progress: ProgressFn | None = None, private: Weights | None = None) -> Weights:
+          seed: int, progress: ProgressFn | None = None, private: Weights | None = None,
+          others: Curvature | None = None) -> Weights:
     """SGD from `weights` and the device's `private` tensors (zero when None) on (x, y), with the
-    EWC penalty anchored at `weights`; the trained tensors, global and private.
+    plan's penalty (`penalty.quadratic`: `fisher` is the base's on the organization's data, `others`
+    the other clients' FedCurv statistics of the last round); the trained tensors, global and private.
 
     Every epoch visits the samples in a new order drawn from `seed` alone.
     """
@@ -90,7 +101,7 @@ def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.nd
     with task.lock:
         model = task.model()
         set_weights(model, {**weights, **(task.initial_private() if private is None else private)})
-        model.set_anchor(weights, fisher, training.ewc_lambda)
+        model.set_anchor(*penalty.quadratic(training.regularizer, weights, fisher, others), training.ewc_lambda)
         model.optimizer.learning_rate = training.learning_rate
         batches_per_epoch = -(-len(y) // training.batch_size)
         for epoch in range(training.epochs):
@@ -124,14 +135,17 @@ class BatchProgress(keras.callbacks.Callback):
 
 def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray,
                  training: TrainingSettings, seed: int, progress: ProgressFn | None = None,
-                 private: Weights | None = None) -> LocalResult:
+                 private: Weights | None = None, others: Curvature | None = None) -> LocalResult:
     """A client's round: train from the base and its `private` tensors (zero when None) on local
-    data with EWC; the delta of the global tensors, and the private ones trained."""
-    local = train(task, base_weights, fisher, x, y, training, seed, progress, private)
+    data with the plan's penalty (as `train`); the delta of the global tensors, and the private
+    ones trained. With FedCurv, also the client's statistics: the base's Fisher on its data."""
+    own_fisher = fisher_of(task, base_weights, x, y, private) if training.regularizer == "fedcurv" else None
+    local = train(task, base_weights, fisher, x, y, training, seed, progress, private, others)
     trained_global, trained_private = shared(task, local), private_part(task, local)
     return LocalResult(delta=agg.subtract(trained_global, base_weights), private=trained_private,
                        num_samples=int(len(y)), metrics_before=task.evaluate(base_weights, x, y, private),
-                       metrics_after=task.evaluate(trained_global, x, y, trained_private))
+                       metrics_after=task.evaluate(trained_global, x, y, trained_private),
+                       curvature=None if own_fisher is None else penalty.curvature(own_fisher, trained_global))
 
 
 def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], method: str = "fedavg",

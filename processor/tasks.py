@@ -232,15 +232,28 @@ class Task:
         """A device's private tensors before it has trained: zero, for users it has never seen."""
         return {n: np.zeros(shape, np.float32) for n, shape in self.private_spec.items()}
 
-    def client_data(self, client_id: int, num_clients: int, scheme: str | None = None, seed: int = 0,
-                    alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-        """Client `client_id`'s share of the training pool: its device's local data."""
+    def client_index(self, client_id: int, num_clients: int, scheme: str | None = None, seed: int = 0,
+                     alpha: float = 0.5) -> np.ndarray:
+        """Which rows of the training pool are client `client_id`'s share."""
         if not 0 <= client_id < num_clients:
             raise ValueError(f"client id {client_id} is not in 0..{num_clients - 1}")
         data = self.data()
-        parts = partition.split(scheme or self.default_partition, data.y_train, num_clients, seed,
-                                alpha=alpha, groups=data.groups_train)
-        return self.device_rows(data, parts[client_id])
+        return partition.split(scheme or self.default_partition, data.y_train, num_clients, seed,
+                               alpha=alpha, groups=data.groups_train)[client_id]
+
+    def client_data(self, client_id: int, num_clients: int, scheme: str | None = None, seed: int = 0,
+                    alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+        """Client `client_id`'s share of the training pool: its device's local data."""
+        return self.device_rows(self.data(), self.client_index(client_id, num_clients, scheme, seed, alpha))
+
+    def periods(self, count: int) -> np.ndarray:
+        """The period (0 to `count` - 1) of each row of the training pool, for a continual schedule:
+        the classes cut into `count` groups in label order, so each period brings new classes."""
+        labels = self.data().y_train
+        period = np.zeros(len(labels), np.int64)
+        for p, group in enumerate(np.array_split(np.unique(labels), count)):
+            period[np.isin(labels, group)] = p
+        return period
 
     def device_rows(self, data: TaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The training pool's rows `index` as one device holds them."""
@@ -315,6 +328,11 @@ class RecommenderTask(Task):
                              "deal the users to more clients")
         return with_user_slots(data.x_train[index], data.groups_train[index]), data.y_train[index]
 
+    def periods(self, count: int) -> np.ndarray:
+        """The period of each row of the training pool: the ratings cut in time order (the pool's
+        order) into `count` slices of equal size."""
+        return np.arange(len(self.data().y_train)) * count // len(self.data().y_train)
+
     def device_holdout(self, x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Each user's latest ratings (its last rows, a fifth of them) held out: the model is
         measured on what the user rated next, never on a rating older than those it trained on."""
@@ -338,8 +356,9 @@ def latest_split(users: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nda
 INTEREST_LABELS = ("not interested", "interested")  # a rating below 4, and of 4 or 5
 INTEREST_SIDE = 2 + 21 + 19 + 2  # age, gender, 21 occupations, 19 genres, year, unknown year
 INTEREST_ITEMS = 1683  # MovieLens-100K's item ids run from 1 to 1682
-# The plan benchmarks/interest.py measured for the recommender (the MLP tasks' plan learns it slowly).
-INTEREST_PLAN = TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0)
+# The plan benchmarks/interest.py measured for the recommender (the MLP tasks' plan learns it slowly);
+# FedProx's small pull towards the base keeps improving it after plain FedAvg's peak (benchmarks/README.md).
+INTEREST_PLAN = TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0, regularizer="fedprox", ewc_lambda=0.01)
 
 
 def interest_task(loader: Callable[[], TaskData] = load_interest, side: int = INTEREST_SIDE,

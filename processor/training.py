@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 
 UPDATE_DTYPES = ("float16", "float32")  # processor.codec.STORED_DTYPES, without loading the codec
+REGULARIZERS = ("ewc", "fedprox", "fedcurv")  # processor.penalty.REGULARIZERS, without loading NumPy
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class TrainingSettings:
     epochs: int = 1  # local epochs per round
     batch_size: int = 32
     learning_rate: float = 0.05  # of plain SGD
-    ewc_lambda: float = 0.0  # strength of the EWC penalty; 0 = plain FedAvg local training
+    ewc_lambda: float = 0.0  # strength of the penalty; 0 = plain FedAvg local training
+    regularizer: str = "ewc"  # what the penalty pulls towards, and how hard per coordinate: processor.penalty
     update_dtype: str = "float16"  # of the published delta: half float32's bytes, no accuracy cost measured
 
     def __post_init__(self) -> None:
@@ -26,6 +28,8 @@ class TrainingSettings:
         if not self.learning_rate > 0 or self.ewc_lambda < 0:
             raise ValueError(f"the learning rate must be positive and the EWC lambda not negative, got "
                              f"{self.learning_rate} and {self.ewc_lambda}")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"unknown regularizer {self.regularizer!r}; choose one of {', '.join(REGULARIZERS)}")
         if self.update_dtype not in UPDATE_DTYPES:
             raise ValueError(f"unsupported update dtype {self.update_dtype!r}; "
                              f"choose one of {', '.join(UPDATE_DTYPES)}")
@@ -33,8 +37,8 @@ class TrainingSettings:
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser, defaults: "TrainingSettings | None" = None,
                   exclude: tuple[str, ...] = (), plans: "dict[str, TrainingSettings] | None" = None) -> None:
-        """--epochs, --batch-size, --learning-rate, --ewc-lambda and --update-dtype (but those named
-        in `exclude`), with the values of `defaults` (TrainingSettings() by default). With `plans`
+        """--epochs, --batch-size, --learning-rate, --ewc-lambda, --regularizer and --update-dtype (but
+        those named in `exclude`), with the values of `defaults` (TrainingSettings() by default). With `plans`
         (each task's own plan, by name), a flag not given is None, its help lists the tasks' values,
         and `from_args` takes the task's plan for it."""
         default = defaults or TrainingSettings()
@@ -42,14 +46,18 @@ class TrainingSettings:
             "epochs": ("--epochs", int, "local epochs per round"),
             "batch_size": ("--batch-size", int, "local batch size"),
             "learning_rate": ("--learning-rate", float, "SGD learning rate"),
-            "ewc_lambda": ("--ewc-lambda", float, "EWC strength (0 = plain FedAvg local training)"),
+            "ewc_lambda": ("--ewc-lambda", float, "strength of the penalty (0 = plain FedAvg local training)"),
+            "regularizer": ("--regularizer", str, "the penalty: ewc (the organization's Fisher, anchored at the "
+                                                  "base), fedprox (uniform), fedcurv (the last round's clients' "
+                                                  "Fishers, anchored at their weights)"),
             "update_dtype": ("--update-dtype", str, "dtype of the published update: float16 halves its bytes "
                                                     "(no accuracy cost measured: benchmarks/update_size.py)"),
         }
+        choices = {"regularizer": REGULARIZERS, "update_dtype": UPDATE_DTYPES}
         for name, (flag, kind, text) in helps.items():
             if name in exclude:
                 continue
-            extra = {"choices": UPDATE_DTYPES} if name == "update_dtype" else {}
+            extra = {"choices": choices[name]} if name in choices else {}
             if plans:
                 by_task = ", ".join(f"{task} {getattr(plan, name)}" for task, plan in plans.items())
                 parser.add_argument(flag, dest=name, type=kind, default=None,
@@ -80,7 +88,8 @@ class TrainingSettings:
             values = None
         if not isinstance(values, dict):
             raise ValueError("the training plan is not a JSON object of at most 1000 characters")
-        kinds = {"epochs": int, "batch_size": int, "learning_rate": float, "ewc_lambda": float, "update_dtype": str}
+        kinds = {"epochs": int, "batch_size": int, "learning_rate": float, "ewc_lambda": float, "regularizer": str,
+                 "update_dtype": str}
         if set(values) != set(kinds):
             raise ValueError(f"the training plan has the fields {sorted(values)}, expected {sorted(kinds)}")
         for name, kind in kinds.items():

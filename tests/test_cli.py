@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import requests
@@ -210,17 +211,18 @@ def test_run_clients_takes_part_from_each_devices_own_account_once_enrolled_and_
 
 def test_an_unset_training_flag_takes_the_tasks_plan():
     """The interest task's recommender trains by its own measured plan unless a flag says otherwise."""
-    from processor.tasks import TASKS
     from processor.training import TrainingSettings
 
     def plan_of(argv: list[str]) -> TrainingSettings:
         parser = argparse.ArgumentParser()
         parser.add_argument("--task")
         TrainingSettings.add_flags(parser, plans=run.TASK_PLANS)
-        args = parser.parse_args(argv)
-        return TrainingSettings.from_args(args, base=TASKS[args.task].plan)
+        return run.plan_from(parser.parse_args(argv))
 
-    assert plan_of(["--task", "interest"]) == TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0)
+    interest = TrainingSettings(epochs=3, batch_size=64, learning_rate=1.0, regularizer="fedprox", ewc_lambda=0.01)
+    assert plan_of(["--task", "interest"]) == interest
     assert plan_of(["--task", "mnist"]) == TrainingSettings()
-    assert plan_of(["--task", "interest", "--epochs", "1"]) == TrainingSettings(epochs=1, batch_size=64,
-                                                                                learning_rate=1.0)
+    assert plan_of(["--task", "interest", "--epochs", "1"]) == replace(interest, epochs=1)
+    assert plan_of(["--task", "mnist", "--regularizer", "fedprox"]) == TrainingSettings(regularizer="fedprox")
+    with pytest.raises(SystemExit, match="simulation only"):  # the apps would train it as plain FedAvg
+        plan_of(["--task", "mnist", "--regularizer", "fedcurv"])

@@ -232,11 +232,14 @@ def test_a_base_model_carries_the_rounds_training_plan():
     (None, "carries no training plan"),
     ("[1]", "not a JSON object"),
     ('{"epochs": 1}', "has the fields"),
-    ('{"epochs": "1", "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "float16"}',
+    ('{"epochs": "1", "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "regularizer": "ewc", '
+     '"update_dtype": "float16"}',
      "epochs is '1', not a int"),
-    ('{"epochs": 0, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "float16"}',
+    ('{"epochs": 0, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "regularizer": "ewc", '
+     '"update_dtype": "float16"}',
      "must be at least 1"),
-    ('{"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "update_dtype": "int4"}',
+    ('{"epochs": 1, "batch_size": 32, "learning_rate": 0.05, "ewc_lambda": 0, "regularizer": "ewc", '
+     '"update_dtype": "int4"}',
      "unsupported update dtype"),
 ])
 def test_a_plan_that_does_not_fit_its_schema_is_refused(plan, message):

@@ -36,7 +36,9 @@ def test_skewed_split_is_the_originals_90_10_split_for_two_clients():
     low_b = np.isin(LABELS[b], range(5)).mean()
     assert low_a == pytest.approx(0.9, abs=0.01)
     assert low_b == pytest.approx(0.1, abs=0.01)
-    np.testing.assert_array_equal(partition.minority_classes(LABELS, 2, 0), np.arange(5, 10))
+    classes = np.unique(LABELS)
+    np.testing.assert_array_equal(partition.scarce_classes(LABELS[a], classes, share=0.05), np.arange(5, 10))
+    np.testing.assert_array_equal(partition.scarce_classes(LABELS[b], classes, share=0.05), np.arange(5))
 
 
 def test_small_alpha_concentrates_labels():

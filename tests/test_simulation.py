@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from processor import rounds
-from processor.simulation import SimulationConfig, simulate
-from processor.tasks import get_task, interest_task
+from processor.simulation import RoundRecord, SimulationConfig, SimulationResult, simulate
+from processor.tasks import ITEM_COLUMN, get_task, interest_task
 from processor.training import TrainingSettings
 from tests.fixtures.movielens import write_copy
 
@@ -96,3 +96,50 @@ def test_private_user_state_tells_users_apart_where_the_global_model_cannot(tmp_
     assert with_state.federated["accuracy"] == 1.0 and with_state.pooled["auc"] == 1.0
     assert without_state.federated["accuracy"] < 0.75
     assert with_state.test["auc"] == without_state.test["auc"] == 0.5  # the panel's users are new to everyone
+
+
+def test_the_continual_schedule_deals_the_periods_in_time_order(tmp_path, monkeypatch):
+    # every user rates every film, films in id order over time: a row's film id tells its time
+    write_copy(tmp_path, users=12, items=9, rating=lambda u, i: 5 if (u + i) % 2 else 1,
+               profile=lambda u: (20 + u, "M", "writer"))
+    task = get_task("interest", data_path=tmp_path)
+    period, films = task.periods(3), task.data().x_train[:, ITEM_COLUMN]
+    assert np.all(np.diff(period) >= 0) and np.bincount(period).min() >= len(period) // 3
+    for p in range(2):
+        assert films[period == p].max() <= films[period == p + 1].min()
+
+    trained = []
+    original = rounds.local_update
+
+    def spy(task, base_weights, fisher, x, *args, **kwargs):
+        trained.append(x[:, ITEM_COLUMN])
+        return original(task, base_weights, fisher, x, *args, **kwargs)
+
+    monkeypatch.setattr(rounds, "local_update", spy)
+    config = SimulationConfig(num_clients=2, rounds=6, periods=3, partition="by-user", holdout=True,
+                              training=TrainingSettings(learning_rate=0.5))
+    result = simulate(task, config)
+    assert [r.period for r in result.rounds] == [config.period_of_round(r) for r in range(1, 7)] == [0, 0, 1, 1, 2, 2]
+    assert len(trained) == 12  # both clients hold ratings of every period
+    for call, seen in enumerate(trained):
+        p = call // 4
+        assert films[period == p].min() <= seen.min() and seen.max() <= films[period == p].max()
+    assert [len(r.per_period) for r in result.rounds] == [1, 1, 2, 2, 3, 3]
+
+
+def test_mnist_like_tasks_bring_new_classes_in_each_period():
+    task = get_task("digits")
+    np.testing.assert_array_equal(task.periods(5), task.data().y_train // 2)
+    with pytest.raises(ValueError, match="cannot cover"):
+        SimulationConfig(rounds=2, periods=3)
+
+
+def test_forgetting_is_the_fall_on_each_earlier_period_from_the_end_of_its_rounds():
+    def record(round_id, period, accuracies):
+        return RoundRecord(round_id, {}, period=period, per_period=[{"accuracy": a} for a in accuracies])
+
+    result = SimulationResult({}, [record(1, 0, [0.5]), record(2, 0, [0.9]), record(3, 1, [0.6, 0.8]),
+                                   record(4, 2, [0.7, 0.5, 0.9])], {})
+    assert result.forgetting("accuracy") == pytest.approx(((0.9 - 0.7) + (0.8 - 0.5)) / 2)
+    with pytest.raises(ValueError, match="two periods"):
+        SimulationResult({}, [record(1, 0, [0.5])], {}).forgetting("accuracy")

@@ -34,7 +34,24 @@ def test_the_update_dtypes_are_the_codecs():
 
 
 @pytest.mark.parametrize("changes", [{"epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0},
-                                     {"ewc_lambda": -1.0}, {"update_dtype": "int8"}])
+                                     {"ewc_lambda": -1.0}, {"regularizer": "l2"}, {"update_dtype": "int8"}])
 def test_impossible_settings_are_refused(changes):
     with pytest.raises(ValueError):
         TrainingSettings(**changes)
+
+
+def test_the_regularizer_round_trips_through_the_flags_and_the_plans_json():
+    chosen = TrainingSettings(ewc_lambda=0.1, regularizer="fedcurv")
+    assert TrainingSettings.from_args(parser().parse_args(chosen.as_flags())) == chosen
+    assert TrainingSettings.from_json(chosen.to_json()) == chosen
+    assert TrainingSettings().regularizer == "ewc"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--regularizer", "l2"])
+
+
+@pytest.mark.parametrize("value, message", [('"l2"', "unknown regularizer"), ("3", "not a str")])
+def test_a_plan_with_a_bad_regularizer_is_refused(value, message):
+    text = TrainingSettings().to_json().replace('"regularizer": "ewc"', f'"regularizer": {value}')
+    assert text != TrainingSettings().to_json()
+    with pytest.raises(ValueError, match=message):
+        TrainingSettings.from_json(text)
