@@ -1,8 +1,11 @@
 """A device's part in a secure-aggregation round (the stages are in infra.secure_round).
 
-Its ephemeral secrets live in this process's memory only, for the one round: never on disk, never
-derived from the account's key (revealing a dropped client's mask secret must reveal nothing else).
-Each call of `advance` takes the stages as far as the chain allows and says what it waits for.
+Its mask secret is ephemeral: made for the one round, in this process's memory only, never on disk
+and never derived from the account's key (revealing a dropped client's mask secret must reveal
+nothing else). The key its secret shares are encrypted to is its own for good, derived from the
+account's key (never revealed, and the same after a restart): once a round has published every
+client's, the next round's clients post their keys and their shares at once, without waiting for
+a key roster.
 """
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from eth_utils import to_checksum_address
+
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF
+from eth_account import Account
 
 from infra import chain
 from infra.secure_round import (
@@ -28,14 +35,22 @@ from processor import codec, secagg, secure_sum
 log = logging.getLogger("client.secure")
 
 
+def encryption_key_pair(account_key: str) -> secagg.KeyPair:
+    """The X25519 key pair a client's secret shares are encrypted to, derived from its account's key."""
+    secret = HKDF(Account.from_key(account_key).key, 32, salt=None, hashmod=SHA256,
+                  context=b"fl-secagg|share encryption key")
+    return secagg.KeyPair(secret, secagg.public_key(secret))
+
+
 @dataclass
 class SecureParty:
     """This device in one secure round."""
     round_id: int
     base_cid: str
-    encryption: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
+    encryption: secagg.KeyPair
     mask: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
     info: chain.RoundInfo | None = None  # the round as read once: its start block bounds its messages
+    known_keys: dict[str, bytes] | None = None  # encryption keys the previous round published, by client
     submitted: bool = False
     revealed: bool = False
 
@@ -54,16 +69,32 @@ def post_keys(registry: chain.Registry, key: str, party: SecureParty) -> None:
     registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS, payload)
 
 
-def post_shares(registry: chain.Registry, store, key: str, me: str, party: SecureParty, view: SecureRoundView,
-                threshold: int) -> None:
-    """Split the mask secret among the key roster (t of n recover it), each share sealed to its holder."""
-    holders = view.key_roster
-    shares = secagg.split_secret(party.mask.secret, holders, threshold)
+def previous_keys(registry: chain.Registry, round_id: int) -> dict[str, bytes]:
+    """The encryption keys the clients of round `round_id` - 1 posted (none before round 2)."""
+    if round_id < 2:
+        return {}
+    view = read_view(registry, registry.round(round_id - 1))
+    return {client: keys.encryption for client, keys in view.keys.items()}
+
+
+def share_holders(party: SecureParty, view: SecureRoundView, me: str, threshold: int) -> dict[str, bytes]:
+    """Who this client's shares go to, with their encryption keys: the key roster once posted; before,
+    the clients this round invites whose keys the previous round published, if they reach the
+    threshold (and this client is one of them); else none yet (the key roster is awaited)."""
+    if view.key_roster is not None:
+        return {client: view.keys[client].encryption for client in view.key_roster}
+    invited = {client: key for client, key in (party.known_keys or {}).items() if party.info.invites(client)}
+    return invited if me in invited and len(invited) >= threshold else {}
+
+
+def post_shares(registry: chain.Registry, store, key: str, me: str, party: SecureParty,
+                holders: dict[str, bytes], threshold: int) -> None:
+    """Split the mask secret among `holders` (t of them recover it), each share sealed to its holder's key."""
+    shares = secagg.split_secret(party.mask.secret, list(holders), threshold)
     share_context = context(registry.address, party.round_id, "shares")
-    sealed = {holder: secagg.seal(secagg.shared_key(party.encryption.secret, view.keys[holder].encryption,
-                                                    share_context),
+    sealed = {holder: secagg.seal(secagg.shared_key(party.encryption.secret, public, share_context),
                                   shares[holder], share_associated(me, holder))
-              for holder in holders}
+              for holder, public in holders.items()}
     cid = store.add(encode_shares_file(SHARES_FORMAT, party.round_id, me, sealed))
     registry.post_round_message(key, party.round_id, chain.MessageKind.SHARES, cid.encode())
 
@@ -94,8 +125,8 @@ def roster_problem(view: SecureRoundView, me: str, threshold: int) -> str | None
             return f"the {name} roster names {len(roster)} clients, fewer than the threshold {threshold}"
         if any(client not in view.keys for client in roster):
             return f"the {name} roster names clients that posted no valid keys"
-    if view.mask_roster is not None and not set(view.mask_roster) <= set(view.key_roster or []):
-        return "the mask roster names clients that are not on the key roster"
+    if view.mask_roster is not None and any(client not in view.shares for client in view.mask_roster):
+        return "the mask roster names clients that posted no shares"
     return None
 
 

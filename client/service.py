@@ -119,6 +119,7 @@ class ClientService:
         self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
         self.agent = None  # the ClientAgent, when this device takes part by itself
         self.secure_party: secure_round.SecureParty | None = None  # its secrets in the current secure round
+        self.encryption = secure_round.encryption_key_pair(self.key)  # what secret shares are sealed to
 
     def _load_private(self) -> dict:
         """The private tensors this device saved, or zero ones (users it has not trained yet) when
@@ -362,30 +363,32 @@ class ClientService:
         registry, me, round_id = self.registry, self.address, opened.round_id
         party = self.secure_party
         if party is None or (party.round_id, party.base_cid) != (round_id, opened.base_cid):
-            party = self.secure_party = secure_round.SecureParty(round_id, opened.base_cid)
+            party = self.secure_party = secure_round.SecureParty(round_id, opened.base_cid, self.encryption)
         plan = self.base.privacy
         with timer.phase("chain"):
-            if party.info is None:  # where the round's messages start: read once
+            if party.info is None:  # read once: where the round's messages start, and the keys before it
                 party.info = registry.round(round_id)
+                party.known_keys = secure_round.previous_keys(registry, round_id)
             view = secure_round.read_view(registry, party.info)
         if me not in view.keys:
             if job is not None:
                 job.step = "keys"
             with timer.phase("chain"):
                 secure_round.post_keys(registry, self.key, party)
-        elif (view.keys[me].encryption, view.keys[me].mask) != (party.encryption.public, party.mask.public):
+        elif view.keys[me].mask != party.mask.public:
             return {"round": round_id, "left_out": "this client's keys for the round are not the ones it holds "
                                                    "(it restarted after posting them)"}
         problem = secure_round.roster_problem(view, me, plan.threshold)
         if problem:
             return {"round": round_id, "left_out": problem}
-        if view.key_roster is None:
-            return {"round": round_id, "waiting": "the organization's key roster"}
         if me not in view.shares:
+            holders = secure_round.share_holders(party, view, me, plan.threshold)
+            if not holders:
+                return {"round": round_id, "waiting": "the organization's key roster"}
             if job is not None:
                 job.step = "shares"
             with timer.phase("ipfs"):
-                secure_round.post_shares(registry, self.store, self.key, me, party, view, plan.threshold)
+                secure_round.post_shares(registry, self.store, self.key, me, party, holders, plan.threshold)
         if view.mask_roster is None:
             return {"round": round_id, "waiting": "the organization's mask roster"}
         # Trained once it is on the mask roster: the stages before take only the network's

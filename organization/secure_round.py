@@ -45,24 +45,32 @@ class StageWait:
     ends_at: float = 0.0
 
 
-def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str], threshold: int,
-                 stage_seconds: float, now: float) -> StageWait:
+def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str],
+                 previously_keyed: set[str], threshold: int, stage_seconds: float, now: float) -> StageWait:
     """Post the round's next roster once its stage is complete (every client expected has posted)
-    or has lasted `stage_seconds`; what the round waits for then."""
+    or has lasted `stage_seconds`; what the round waits for then.
+
+    When every invited client posted its (lasting) encryption key in the previous round
+    (`previously_keyed`), the clients share their secrets at once and no key roster is needed:
+    the one stage before masking waits for keys and shares together."""
     view = read_view(registry, info)
-    if view.key_roster is None:
+    at_once = all(client in previously_keyed for client in invited) and len(invited) >= threshold
+    if view.key_roster is None and not at_once:
         expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block
-        kind, what, roster = chain.MessageKind.KEY_ROSTER, "keys", "key roster"
+        kind, what, roster, missing = chain.MessageKind.KEY_ROSTER, "keys", "key roster", None
     elif view.mask_roster is None:
-        expected, posted, since = view.key_roster, [c for c in view.key_roster if c in view.shares], \
-            view.key_roster_block
-        kind, what, roster = chain.MessageKind.MASK_ROSTER, "secret shares", "mask roster"
+        expected = view.key_roster if view.key_roster is not None else invited
+        posted = [c for c in expected if c in view.shares and c in view.keys]
+        since = view.key_roster_block or info.start_block
+        kind, what, roster = chain.MessageKind.MASK_ROSTER, "keys and secret shares", "mask roster"
+        # messages still to come: each expected client's shares, and its keys too when no key roster asked them
+        missing = sum((c not in view.shares) + (view.key_roster is None and c not in view.keys) for c in expected)
     else:
         return StageWait("the masked updates")
     ends_at = block_time(registry, since) + stage_seconds
     if len(posted) < len(expected) and now < ends_at:
-        missing = len(expected) - len(posted)
-        return StageWait(f"{what} from {missing} of {len(expected)} clients", missing, ends_at)
+        return StageWait(f"{what} from {len(expected) - len(posted)} of {len(expected)} clients",
+                         missing if missing is not None else len(expected) - len(posted), ends_at)
     if len(posted) < threshold:
         return StageWait(f"{what} from at least {threshold} clients (the threshold); {len(posted)} came by the "
                          "stage's end: the round cannot be secure and will miss its quorum")

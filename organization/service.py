@@ -107,6 +107,7 @@ class OrganizationService:
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
         self._reveals_awaited_since: dict[int, float] = {}  # secure rounds waiting for revealed shares
+        self._previously_keyed: tuple[int, set[str]] = (0, set())  # a secure round's, and who posted keys before it
 
     # ---- state -------------------------------------------------------------------------
 
@@ -188,8 +189,13 @@ class OrganizationService:
         if invited is None:
             raise ActionError("secure aggregation needs the allowlist: under open enrolment no roster of "
                               "expected clients exists", 409)
+        registry = self.require_registry()
+        if self._previously_keyed[0] != info.round_id:  # read once a round
+            previous = secure_round.read_view(registry, registry.round(info.round_id - 1)).keys \
+                if info.round_id > 1 else {}
+            self._previously_keyed = (info.round_id, set(previous))
         with self._lock:
-            return secure_round.post_rosters(self.require_registry(), self.key, info, invited,
+            return secure_round.post_rosters(registry, self.key, info, invited, self._previously_keyed[1],
                                              self.config.privacy.threshold, self.config.stage_seconds, self.clock())
 
     def invited_clients(self, info: chain.RoundInfo) -> list[str] | None:

@@ -102,6 +102,17 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
     assert error <= quantization_error(), error
     assert org.history()["rounds"]["1"]["accepted"] == CLIENTS
 
+    # Round 2: every client's encryption key is known from round 1, so each posts its keys and its
+    # shares at once, and the organization posts the mask roster without a key roster.
+    assert all("mask roster" in state for state in stage(agents)), [a.state for a in agents]
+    assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
+    stage(agents)
+    expected = plain_mean(agents)
+    assert not runner.step() and registry.round(2).finalized, runner.state
+    kinds = [m.kind for m in registry.round_messages(registry.round(2))]
+    assert chain.MessageKind.KEY_ROSTER not in kinds and kinds.count(chain.MessageKind.MASK_ROSTER) == 1
+    assert merged_error(org, 2, expected) <= quantization_error()
+
 
 def test_a_client_that_drops_out_after_masking_is_recovered_from_the_others_shares(network):
     org, runner, agents, store = network["org"], network["runner"], network["agents"], network["store"]
@@ -135,4 +146,5 @@ def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(netw
     assert info.finalized and info.model_cid == info.base_cid and registry.current_round() == 2
     assert org.history()["rounds"]["1"]["missed_quorum"]
     org.clock = time.time
-    assert all(state.endswith("key roster") for state in stage(agents)), "round 2 starts its stages anew"
+    # round 2 starts its stages anew (keys and shares at once: round 1 published every encryption key)
+    assert all(state.endswith("mask roster") for state in stage(agents)), [a.state for a in agents]
