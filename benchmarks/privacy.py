@@ -1,8 +1,10 @@
-"""What client-level differential privacy costs in accuracy, in the one-process simulation.
+"""What privacy costs: client-level differential privacy's accuracy, in the one-process simulation,
+and secure aggregation's time and bytes on the full stack (benchmarks.secagg).
 
     python -m benchmarks.privacy --json [--epsilons 1 4 8] [--mnist-clients 1000] [--mnist-rounds 20]
         [--mnist-clip 3] [--mnist-server-rate 3] [--interest-clients 200] [--interest-rounds 5]
-        [--interest-clip 1.5] [--interest-server-rate 1] [--search-clients 100 250 500 1000] [--only mnist]
+        [--interest-clip 1.5] [--interest-server-rate 1] [--search-clients 100 250 500 1000]
+        [--secagg-counts 5 20] [--only mnist|interest|search|secagg]
 
 DP-FedAvg (processor.privacy): each client clips its delta to C and the round's sum carries Gaussian
 noise of std z * C, z calibrated so that the rounds spend epsilon at delta 1e-5 (dp-accounting's
@@ -27,6 +29,7 @@ merged as in a round without noise (sample-weighted): what clipping alone costs.
 are about the median norm of the clients' deltas in round 1 (mnist 2.9, interest 1.5).
 clients_for_3pp_at_eps8: the fewest mnist clients per round (of
 those tried, the training pool of 3,500 rows split among them) at which epsilon 8 costs at most 3 pp.
+secagg and sum_error: benchmarks.secagg's figures (its docstring says how each is measured).
 The last stdout line is the JSON.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from benchmarks import secagg
 from benchmarks.measure import log, report
 from processor import aggregate as agg
 from processor import batched_mlp, partition, privacy, rounds
@@ -144,7 +148,9 @@ def main() -> None:
     cli.add_argument("--interest-server-rate", type=float, default=1.0)
     cli.add_argument("--search-clients", type=int, nargs="+", default=[100, 250, 500, 1000],
                      help="mnist clients per round tried for clients_for_3pp_at_eps8")
-    cli.add_argument("--only", choices=["mnist", "interest", "search"], help="one part only")
+    cli.add_argument("--secagg-counts", type=int, nargs="+", default=list(secagg.COUNTS),
+                     help="clients of the full-stack rounds with and without secure aggregation")
+    cli.add_argument("--only", choices=["mnist", "interest", "search", "secagg"], help="one part only")
     cli.add_argument("--local-dp", action="store_true",
                      help="each client adds the whole noise to its public delta (no secure aggregation)")
     args = cli.parse_args()
@@ -159,6 +165,8 @@ def main() -> None:
         result["dp"]["interest"] = cost_table("interest", interest_accuracy, args.epsilons, args.interest_clients,
                                               args.interest_rounds, args.interest_clip, args.interest_server_rate,
                                               args.local_dp)
+    if args.only in (None, "secagg"):
+        result.update(secagg.measure(args.secagg_counts, rounds=3))
     report(result, args.json)
 
 

@@ -28,6 +28,7 @@ from infra.secure_round import (
     context,
     decode_shares_file,
     encode_shares_file,
+    shares_at_once,
     signed_keys,
 )
 from processor import codec, secagg, secure_sum
@@ -50,7 +51,8 @@ class SecureParty:
     encryption: secagg.KeyPair
     mask: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
     info: chain.RoundInfo | None = None  # the round as read once: its start block bounds its messages
-    known_keys: dict[str, bytes] | None = None  # encryption keys the previous round published, by client
+    # who its shares go to without a key roster, with their encryption keys (None: the roster decides)
+    holders: dict[str, bytes] | None = None
     submitted: bool = False
     revealed: bool = False
 
@@ -69,22 +71,24 @@ def post_keys(registry: chain.Registry, key: str, party: SecureParty) -> None:
     registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS, payload)
 
 
-def previous_keys(registry: chain.Registry, round_id: int) -> dict[str, bytes]:
-    """The encryption keys the clients of round `round_id` - 1 posted (none before round 2)."""
-    if round_id < 2:
-        return {}
-    view = read_view(registry, registry.round(round_id - 1))
-    return {client: keys.encryption for client, keys in view.keys.items()}
+def holders_at_once(registry: chain.Registry, info: chain.RoundInfo, invited: list[str],
+                    threshold: int) -> dict[str, bytes] | None:
+    """The clients round `info` invites, with the encryption keys they posted in the previous round,
+    when every one of them did (infra.secure_round.shares_at_once); else None."""
+    if info.round_id < 2:
+        return None
+    previous = read_view(registry, registry.round(info.round_id - 1)).keys
+    if not shares_at_once(invited, previous, threshold):
+        return None
+    return {client: previous[client].encryption for client in invited}
 
 
-def share_holders(party: SecureParty, view: SecureRoundView, me: str, threshold: int) -> dict[str, bytes]:
-    """Who this client's shares go to, with their encryption keys: the key roster once posted; before,
-    the clients this round invites whose keys the previous round published, if they reach the
-    threshold (and this client is one of them); else none yet (the key roster is awaited)."""
+def share_holders(party: SecureParty, view: SecureRoundView) -> dict[str, bytes]:
+    """Who this client's shares go to, with their encryption keys: the key roster once posted, or
+    every invited client when the round needs none; else none yet (the key roster is awaited)."""
     if view.key_roster is not None:
         return {client: view.keys[client].encryption for client in view.key_roster}
-    invited = {client: key for client, key in (party.known_keys or {}).items() if party.info.invites(client)}
-    return invited if me in invited and len(invited) >= threshold else {}
+    return party.holders or {}
 
 
 def post_shares(registry: chain.Registry, store, key: str, me: str, party: SecureParty,

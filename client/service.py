@@ -120,6 +120,7 @@ class ClientService:
         self.agent = None  # the ClientAgent, when this device takes part by itself
         self.secure_party: secure_round.SecureParty | None = None  # its secrets in the current secure round
         self.encryption = secure_round.encryption_key_pair(self.key)  # what secret shares are sealed to
+        self._enrolment = chain.EnrolmentLog()  # who a secure round invites, from the chain's events
 
     def _load_private(self) -> dict:
         """The private tensors this device saved, or zero ones (users it has not trained yet) when
@@ -366,9 +367,11 @@ class ClientService:
             party = self.secure_party = secure_round.SecureParty(round_id, opened.base_cid, self.encryption)
         plan = self.base.privacy
         with timer.phase("chain"):
-            if party.info is None:  # read once: where the round's messages start, and the keys before it
+            if party.info is None:  # read once: where the round's messages start, and who it invites
                 party.info = registry.round(round_id)
-                party.known_keys = secure_round.previous_keys(registry, round_id)
+                self._enrolment.update(registry)
+                invited = [c for c in self._enrolment.clients_for(round_id) if party.info.invites(c)]
+                party.holders = secure_round.holders_at_once(registry, party.info, invited, plan.threshold)
             view = secure_round.read_view(registry, party.info)
         if me not in view.keys:
             if job is not None:
@@ -382,7 +385,7 @@ class ClientService:
         if problem:
             return {"round": round_id, "left_out": problem}
         if me not in view.shares:
-            holders = secure_round.share_holders(party, view, me, plan.threshold)
+            holders = secure_round.share_holders(party, view)
             if not holders:
                 return {"round": round_id, "waiting": "the organization's key roster"}
             if job is not None:

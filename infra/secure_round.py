@@ -83,6 +83,13 @@ def read_keys(payload: bytes, sender: str, registry_address: str, round_id: int)
     return PostedKeys(encryption, mask)
 
 
+def shares_at_once(invited: list[str], previously_keyed, threshold: int) -> bool:
+    """Whether a round's clients share their secrets without a key roster: every client it invites
+    posted its lasting encryption key in the previous round (`previously_keyed`), and they reach the
+    threshold. The organization and each client decide it alike, from the chain alone."""
+    return len(invited) >= threshold and all(client in previously_keyed for client in invited)
+
+
 def pack_roster(addresses: list[str]) -> bytes:
     """A roster message: the addresses, sorted, 20 bytes each."""
     return b"".join(bytes.fromhex(to_checksum_address(a)[2:]) for a in sorted(addresses, key=str.lower))

@@ -18,7 +18,14 @@ import numpy as np
 from eth_utils import to_checksum_address
 
 from infra import chain
-from infra.secure_round import REVEAL_FORMAT, SecureRoundView, context, decode_shares_file, pack_roster
+from infra.secure_round import (
+    REVEAL_FORMAT,
+    SecureRoundView,
+    context,
+    decode_shares_file,
+    pack_roster,
+    shares_at_once,
+)
 from processor import codec, secagg, secure_sum
 from processor.aggregate import apply_delta
 from processor.screen import Received, RoundMerge, Verdict
@@ -54,7 +61,7 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
     (`previously_keyed`), the clients share their secrets at once and no key roster is needed:
     the one stage before masking waits for keys and shares together."""
     view = read_view(registry, info)
-    at_once = all(client in previously_keyed for client in invited) and len(invited) >= threshold
+    at_once = shares_at_once(invited, previously_keyed, threshold)
     if view.key_roster is None and not at_once:
         expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block
         kind, what, roster, missing = chain.MessageKind.KEY_ROSTER, "keys", "key roster", None

@@ -24,10 +24,10 @@ THRESHOLD = 3
 CLIP = 2.0
 
 
-@pytest.fixture()
-def network(tmp_path, ganache_url, ipfs_api):
-    """An organization running secure rounds (threshold 3, 12 s, quorum 3) and four client agents;
-    no thread runs: the test takes their steps."""
+def make_network(tmp_path, ganache_url, ipfs_api, enrolled: int = CLIENTS) -> dict:
+    """An organization running secure rounds (threshold 3, 12 s, quorum 3) and four client agents,
+    the first `enrolled` of them enrolled before round 1 opens; no thread runs: the test takes
+    their steps."""
     plan = PrivacyPlan(clip_norm=CLIP, secure_aggregation=True, threshold=THRESHOLD)
     config = OrganizationConfig(task=TASK, training=TrainingSettings(epochs=2, learning_rate=0.1), privacy=plan,
                                 rules=chain.RoundRules(duration=12, quorum=THRESHOLD), stage_seconds=2.0)
@@ -38,10 +38,15 @@ def network(tmp_path, ganache_url, ipfs_api):
     runner = RoundRunner(org)
     agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in system.clients]
     assert not runner.step()  # deploys the registry
-    for agent in agents:
+    for agent in agents[:enrolled]:
         org.add_client(agent.service.address)
     assert not runner.step() and org.registry.current_round() == 1
     return {"org": org, "runner": runner, "agents": agents, "store": system.store}
+
+
+@pytest.fixture()
+def network(tmp_path, ganache_url, ipfs_api):
+    return make_network(tmp_path, ganache_url, ipfs_api)
 
 
 def stage(agents: list[ClientAgent]) -> list[str]:
@@ -54,8 +59,8 @@ def run_to_masked_updates(runner: RoundRunner, agents: list[ClientAgent], submit
     """Keys, key roster, shares, mask roster; then `submitting` submit their masked updates."""
     assert all("key roster" in state for state in stage(agents))  # keys posted
     assert not runner.step() and runner.state.endswith("waiting for the clients' secret shares"), runner.state
-    assert all("mask roster" in state for state in stage(agents))  # shares posted, then trained
-    assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
+    assert all("mask roster" in state for state in stage(agents))  # shares posted
+    assert not runner.step() and f"0 of {len(agents)} invited clients have submitted" in runner.state, runner.state
     stage(submitting)
 
 
@@ -148,3 +153,27 @@ def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(netw
     org.clock = time.time
     # round 2 starts its stages anew (keys and shares at once: round 1 published every encryption key)
     assert all(state.endswith("mask roster") for state in stage(agents)), [a.state for a in agents]
+
+
+def test_a_newcomer_brings_back_the_key_roster_so_that_every_client_holds_shares(tmp_path, ganache_url, ipfs_api):
+    """Round 2 invites a client that posted no encryption key in round 1: everyone then waits for
+    the key roster and shares with all four, so a dropout is recovered with the newcomer's help."""
+    network = make_network(tmp_path, ganache_url, ipfs_api, enrolled=3)
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    org.add_client(agents[3].service.address)  # during round 1: it takes part from round 2
+    run_to_masked_updates(runner, agents[:3], agents[:3])
+    assert not runner.step() and registry.round(1).finalized, runner.state
+    survivors, dropped = [agents[0], agents[3], agents[2]], agents[1]
+    run_to_masked_updates(runner, agents, survivors)
+    kinds = [m.kind for m in registry.round_messages(registry.round(2))]
+    assert kinds.count(chain.MessageKind.KEY_ROSTER) == 1
+    org.clock = lambda: time.time() + 15
+    assert not runner.step() and "secrets of 1 dropped clients" in runner.state, runner.state
+    stage([agents[3]])  # the newcomer's share alone would not do: the threshold is 3 of the survivors
+    stage(survivors[:1])
+    assert not runner.step() and not registry.round(2).finalized
+    stage(survivors[2:])
+    assert not runner.step() and registry.round(2).finalized, runner.state
+    assert merged_error(org, 2, plain_mean(survivors)) <= quantization_error()
+    assert dropped.service.secure_party.round_id == 2 and not dropped.service.secure_party.submitted
