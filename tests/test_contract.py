@@ -22,21 +22,6 @@ from tests.fixtures.chain import (
 BASE = cid_for("base")
 
 
-@pytest.fixture(scope="module")
-def w3():
-    return chain.connect(chain.EMBEDDED)
-
-
-@pytest.fixture()
-def registry(w3) -> chain.Registry:
-    """A fresh registry with clients 0-2 enrolled and round 1 open."""
-    registry = chain.deploy_registry(w3, ORG_KEY)
-    for address in CLIENTS[:3]:
-        registry.add_client(ORG_KEY, address)
-    registry.start_round(ORG_KEY, BASE)
-    return registry
-
-
 def test_embedded_chain_is_cached_and_funds_the_ganache_accounts(w3):
     assert chain.connect(chain.EMBEDDED) is w3
     for key in chain.DEV_KEYS:

@@ -22,21 +22,6 @@ from processor import secagg
 from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, cid_for, expect_revert
 
 
-@pytest.fixture(scope="module")
-def w3():
-    return chain.connect(chain.EMBEDDED)
-
-
-@pytest.fixture()
-def registry(w3) -> chain.Registry:
-    """Clients 0-2 enrolled, round 1 open."""
-    registry = chain.deploy_registry(w3, ORG_KEY)
-    for address in CLIENTS[:3]:
-        registry.add_client(ORG_KEY, address)
-    registry.start_round(ORG_KEY, cid_for("base"))
-    return registry
-
-
 def keys_of(registry: chain.Registry, k: int, round_id: int = 1) -> tuple[bytes, secagg.KeyPair, secagg.KeyPair]:
     encryption, mask = secagg.new_key_pair(), secagg.new_key_pair()
     return signed_keys(CLIENT_KEYS[k], registry.address, round_id, encryption.public, mask.public), encryption, mask
