@@ -150,12 +150,15 @@ class PrivacyPlan:
         """What a client does to its delta under this plan, in words."""
         if self.clip_norm == 0:
             return "published as trained (no differential privacy)"
+        masked = (f", then masked: only the sum of at least {self.threshold} clients' updates can be read"
+                  if self.secure_aggregation else "")
         noise = client_noise_std(self)
         if not noise:
-            return f"clipped to L2 norm {self.clip_norm:g}, no noise"
+            return f"clipped to L2 norm {self.clip_norm:g}, no noise{masked}"
         share = (f" (its share of the noise of std {self.noise_multiplier * self.clip_norm:.3g} on the sum of "
                  f"at least {self.threshold})") if self.secure_aggregation else ""
-        return f"clipped to L2 norm {self.clip_norm:g}, plus Gaussian noise of std {noise:.3g} per coordinate{share}"
+        return (f"clipped to L2 norm {self.clip_norm:g}, plus Gaussian noise of std {noise:.3g} per "
+                f"coordinate{share}{masked}")
 
 
 # ---- the mechanism ------------------------------------------------------------------------
