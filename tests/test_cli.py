@@ -41,6 +41,14 @@ PARSE_ONLY = ("import sys, run\n"
     (["app", "--node", "anvil"], "unrecognized arguments: --node"),
     (["app", "--noise-multiplier", "1"], "adds noise (noise_multiplier > 0) without a clip norm"),
     (["demo", "--private", "--dp-delta", "2"], "delta must lie in (0, 1)"),
+    (["app", "--secure-aggregation", "--threshold", "2"], "secure aggregation needs a clip norm"),
+    (["app", "--secure-aggregation", "--threshold", "2", "--dp-clip-norm", "1"], "give --rounds"),
+    (["app", "--secure-aggregation", "--threshold", "3", "--dp-clip-norm", "1", "--rounds", "3", "--quorum", "2"],
+     "--quorum 2 is below the secure aggregation threshold 3"),
+    (["app", "--secure-aggregation", "--threshold", "2", "--dp-clip-norm", "1", "--rounds", "3", "--quorum", "2",
+      "--open-enrolment"], "secure aggregation needs the allowlist"),
+    (["demo", "--private", "--drive"], "secure aggregation runs on the self-running network"),
+    (["demo", "--private", "--clients", "1"], "--clients 1 is fewer than the secure aggregation threshold 2"),
 ])
 def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
