@@ -81,6 +81,7 @@ def in_process(folder: Path) -> dict:
     from client.agent import ClientAgent
     from client.service import ClientConfig
     from organization.runner import RoundRunner
+    from organization.secure_round import read_view as secure_round_view
     from organization.service import OrganizationConfig
     from processor import codec
     from processor.privacy import PrivacyPlan
@@ -106,13 +107,14 @@ def in_process(folder: Path) -> dict:
 
         def secure_round(submitting: list[ClientAgent]) -> tuple[float, float]:
             """One round through its stages; the seconds of the survivors' reveals and of the merge."""
-            round_id = org.registry.current_round()
-            for _ in range(2):  # keys, then shares (and training): each followed by its roster
-                for agent in agents:
+            registry = org.registry
+            round_id = registry.current_round()
+            while registry.round(round_id).submissions < len(submitting):
+                masking = secure_round_view(registry, registry.round(round_id)).mask_roster is not None
+                for agent in submitting if masking else agents:  # the dropout posts its keys, never its update
                     agent.check_round()
-                runner.step()
-            for agent in submitting:
-                agent.check_round()
+                if registry.round(round_id).submissions < len(submitting):
+                    runner.step()  # the next roster
             revealing = 0.0
             if len(submitting) < len(agents):
                 org.clock = lambda: time.time() + 700  # past the deadline: closed with the survivors
@@ -125,7 +127,7 @@ def in_process(folder: Path) -> dict:
             runner.step()
             merging = time.perf_counter() - started
             org.clock = time.time
-            assert org.registry.round(round_id).finalized, runner.state
+            assert registry.round(round_id).finalized, runner.state
             return revealing, merging
 
         secure_round(agents)  # round 1 pays for first calls and traces

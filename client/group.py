@@ -3,7 +3,8 @@
 Each device is a ClientService and its ClientAgent, as in `run.py client`: its own key, its own
 partition of the data, its own calls to the chain and IPFS, its own activity log. They share what a
 process holds once: the chain connection, the IPFS client, the registry binding, TensorFlow and the
-task's model (training takes turns on it), and one AgentWatcher, so one subscription to the chain.
+task's model (training takes turns on it), what a secure round's devices read alike, and one
+AgentWatcher, so one subscription to the chain.
 One small app serves them all: GET /api/status lists each device's state.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, jsonify
 
 from client.agent import AgentWatcher, ClientAgent
+from client.secure_round import RoundFacts
 from client.service import ClientConfig, ClientService
 from infra import chain, webapp
 from infra.settings import Settings
@@ -37,7 +39,9 @@ class ClientGroup:
         if config.count < 1:
             raise ValueError(f"a group has at least one device, not {config.count}")
         first = config.first.client_id
-        self.services = [ClientService(settings, replace(config.first, client_id=k), w3, store, registry=registry)
+        facts = RoundFacts()  # a secure round's facts, read once for every device
+        self.services = [ClientService(settings, replace(config.first, client_id=k), w3, store, registry=registry,
+                                       round_facts=facts)
                          for k in range(first, first + config.count)]
         self.services[0].check_network()  # one task for the whole group: one device checks it
         self.agents = [ClientAgent(service, JobRunner()) for service in self.services]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,21 +67,45 @@ def share_associated(sender: str, holder: str) -> bytes:
     return f"{sender.lower()}->{holder.lower()}".encode()
 
 
-def post_keys(registry: chain.Registry, key: str, party: SecureParty) -> None:
+def post_keys(registry: chain.Registry, key: str, party: SecureParty, shares_cid: str | None = None) -> None:
+    """The round's signed keys; with `shares_cid`, the client's shares too, in the same message."""
     payload = signed_keys(key, registry.address, party.round_id, party.encryption.public, party.mask.public)
-    registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS, payload)
+    registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS,
+                                payload + (shares_cid.encode() if shares_cid else b""))
 
 
-def holders_at_once(registry: chain.Registry, info: chain.RoundInfo, invited: list[str],
-                    threshold: int) -> dict[str, bytes] | None:
-    """The clients round `info` invites, with the encryption keys they posted in the previous round,
-    when every one of them did (infra.secure_round.shares_at_once); else None."""
-    if info.round_id < 2:
-        return None
-    previous = read_view(registry, registry.round(info.round_id - 1)).keys
-    if not shares_at_once(invited, previous, threshold):
-        return None
-    return {client: previous[client].encryption for client in invited}
+class RoundFacts:
+    """What every device of a process reads alike of a secure round, read once for them all: where
+    its messages start (its start block and draw), and whom each client's shares go to when it
+    needs no key roster (every client it invites, from the enrolment events and the draw, with the
+    encryption key it posted in the round before), or None when it needs one
+    (infra.secure_round.shares_at_once)."""
+
+    def __init__(self) -> None:
+        self._enrolment = chain.EnrolmentLog()
+        self._round: tuple[tuple[str, int], chain.RoundInfo, dict[str, bytes] | None] | None = None
+        self._lock = threading.Lock()
+
+    def of(self, registry: chain.Registry, round_id: int, threshold: int) -> tuple[chain.RoundInfo,
+                                                                                   dict[str, bytes] | None]:
+        """Round `round_id`'s record (the parts that never change) and its holders at once."""
+        with self._lock:
+            key = (registry.address, round_id)
+            if self._round is None or self._round[0] != key:  # only the current round's are kept
+                info = registry.round(round_id)
+                self._round = (key, info, self._holders_at_once(registry, info, threshold))
+            return self._round[1], self._round[2]
+
+    def _holders_at_once(self, registry: chain.Registry, info: chain.RoundInfo,
+                         threshold: int) -> dict[str, bytes] | None:
+        if info.round_id < 2:
+            return None
+        self._enrolment.update(registry)
+        invited = [client for client in self._enrolment.clients_for(info.round_id) if info.invites(client)]
+        previous = read_view(registry, registry.round(info.round_id - 1)).keys
+        if not shares_at_once(invited, previous, threshold):
+            return None
+        return {client: previous[client].encryption for client in invited}
 
 
 def share_holders(party: SecureParty, view: SecureRoundView) -> dict[str, bytes]:
@@ -91,16 +116,16 @@ def share_holders(party: SecureParty, view: SecureRoundView) -> dict[str, bytes]
     return party.holders or {}
 
 
-def post_shares(registry: chain.Registry, store, key: str, me: str, party: SecureParty,
-                holders: dict[str, bytes], threshold: int) -> None:
-    """Split the mask secret among `holders` (t of them recover it), each share sealed to its holder's key."""
+def add_shares(registry: chain.Registry, store, me: str, party: SecureParty, holders: dict[str, bytes],
+               threshold: int) -> str:
+    """Split the mask secret among `holders` (t of them recover it), each share sealed to its
+    holder's key, into a file added to IPFS; its CID."""
     shares = secagg.split_secret(party.mask.secret, list(holders), threshold)
     share_context = context(registry.address, party.round_id, "shares")
     sealed = {holder: secagg.seal(secagg.shared_key(party.encryption.secret, public, share_context),
                                   shares[holder], share_associated(me, holder))
               for holder, public in holders.items()}
-    cid = store.add(encode_shares_file(SHARES_FORMAT, party.round_id, me, sealed))
-    registry.post_round_message(key, party.round_id, chain.MessageKind.SHARES, cid.encode())
+    return store.add(encode_shares_file(SHARES_FORMAT, party.round_id, me, sealed))
 
 
 def masked_update(registry: chain.Registry, task, party: SecureParty, me: str, view: SecureRoundView, delta,

@@ -94,7 +94,8 @@ class TrainedUpdate:
 
 class ClientService:
     def __init__(self, settings: Settings, config: ClientConfig, w3, store: ipfs.ContentStore,
-                 registry: chain.Registry | None = None) -> None:
+                 registry: chain.Registry | None = None,
+                 round_facts: secure_round.RoundFacts | None = None) -> None:
         self.settings = settings
         self.config = config
         self.task = get_task(config.task)
@@ -120,7 +121,8 @@ class ClientService:
         self.agent = None  # the ClientAgent, when this device takes part by itself
         self.secure_party: secure_round.SecureParty | None = None  # its secrets in the current secure round
         self.encryption = secure_round.encryption_key_pair(self.key)  # what secret shares are sealed to
-        self._enrolment = chain.EnrolmentLog()  # who a secure round invites, from the chain's events
+        # what a secure round's devices read alike (a group's devices share one)
+        self.round_facts = round_facts or secure_round.RoundFacts()
 
     def _load_private(self) -> dict:
         """The private tensors this device saved, or zero ones (users it has not trained yet) when
@@ -368,39 +370,45 @@ class ClientService:
         plan = self.base.privacy
         with timer.phase("chain"):
             if party.info is None:  # read once: where the round's messages start, and who it invites
-                party.info = registry.round(round_id)
-                self._enrolment.update(registry)
-                invited = [c for c in self._enrolment.clients_for(round_id) if party.info.invites(c)]
-                party.holders = secure_round.holders_at_once(registry, party.info, invited, plan.threshold)
+                party.info, party.holders = self.round_facts.of(registry, round_id, plan.threshold)
             view = secure_round.read_view(registry, party.info)
+        shared = me in view.shares
         if me not in view.keys:
             if job is not None:
                 job.step = "keys"
+            holders = secure_round.share_holders(party, view)
+            with timer.phase("ipfs"):  # sharing at once (no key roster): keys and shares in one message
+                cid = secure_round.add_shares(registry, self.store, me, party, holders, plan.threshold) \
+                    if holders else None
             with timer.phase("chain"):
-                secure_round.post_keys(registry, self.key, party)
+                secure_round.post_keys(registry, self.key, party, cid)
+            shared = cid is not None
         elif view.keys[me].mask != party.mask.public:
             return {"round": round_id, "left_out": "this client's keys for the round are not the ones it holds "
                                                    "(it restarted after posting them)"}
         problem = secure_round.roster_problem(view, me, plan.threshold)
         if problem:
             return {"round": round_id, "left_out": problem}
-        if me not in view.shares:
+        if not shared:
             holders = secure_round.share_holders(party, view)
             if not holders:
                 return {"round": round_id, "waiting": "the organization's key roster"}
             if job is not None:
                 job.step = "shares"
             with timer.phase("ipfs"):
-                secure_round.post_shares(registry, self.store, self.key, me, party, holders, plan.threshold)
-        if view.mask_roster is None:
-            return {"round": round_id, "waiting": "the organization's mask roster"}
-        # Trained once it is on the mask roster: the stages before take only the network's
-        # messages, and a device too slow to submit by the deadline is a dropout the others'
-        # shares recover, not a client that holds up the rosters.
+                cid = secure_round.add_shares(registry, self.store, me, party, holders, plan.threshold)
+            with timer.phase("chain"):
+                registry.post_round_message(self.key, round_id, chain.MessageKind.SHARES, cid.encode())
+        # Trained once its shares are out, while the others' come in: a device too slow to submit by
+        # the deadline is then a dropout the others' shares recover, not one that holds up the rosters.
         if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
             if job is not None:
                 job.step = "train"
             self.train(job, timer)
+            with timer.phase("chain"):  # the mask roster may have come meanwhile
+                view = secure_round.read_view(registry, party.info)
+        if view.mask_roster is None:
+            return {"round": round_id, "waiting": "the organization's mask roster"}
         if job is not None:
             job.step = "publish"
         with self._lock:

@@ -36,7 +36,7 @@ contract RoundRegistry {
     ///      is closed and until it is finalized (which clients dropped out is then fixed on chain:
     ///      those on the mask roster that submitted no update).
     enum MessageKind {
-        Keys, // a client's ephemeral public keys for the round, signed with its account's key
+        Keys, // a client's public keys for the round, signed with its account's key (and its Shares' CID)
         Shares, // CID of a client's Shamir shares of its mask secret, each encrypted to one peer
         KeyRoster, // the clients whose keys the round uses (packed 20-byte addresses)
         MaskRoster, // the clients whose shares arrived: they mask against each other and train

@@ -138,8 +138,12 @@ class SecureRoundView:
                 setattr(self, attribute, read_roster(message.payload))
                 setattr(self, f"{attribute}_block", message.block_number)
         elif kind == MessageKind.KEYS:
+            # keys, then the CID of the sender's shares when it shares at once (no key roster)
+            keys_length = 2 * KEY_BYTES + SIGNATURE_BYTES
             if sender not in self.keys:
-                self.keys[sender] = read_keys(message.payload, sender, registry_address, round_id)
+                self.keys[sender] = read_keys(message.payload[:keys_length], sender, registry_address, round_id)
+                if len(message.payload) > keys_length and sender not in self.shares:
+                    self.shares[sender] = read_cid(message.payload[keys_length:])
         else:
             posted = self.shares if kind == MessageKind.SHARES else self.reveals
             if sender not in posted:

@@ -116,6 +116,7 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
     assert not runner.step() and registry.round(2).finalized, runner.state
     kinds = [m.kind for m in registry.round_messages(registry.round(2))]
     assert chain.MessageKind.KEY_ROSTER not in kinds and kinds.count(chain.MessageKind.MASK_ROSTER) == 1
+    assert chain.MessageKind.SHARES not in kinds, "each client's shares came with its keys, in one message"
     assert merged_error(org, 2, expected) <= quantization_error()
 
 
