@@ -37,11 +37,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import replace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np
 
 from benchmarks import secagg
 from benchmarks.measure import log, report
