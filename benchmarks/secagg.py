@@ -81,7 +81,7 @@ def in_process(folder: Path) -> dict:
     from client.agent import ClientAgent
     from client.service import ClientConfig
     from organization.runner import RoundRunner
-    from organization.secure_round import read_view as secure_round_view
+    from infra.secure_round import SecureRoundView
     from organization.service import OrganizationConfig
     from processor import codec
     from processor.privacy import PrivacyPlan
@@ -110,7 +110,7 @@ def in_process(folder: Path) -> dict:
             registry = org.registry
             round_id = registry.current_round()
             while registry.round(round_id).submissions < len(submitting):
-                masking = secure_round_view(registry, registry.round(round_id)).mask_roster is not None
+                masking = SecureRoundView.of(registry, registry.round(round_id)).mask_roster is not None
                 for agent in submitting if masking else agents:  # the dropout posts its keys, never its update
                     agent.check_round()
                 if registry.round(round_id).submissions < len(submitting):

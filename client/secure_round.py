@@ -29,6 +29,7 @@ from infra.secure_round import (
     context,
     decode_shares_file,
     encode_shares_file,
+    keys_before,
     shares_at_once,
     signed_keys,
 )
@@ -56,10 +57,6 @@ class SecureParty:
     holders: dict[str, bytes] | None = None
     submitted: bool = False
     revealed: bool = False
-
-
-def read_view(registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
-    return SecureRoundView.read(registry.round_messages(info), registry.owner, registry.address, info.round_id)
 
 
 def share_associated(sender: str, holder: str) -> bytes:
@@ -102,7 +99,7 @@ class RoundFacts:
             return None
         self._enrolment.update(registry)
         invited = [client for client in self._enrolment.clients_for(info.round_id) if info.invites(client)]
-        previous = read_view(registry, registry.round(info.round_id - 1)).keys
+        previous = keys_before(registry, info.round_id)
         if not shares_at_once(invited, previous, threshold):
             return None
         return {client: previous[client].encryption for client in invited}
@@ -164,7 +161,7 @@ def reveal(registry: chain.Registry, store, key: str, me: str, party: SecurePart
     """Once the round is closed: decrypt and post this client's shares of the mask secrets of the
     clients on the mask roster that submitted nothing (the chain says which). Shares of a client
     that submitted are never revealed: with them the organization could unmask its update."""
-    view = read_view(registry, info)
+    view = SecureRoundView.of(registry, info)
     submitted = {to_checksum_address(s.client) for s in registry.logged_submissions(info)}
     dropped = view.dropped(submitted)
     revealed: dict[str, bytes] = {}

@@ -18,6 +18,7 @@ from eth_account import Account
 
 from client import secure_round
 from infra import chain, ipfs
+from infra.secure_round import SecureRoundView
 from infra.files import write_atomically
 from infra.settings import Settings
 from infra.webapp import (
@@ -371,7 +372,7 @@ class ClientService:
         with timer.phase("chain"):
             if party.info is None:  # read once: where the round's messages start, and who it invites
                 party.info, party.holders = self.round_facts.of(registry, round_id, plan.threshold)
-            view = secure_round.read_view(registry, party.info)
+            view = SecureRoundView.of(registry, party.info)
         shared = me in view.shares
         if me not in view.keys:
             if job is not None:
@@ -406,7 +407,7 @@ class ClientService:
                 job.step = "train"
             self.train(job, timer)
             with timer.phase("chain"):  # the mask roster may have come meanwhile
-                view = secure_round.read_view(registry, party.info)
+                view = SecureRoundView.of(registry, party.info)
         if view.mask_roster is None:
             return {"round": round_id, "waiting": "the organization's mask roster"}
         if job is not None:

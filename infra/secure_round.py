@@ -30,7 +30,7 @@ from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from typing import Annotated
 
-from infra.chain import MessageKind, RoundMessage
+from infra.chain import MessageKind, Registry, RoundInfo, RoundMessage
 
 KEY_BYTES = 32  # an X25519 public key
 SIGNATURE_BYTES = 65  # r, s, v of an account's signature
@@ -90,6 +90,12 @@ def shares_at_once(invited: list[str], previously_keyed, threshold: int) -> bool
     return len(invited) >= threshold and all(client in previously_keyed for client in invited)
 
 
+def keys_before(registry: Registry, round_id: int) -> dict[str, PostedKeys]:
+    """The keys posted in the round before `round_id` (none before round 2): whose lasting
+    encryption keys are known when round `round_id` opens."""
+    return SecureRoundView.of(registry, registry.round(round_id - 1)).keys if round_id > 1 else {}
+
+
 def pack_roster(addresses: list[str]) -> bytes:
     """A roster message: the addresses, sorted, 20 bytes each."""
     return b"".join(bytes.fromhex(to_checksum_address(a)[2:]) for a in sorted(addresses, key=str.lower))
@@ -116,6 +122,11 @@ class SecureRoundView:
     key_roster_block: int = 0
     mask_roster_block: int = 0
     ignored: list[str] = field(default_factory=list)  # why messages were not taken
+
+    @classmethod
+    def of(cls, registry: Registry, info: RoundInfo) -> "SecureRoundView":
+        """Round `info`'s messages as they stand on chain."""
+        return cls.read(registry.round_messages(info), registry.owner, registry.address, info.round_id)
 
     @classmethod
     def read(cls, messages: list[RoundMessage], owner: str, registry_address: str, round_id: int) -> "SecureRoundView":

@@ -35,10 +35,6 @@ from processor.weights import Weights
 log = logging.getLogger("organization.secure")
 
 
-def read_view(registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
-    return SecureRoundView.read(registry.round_messages(info), registry.owner, registry.address, info.round_id)
-
-
 def block_time(registry: chain.Registry, block_number: int) -> float:
     return float(registry.w3.eth.get_block(block_number)["timestamp"])
 
@@ -60,7 +56,7 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
     When every invited client posted its (lasting) encryption key in the previous round
     (`previously_keyed`), the clients share their secrets at once and no key roster is needed:
     the one stage before masking waits for keys and shares together."""
-    view = read_view(registry, info)
+    view = SecureRoundView.of(registry, info)
     at_once = shares_at_once(invited, previously_keyed, threshold)
     if view.key_roster is None and not at_once:
         expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block

@@ -31,6 +31,7 @@ from infra.webapp import (
     store_status,
 )
 from infra.secure_round import MAX_FILE_BYTES as MAX_REVEAL_BYTES
+from infra.secure_round import SecureRoundView, keys_before
 from organization import secure_round
 from organization.guide import organization_guide
 from processor import codec, privacy, rounds, secure_sum
@@ -178,7 +179,7 @@ class OrganizationService:
         """How many clients round `info` invites; None under open enrolment, where anyone may take part.
         A secure round expects the clients of its mask roster (None until it is posted)."""
         if self.config.privacy.secure_aggregation:
-            roster = secure_round.read_view(self.require_registry(), info).mask_roster
+            roster = SecureRoundView.of(self.require_registry(), info).mask_roster
             return None if roster is None else len(roster)
         invited = self.invited_clients(info)
         return None if invited is None else len(invited)
@@ -191,9 +192,7 @@ class OrganizationService:
                               "expected clients exists", 409)
         registry = self.require_registry()
         if self._previously_keyed[0] != info.round_id:  # read once a round
-            previous = secure_round.read_view(registry, registry.round(info.round_id - 1)).keys \
-                if info.round_id > 1 else {}
-            self._previously_keyed = (info.round_id, set(previous))
+            self._previously_keyed = (info.round_id, set(keys_before(registry, info.round_id)))
         with self._lock:
             return secure_round.post_rosters(registry, self.key, info, invited, self._previously_keyed[1],
                                              self.config.privacy.threshold, self.config.stage_seconds, self.clock())
@@ -475,7 +474,7 @@ class OrganizationService:
                       received: list[Received]) -> RoundMerge:
         """The secure round's merge; RoundWaiting while the dropped clients' shares may still be revealed."""
         round_id, plan = info.round_id, self.config.privacy
-        view = secure_round.read_view(registry, info)
+        view = SecureRoundView.of(registry, info)
         survivors = [to_checksum_address(r.client) for r in received]
         reveals = secure_round.read_reveals(view, survivors, round_id, lambda cid: self.store.get(
             cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
