@@ -183,9 +183,10 @@ class ClientAgent:
 
 class AgentWatcher:
     """One BlockWatcher for any number of agents on one chain connection: woken by a round's opening,
-    its closing and its secure-aggregation messages (the other clients' submissions do not concern them), it hands every look to each agent,
-    up to `parallel` at a time. Their training takes turns on the process's one model (the task's
-    lock); their IPFS and chain calls overlap it. A hundred agents thus cost one subscription."""
+    its closing and its secure-aggregation messages (the other clients' submissions do not concern
+    them), it hands every look to each agent, up to `parallel` at a time. Their training takes turns
+    on the process's one model (the task's lock); their IPFS and chain calls overlap it. A hundred
+    agents thus cost one subscription."""
 
     def __init__(self, agents: list[ClientAgent], poll_seconds: float = POLL_SECONDS, parallel: int = 1) -> None:
         self.agents = agents

@@ -18,8 +18,8 @@ from eth_account import Account
 
 from client import secure_round
 from infra import chain, ipfs
-from infra.secure_round import SecureRoundView
 from infra.files import write_atomically
+from infra.secure_round import SecureRoundView
 from infra.settings import Settings
 from infra.webapp import (
     ActionError,
@@ -335,14 +335,19 @@ class ClientService:
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
                                           dtype=self.trained.plan.update_dtype, evaluation=self.trained.evaluation)
-            with timer.phase("ipfs"):
-                cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
-            with timer.phase("chain"):
-                tx = self.registry.submit_update(self.key, round_id, cid, result.num_samples)
-            self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,
-                            "gas": tx.gas_used, "bytes": len(data)}
-            log.info("client %d: published %s (%d bytes) to round %d", self.config.client_id, cid, len(data), round_id)
-            return {**self.last_tx, "seconds": timer.as_dict()}
+            return {**self._submit(data, round_id, result.num_samples, timer), "seconds": timer.as_dict()}
+
+    def _submit(self, data: bytes, round_id: int, num_samples: int, timer: PhaseTimer, masked: bool = False) -> dict:
+        """Add the encoded update to IPFS and submit its CID to round `round_id` (under the lock)."""
+        with timer.phase("ipfs"):
+            cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
+        with timer.phase("chain"):
+            tx = self.registry.submit_update(self.key, round_id, cid, num_samples)
+        self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,
+                        "gas": tx.gas_used, "bytes": len(data), **({"masked": True} if masked else {})}
+        log.info("client %d: published %s%s (%d bytes) to round %d", self.config.client_id,
+                 "the masked update " if masked else "", cid, len(data), round_id)
+        return self.last_tx
 
     def participate(self, job: Job | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
         """Pull, train and publish; a failure at any step publishes nothing. `opened`: the round as
@@ -414,19 +419,12 @@ class ClientService:
             job.step = "publish"
         with self._lock:
             result = self.trained.result
-            bound = secure_sum.quantization_bound(plan.clip_norm, privacy.client_noise_std(plan))
             with timer.phase("encoding"):  # the delta is privatized already (train)
-                data = secure_round.masked_update(registry, self.task, party, me, view, result.delta, bound,
-                                                  result.num_samples)
-            with timer.phase("ipfs"):
-                cid = retrying(self.settings, "adding the update to IPFS", lambda: self.store.add(data))
-            with timer.phase("chain"):
-                tx = registry.submit_update(self.key, round_id, cid, result.num_samples)
+                data = secure_round.masked_update(registry, self.task, party, me, view, result.delta,
+                                                  secure_sum.quantization_bound(plan), result.num_samples)
+            submitted = self._submit(data, round_id, result.num_samples, timer, masked=True)
             party.submitted = True
-            self.last_tx = {"action": "submitUpdate", "round": round_id, "cid": cid, "tx": tx.tx_hash,
-                            "gas": tx.gas_used, "bytes": len(data), "masked": True}
-        log.info("client %d: published its masked update %s to round %d", self.config.client_id, cid, round_id)
-        return {**self.last_tx, **(self._trained_view() or {})}
+        return {**submitted, **(self._trained_view() or {})}
 
     def reveal(self, round_id: int) -> dict[str, Any]:
         """After a secure round this client submitted to has closed: reveal its shares of the mask

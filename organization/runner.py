@@ -125,7 +125,7 @@ class RoundRunner:
             return self._merge(current)  # or a secure round waiting for revealed shares
         secure = service.config.privacy.secure_aggregation
         stage = service.advance_secure_round(info) if secure and not info.past_deadline(service.clock()) else None
-        expected = service.expected_submissions(info)
+        expected = stage.expected if stage is not None else service.expected_submissions(info)
         everyone_in = expected is not None and info.submissions >= max(expected, 1)
         past_deadline = info.past_deadline(service.clock() - DEADLINE_MARGIN_SECONDS)
         if info.submissions >= info.quorum and (everyone_in or past_deadline):

@@ -42,10 +42,12 @@ def block_time(registry: chain.Registry, block_number: int) -> float:
 @dataclass(frozen=True)
 class StageWait:
     """What an open secure round waits for: in words, how many client messages (None: none, it
-    waits for updates), and when its stage ends regardless (unix seconds; 0: no such end)."""
+    waits for updates), when its stage ends regardless (unix seconds; 0: no such end), and the
+    updates it expects once its mask roster is posted (None before)."""
     text: str
     messages: int | None = None
     ends_at: float = 0.0
+    expected: int | None = None
 
 
 def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str],
@@ -70,7 +72,7 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
         # shares come in one message when there is no key roster); too few costs a look, too many a stall
         missing = sum(c not in view.shares for c in expected)
     else:
-        return StageWait("the masked updates")
+        return StageWait("the masked updates", expected=len(view.mask_roster))
     ends_at = block_time(registry, since) + stage_seconds
     if len(posted) < len(expected) and now < ends_at:
         return StageWait(f"{what} from {len(expected) - len(posted)} of {len(expected)} clients",
@@ -82,7 +84,7 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
     log.info("round %d: %s of %d clients posted (their %s came)", info.round_id, roster, len(posted), what)
     if kind == chain.MessageKind.KEY_ROSTER:
         return StageWait("the clients' secret shares", len(posted), now + stage_seconds)
-    return StageWait("the masked updates")
+    return StageWait("the masked updates", expected=len(posted))
 
 
 def recovered_secrets(view: SecureRoundView, dropped: list[str], reveals: dict[str, dict[str, bytes]],
@@ -133,12 +135,13 @@ def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received
     """Unmask the sum of the survivors' masked updates and add its mean to the base."""
     roster = view.mask_roster or []
     verdicts: dict[str, Verdict] = {}
-    survivors = [u for u in updates if to_checksum_address(u.client) in roster]
+    survivors = []
     for update in updates:
-        if update not in survivors:
+        if to_checksum_address(update.client) in roster:
+            survivors.append(update)
+        else:
             verdicts[update.client] = Verdict(False, "not on the round's mask roster: its masks cannot cancel")
-    survivor_set = {to_checksum_address(u.client) for u in survivors}
-    dropped = view.dropped(survivor_set)
+    dropped = view.dropped({to_checksum_address(u.client) for u in survivors})
 
     def refused(reason: str) -> SecureMerge:
         for update in survivors:

@@ -481,7 +481,7 @@ class OrganizationService:
         since = self._reveals_awaited_since.setdefault(round_id, self.clock())
         result = secure_round.merge_secure_round(
             self.task, base_weights, received, view, round_id, info.base_cid, registry.address, plan.threshold,
-            secure_sum.quantization_bound(plan.clip_norm, privacy.client_noise_std(plan)), reveals,
+            secure_sum.quantization_bound(plan), reveals,
             reveal_window_over=self.clock() >= since + self.config.stage_seconds)
         if result.waiting:
             raise RoundWaiting(f"round {round_id} waits for {result.waiting}")
