@@ -48,7 +48,6 @@ from processor.privacy import PrivacyPlan
 from processor.simulation import SimulationConfig, simulate
 from processor.tasks import get_task
 from processor.training import TrainingSettings
-from processor.weights import Weights
 
 DELTA = 1e-5
 # Local training of the mnist clients: a few samples each, so a few large steps.
@@ -77,20 +76,12 @@ def mnist_accuracy(clients: int, rounds_: int, plan: PrivacyPlan, server_rate: f
         if plan.is_dp:  # as simulation and screen merge a DP round: the plain mean, and here its noise
             mean = agg.weighted_mean(agg.unit_weights((d, 0) for d in deltas))
             # the clients' noise shares summed: N(0, n s^2), and the mean's a 1/n of it
-            mean = _plus_noise(mean, privacy.client_noise_std(plan) * math.sqrt(clients) / clients)
+            mean = privacy.with_noise(mean, privacy.client_noise_std(plan) * math.sqrt(clients) / clients)
         else:
             mean = agg.weighted_mean((d, len(y)) for d, (_, y) in zip(deltas, shards))
         weights = agg.apply_delta(weights, {name: server_rate * t for name, t in mean.items()})
     data = task.data()
     return task.evaluate(weights, data.x_test, data.y_test)["accuracy"]
-
-
-def _plus_noise(tensors: Weights, std: float) -> Weights:
-    noise = privacy.gaussian(sum(t.size for t in tensors.values()), std)
-    noised, start = {}, 0
-    for name, t in tensors.items():
-        noised[name], start = t + noise[start:start + t.size].reshape(t.shape), start + t.size
-    return noised
 
 
 def interest_accuracy(clients: int, rounds_: int, plan: PrivacyPlan, server_rate: float, seed: int = 0) -> float:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from processor.aggregate import clip_by_norm
-from processor.weights import Weights
+from processor.weights import Weights, flatten, unflatten
 
 MAX_JSON = 500  # characters of the plan in a base model's metadata
 # How far past its expected norm a client's noise may plausibly reach: a Gaussian vector's norm is
@@ -208,12 +208,13 @@ def privatize(delta: Weights, plan: PrivacyPlan) -> Weights:
     std = client_noise_std(plan)
     if std == 0:
         return {name: np.asarray(t, np.float32) for name, t in clipped.items()}
-    noise = gaussian(sum(t.size for t in clipped.values()), std)  # one draw for every tensor
-    noised, start = {}, 0
-    for name, t in clipped.items():
-        noised[name] = (t.astype(np.float32) + noise[start:start + t.size].reshape(t.shape))
-        start += t.size
-    return noised
+    return with_noise(clipped, std)
+
+
+def with_noise(tensors: Weights, std: float) -> Weights:
+    """`tensors` as float32, plus Gaussian noise of `std` on every value (one draw for them all)."""
+    flat = flatten(tensors).astype(np.float32)
+    return unflatten(flat + gaussian(flat.size, std), tensors)
 
 
 def max_update_norm(plan: PrivacyPlan, dimension: int) -> float:
