@@ -113,14 +113,8 @@ def wait_forever(what: str) -> None:
 
 
 def plan_from(args: argparse.Namespace) -> TrainingSettings:
-    """The round plan: the flags given, the task's own plan for the rest. FedCurv is refused: its
-    pull comes from the clients' curvature statistics, which the apps do not exchange (only the
-    simulation does), so it would train as plain FedAvg."""
-    plan = TrainingSettings.from_args(args, base=TASKS[args.task].plan)
-    if plan.regularizer == "fedcurv":
-        sys.exit("--regularizer fedcurv runs in the simulation only (benchmarks/forgetting.py): the apps do not "
-                 "exchange the clients' curvature statistics yet; choose ewc or fedprox")
-    return plan
+    """The round plan: the flags given, the task's own plan for the rest."""
+    return TrainingSettings.from_args(args, base=TASKS[args.task].plan)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -463,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(exc))
         if args.privacy.secure_aggregation:
             secure_aggregation_allowed(parser, args)
+        if hasattr(args, "regularizer") and args.privacy.is_private and plan_from(args).regularizer == "fedcurv":
+            parser.error("FedCurv cannot run in a private round: each client would publish the Fisher of its own "
+                         "data in the clear beside its protected update; choose --regularizer ewc or fedprox")
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     configure_logging(getattr(args, "verbose", False))
     if args.command in TENSORFLOW_COMMANDS:

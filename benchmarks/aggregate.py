@@ -51,7 +51,7 @@ def stream(pool: list[bytes], n: int) -> Iterator[bytes]:
 def fedavg(task: Task, blobs: Iterator[bytes]) -> agg.Weights:
     def decoded():
         for data in blobs:
-            delta, metadata = codec.decode_delta(task, data, expected_round=1, expected_base_cid="bafy-bench")
+            delta, metadata, _ = codec.decode_delta(task, data, expected_round=1, expected_base_cid="bafy-bench")
             yield delta, int(metadata["num_samples"])
     return agg.weighted_mean(decoded())
 

@@ -134,8 +134,8 @@ def in_process(folder: Path) -> dict:
         _, plain_merge = secure_round(agents)
         registry = org.registry
         round_id = registry.current_round() - 1
-        new, _, _ = codec.decode_model(org.task, org.store.get(registry.round(round_id).model_cid))
-        base, _, _ = codec.decode_model(org.task, org.store.get(registry.round(round_id).base_cid))
+        new = codec.decode_model(org.task, org.store.get(registry.round(round_id).model_cid)).weights
+        base = codec.decode_model(org.task, org.store.get(registry.round(round_id).base_cid)).weights
         deltas = [agent.service.trained.result.delta for agent in agents]
         error = max(float(np.max(np.abs(new[n] - base[n] - np.mean([d[n] for d in deltas], axis=0))))
                     for n in new)

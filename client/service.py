@@ -32,9 +32,10 @@ from infra.webapp import (
     retrying,
     store_status,
 )
-from processor import codec, privacy, rounds, secure_sum
+from processor import codec, penalty, privacy, rounds, secure_sum
 from processor.device_data import read_device_data
 from processor.evaluation import Evaluation, majority_baseline
+from processor.penalty import Curvature, RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -82,6 +83,7 @@ class PulledBase:
     fisher: dict
     plan: TrainingSettings  # how the organization asks this round's clients to train
     privacy: PrivacyPlan  # how they privatize their deltas
+    curvature: RoundCurvature | None  # FedCurv: the statistics of the last merged round's clients
 
 
 @dataclass
@@ -118,6 +120,7 @@ class ClientService:
         self.base: PulledBase | None = None
         self.trained: TrainedUpdate | None = None
         self.last_tx: dict[str, Any] | None = None
+        self.sent: dict[int, SentStatistics] = {}  # FedCurv: what it sent to its latest rounds, by round
         self._lock = threading.Lock()  # pull/train/publish change shared state one at a time
         self.agent = None  # the ClientAgent, when this device takes part by itself
         self.secure_party: secure_round.SecureParty | None = None  # its secrets in the current secure round
@@ -241,11 +244,12 @@ class ClientService:
                 with timer.phase("decoding"):
                     self._check_task(data, opened.base_cid)
                     try:
-                        weights, fisher, metadata = codec.decode_model(self.task, data)
+                        weights, fisher, metadata, curvature = codec.decode_model(self.task, data)
                         plan, privacy_plan = codec.training_plan(metadata), codec.privacy_plan(metadata)
                     except codec.CodecError as exc:
                         raise ActionError(f"the base model {opened.base_cid} cannot be used: {exc}", 502) from None
-                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher, plan, privacy_plan)
+                self.base = PulledBase(opened.round_id, opened.base_cid, weights, fisher, plan, privacy_plan,
+                                       curvature)
             self.base.round_id = opened.round_id
             return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
@@ -290,18 +294,30 @@ class ClientService:
                                                                self.private), len(self.y_eval))
                               if len(self.y_eval) and self.base.privacy.publishes_evaluation else None)
             self._check_privacy_budget()
+            others = self._fedcurv_pull()
             if cfg.train_delay:
                 time.sleep(cfg.train_delay)
             with timer.phase("training"):
                 result = rounds.local_update(
                     self.task, self.base.weights, self.base.fisher, self.x, self.y, self.base.plan,
                     seed=cfg.seed + 1000 * self.base.round_id + cfg.client_id, progress=progress,
-                    private=self.private)
+                    private=self.private, others=others)
                 self._keep_private(result.private)
             with timer.phase("privacy"):
                 result = self.privatized(result)
             self.trained = TrainedUpdate(self.base.round_id, self.base.cid, self.base.plan, result, evaluation)
             return {**self._trained_view(), "seconds": timer.as_dict()}
+
+    def _fedcurv_pull(self) -> Curvature | None:
+        """In a FedCurv round, the other clients' statistics of the last merged round (None before
+        any); refused in a private round, where this device's Fisher would go out uncovered."""
+        if self.base.plan.regularizer != "fedcurv":
+            return None
+        if self.base.privacy.is_private:
+            raise ActionError("the round asks for FedCurv in a private round: this device's Fisher would be "
+                              "published in the clear beside its protected update, so it does not take part", 409)
+        published = self.base.curvature
+        return penalty.others_for(published, self.address, self.sent.get(published.round_id) if published else None)
 
     def _check_privacy_budget(self) -> None:
         """Refuse to train for a round whose update would spend more than the plan's epsilon budget:
@@ -334,8 +350,14 @@ class ClientService:
             with timer.phase("encoding"):
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
                                           num_samples=result.num_samples, client=self.address,
-                                          dtype=self.trained.plan.update_dtype, evaluation=self.trained.evaluation)
-            return {**self._submit(data, round_id, result.num_samples, timer), "seconds": timer.as_dict()}
+                                          dtype=self.trained.plan.update_dtype, evaluation=self.trained.evaluation,
+                                          fisher=result.fisher)
+            submitted = self._submit(data, round_id, result.num_samples, timer)
+            if result.fisher is not None:  # its part of the round's statistics, as the organization decodes it
+                sent = codec.decode_delta(self.task, data, with_fisher=True)
+                self.sent = {r: s for r, s in self.sent.items() if r == max(self.sent)}  # and the one before
+                self.sent[round_id] = SentStatistics(round_id, self.base.weights, sent.delta, sent.fisher)
+            return {**submitted, "seconds": timer.as_dict()}
 
     def _submit(self, data: bytes, round_id: int, num_samples: int, timer: PhaseTimer, masked: bool = False) -> dict:
         """Add the encoded update to IPFS and submit its CID to round `round_id` (under the lock)."""

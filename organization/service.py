@@ -36,6 +36,7 @@ from organization import secure_round
 from organization.guide import organization_guide
 from processor import codec, privacy, rounds, secure_sum
 from processor.evaluation import weighted_mean
+from processor.penalty import RoundCurvature
 from processor.privacy import PrivacyPlan
 from processor.screen import MergePolicy, Received, RoundMerge, merge_round
 from processor.tasks import get_task
@@ -69,6 +70,11 @@ class OrganizationConfig:
     # long; so does its wait for the dropped clients' revealed shares
     stage_seconds: float = 10.0
     target_accuracy: float | None = None  # running by itself, stop once the merged model's test accuracy reaches it
+
+    def __post_init__(self) -> None:
+        if self.training.regularizer == "fedcurv" and self.privacy.is_private:
+            raise ValueError("FedCurv cannot run in a private round: each client would publish the Fisher of its "
+                             "own data in the clear beside its update; choose ewc or fedprox")
 
 
 class RoundWaiting(ActionError):
@@ -336,15 +342,18 @@ class OrganizationService:
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
                     "gas": tx.gas_used, "seconds": timer.as_dict()}
 
-    def _publish_model(self, weights, round_id: int, timer: PhaseTimer) -> tuple[str, int]:
-        """Fisher on the organization's validation data, encoded with the weights, added to IPFS.
+    def _publish_model(self, weights, round_id: int, timer: PhaseTimer,
+                       curvature: RoundCurvature | None = None) -> tuple[str, int]:
+        """Fisher on the organization's validation data, encoded with the weights (and with a FedCurv
+        round's statistics), added to IPFS.
 
         Returns the CID and the size in bytes."""
         with timer.phase("fisher"):
             base = rounds.make_base(self.task, weights)
         with timer.phase("encoding"):
             data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id,
-                                      plan=self.config.training, published=self._published_notes())
+                                      plan=self.config.training, published=self._published_notes(),
+                                      curvature=curvature)
         with timer.phase("ipfs"):
             cid = retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data))
         self._published = (cid, weights)
@@ -452,7 +461,8 @@ class OrganizationService:
                 merge = self._merge_secure(registry, info, base_weights, received)
             else:
                 merge = merge_round(self.task, base_weights, received, round_id, info.base_cid,
-                                    self.config.merge, self.config.privacy)
+                                    self.config.merge, self.config.privacy,
+                                    with_curvature=self.config.training.regularizer == "fedcurv")
         verdicts = {client: verdict.as_dict() for client, verdict in merge.verdicts.items()}
         for client, verdict in verdicts.items():
             if not verdict["accepted"]:
@@ -463,7 +473,8 @@ class OrganizationService:
             merged = base_weights
         with timer.phase("evaluation"):
             metrics = self.evaluate_on_test(merged)
-        model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer)
+        model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer,
+                                                     curvature=merge.curvature)
         log.info("round %d: merged %d of %d updates, test accuracy %.4f",
                  round_id, merge.accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
@@ -561,5 +572,5 @@ class OrganizationService:
             data = retrying(self.settings, f"fetching the base {cid}",
                             lambda: self.store.get(cid, max_bytes=self.config.max_update_bytes))
         with timer.phase("decoding"):
-            weights, _, _ = codec.decode_model(self.task, data)
+            weights = codec.decode_model(self.task, data).weights
         return weights

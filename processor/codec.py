@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import orjson
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from safetensors.numpy import save
 
 from processor.evaluation import Evaluation
+from processor.penalty import Curvature, RoundCurvature
 from processor.privacy import PrivacyPlan
 from processor.tasks import Task
 from processor.training import TrainingSettings
@@ -45,28 +46,46 @@ def _storable_dtype(values: Weights, dtype: str) -> str:
     return dtype
 
 
+def _fisher_tensors(task: Task, fisher: Weights) -> dict[str, np.ndarray]:
+    """`fisher/<name>` tensors as float16, or as float32 should a value lie beyond float16's range."""
+    dtype = STORED_DTYPES[_storable_dtype(fisher, "float16")]
+    return {f"fisher/{n}": np.ascontiguousarray(fisher[n], dtype) for n in task.spec}
+
+
+def _client_list(scales: dict[str, float]) -> str:
+    return ",".join(f"{client}:{scale!r}" for client, scale in sorted(scales.items()))
+
+
 def encode_model(task: Task, weights: Weights, fisher: Weights, round_id: int, plan: TrainingSettings,
-                 published: dict[str, str] | None = None) -> bytes:
+                 published: dict[str, str] | None = None, curvature: RoundCurvature | None = None) -> bytes:
     """A base model: its weights as float32 and the Fisher information that anchors EWC as float16
     (a quarter less to move to every client; EWC's results are the same to 3 decimals,
     benchmarks/README.md); as float32 should a value lie beyond float16's range. `plan` is how
     every client trains from it this round; `published`, what else the organization states with it
-    for anyone to read (how it merges, its own test metrics of the model)."""
-    fisher_dtype = _storable_dtype(fisher, "float16")
+    for anyone to read (how it merges, its own test metrics of the model). `curvature`: the last
+    merged round's FedCurv statistics, as float32, with the clients they sum."""
     tensors = {f"weights/{n}": np.ascontiguousarray(weights[n], np.float32) for n in task.spec}
-    tensors.update({f"fisher/{n}": np.ascontiguousarray(fisher[n], STORED_DTYPES[fisher_dtype]) for n in task.spec})
-    return save(tensors, metadata=_metadata(task, "base", round=round_id, plan=plan.to_json(), **(published or {})))
+    tensors.update(_fisher_tensors(task, fisher))
+    notes = dict(published or {})
+    if curvature is not None:
+        for prefix, part in (("curvature_fisher", curvature.total.fisher), ("curvature_pull", curvature.total.pull)):
+            tensors.update({f"{prefix}/{n}": np.ascontiguousarray(part[n], np.float32) for n in task.spec})
+        notes.update(curvature_round=str(curvature.round_id), curvature_clients=_client_list(curvature.scales))
+    return save(tensors, metadata=_metadata(task, "base", round=round_id, plan=plan.to_json(), **notes))
 
 
 def encode_delta(task: Task, delta: Weights, round_id: int, base_cid: str, num_samples: int, client: str,
-                 dtype: str = "float32", evaluation: Evaluation | None = None) -> bytes:
+                 dtype: str = "float32", evaluation: Evaluation | None = None, fisher: Weights | None = None) -> bytes:
     """A client's update (local minus base), optionally stored as float16 to halve its size; as
     float32 all the same when a value lies beyond float16's range. `evaluation`: the client's
-    metrics of the base on its held-out data (federated evaluation)."""
+    metrics of the base on its held-out data (federated evaluation); `fisher`: the base's Fisher
+    on its data, scaled to mean 1 (FedCurv), as float16 unless a value lies beyond its range."""
     if dtype not in STORED_DTYPES:
         raise CodecError(f"unsupported delta dtype {dtype!r}; choose one of {', '.join(STORED_DTYPES)}")
     dtype = _storable_dtype(delta, dtype)
     tensors = {f"delta/{n}": np.ascontiguousarray(delta[n], STORED_DTYPES[dtype]) for n in task.spec}
+    if fisher is not None:
+        tensors.update(_fisher_tensors(task, fisher))
     reported = {"evaluation": evaluation.to_json()} if evaluation else {}
     return save(tensors, metadata=_metadata(task, "delta", round=round_id, base_cid=base_cid,
                                             num_samples=num_samples, client=client, dtype=dtype, **reported))
@@ -103,6 +122,13 @@ class DeltaMetadata(BaseModel):
 
 
 _TABLE = TypeAdapter(Annotated[dict[_Name, TensorEntry], Field(max_length=MAX_TENSORS)])
+# The clients a base's FedCurv statistics sum, with each one's factor: one list as long as a round
+# (about 60 characters a client), the only metadata value past MAX_METADATA_VALUE.
+MAX_CLIENT_LIST = 1 << 17
+_CLIENT_ENTRY = r"0x[0-9a-fA-F]{40}:[0-9.e+-]{1,24}"
+_CLIENT_LIST = TypeAdapter(Annotated[str, StringConstraints(max_length=MAX_CLIENT_LIST,
+                                                            pattern=rf"^{_CLIENT_ENTRY}(,{_CLIENT_ENTRY})*$")],
+                           config=ConfigDict(strict=True))
 _METADATA = TypeAdapter(Annotated[dict[_Name, Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]],
                                   Field(max_length=MAX_METADATA)], config=ConfigDict(strict=True))
 
@@ -132,10 +158,17 @@ def read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise CodecError(f"not a safetensors file: its header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CodecError("not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    clients = metadata.pop("curvature_clients", None) if isinstance(metadata, dict) else None
     try:
-        metadata = _METADATA.validate_python(header.pop("__metadata__", {}))
+        metadata = _METADATA.validate_python(metadata)
     except ValidationError as exc:
         raise _schema_error("metadata", exc) from None
+    if clients is not None:
+        try:
+            metadata["curvature_clients"] = _CLIENT_LIST.validate_python(clients)
+        except ValidationError as exc:
+            raise _schema_error("metadata curvature_clients", exc) from None
     try:
         table = _TABLE.validate_python(header)
     except ValidationError as exc:
@@ -214,14 +247,62 @@ def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, .
     return tensors, metadata
 
 
-def decode_model(task: Task, data: bytes) -> tuple[Weights, Weights, dict[str, str]]:
-    """(weights, fisher, metadata) of a base model built for `task`."""
-    tensors, metadata = _decode(task, data, "base", {"weights": ("F32",), "fisher": ("F32", "F16")})
-    weights = {n: tensors[f"weights/{n}"] for n in task.spec}
-    fisher = {n: tensors[f"fisher/{n}"] for n in task.spec}
+class DecodedModel(NamedTuple):
+    weights: Weights
+    fisher: Weights
+    metadata: dict[str, str]
+    curvature: RoundCurvature | None  # the last merged round's FedCurv statistics, when it carries them
+
+
+def _non_negative(fisher: Weights, what: str) -> Weights:
     if any(np.any(f < 0) for f in fisher.values()):
-        raise CodecError("the Fisher information holds negative values")
-    return weights, fisher, metadata
+        raise CodecError(f"{what} holds negative values")
+    return fisher
+
+
+def decode_model(task: Task, data: bytes) -> DecodedModel:
+    """The weights, Fisher, metadata and FedCurv statistics of a base model built for `task`."""
+    table, metadata = read_header(data)
+    prefixes = {"weights": ("F32",), "fisher": ("F32", "F16")}
+    carries_curvature = "curvature_round" in metadata
+    if carries_curvature:
+        prefixes.update(curvature_fisher=("F32",), curvature_pull=("F32",))
+    tensors, metadata = _decode(task, data, "base", prefixes)
+    weights = {n: tensors[f"weights/{n}"] for n in task.spec}
+    fisher = _non_negative({n: tensors[f"fisher/{n}"] for n in task.spec}, "the Fisher information")
+    curvature = None
+    if carries_curvature:
+        total = Curvature(_non_negative({n: tensors[f"curvature_fisher/{n}"] for n in task.spec},
+                                        "the FedCurv statistics' Fisher"),
+                          {n: tensors[f"curvature_pull/{n}"] for n in task.spec})
+        curvature = RoundCurvature(total, _round_number(metadata["curvature_round"]),
+                                   _client_scales(metadata.get("curvature_clients", "")))
+    return DecodedModel(weights, fisher, metadata, curvature)
+
+
+def _round_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= len(text) <= 20):
+        raise CodecError(f"metadata curvature_round is {text!r}, not a round number")
+    return int(text)
+
+
+def _client_scales(text: str) -> dict[str, float]:
+    """Client -> factor, from a base's list of the clients its FedCurv statistics sum."""
+    if not text:
+        raise CodecError("metadata curvature_clients is missing: the FedCurv statistics name no client")
+    scales: dict[str, float] = {}
+    for entry in text.split(","):
+        client, _, factor = entry.partition(":")
+        try:
+            scale = float(factor)
+        except ValueError:
+            scale = math.nan
+        if not 0 < scale <= 1:
+            raise CodecError(f"metadata curvature_clients gives {client} the factor {factor!r}, not in (0, 1]")
+        if client.lower() in scales:
+            raise CodecError(f"metadata curvature_clients names {client} twice")
+        scales[client.lower()] = scale
+    return scales
 
 
 def training_plan(metadata: dict[str, str]) -> TrainingSettings:
@@ -256,13 +337,22 @@ def reported_evaluation(metadata: dict[str, str]) -> Evaluation | None:
         raise CodecError(str(exc)) from None
 
 
+class DecodedDelta(NamedTuple):
+    delta: Weights
+    metadata: dict[str, str]
+    fisher: Weights | None  # the base's Fisher on the client's data (FedCurv rounds)
+
+
 def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
-                 expected_base_cid: str | None = None) -> tuple[Weights, dict[str, str]]:
-    """(delta as float32, metadata) of a client's update, checked against the round it claims.
+                 expected_base_cid: str | None = None, with_fisher: bool = False) -> DecodedDelta:
+    """The delta as float32, the metadata and (`with_fisher`, which FedCurv rounds ask for; then the
+    file must carry it, and otherwise must not) the Fisher of a client's update, checked against
+    the round it claims.
 
     Float32 tensors are read-only views of `data` (no copy); float16 ones are converted.
     """
-    tensors, metadata = _decode(task, data, "delta", {"delta": ("F32", "F16")})
+    prefixes = {"delta": ("F32", "F16"), **({"fisher": ("F32", "F16")} if with_fisher else {})}
+    tensors, metadata = _decode(task, data, "delta", prefixes)
     try:
         fields = DeltaMetadata.model_validate(metadata)
     except ValidationError as exc:
@@ -271,7 +361,9 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
         raise CodecError(f"the update is for round {fields.round}, expected round {expected_round}")
     if expected_base_cid is not None and fields.base_cid != expected_base_cid:
         raise CodecError(f"the update was trained from base {fields.base_cid}, expected {expected_base_cid}")
-    return {n: tensors[f"delta/{n}"] for n in task.spec}, metadata
+    fisher = _non_negative({n: tensors[f"fisher/{n}"] for n in task.spec}, "the update's Fisher") \
+        if with_fisher else None
+    return DecodedDelta({n: tensors[f"delta/{n}"] for n in task.spec}, metadata, fisher)
 
 
 def encode_masked_delta(task: Task, masked: Weights, round_id: int, base_cid: str, num_samples: int,

@@ -4,22 +4,27 @@ weighs each coordinate by (F), for each regularizer a round's plan may name. Pur
 - ewc: a = the base model, F = its diagonal Fisher on the organization's validation data
   (Kirkpatrick et al. 2017).
 - fedprox: a = the base model, F = 1 everywhere: mu/2 ||w - w_base||^2 (Li et al. 2020).
-- fedcurv: each client k sends the diagonal Fisher F_k of the base on its own data and
-  u_k = F_k * w_k of its trained weights w_k; the organization sums both over the round. Client k's
-  penalty sum_{j != k} F_j (w - w_j)^2 is, up to a constant, one quadratic with
-  F = sum_{j != k} F_j and a = (sum_{j != k} u_j) / F (Shoham et al. 2019).
+- fedcurv: each client k sends the diagonal Fisher F_k of the base on its own data with its
+  delta; the organization sums F_k and u_k = F_k * w_k (w_k its trained weights, as merged) over
+  the round's merged updates and publishes both sums with the next base. Client k's penalty
+  sum_{j != k} F_j (w - w_j)^2 is, up to a constant, one quadratic with F = sum_{j != k} F_j and
+  a = (sum_{j != k} u_j) / F (Shoham et al. 2019); it takes its own part out of the sums. Each
+  F_k is scaled to mean 1 first, so no client outweighs another by the magnitude it claims.
 
 F is divided by its mean over all coordinates (`scale_free`), so lambda means the same for each
 regularizer and task: the pull on an average coordinate, FedProx's mu.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
 from processor.weights import Weights
+
+log = logging.getLogger("processor.penalty")
 
 REGULARIZERS = ("ewc", "fedprox", "fedcurv")  # processor.training lists them again, without numpy
 
@@ -31,9 +36,42 @@ class Curvature:
     pull: Weights  # F * w: the Fisher times the trained weights
 
 
-def curvature(fisher: Weights, trained: Weights) -> Curvature:
-    """A client's FedCurv statistics: the Fisher of the base on its data and the weights it trained."""
-    return Curvature(fisher, {n: (f * trained[n]).astype(np.float32) for n, f in fisher.items()})
+@dataclass(frozen=True)
+class SentStatistics:
+    """What a client sent to round `round_id`: enough to compute its part of the round's statistics."""
+    round_id: int
+    base: Weights  # the round's base weights
+    delta: Weights  # its delta, as it sent it
+    fisher: Weights  # the base's Fisher on its data, as it sent it
+
+
+@dataclass(frozen=True)
+class RoundCurvature:
+    """The statistics a base model carries: the sum over round `round_id`'s merged updates, and the
+    factor by which each of their clients' deltas entered it (1, or less where the merge clipped it)."""
+    total: Curvature
+    round_id: int
+    scales: dict[str, float]  # client (as the organization names it, lowercase) -> factor
+
+
+def contribution(sent: SentStatistics, scale: float = 1.0) -> Curvature:
+    """What one client adds to its round's statistics: its Fisher scaled to mean 1 (every client
+    weighs the same, whatever magnitude it claims), and that Fisher times the weights it trained,
+    as they were merged: the base plus `scale` times its delta."""
+    fisher = scale_free(sent.fisher)
+    factor = np.float32(scale)
+    return Curvature(fisher, {n: (f * (sent.base[n] + factor * sent.delta[n])).astype(np.float32)
+                              for n, f in fisher.items()})
+
+
+def round_curvature(round_id: int, merged: Iterable[tuple[str, SentStatistics, float]]) -> RoundCurvature | None:
+    """The statistics of round `round_id` from its merged updates, (client, what it sent, its
+    factor) each; None when none was merged."""
+    merged = list(merged)
+    if not merged:
+        return None
+    return RoundCurvature(summed(contribution(sent, scale) for _, sent, scale in merged), round_id,
+                          {client.lower(): scale for client, _, scale in merged})
 
 
 def summed(curvatures: Iterable[Curvature]) -> Curvature:
@@ -48,6 +86,21 @@ def summed(curvatures: Iterable[Curvature]) -> Curvature:
         raise ValueError("no curvature statistics to sum")
     return Curvature({n: f.astype(np.float32) for n, f in fisher.items()},
                      {n: p.astype(np.float32) for n, p in pull.items()})
+
+
+def others_for(published: RoundCurvature | None, client: str, sent: SentStatistics | None) -> Curvature | None:
+    """What pulls `client`'s training: the published statistics less its own part, when they hold
+    one. A client that no longer holds what it sent (it restarted) is pulled by the whole sum."""
+    if published is None:
+        return None
+    scale = published.scales.get(client.lower())
+    if scale is None:
+        return published.total
+    if sent is None or sent.round_id != published.round_id:
+        log.warning("%s cannot take its own part out of round %d's FedCurv statistics: it no longer holds what "
+                    "it sent", client, published.round_id)
+        return published.total
+    return without(published.total, contribution(sent, scale))
 
 
 def without(total: Curvature, own: Curvature) -> Curvature:

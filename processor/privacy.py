@@ -67,10 +67,16 @@ class PrivacyPlan:
         return self.noise_multiplier > 0
 
     @property
+    def is_private(self) -> bool:
+        """Whether each update is protected (by noise or masks): then nothing else a client computed
+        from its data (its metrics, its Fisher) may go out beside it, uncovered."""
+        return self.is_dp or self.secure_aggregation
+
+    @property
     def publishes_evaluation(self) -> bool:
         """Whether a client's update carries its metrics of the base on its own held-out data: not
         in a private round, where neither the noise nor the masks would cover them."""
-        return not (self.is_dp or self.secure_aggregation)
+        return not self.is_private
 
     # ---- flags and JSON, as TrainingSettings has them --------------------------------------
 

@@ -2,7 +2,7 @@
 
 The organization: `initial_model`, `make_base` (weights + Fisher), `aggregate`.
 A client: `local_update` (train from the base with the plan's penalty, return the delta; for
-FedCurv also its curvature statistics, which the organization sums with `penalty.summed`).
+FedCurv also the base's Fisher on its data, which the organization sums: `penalty.round_curvature`).
 
 Weights here are the task's global tensors (`Task.spec`). A device's private tensors (its users'
 state, `Task.private_spec`) go into its training and come back beside the delta, never in it.
@@ -44,7 +44,7 @@ class LocalResult:
     num_samples: int
     metrics_before: dict[str, float]  # base model on the client's own data
     metrics_after: dict[str, float]  # locally trained model on the client's own data
-    curvature: Curvature | None = None  # with the fedcurv regularizer: what the client adds to the round's sum
+    fisher: Weights | None = None  # with the fedcurv regularizer: the base's Fisher on the client's data, mean 1
 
 
 def initial_model(task: Task, seed: int = 0, pretrain_epochs: int = 0,
@@ -138,14 +138,14 @@ def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarr
                  private: Weights | None = None, others: Curvature | None = None) -> LocalResult:
     """A client's round: train from the base and its `private` tensors (zero when None) on local
     data with the plan's penalty (as `train`); the delta of the global tensors, and the private
-    ones trained. With FedCurv, also the client's statistics: the base's Fisher on its data."""
-    own_fisher = fisher_of(task, base_weights, x, y, private) if training.regularizer == "fedcurv" else None
+    ones trained. With FedCurv, also the base's Fisher on its data (sent with the delta)."""
+    own = fisher_of(task, base_weights, x, y, private) if training.regularizer == "fedcurv" else None
     local = train(task, base_weights, fisher, x, y, training, seed, progress, private, others)
     trained_global, trained_private = shared(task, local), private_part(task, local)
     return LocalResult(delta=agg.subtract(trained_global, base_weights), private=trained_private,
                        num_samples=int(len(y)), metrics_before=task.evaluate(base_weights, x, y, private),
                        metrics_after=task.evaluate(trained_global, x, y, trained_private),
-                       curvature=None if own_fisher is None else penalty.curvature(own_fisher, trained_global))
+                       fisher=None if own is None else penalty.scale_free(own))
 
 
 def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], method: str = "fedavg",

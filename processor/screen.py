@@ -24,8 +24,9 @@ from typing import Sequence
 import numpy as np
 
 from processor import aggregate as agg
-from processor import codec, rounds
+from processor import codec, penalty, rounds
 from processor.evaluation import Evaluation
+from processor.penalty import RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan, max_update_norm
 from processor.tasks import Task
 from processor.weights import Weights
@@ -96,9 +97,11 @@ class Verdict:
 
 @dataclass
 class RoundMerge:
-    """The merged model (None when no update was accepted) and a verdict per client."""
+    """The merged model (None when no update was accepted) and a verdict per client; in a FedCurv
+    round, the statistics of the merged updates (None when none was merged)."""
     weights: Weights | None
     verdicts: dict[str, Verdict]
+    curvature: RoundCurvature | None = None
 
     @property
     def accepted(self) -> int:
@@ -118,16 +121,27 @@ def compared(value: float, bound: float) -> tuple[str, str]:
     return repr(value), repr(bound)
 
 
-def check_update(task: Task, update: Received, round_id: int, base_cid: str,
-                 max_norm: float) -> tuple[Weights, float, Evaluation | None]:
-    """The delta `update` carries, its L2 norm and the client's evaluation report, after every
-    check that needs no other update. A report that does not fit is dropped, not the update.
+@dataclass(frozen=True)
+class Checked:
+    """An update that passed every check needing no other update."""
+    update: Received
+    delta: Weights
+    norm: float  # the delta's L2 norm
+    evaluation: Evaluation | None  # the client's report of the base on its held-out data
+    fisher: Weights | None  # the base's Fisher on its data (FedCurv rounds)
+
+
+def check_update(task: Task, update: Received, round_id: int, base_cid: str, max_norm: float,
+                 with_fisher: bool = False) -> Checked:
+    """`update` after every check that needs no other update. A report that does not fit is
+    dropped, not the update. `with_fisher`: a FedCurv round's update must carry its Fisher.
 
     Raises Rejected with the reason."""
     if update.data is None:
         raise Rejected(update.fetch_error or "the update could not be fetched")
     try:
-        delta, meta = codec.decode_delta(task, update.data, expected_round=round_id, expected_base_cid=base_cid)
+        delta, meta, fisher = codec.decode_delta(task, update.data, expected_round=round_id,
+                                                 expected_base_cid=base_cid, with_fisher=with_fisher)
     except codec.CodecError as exc:
         raise Rejected(str(exc)) from None
     if meta["client"].lower() != update.client.lower():
@@ -143,7 +157,7 @@ def check_update(task: Task, update: Received, round_id: int, base_cid: str,
     except codec.CodecError as exc:
         log.warning("round %d: ignored the evaluation report of %s: %s", round_id, update.client, exc)
         evaluation = None
-    return delta, norm, evaluation
+    return Checked(update, delta, norm, evaluation, fisher)
 
 
 def capped_weights(sample_counts: Sequence[int], multiple: float | None) -> list[int]:
@@ -156,84 +170,87 @@ def capped_weights(sample_counts: Sequence[int], multiple: float | None) -> list
 
 
 def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], round_id: int, base_cid: str,
-                policy: MergePolicy = MergePolicy(), privacy: PrivacyPlan = PrivacyPlan()) -> RoundMerge:
+                policy: MergePolicy = MergePolicy(), privacy: PrivacyPlan = PrivacyPlan(),
+                with_curvature: bool = False) -> RoundMerge:
     """Check every update, bound each one's influence by the round's medians, and merge the rest.
 
     In a DP round (`privacy` adds noise) every delta is mostly its noise, so the round's medians and
     cosines would judge the noise: each client's influence is bounded by its clip norm instead,
     an update longer than a clipped delta with its noise can plausibly be is refused
-    (`privacy.max_update_norm`), and the rest merge by their plain mean, whatever `policy` says."""
+    (`privacy.max_update_norm`), and the rest merge by their plain mean, whatever `policy` says.
+
+    `with_curvature` (FedCurv rounds, never DP ones): every update must carry its Fisher, and the
+    merge sums the merged updates' statistics, each delta as it was merged (clipped or not)."""
     verdicts: dict[str, Verdict] = {}
-    checked: list[tuple[Received, Weights, float]] = []
-    reports: dict[str, Evaluation | None] = {}
+    checked: list[Checked] = []
     max_norm = min(policy.max_norm, max_update_norm(privacy, sum(math.prod(s) for s in task.spec.values())))
     for update in updates:
         try:
-            delta, norm, reports[update.client] = check_update(task, update, round_id, base_cid, max_norm)
+            checked.append(check_update(task, update, round_id, base_cid, max_norm, with_curvature))
         except Rejected as exc:
             verdicts[update.client] = Verdict(False, str(exc))
-            continue
         except Exception as exc:  # a defect of the checks: still this update's verdict, never the round's failure
             log.exception("round %d: checking the update of %s failed unexpectedly", round_id, update.client)
             verdicts[update.client] = Verdict(False, f"the update could not be checked ({type(exc).__name__}: {exc})")
-            continue
-        checked.append((update, delta, norm))
 
     if privacy.is_dp:
-        return _plain_mean(base_weights, checked, reports, verdicts)
+        return _plain_mean(base_weights, checked, verdicts)
     if checked and policy.reject_multiple is not None:
-        median = float(np.median([norm for _, _, norm in checked]))
+        median = float(np.median([c.norm for c in checked]))
         bound = policy.reject_multiple * median
         kept = []
-        for update, delta, norm in checked:
-            if norm > bound:
-                shown, limit = compared(norm, bound)
+        for c in checked:
+            if c.norm > bound:
+                shown, limit = compared(c.norm, bound)
                 reason = (f"the delta's L2 norm {shown} exceeds {policy.reject_multiple:g} times the round's "
                           f"median ({limit})")
-                verdicts[update.client] = Verdict(False, reason, norm=norm)
+                verdicts[c.update.client] = Verdict(False, reason, norm=c.norm)
             else:
-                kept.append((update, delta, norm))
+                kept.append(c)
         checked = kept
 
     cosines: dict[str, float] = {}
     if len(checked) > 2 and (policy.min_cosine is not None or policy.cosine_weighting):
-        consensus = agg.coordinate_median([delta for _, delta, _ in checked])
+        consensus = agg.coordinate_median([c.delta for c in checked])
         kept = []
-        for update, delta, norm in checked:
-            cosine = cosines[update.client] = agg.cosine(delta, consensus)
+        for c in checked:
+            cosine = cosines[c.update.client] = agg.cosine(c.delta, consensus)
             if policy.min_cosine is not None and cosine < policy.min_cosine:
-                verdicts[update.client] = Verdict(
+                verdicts[c.update.client] = Verdict(
                     False, f"the delta points away from the round's consensus (cosine {cosine:.3f} with the "
-                           f"coordinate-wise median of the updates, below {policy.min_cosine:g})", norm=norm)
+                           f"coordinate-wise median of the updates, below {policy.min_cosine:g})", norm=c.norm)
             else:
-                kept.append((update, delta, norm))
+                kept.append(c)
         checked = kept
 
     if not checked:
         return RoundMerge(None, verdicts)
     clip = None
     if policy.clip_multiple is not None:
-        clip = policy.clip_multiple * float(np.median([norm for _, _, norm in checked]))
+        clip = policy.clip_multiple * float(np.median([c.norm for c in checked]))
     if policy.clip_norm is not None:
         clip = policy.clip_norm if clip is None else min(clip, policy.clip_norm)
-    weights = capped_weights([update.num_samples for update, _, _ in checked], policy.weight_multiple)
+    weights = capped_weights([c.update.num_samples for c in checked], policy.weight_multiple)
     if policy.cosine_weighting and cosines:
-        weights = [max(1, round(w * max(0.0, cosines[update.client])))
-                   for (update, _, _), w in zip(checked, weights)]
-    for (update, _, norm), weight in zip(checked, weights):
-        verdicts[update.client] = Verdict(True, None, norm=norm, weight=weight, evaluation=reports[update.client])
+        weights = [max(1, round(w * max(0.0, cosines[c.update.client]))) for c, w in zip(checked, weights)]
+    for c, weight in zip(checked, weights):
+        verdicts[c.update.client] = Verdict(True, None, norm=c.norm, weight=weight, evaluation=c.evaluation)
 
-    deltas = [(delta, weight) for (_, delta, _), weight in zip(checked, weights)]
-    return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts)
+    deltas = [(c.delta, weight) for c, weight in zip(checked, weights)]
+    curvature = penalty.round_curvature(round_id, (
+        (c.update.client, SentStatistics(round_id, base_weights, c.delta, c.fisher),
+         1.0 if clip is None or c.norm <= clip else clip / c.norm)
+        for c in checked)) if with_curvature else None
+    return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts,
+                      curvature)
 
 
-def _plain_mean(base_weights: Weights, checked: list[tuple[Received, Weights, float]],
-                reports: dict[str, Evaluation | None], verdicts: dict[str, Verdict]) -> RoundMerge:
+def _plain_mean(base_weights: Weights, checked: list[Checked], verdicts: dict[str, Verdict]) -> RoundMerge:
     """A DP round's merge: the plain mean of its checked deltas (sample counts are on chain, but
     a weight above 1 would multiply a client's influence past the clip norm)."""
-    for update, _, norm in checked:
-        verdicts[update.client] = Verdict(True, None, norm=norm, weight=1, evaluation=reports[update.client])
+    for c in checked:
+        verdicts[c.update.client] = Verdict(True, None, norm=c.norm, weight=1, evaluation=c.evaluation)
     if not checked:
         return RoundMerge(None, verdicts)
-    deltas = agg.unit_weights((delta, update.num_samples) for update, delta, _ in checked)
+    deltas = agg.unit_weights((c.delta, c.update.num_samples) for c in checked)
     return RoundMerge(rounds.aggregate(base_weights, deltas), verdicts)

@@ -16,7 +16,7 @@ import numpy as np
 from processor import penalty, rounds
 from processor.aggregate import apply_delta, unit_weights
 from processor.evaluation import Evaluation, weighted_mean
-from processor.penalty import Curvature
+from processor.penalty import RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan, privatize
 from processor.tasks import Task
 from processor.training import TrainingSettings
@@ -124,25 +124,25 @@ def simulate(task: Task, config: SimulationConfig,
                                    training=config.training)
     initial = task.evaluate(weights, data.x_test, data.y_test)
     history: list[RoundRecord] = []
-    curvatures: dict[int, Curvature] = {}  # FedCurv: each client's statistics of the last round
+    published: RoundCurvature | None = None  # FedCurv: the statistics of the last round's clients
+    sent: dict[int, SentStatistics] = {}  # FedCurv: what each client sent to the round it last took part in
     for round_id in range(1, config.rounds + 1):
         base = rounds.make_base(task, weights)
         current = config.period_of_round(round_id)
-        total = penalty.summed(curvatures.values()) if curvatures else None
-        updates, clients, last_curvatures = [], [], curvatures
-        curvatures = {}
+        updates, clients, merged = [], [], []
         for k, (x, y, period) in enumerate(shards):
             rows = period == current
             if not rows.any():
                 continue  # nothing of this period on the device: it sits the round out
             x, y = x[rows], y[rows]
             before = privates[k]
-            others = penalty.without(total, last_curvatures[k]) if k in last_curvatures else total
+            others = penalty.others_for(published, str(k), sent.get(k))
             result = rounds.local_update(task, base.weights, base.fisher, x, y, config.training,
                                          seed=config.seed + 1000 * round_id + k, private=before, others=others)
             privates[k] = result.private
-            if result.curvature is not None:
-                curvatures[k] = result.curvature
+            if result.fisher is not None:
+                sent[k] = SentStatistics(round_id, base.weights, result.delta, result.fisher)
+                merged.append((str(k), sent[k], 1.0))
             record = ClientRecord(k, result.num_samples, result.metrics_before, result.metrics_after)
             if probes and k in probes:
                 px, py = probes[k]
@@ -151,9 +151,10 @@ def simulate(task: Task, config: SimulationConfig,
                                                    result.private)["accuracy"]
             updates.append((privatize(result.delta, config.privacy), result.num_samples))
             clients.append(record)
-        merged = unit_weights(updates) if config.privacy.is_dp else updates  # DP rounds: the plain mean
-        weights = rounds.aggregate(base.weights, merged, method=config.aggregation, clip_norm=config.clip_norm,
-                                   server_rate=config.server_rate)
+        published = penalty.round_curvature(round_id, merged)
+        weights = rounds.aggregate(base.weights, unit_weights(updates) if config.privacy.is_dp else updates,
+                                   method=config.aggregation, clip_norm=config.clip_norm,
+                                   server_rate=config.server_rate)  # DP rounds: the plain mean
         federated = pooled = None
         per_period = []
         if held_out:

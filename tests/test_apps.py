@@ -112,7 +112,7 @@ def test_a_round_through_the_apis(system):
     from processor.tasks import get_task
 
     task = get_task(TASK)
-    weights, _, meta = codec.decode_model(task, system["store"].get(result["model_cid"]))
+    weights, _, meta, _ = codec.decode_model(task, system["store"].get(result["model_cid"]))
     assert meta["round"] == "2" and meta["kind"] == "base"  # the next round's base
     data = task.data()
     assert task.evaluate(weights, data.x_test, data.y_test)["accuracy"] == pytest.approx(result["metrics"]["accuracy"])

@@ -65,7 +65,7 @@ def open_base(org) -> tuple[int, str, dict, dict]:
     registry = service(org).registry
     round_id = registry.current_round()
     base_cid = registry.round(round_id).base_cid
-    weights, fisher, _ = codec.decode_model(TASK, service(org).store.get(base_cid))
+    weights, fisher, _, _ = codec.decode_model(TASK, service(org).store.get(base_cid))
     return round_id, base_cid, weights, fisher
 
 
@@ -193,7 +193,7 @@ def test_a_round_full_of_bad_updates_completes_with_the_honest_merge(org, bad_ro
     # The published model is the honest-only round, merged here from the same base and files.
     honest_only = merge_round(TASK, weights, bad_round["honest_files"], context.round_id, context.base_cid,
                               service(org).config.merge).weights
-    published, _, _ = codec.decode_model(TASK, service(org).store.get(view["model_cid"]))
+    published = codec.decode_model(TASK, service(org).store.get(view["model_cid"])).weights
     for name in TASK.spec:
         np.testing.assert_allclose(published[name], honest_only[name], rtol=1e-6, atol=1e-7)
     data = TASK.data()

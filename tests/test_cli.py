@@ -49,6 +49,9 @@ PARSE_ONLY = ("import sys, run\n"
       "--open-enrolment"], "secure aggregation needs the allowlist"),
     (["demo", "--private", "--drive"], "secure aggregation runs on the self-running network"),
     (["demo", "--private", "--clients", "1"], "--clients 1 is fewer than the secure aggregation threshold 2"),
+    (["demo", "--private", "--regularizer", "fedcurv"], "FedCurv cannot run in a private round"),
+    (["app", "--noise-multiplier", "1", "--dp-clip-norm", "1", "--regularizer", "fedcurv"],
+     "FedCurv cannot run in a private round"),
 ])
 def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     done = subprocess.run([sys.executable, "-c", PARSE_ONLY, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -232,5 +235,3 @@ def test_an_unset_training_flag_takes_the_tasks_plan():
     assert plan_of(["--task", "mnist"]) == TrainingSettings()
     assert plan_of(["--task", "interest", "--epochs", "1"]) == replace(interest, epochs=1)
     assert plan_of(["--task", "mnist", "--regularizer", "fedprox"]) == TrainingSettings(regularizer="fedprox")
-    with pytest.raises(SystemExit, match="simulation only"):  # the apps would train it as plain FedAvg
-        plan_of(["--task", "mnist", "--regularizer", "fedcurv"])

@@ -10,6 +10,7 @@ from safetensors.numpy import save
 
 from processor import codec
 from processor.codec import CodecError
+from processor.penalty import Curvature, RoundCurvature
 from processor.tasks import get_task, interest_task
 from processor.training import TrainingSettings
 
@@ -41,7 +42,7 @@ def test_model_round_trip_keeps_the_weights_exact_and_the_fisher_in_float16():
     table, _ = codec.read_header(encoded)
     assert {table[f"weights/{n}"].dtype for n in TASK.spec} == {"F32"}
     assert {table[f"fisher/{n}"].dtype for n in TASK.spec} == {"F16"}
-    decoded_w, decoded_f, meta = codec.decode_model(TASK, encoded)
+    decoded_w, decoded_f, meta, _ = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded_w[name], weights[name])
         np.testing.assert_allclose(decoded_f[name], fisher[name], rtol=1e-3)
@@ -54,14 +55,14 @@ def test_a_fisher_out_of_float16_range_is_published_as_float32():
     next(iter(fisher.values())).flat[0] = 1e6
     encoded = codec.encode_model(TASK, weights, fisher, round_id=4, plan=TrainingSettings())
     assert {entry.dtype for entry in codec.read_header(encoded)[0].values()} == {"F32"}
-    _, decoded_f, _ = codec.decode_model(TASK, encoded)
+    _, decoded_f, _, _ = codec.decode_model(TASK, encoded)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded_f[name], fisher[name])
 
 
 def test_delta_round_trip_is_exact_and_carries_its_metadata():
     delta = random_weights(3)
-    decoded, meta = codec.decode_delta(TASK, encoded_delta(delta), expected_round=3, expected_base_cid=CID)
+    decoded, meta, _ = codec.decode_delta(TASK, encoded_delta(delta), expected_round=3, expected_base_cid=CID)
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded[name], delta[name])
     assert meta["client"] == CLIENT and meta["num_samples"] == "120"
@@ -71,7 +72,7 @@ def test_float16_delta_is_about_half_the_size_and_close():
     delta = random_weights(4, scale=0.01)
     small = encoded_delta(delta, dtype="float16")
     assert len(small) < 0.6 * len(encoded_delta(delta))
-    decoded, _ = codec.decode_delta(TASK, small)
+    decoded, _, _ = codec.decode_delta(TASK, small)
     for name in TASK.spec:
         np.testing.assert_allclose(decoded[name], delta[name], rtol=1e-3, atol=1e-6)
         assert decoded[name].dtype == np.float32
@@ -81,7 +82,7 @@ def test_a_float16_delta_out_of_its_range_is_published_as_float32():
     delta = random_weights(4, scale=0.01)
     name = next(iter(TASK.spec))
     delta[name].flat[0] = 1e5  # float16 tops out at 65504
-    decoded, meta = codec.decode_delta(TASK, encoded_delta(delta, dtype="float16"))
+    decoded, meta, _ = codec.decode_delta(TASK, encoded_delta(delta, dtype="float16"))
     assert meta["dtype"] == "float32"
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded[name], delta[name])
@@ -224,7 +225,7 @@ def test_nesting_at_the_header_size_cap_is_refused_and_past_it_the_header_is_not
 def test_a_base_model_carries_the_rounds_training_plan():
     plan = TrainingSettings(epochs=3, batch_size=16, learning_rate=0.2, ewc_lambda=50.0, update_dtype="float32")
     fisher = {n: np.abs(w) for n, w in random_weights(2).items()}
-    _, _, metadata = codec.decode_model(TASK, codec.encode_model(TASK, random_weights(), fisher, 2, plan))
+    _, _, metadata, _ = codec.decode_model(TASK, codec.encode_model(TASK, random_weights(), fisher, 2, plan))
     assert codec.training_plan(metadata) == plan
 
 
@@ -256,7 +257,7 @@ def test_a_recommenders_files_hold_its_global_tensors_and_a_private_one_is_refus
     fields = dict(round_id=3, base_cid=CID, num_samples=120, client=CLIENT)
     encoded = codec.encode_delta(interest, delta, **fields)
     assert set(codec.read_header(encoded)[0]) == {f"delta/{n}" for n in interest.spec}
-    decoded, _ = codec.decode_delta(interest, encoded)
+    decoded, _, _ = codec.decode_delta(interest, encoded)
     assert all(np.array_equal(decoded[n], delta[n]) for n in interest.spec)
     model = codec.encode_model(interest, delta, delta, round_id=1, plan=TrainingSettings())
     assert not any("user_" in name for name in codec.read_header(model)[0])
@@ -280,3 +281,81 @@ def test_a_devices_private_file_round_trips_and_fits_only_its_own_model():
     smaller = interest_task(interest.data, factors=8)
     with pytest.raises(CodecError, match="metadata arch is 'rec-44-1683-16-u1024', expected 'rec-44-1683-8-u1024'"):
         codec.decode_private(smaller, codec.encode_private(interest, private))
+
+
+def fisher_of(seed: int) -> dict:
+    return {n: np.abs(w) for n, w in random_weights(seed).items()}
+
+
+def test_a_fedcurv_update_carries_its_fisher_and_is_refused_without_it_or_with_it_unasked():
+    fisher = fisher_of(4)
+    with_fisher = encoded_delta(fisher=fisher, dtype="float16")
+    delta, meta, decoded = codec.decode_delta(TASK, with_fisher, with_fisher=True)
+    for name in fisher:
+        np.testing.assert_allclose(decoded[name], fisher[name].astype(np.float16).astype(np.float32))
+    with pytest.raises(CodecError, match="unknown tensor.*fisher/"):  # a plain round's update has none
+        codec.decode_delta(TASK, with_fisher)
+    with pytest.raises(CodecError, match="missing tensor.*fisher/"):
+        codec.decode_delta(TASK, encoded_delta(), with_fisher=True)
+    negative = {**fisher, "output/bias": -fisher["output/bias"] - 1.0}
+    with pytest.raises(CodecError, match="the update's Fisher holds negative values"):
+        codec.decode_delta(TASK, encoded_delta(fisher=negative), with_fisher=True)
+    beyond = {**fisher, "output/bias": np.full_like(fisher["output/bias"], 1e6)}  # past float16's range
+    _, _, kept = codec.decode_delta(TASK, encoded_delta(fisher=beyond, dtype="float16"), with_fisher=True)
+    assert kept["output/bias"][0] == 1e6
+
+
+def published_curvature(scales: dict[str, float], round_id: int = 3) -> RoundCurvature:
+    return RoundCurvature(Curvature(fisher_of(5), random_weights(6)), round_id, scales)
+
+
+def test_a_base_carries_the_last_rounds_fedcurv_statistics_and_the_clients_they_sum():
+    scales = {CLIENT.lower(): 1.0, "0x" + "ab" * 20: 0.123456789012345}
+    curvature = published_curvature(scales)
+    encoded = codec.encode_model(TASK, random_weights(1), fisher_of(2), round_id=4, plan=TrainingSettings(),
+                                 curvature=curvature)
+    decoded = codec.decode_model(TASK, encoded).curvature
+    assert decoded.round_id == 3 and decoded.scales == scales  # every factor exactly as merged
+    for name in TASK.spec:
+        np.testing.assert_array_equal(decoded.total.fisher[name], curvature.total.fisher[name])
+        np.testing.assert_array_equal(decoded.total.pull[name], curvature.total.pull[name])
+    plain = codec.encode_model(TASK, random_weights(1), fisher_of(2), round_id=4, plan=TrainingSettings())
+    assert codec.decode_model(TASK, plain).curvature is None
+    # a round's list of clients is as long as the round: far past every other metadata value's bound
+    many = {f"0x{k:040x}": 1.0 for k in range(1, 1001)}
+    assert codec.decode_model(TASK, codec.encode_model(TASK, random_weights(1), fisher_of(2), 4, TrainingSettings(),
+                                                       curvature=published_curvature(many))).curvature.scales == many
+
+
+@pytest.mark.parametrize("clients, complaint", [
+    (f"{CLIENT}:1.5", "factor '1.5', not in"),
+    (f"{CLIENT}:0", "factor '0', not in"),
+    (f"{CLIENT}:9e999", "factor '9e999', not in"),
+    (f"{CLIENT}:nan", "metadata curvature_clients: string should match pattern"),
+    (f"{CLIENT}:1.0,{CLIENT.upper().replace('0X', '0x')}:1.0", "names .* twice"),
+    (f"{CLIENT}=1.0", "metadata curvature_clients: string should match pattern"),
+    ("", "metadata curvature_clients: string should match pattern"),
+    (f"{CLIENT}:1.0," * 3000 + f"{CLIENT}:1.0", "at most 131072 characters"),
+])
+def test_a_base_whose_list_of_fedcurv_clients_does_not_fit_is_refused(clients, complaint):
+    encoded = codec.encode_model(TASK, random_weights(1), fisher_of(2), round_id=4, plan=TrainingSettings(),
+                                 curvature=published_curvature({CLIENT.lower(): 1.0}))
+    table, metadata = codec.read_header(encoded)
+    tensors = {name: np.array(t) for name, t in codec._tensor_views(encoded, struct.unpack("<Q", encoded[:8])[0],
+                                                                   table).items()}
+    with pytest.raises(CodecError, match=complaint):
+        codec.decode_model(TASK, save(tensors, metadata={**metadata, "curvature_clients": clients}))
+
+
+def test_a_base_with_fedcurv_statistics_missing_or_negative_is_refused():
+    encoded = codec.encode_model(TASK, random_weights(1), fisher_of(2), round_id=4, plan=TrainingSettings(),
+                                 curvature=published_curvature({CLIENT.lower(): 1.0}))
+    table, metadata = codec.read_header(encoded)
+    tensors = {name: np.array(t) for name, t in codec._tensor_views(encoded, struct.unpack("<Q", encoded[:8])[0],
+                                                                   table).items()}
+    without_pull = {n: t for n, t in tensors.items() if not n.startswith("curvature_pull/")}
+    with pytest.raises(CodecError, match="missing tensor.*curvature_pull/"):
+        codec.decode_model(TASK, save(without_pull, metadata=metadata))
+    negative = {**tensors, "curvature_fisher/output/bias": -np.ones_like(tensors["curvature_fisher/output/bias"])}
+    with pytest.raises(CodecError, match="the FedCurv statistics' Fisher holds negative values"):
+        codec.decode_model(TASK, save(negative, metadata=metadata))

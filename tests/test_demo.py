@@ -106,7 +106,7 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
         submitters[round_id] = sorted(sub.client for sub in registry.submissions(round_id))
         for sub in registry.submissions(round_id):  # IPFS holds exactly those files, which decode
             codec.decode_delta(task, store.get(sub.cid), expected_round=round_id, expected_base_cid=info.base_cid)
-        weights, _, _ = codec.decode_model(task, store.get(info.model_cid))
+        weights = codec.decode_model(task, store.get(info.model_cid)).weights
         accuracy = task.evaluate(weights, data.x_test, data.y_test)["accuracy"]
         assert accuracy == pytest.approx(rows[round_id - 1]["accuracy"])
     clients = [chain.client_address(k) for k in range(3)]

@@ -7,7 +7,7 @@ import pytest
 
 from processor import penalty, rounds
 from processor.aggregate import l2_norm
-from processor.penalty import Curvature
+from processor.penalty import SentStatistics
 from processor.simulation import SimulationConfig, simulate
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -41,9 +41,12 @@ def random_weights(rng, scale=1.0) -> dict:
 def test_fedcurvs_one_quadratic_is_the_sum_of_the_other_clients_quadratics():
     rng = np.random.default_rng(0)
     fishers = [{n: np.abs(t) for n, t in random_weights(rng).items()} for _ in range(4)]
+    for f in fishers:
+        f["a/bias"][0] = 0.0  # a coordinate one client's data does not touch
+    fishers = [penalty.scale_free(f) for f in fishers]  # as each client sends it
     trained = [random_weights(rng) for _ in range(4)]
-    fishers[2]["a/bias"][0] = 0.0  # a coordinate one client's data does not touch
-    stats = [penalty.curvature(f, w) for f, w in zip(fishers, trained)]
+    zero = {n: np.zeros_like(t) for n, t in trained[0].items()}
+    stats = [penalty.contribution(SentStatistics(1, zero, w, f)) for f, w in zip(fishers, trained)]
     own = 1
     others = penalty.without(penalty.summed(stats), stats[own])
     anchor, importance = penalty.quadratic("fedcurv", random_weights(rng), fishers[0], others)
@@ -87,9 +90,9 @@ def test_in_a_fedcurv_simulation_each_client_is_pulled_towards_the_others_of_the
     calls = []
     original = rounds.local_update
 
-    def spy(*args, others=None, **kwargs):
-        result = original(*args, others=others, **kwargs)
-        calls.append((others, result.curvature))
+    def spy(task, base_weights, *args, others=None, **kwargs):
+        result = original(task, base_weights, *args, others=others, **kwargs)
+        calls.append((others, SentStatistics(len(calls) // 3 + 1, base_weights, result.delta, result.fisher)))
         return result
 
     monkeypatch.setattr(rounds, "local_update", spy)
@@ -97,9 +100,9 @@ def test_in_a_fedcurv_simulation_each_client_is_pulled_towards_the_others_of_the
     simulate(TASK, SimulationConfig(num_clients=3, rounds=2, training=plan, seed=0))
     first, second = calls[:3], calls[3:]
     assert all(others is None for others, _ in first)
-    total = penalty.summed(c for _, c in first)
+    total = penalty.summed(penalty.contribution(sent) for _, sent in first)
     for k, (others, _) in enumerate(second):
-        expected = penalty.without(total, first[k][1])
+        expected = penalty.without(total, penalty.contribution(first[k][1]))
         for name in expected.fisher:
             np.testing.assert_allclose(others.fisher[name], expected.fisher[name], rtol=1e-6)
             np.testing.assert_allclose(others.pull[name], expected.pull[name], rtol=1e-6, atol=1e-9)
@@ -107,14 +110,36 @@ def test_in_a_fedcurv_simulation_each_client_is_pulled_towards_the_others_of_the
         assert not np.allclose(others.fisher["output/kernel"], total.fisher["output/kernel"])
 
 
-def test_a_clients_curvature_is_its_fisher_and_the_fisher_times_its_trained_weights(base):
+def test_a_clients_part_is_its_fisher_at_mean_one_and_that_fisher_times_its_weights_as_merged(base):
     x, y = TASK.client_data(1, 3, seed=0)
     result = rounds.local_update(TASK, base.weights, base.fisher, x, y, replace(PLAN, regularizer="fedcurv"), seed=0)
-    own = rounds.fisher_of(TASK, base.weights, x, y)
-    trained = {n: base.weights[n] + result.delta[n] for n in base.weights}
-    assert isinstance(result.curvature, Curvature)
+    own = penalty.scale_free(rounds.fisher_of(TASK, base.weights, x, y))
     for name in own:
-        np.testing.assert_allclose(result.curvature.fisher[name], own[name], rtol=1e-6)
-        np.testing.assert_allclose(result.curvature.pull[name], own[name] * trained[name], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(result.fisher[name], own[name], rtol=1e-6)
+    # however large a Fisher a client claims, its part weighs as much as any other's
+    claimed = {n: 1e6 * f for n, f in result.fisher.items()}
+    part = penalty.contribution(SentStatistics(1, base.weights, result.delta, claimed), scale=0.5)
+    for name in own:
+        np.testing.assert_allclose(part.fisher[name], own[name], rtol=1e-5)
+        merged = base.weights[name] + 0.5 * result.delta[name]  # the delta as the merge clipped it
+        np.testing.assert_allclose(part.pull[name], own[name] * merged, rtol=1e-4, atol=1e-9)
     plain = rounds.local_update(TASK, base.weights, base.fisher, x, y, PLAN, seed=0)
-    assert plain.curvature is None
+    assert plain.fisher is None
+
+
+def test_a_client_takes_its_own_part_out_of_the_published_statistics_only_when_they_hold_it():
+    rng = np.random.default_rng(2)
+    zero = {n: np.zeros_like(t) for n, t in random_weights(rng).items()}
+    sent = {c: SentStatistics(4, zero, random_weights(rng), penalty.scale_free(
+        {n: np.abs(t) for n, t in random_weights(rng).items()})) for c in ("0xa", "0xb", "0xc")}
+    published = penalty.round_curvature(4, ((c, s, 1.0 if c != "0xb" else 0.25) for c, s in sent.items()))
+    assert published.scales == {"0xa": 1.0, "0xb": 0.25, "0xc": 1.0}
+    others = penalty.others_for(published, "0xB", sent["0xb"])  # its part as merged: scaled by 0.25
+    expected = penalty.summed([penalty.contribution(sent["0xa"]), penalty.contribution(sent["0xc"])])
+    for name in expected.fisher:
+        np.testing.assert_allclose(others.fisher[name], expected.fisher[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(others.pull[name], expected.pull[name], rtol=1e-4, atol=1e-5)
+    assert penalty.others_for(published, "0xd", None) is published.total  # not in it: all of it pulls
+    assert penalty.others_for(published, "0xa", replace(sent["0xa"], round_id=3)) is published.total
+    assert penalty.others_for(None, "0xa", sent["0xa"]) is None
+    assert penalty.round_curvature(5, []) is None

@@ -262,7 +262,7 @@ def test_dp_rounds_on_the_full_stack_publish_noised_deltas_account_epsilon_and_s
             agent.check_round()
         info = org.registry.round(round_id)
         for submission in org.registry.logged_submissions(info):
-            delta, _ = codec.decode_delta(task, org.store.get(submission.cid))
+            delta, _, _ = codec.decode_delta(task, org.store.get(submission.cid))
             norm = agg.l2_norm(delta)
             # what the clipped delta (norm <= 0.5) adds to the noise's norm is at most its own 0.5
             assert noise_norm * 0.95 - 0.5 < norm < noise_norm * 1.05 + 0.5

@@ -34,7 +34,7 @@ def with_header(data: bytes, edit) -> bytes:
 
 def test_decoded_float32_tensors_are_read_only_views_equal_to_the_input():
     delta = weights()
-    decoded, _ = codec.decode_delta(TASK, encoded(delta))
+    decoded, _, _ = codec.decode_delta(TASK, encoded(delta))
     for name in TASK.spec:
         np.testing.assert_array_equal(decoded[name], delta[name])
         assert not decoded[name].flags.writeable

@@ -6,7 +6,8 @@ import pytest
 from safetensors.numpy import save
 
 from processor import aggregate as agg
-from processor import codec, screen
+from processor import codec, penalty, screen
+from processor.penalty import SentStatistics
 from processor.screen import MergePolicy, Received, merge_round
 from processor.tasks import get_task
 
@@ -172,3 +173,27 @@ def test_an_update_that_carries_private_user_state_is_refused():
     assert merge.accepted == 3
     assert "private tensor(s) delta/user_bias/embeddings" in merge.verdicts[address(3)].reason
     assert set(merge.weights) == set(interest.spec)
+
+
+def test_a_fedcurv_merge_sums_the_merged_updates_statistics_each_delta_as_it_was_clipped():
+    rng = np.random.default_rng(7)
+    fishers = [{n: np.abs(rng.normal(size=s)).astype(np.float32) for n, s in TASK.spec.items()} for _ in range(4)]
+    deltas = [honest_delta(k, scale=0.1 * (k + 1)) for k in range(4)]
+    updates = [received(k, d, fisher=f) for k, (d, f) in enumerate(zip(deltas[:3], fishers))]
+    updates.append(received(3, deltas[3]))  # a FedCurv round's update without its Fisher
+    merge = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, with_curvature=True)
+    assert "missing tensor(s): fisher/" in merge.verdicts[address(3)].reason
+    norms = [agg.l2_norm(d) for d in deltas[:3]]
+    median = float(np.median(norms))  # the default policy clips every delta to the round's median norm
+    assert merge.curvature.round_id == ROUND
+    assert merge.curvature.scales == pytest.approx({address(k): min(1.0, median / norms[k]) for k in range(3)})
+    assert merge.curvature.scales[address(2)] < 1.0
+    sent = [codec.decode_delta(TASK, u.data, with_fisher=True) for u in updates[:3]]
+    expected = penalty.summed(
+        penalty.contribution(SentStatistics(ROUND, base_weights(), s.delta, s.fisher), merge.curvature.scales[address(k)])
+        for k, s in enumerate(sent))
+    for name in TASK.spec:
+        np.testing.assert_allclose(merge.curvature.total.fisher[name], expected.fisher[name], rtol=1e-6)
+        np.testing.assert_allclose(merge.curvature.total.pull[name], expected.pull[name], rtol=1e-5, atol=1e-8)
+    plain = merge_round(TASK, base_weights(), updates[:3], ROUND, BASE_CID)  # not a FedCurv round: no Fisher
+    assert plain.curvature is None and all("unknown tensor(s): fisher/" in v.reason for v in plain.verdicts.values())

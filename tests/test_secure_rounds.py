@@ -74,8 +74,8 @@ def merged_error(org, round_id: int, expected: dict) -> float:
     weights cannot tell apart (the model is published as float32: new - base is exact only to one
     spacing of the larger weight)."""
     registry = org.registry
-    new, _, _ = codec.decode_model(org.task, org.store.get(registry.round(round_id).model_cid))
-    base, _, _ = codec.decode_model(org.task, org.store.get(registry.round(round_id).base_cid))
+    new = codec.decode_model(org.task, org.store.get(registry.round(round_id).model_cid)).weights
+    base = codec.decode_model(org.task, org.store.get(registry.round(round_id).base_cid)).weights
     return max(float(np.max(np.abs(new[n] - base[n] - expected[n]) - np.spacing(np.maximum(abs(new[n]), abs(base[n])))))
                for n in new)
 
