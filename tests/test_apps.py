@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 import organization
@@ -240,3 +241,48 @@ def test_a_client_of_another_task_is_refused_at_start_up_and_at_its_pull(system,
         client.create_app({**shared, "CLIENT_CONFIG": dataclasses.replace(mnist_device, client_id=3)})
     answer = early.test_client().post("/api/pull", json={"wait": True})
     assert answer.status_code == 409 and "start it with --task digits" in answer.get_json()["error"]
+
+
+def test_a_fedcurv_round_pulls_each_client_towards_the_others_updates_of_the_last_round(tmp_path, monkeypatch):
+    """The apps exchange FedCurv's statistics: each update carries its Fisher, the next base their
+    sum, and each client trains against the other clients' part of it."""
+    from processor import penalty, rounds
+    from processor.tasks import get_task
+
+    pulls, local_update = [], rounds.local_update
+
+    def spy(*args, others=None, **kwargs):
+        pulls.append(others)
+        return local_update(*args, others=others, **kwargs)
+
+    monkeypatch.setattr(rounds, "local_update", spy)
+    plan = TrainingSettings(epochs=2, learning_rate=0.1, regularizer="fedcurv", ewc_lambda=0.3)
+    embedded = embedded_system(tmp_path, OrganizationConfig(task=TASK, training=plan),
+                               [ClientConfig(client_id=k, num_clients=2, task=TASK) for k in range(2)])
+    system = {"org": embedded.org.test_client(), "clients": [c.test_client() for c in embedded.clients]}
+    deploy_and_enrol(system)
+    org, clients, task, store = system["org"], system["clients"], get_task(TASK), embedded.store
+    assert org.post("/api/rounds").status_code == 201
+    for c in clients:
+        assert c.post("/api/participate", json={"wait": True}).get_json()["state"] == "done"
+    assert pulls == [None, None]  # nothing to pull towards in the first round
+    merged = org.post("/api/rounds/1/aggregate").get_json()
+    assert merged["accepted"] == 2
+
+    registry = organization_registry(org)
+    info = registry.round(1)
+    base = codec.decode_model(task, store.get(info.base_cid)).weights
+    sent = {sub.client.lower(): codec.decode_delta(task, store.get(sub.cid), with_fisher=True)
+            for sub in registry.submissions(1)}
+    published = codec.decode_model(task, store.get(merged["model_cid"])).curvature
+    assert published.round_id == 1 and set(published.scales) == set(sent)
+    for c in clients:
+        assert c.post("/api/participate", json={"wait": True}).get_json()["state"] == "done"
+    addresses = [c.get("/api/status").get_json()["address"].lower() for c in clients]
+    for address, others in zip(addresses, pulls[2:]):
+        [(other, theirs)] = [(a, s) for a, s in sent.items() if a != address]
+        expected = penalty.contribution(penalty.SentStatistics(1, base, theirs.delta, theirs.fisher),
+                                        published.scales[other])
+        for name in task.spec:
+            np.testing.assert_allclose(others.fisher[name], expected.fisher[name], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(others.pull[name], expected.pull[name], rtol=1e-3, atol=1e-5)

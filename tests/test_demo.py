@@ -68,7 +68,8 @@ def test_each_process_of_the_stack_gets_its_share_of_the_cores(monkeypatch, core
 def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, ganache_url, ipfs_api, monkeypatch):
     """Ganache, the IPFS daemon, the organization and three clients, each its own process, and no
     HTTP call to any app: the organization runs three rounds, client 1 trains past every deadline
-    and the contract refuses its updates, client 2 joins after round 1 and takes part from round 3."""
+    and the contract refuses its updates, client 2 joins after round 1 and takes part from round 3.
+    The rounds are FedCurv's: every update carries its Fisher, every next base the merged ones' sum."""
     app_calls, request = [], demo.requests.request
     app_ports = {5400, 5410, 5411, 5412}
 
@@ -79,7 +80,8 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
 
     monkeypatch.setattr(demo.requests, "request", counted)
     settings = Settings.from_env(state_dir=tmp_path, chain_url=ganache_url, ipfs_api=ipfs_api)
-    options = DemoOptions(task=TASK, clients=3, rounds=3, training=TrainingSettings(epochs=3), round_seconds=10,
+    plan = TrainingSettings(epochs=3, regularizer="fedcurv", ewc_lambda=0.3)
+    options = DemoOptions(task=TASK, clients=3, rounds=3, training=plan, round_seconds=10,
                           plot_path=tmp_path / "accuracy.png", org_port=5400, first_client_port=5410)
     report = run_demo(options, settings)
     assert app_calls == [], "the demo drove an app over HTTP"
@@ -105,8 +107,10 @@ def test_full_stack_runs_by_itself_with_a_straggler_and_a_late_joiner(tmp_path, 
         assert info.finalized and info.deadline > 0
         submitters[round_id] = sorted(sub.client for sub in registry.submissions(round_id))
         for sub in registry.submissions(round_id):  # IPFS holds exactly those files, which decode
-            codec.decode_delta(task, store.get(sub.cid), expected_round=round_id, expected_base_cid=info.base_cid)
-        weights = codec.decode_model(task, store.get(info.model_cid)).weights
+            codec.decode_delta(task, store.get(sub.cid), expected_round=round_id, expected_base_cid=info.base_cid,
+                               with_fisher=True)
+        weights, _, _, curvature = codec.decode_model(task, store.get(info.model_cid))
+        assert curvature.round_id == round_id and set(curvature.scales) == {c.lower() for c in submitters[round_id]}
         accuracy = task.evaluate(weights, data.x_test, data.y_test)["accuracy"]
         assert accuracy == pytest.approx(rows[round_id - 1]["accuracy"])
     clients = [chain.client_address(k) for k in range(3)]
