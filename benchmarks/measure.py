@@ -1,9 +1,14 @@
-"""What the benchmarks share: progress on stderr (stdout's last line is the JSON) and timing."""
+"""What the benchmarks share: progress on stderr (stdout's last line is the JSON), timing, and
+runs of the full stack."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 
@@ -28,3 +33,37 @@ def best_seconds(action: Callable[[], object], repeats: int) -> float:
         action()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def free_ports(first: int, count: int) -> int:
+    """The first of `count` consecutive free ports, from `first` on."""
+    from infra.processes import port_listens
+
+    port = first
+    while any(port_listens(p) for p in range(port, port + count)):
+        port += count
+    return port
+
+
+def full_stack_run(options, label: str, chain_url: str | None = None, ipfs_api: str | None = None,
+                   state_dir: Path | None = None) -> dict:
+    """`demo.run_demo(options)` on a chain and an IPFS daemon of the run's own (free ports, never
+    8545 / 5001, a fresh state dir, removed unless the run failed: its logs), its apps on free
+    ports from 5640; the demo's table goes to stderr, so stdout keeps the JSON line. Its report."""
+    from demo import free_port, run_demo
+    from infra.settings import Settings
+
+    options = replace(options, org_port=free_port(5640), first_client_port=free_ports(5650, options.clients))
+    chain_url = chain_url or f"http://127.0.0.1:{free_port(8945)}"
+    ipfs_api = ipfs_api or f"http://127.0.0.1:{free_port(5401)}"
+    own_dir = state_dir is None
+    state_dir = state_dir or Path(tempfile.mkdtemp(prefix=f"fl-bench-{label}-"))
+    stdout = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        report = run_demo(options, Settings.from_env(chain_url=chain_url, ipfs_api=ipfs_api, state_dir=state_dir))
+    finally:
+        sys.stdout = stdout
+    if own_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return report

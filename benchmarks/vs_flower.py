@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -63,7 +62,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.measure import log
+from benchmarks.measure import full_stack_run, log
 from infra.files import REPO_ROOT
 from infra.processes import machine_busy_seconds
 from processor.training import TrainingSettings
@@ -345,41 +344,16 @@ def run_flower_deployment(args: argparse.Namespace) -> dict:
 # ---- our side -------------------------------------------------------------------------------
 
 
-def free_ports(first: int, count: int) -> int:
-    """The first of `count` consecutive free ports, from `first` on."""
-    from infra.processes import port_listens
-
-    port = first
-    while any(port_listens(p) for p in range(port, port + count)):
-        port += count
-    return port
-
-
-
 def run_ours(args: argparse.Namespace, lam: float, embedded: bool, label: str) -> dict:
-    from demo import DemoOptions, free_port, run_demo
-    from infra.settings import Settings
+    from demo import DemoOptions
 
     options = DemoOptions(task=TASK, clients=CLIENTS, rounds=args.rounds, partition="dirichlet", alpha=ALPHA,
                           seed=args.seed, training=TrainingSettings.from_args(args, ewc_lambda=lam), bounds="none",
                           embedded=embedded, straggler=False, late_joiner=False,  # every client every round
                           drive=True,  # rounds driven and timed by demo.run_round, as before the network ran itself
-                          plot_path=Path(tempfile.gettempdir()) / f"{label}.png",
-                          org_port=free_port(5640), first_client_port=free_ports(5650, CLIENTS))
-    # a chain and an IPFS daemon of this run's own (free ports, never 8545 / 5001, a fresh state dir)
-    chain_url = args.chain_url or f"http://127.0.0.1:{free_port(8945)}"
-    ipfs_api = args.ipfs_api or f"http://127.0.0.1:{free_port(5401)}"
-    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix=f"fl-vs-flower-{label}-"))
-    settings = Settings.from_env(chain_url=chain_url, ipfs_api=ipfs_api, state_dir=state_dir)
+                          plot_path=Path(tempfile.gettempdir()) / f"{label}.png")
     log(f"{label}: {'embedded' if embedded else 'full stack'}, lambda {lam:g}")
-    stdout = sys.stdout
-    sys.stdout = sys.stderr  # the demo's table is progress here; stdout keeps the JSON line
-    try:
-        report = run_demo(options, settings)
-    finally:
-        sys.stdout = stdout
-    if not args.state_dir:
-        shutil.rmtree(state_dir, ignore_errors=True)  # its own, kept only when the run failed (its logs)
+    report = full_stack_run(options, label, args.chain_url, args.ipfs_api, args.state_dir)
     rows = report["rounds"]
     return {"update_dtype": options.training.update_dtype, "initial_accuracy": report["initial_accuracy"],
             "accuracy_per_round": [r["accuracy"] for r in rows],
