@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -119,11 +120,13 @@ def full_stack(setting: str, regularizer: str, lam: float, seed: int, target: fl
     from demo import DemoOptions
 
     task_name, config = SETTINGS[setting]
+    label = f"forgetting-{setting}-{regularizer}-{lam:g}-{seed}"
     options = DemoOptions(task=task_name, clients=config.num_clients, rounds=config.rounds,
                           partition=config.partition, alpha=config.alpha, seed=seed,
                           training=replace(config.training, regularizer=regularizer, ewc_lambda=lam),
-                          straggler=False, late_joiner=False, drive=True)  # every client every round
-    rows = full_stack_run(options, f"{setting}-{regularizer}-{lam:g}-{seed}")["rounds"]
+                          straggler=False, late_joiner=False, drive=True,  # every client every round
+                          plot_path=Path(tempfile.gettempdir()) / f"{label}.png")
+    rows = full_stack_run(options, label)["rounds"]
     accuracies = [row["accuracy"] for row in rows]
     reached = [row["round"] for row in rows if row["accuracy"] >= target]
     return {"final": round(accuracies[-1], 4), "rounds_to_target": reached[0] if reached else None,
