@@ -355,7 +355,8 @@ class ClientService:
             submitted = self._submit(data, round_id, result.num_samples, timer)
             if result.fisher is not None:  # its part of the round's statistics, as the organization decodes it
                 sent = codec.decode_delta(self.task, data, with_fisher=True)
-                self.sent = {r: s for r, s in self.sent.items() if r == max(self.sent)}  # and the one before
+                latest = max(self.sent, default=None)  # kept too: a restarted round's base sums an older one
+                self.sent = {r: s for r, s in self.sent.items() if r == latest}
                 self.sent[round_id] = SentStatistics(round_id, self.base.weights, sent.delta, sent.fisher)
             return {**submitted, "seconds": timer.as_dict()}
 
