@@ -29,12 +29,16 @@ def cosine(a: Weights, b: Weights) -> float:
     return dot / norms if norms > 0 else 0.0
 
 
+def clip_factor(norm: float, max_norm: float | None) -> float:
+    """What a delta of L2 norm `norm` is scaled by to clip it to `max_norm` (None: no clipping)."""
+    return 1.0 if max_norm is None or norm <= max_norm or norm == 0.0 else max_norm / norm
+
+
 def clip_by_norm(delta: Weights, max_norm: float) -> Weights:
     """`delta` scaled down to L2 norm `max_norm` when it is longer; unchanged otherwise."""
-    norm = l2_norm(delta)
-    if norm <= max_norm or norm == 0.0:
+    scale = clip_factor(l2_norm(delta), max_norm)
+    if scale == 1.0:
         return delta
-    scale = max_norm / norm
     return {name: (t * scale).astype(t.dtype) for name, t in delta.items()}
 
 

@@ -209,12 +209,13 @@ def _tensor_views(data: bytes, header_size: int, table: dict[str, TensorEntry]) 
             for name, entry in table.items()}
 
 
-def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, ...]], spec: dict | None = None):
+def _decode(task: Task, data: bytes, kind: str, prefixes: dict[str, tuple[str, ...]], spec: dict | None = None,
+            header: tuple[dict[str, TensorEntry], dict[str, str]] | None = None):
     """The tensors of `data` as float32, each under a prefix of `prefixes` (mapped to the file
     dtypes allowed for it) for every tensor of `spec` (the task's global ones by default), and its
-    metadata."""
+    metadata. `header`: what `read_header` gave, when the caller read it already."""
     spec = task.spec if spec is None else spec
-    table, metadata = read_header(data)
+    table, metadata = header or read_header(data)
     _check_metadata(task, metadata, kind)
     expected = {f"{p}/{n}": shape for p in prefixes for n, shape in spec.items()}
     missing = sorted(set(expected) - set(table))
@@ -262,12 +263,12 @@ def _non_negative(fisher: Weights, what: str) -> Weights:
 
 def decode_model(task: Task, data: bytes) -> DecodedModel:
     """The weights, Fisher, metadata and FedCurv statistics of a base model built for `task`."""
-    table, metadata = read_header(data)
+    header = read_header(data)
     prefixes = {"weights": ("F32",), "fisher": ("F32", "F16")}
-    carries_curvature = "curvature_round" in metadata
+    carries_curvature = "curvature_round" in header[1]
     if carries_curvature:
         prefixes.update(curvature_fisher=("F32",), curvature_pull=("F32",))
-    tensors, metadata = _decode(task, data, "base", prefixes)
+    tensors, metadata = _decode(task, data, "base", prefixes, header=header)
     weights = {n: tensors[f"weights/{n}"] for n in task.spec}
     fisher = _non_negative({n: tensors[f"fisher/{n}"] for n in task.spec}, "the Fisher information")
     curvature = None

@@ -239,7 +239,7 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
     deltas = [(c.delta, weight) for c, weight in zip(checked, weights)]
     curvature = penalty.round_curvature(round_id, (
         (c.update.client, SentStatistics(round_id, base_weights, c.delta, c.fisher),
-         1.0 if clip is None or c.norm <= clip else clip / c.norm)
+         agg.clip_factor(c.norm, clip))
         for c in checked)) if with_curvature else None
     return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts,
                       curvature)
