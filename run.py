@@ -457,9 +457,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(exc))
         if args.privacy.secure_aggregation:
             secure_aggregation_allowed(parser, args)
-        if hasattr(args, "regularizer") and args.privacy.is_private and plan_from(args).regularizer == "fedcurv":
-            parser.error("FedCurv cannot run in a private round: each client would publish the Fisher of its own "
-                         "data in the clear beside its protected update; choose --regularizer ewc or fedprox")
+        if hasattr(args, "regularizer"):
+            try:
+                args.privacy.refuse_regularizer(plan_from(args).regularizer)
+            except ValueError as exc:
+                parser.error(str(exc))
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     configure_logging(getattr(args, "verbose", False))
     if args.command in TENSORFLOW_COMMANDS:

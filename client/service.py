@@ -313,9 +313,10 @@ class ClientService:
         any); refused in a private round, where this device's Fisher would go out uncovered."""
         if self.base.plan.regularizer != "fedcurv":
             return None
-        if self.base.privacy.is_private:
-            raise ActionError("the round asks for FedCurv in a private round: this device's Fisher would be "
-                              "published in the clear beside its protected update, so it does not take part", 409)
+        try:
+            self.base.privacy.refuse_regularizer(self.base.plan.regularizer)
+        except ValueError as exc:
+            raise ActionError(f"this device does not take part in round {self.base.round_id}: {exc}", 409) from None
         published = self.base.curvature
         return penalty.others_for(published, self.address, self.sent.get(published.round_id) if published else None)
 

@@ -72,9 +72,7 @@ class OrganizationConfig:
     target_accuracy: float | None = None  # running by itself, stop once the merged model's test accuracy reaches it
 
     def __post_init__(self) -> None:
-        if self.training.regularizer == "fedcurv" and self.privacy.is_private:
-            raise ValueError("FedCurv cannot run in a private round: each client would publish the Fisher of its "
-                             "own data in the clear beside its update; choose ewc or fedprox")
+        self.privacy.refuse_regularizer(self.training.regularizer)
 
 
 class RoundWaiting(ActionError):

@@ -72,6 +72,13 @@ class PrivacyPlan:
         from its data (its metrics, its Fisher) may go out beside it, uncovered."""
         return self.is_dp or self.secure_aggregation
 
+    def refuse_regularizer(self, regularizer: str) -> None:
+        """ValueError for a penalty this plan's rounds cannot take: FedCurv, whose clients publish
+        their Fisher in the clear beside their update, in a private round."""
+        if regularizer == "fedcurv" and self.is_private:
+            raise ValueError("FedCurv cannot run in a private round: each client would publish the Fisher of its "
+                             "own data in the clear beside its protected update; choose ewc or fedprox")
+
     @property
     def publishes_evaluation(self) -> bool:
         """Whether a client's update carries its metrics of the base on its own held-out data: not
