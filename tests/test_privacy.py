@@ -285,3 +285,13 @@ def test_dp_rounds_on_the_full_stack_publish_noised_deltas_account_epsilon_and_s
     assert "privacy budget is spent" in page
     device_page = client_apps[0].test_client().get("/").get_data(as_text=True)
     assert f"clipped to L2 norm 0.5, plus Gaussian noise of std {0.4:.3g} per coordinate" in device_page
+
+
+def test_a_private_round_refuses_fedcurv_whose_clients_would_publish_their_fisher_in_the_clear():
+    dp = PrivacyPlan(clip_norm=1.0, noise_multiplier=0.5)
+    secure = PrivacyPlan(clip_norm=1.0, secure_aggregation=True, threshold=2)
+    for plan in (dp, secure):
+        with pytest.raises(ValueError, match="FedCurv cannot run in a private round"):
+            plan.refuse_regularizer("fedcurv")
+        plan.refuse_regularizer("fedprox")
+    PrivacyPlan().refuse_regularizer("fedcurv")
