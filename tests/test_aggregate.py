@@ -80,3 +80,47 @@ def test_rounds_aggregate_adds_the_merged_delta_to_the_base():
         np.testing.assert_allclose(aggregate(base, [(delta(2.0), 1), (delta(4.0), 1)], method=method)["w"], 4.0)
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(base, [(delta(1.0), 1)], method="mean-ish")
+
+
+def test_the_fisher_weighted_mean_weighs_each_coordinate_by_each_clients_fisher():
+    a, b = delta(1.0), delta(3.0)
+    fisher_a = {"w": np.array([[9.0, 0], [1, 1], [0, 0]], np.float32), "b": np.ones(2, np.float32)}
+    fisher_b = {"w": np.array([[0.0, 9], [1, 1], [0, 0]], np.float32), "b": np.ones(2, np.float32)}
+    merged = agg.fisher_weighted_mean([(a, 10, fisher_a), (b, 30, fisher_b)], floor=0.1)
+    weight_a = 10 * (fisher_a["w"] + 0.1)
+    weight_b = 30 * (fisher_b["w"] + 0.1)
+    np.testing.assert_allclose(merged["w"], (weight_a * 1.0 + weight_b * 3.0) / (weight_a + weight_b), rtol=1e-6)
+    assert merged["w"][0, 0] < 1.1 and merged["w"][0, 1] > 2.99  # each where only its own Fisher holds
+    np.testing.assert_allclose(merged["w"][2], 2.5)  # no Fisher anywhere: the sample-weighted mean
+    np.testing.assert_allclose(merged["b"], agg.weighted_mean([(a, 10), (b, 30)])["b"], rtol=1e-6)  # equal Fishers
+    assert merged["w"].dtype == np.float32
+
+
+def test_the_fisher_weighted_mean_refuses_nothing_a_bad_count_and_no_floor():
+    ones = {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="no deltas"):
+        agg.fisher_weighted_mean([])
+    with pytest.raises(ValueError, match="positive sample count"):
+        agg.fisher_weighted_mean([(delta(1.0), 0, ones)])
+    with pytest.raises(ValueError, match="floor must be positive"):
+        agg.fisher_weighted_mean([(delta(1.0), 1, ones)], floor=0.0)
+
+
+def test_a_fisher_claimed_on_one_coordinate_is_capped_at_a_multiple_of_the_median():
+    honest = [{"w": np.full((3, 2), f, np.float32), "b": np.ones(2, np.float32)} for f in (1.0, 2.0, 3.0)]
+    greedy = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    greedy["w"][0, 0] = 1e6
+    capped = agg.capped_at_median([*honest, greedy], 4.0)
+    assert capped[3]["w"][0, 0] == 4.0 * 2.5  # the median of 1, 2, 3 and its own 1e6
+    assert capped[3]["w"][0, 0] < 4 * sum(h["w"][0, 0] for h in honest)
+    for before, after in zip(honest, capped[:3]):
+        np.testing.assert_array_equal(before["w"], after["w"])
+
+
+def test_rounds_aggregate_merges_by_fisher_with_fedavg_only():
+    base = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    fishers = [{"w": np.full((3, 2), f, np.float32), "b": np.full(2, f, np.float32)} for f in (9.9, 0.0)]
+    merged = aggregate(base, [(delta(1.0), 1), (delta(2.0), 1)], fishers=fishers)
+    np.testing.assert_allclose(merged["w"], (10.0 * 1 + 0.1 * 2) / 10.1, rtol=1e-6)
+    with pytest.raises(ValueError, match="does not apply to median"):
+        aggregate(base, [(delta(1.0), 1), (delta(2.0), 1)], method="median", fishers=fishers)

@@ -197,3 +197,31 @@ def test_a_fedcurv_merge_sums_the_merged_updates_statistics_each_delta_as_it_was
         np.testing.assert_allclose(merge.curvature.total.pull[name], expected.pull[name], rtol=1e-5, atol=1e-8)
     plain = merge_round(TASK, base_weights(), updates[:3], ROUND, BASE_CID)  # not a FedCurv round: no Fisher
     assert plain.curvature is None and all("unknown tensor(s): fisher/" in v.reason for v in plain.verdicts.values())
+
+
+def test_a_fedcurv_merge_weighs_each_coordinate_by_the_clients_fishers_capped_at_the_median():
+    """A client that claims all its Fisher on one coordinate outweighs the others there by at most
+    fisher_multiple times their median; without that bound it would set the coordinate alone."""
+    ones = {n: np.ones(s, np.float32) for n, s in TASK.spec.items()}
+    name = next(iter(TASK.spec))
+    greedy_fisher = {n: np.zeros(s, np.float32) for n, s in TASK.spec.items()}
+    greedy_fisher[name].flat[0] = 1e6
+    greedy_delta = {n: np.full(s, 0.1, np.float32) for n, s in TASK.spec.items()}
+    greedy_delta[name].flat[0] = 1.0
+    updates = [received(k, {n: np.full(s, 0.1, np.float32) for n, s in TASK.spec.items()}, fisher=ones)
+               for k in range(3)]
+    updates.append(received(3, greedy_delta, fisher=greedy_fisher))
+    floor = agg.FISHER_FLOOR
+
+    capped = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, screen.policy_for("none", fisher_multiple=4.0),
+                         with_curvature=True)
+    assert capped.accepted == 4
+    # its Fisher, scaled to mean 1, is capped at 4 x the median (1) of the four there; the others' stay 1
+    expected = ((4.0 + floor) * 1.0 + 3 * (1.0 + floor) * 0.1) / ((4.0 + floor) + 3 * (1.0 + floor))
+    assert capped.weights[name].flat[0] == pytest.approx(expected, rel=1e-5)
+    # where it claims no Fisher, it counts for its floor only: every delta is 0.1 there
+    np.testing.assert_allclose(capped.weights[name].flat[1:], 0.1, rtol=1e-5)
+
+    unbounded = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, PLAIN, with_curvature=True)
+    assert PLAIN.fisher_multiple is None and unbounded.weights[name].flat[0] > 0.99
+    assert MergePolicy().fisher_multiple == 4.0  # the organization's default policy is bounded
