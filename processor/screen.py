@@ -48,7 +48,7 @@ class MergePolicy:
     cosine_weighting: bool = True  # FedAvg weights scaled by each delta's cosine with that median
     clip_norm: float | None = None  # also scale every delta down to this absolute L2 norm
     max_norm: float = 1e6  # an absolute bound, far above any honest delta: refused beyond it
-    fisher_multiple: float | None = 4.0  # FedCurv: a Fisher's merge weight <= this x the round's median there
+    fisher_multiple: float | None = 1.0  # FedCurv: a Fisher's merge weight <= this x the round's median there
 
     def __post_init__(self) -> None:
         if self.aggregation not in agg.AGGREGATIONS:
