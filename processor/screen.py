@@ -13,6 +13,8 @@ away from the coordinate-wise median of the round's deltas (a robust consensus w
 are honest): a sign-flipped update is refused outright, not only shortened. The weights that remain
 are scaled by each delta's cosine with that median (as FLTrust scales by the cosine with a trusted
 update), so a delta that only grazes the consensus, mostly pushing elsewhere, counts for little.
+In a FedCurv round each delta also counts per coordinate by its client's Fisher, which is capped at
+`fisher_multiple` times the round's median Fisher there: a claimed Fisher buys no coordinate.
 """
 from __future__ import annotations
 
