@@ -8,13 +8,8 @@ sends a crafted delta claiming the most samples the contract accepts, at the lon
 checks let through. For each attack the round's test accuracy is compared with the merge of the
 four honest updates alone (same policy): `accuracy_change_pp` is attacked minus honest-only, so a
 drop is negative; the goal is no drop beyond 3 pp. The same attacks against plain FedAvg (no caps,
-no consensus check, the old fixed norm bound of 1e3) show what the bounds are worth.
-
-With --fedcurv the rounds are FedCurv's: every update carries a Fisher and the merge weighs each
-delta per coordinate by it (the honest clients' Fishers are the base's on their data). The
-attacker then also claims a Fisher that puts all its mass where its delta is largest (its square),
-to own those coordinates in the merge; undefended, nothing caps that claim. Progress on stderr,
-one JSON line last.
+no consensus check, the old fixed norm bound of 1e3) show what the bounds are worth. Progress on
+stderr, one JSON line last.
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ import numpy as np
 
 from benchmarks.measure import log
 from infra import chain
-from processor import codec, penalty, rounds
+from processor import codec, rounds
 from processor.aggregate import l2_norm
 from processor.screen import MergePolicy, Received, merge_round, policy_for
 from processor.tasks import get_task
@@ -43,15 +38,10 @@ def address(k: int) -> str:
     return f"0x{k + 1:040x}"
 
 
-def encoded(task, delta, round_id: int, client: int, num_samples: int, fisher=None) -> Received:
+def encoded(task, delta, round_id: int, client: int, num_samples: int) -> Received:
     data = codec.encode_delta(task, delta, round_id=round_id, base_cid=BASE_CID, num_samples=num_samples,
-                              client=address(client), dtype="float32", fisher=fisher)
+                              client=address(client), dtype="float32")
     return Received(address(client), num_samples, data)
-
-
-def claimed_fisher(delta: dict) -> dict:
-    """The attacker's Fisher: all its mass where its delta moves most (the delta squared, mean 1)."""
-    return penalty.scale_free({n: np.square(t, dtype=np.float32) for n, t in delta.items()})
 
 
 def longest_admitted(direction: dict, honest_norms: list[float], policy: MergePolicy) -> dict:
@@ -82,7 +72,7 @@ def attack_delta(name: str, task, base, honest, attacker_update, target, honest_
     return attacker_update.delta
 
 
-def run_seed(task, seed: int, warmup: int, policy: MergePolicy, fedcurv: bool = False) -> dict:
+def run_seed(task, seed: int, warmup: int, policy: MergePolicy) -> dict:
     data = task.data()
     shards = [task.client_data(k, CLIENTS, scheme="dirichlet", seed=seed, alpha=0.5) for k in range(CLIENTS)]
     weights = rounds.initial_model(task, seed=seed)
@@ -100,14 +90,10 @@ def run_seed(task, seed: int, warmup: int, policy: MergePolicy, fedcurv: bool = 
     base = rounds.make_base(task, weights)
     trained = train_all(base, round_id)
     honest, attacker_update = trained[:-1], trained[-1]
-    fishers = [penalty.scale_free(rounds.fisher_of(task, base.weights, x, y)) if fedcurv else None
-               for x, y in shards[:-1]]
-    honest_received = [encoded(task, u.delta, round_id, k, u.num_samples, fisher)
-                       for k, (u, fisher) in enumerate(zip(honest, fishers))]
+    honest_received = [encoded(task, u.delta, round_id, k, u.num_samples) for k, u in enumerate(honest)]
 
     def accuracy(merge_policy, received) -> float:
-        merged = merge_round(task, base.weights, received, round_id, BASE_CID, merge_policy,
-                             with_curvature=fedcurv).weights
+        merged = merge_round(task, base.weights, received, round_id, BASE_CID, merge_policy).weights
         return task.evaluate(merged, data.x_test, data.y_test)["accuracy"]
 
     result = {"base_accuracy": task.evaluate(base.weights, data.x_test, data.y_test)["accuracy"]}
@@ -117,9 +103,8 @@ def run_seed(task, seed: int, warmup: int, policy: MergePolicy, fedcurv: bool = 
         moved = {}
         for name in ATTACKS:
             delta = attack_delta(name, task, base, honest, attacker_update, target, norms, merge_policy)
-            attack = encoded(task, delta, round_id, CLIENTS - 1, chain.DEFAULT_MAX_SAMPLES,
-                             claimed_fisher(delta) if fedcurv else None)
-            attacked = accuracy(merge_policy, [*honest_received, attack])
+            attacked = accuracy(merge_policy, [*honest_received, encoded(task, delta, round_id, CLIENTS - 1,
+                                                                         chain.DEFAULT_MAX_SAMPLES)])
             moved[name] = round(100 * (attacked - honest_only), 2)
         result[label] = {"honest_only_accuracy": round(honest_only, 4), "accuracy_change_pp": moved}
         log(f"seed {seed} {label}: honest-only {honest_only:.4f}, change in pp {moved}")
@@ -132,17 +117,16 @@ def main() -> None:
     parser.add_argument("--task", default="mnist")
     parser.add_argument("--warmup", type=int, default=3, help="honest rounds before the attacked one")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fedcurv", action="store_true", help="FedCurv rounds: Fisher-weighted merges")
     args = parser.parse_args()
     task = get_task(args.task)
     policy = MergePolicy()
-    runs = {seed: run_seed(task, seed, args.warmup, policy, args.fedcurv) for seed in args.seeds}
+    runs = {seed: run_seed(task, seed, args.warmup, policy) for seed in args.seeds}
 
     def worst(label: str, of=lambda v: -v) -> float:  # the largest drop (or, with abs, the largest move)
         return max(of(v) for r in runs.values() for v in r[label]["accuracy_change_pp"].values())
 
     print(json.dumps({"benchmark": "attack_influence", "task": args.task, "clients": CLIENTS,
-                      "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1, "fedcurv": args.fedcurv,
+                      "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1,
                       "policy": dataclasses.asdict(policy),
                       "runs": runs, "worst_drop_pp": worst("defended"), "worst_move_pp": worst("defended", abs),
                       "worst_drop_pp_undefended": worst("undefended"), "goal_drop_pp": 3.0,

@@ -68,43 +68,6 @@ def weighted_mean(deltas: Iterable[tuple[Weights, int]]) -> Weights:
     return total
 
 
-FISHER_FLOOR = 0.1  # added to every mean-1 Fisher: where no client's Fisher holds a coordinate, the weights decide
-
-
-def fisher_weighted_mean(deltas: Iterable[tuple[Weights, int, Weights]], floor: float = FISHER_FLOOR) -> Weights:
-    """FedCurv's merge: per coordinate, the mean of the deltas weighted by each one's weight times
-    its Fisher there plus `floor`, in one streaming pass over (delta, weight, Fisher).
-
-    It is the minimizer of sum_k n_k (F_k + floor) (w - w_k)^2, the quadratic FedCurv's penalty is
-    made of, solved by the organization (Fisher-weighted averaging, Matena and Raffel 2022): a
-    client's delta counts most on the coordinates its own data make the model sensitive to. Each
-    merged coordinate lies between the deltas' values there, so the merge is no longer than the
-    longest delta in any coordinate. The sums are float64: Fishers span many orders of magnitude.
-    """
-    if not floor > 0:
-        raise ValueError(f"the floor must be positive (every coordinate needs a weight), got {floor}")
-    numerator: dict[str, np.ndarray] = {}
-    denominator: dict[str, np.ndarray] = {}
-    for delta, num_samples, fisher in deltas:
-        if num_samples <= 0:
-            raise ValueError(f"a delta must come with a positive sample count, got {num_samples}")
-        for name, t in delta.items():
-            weight = num_samples * (fisher[name].astype(np.float64) + floor)
-            numerator[name] = numerator.get(name, 0.0) + weight * t
-            denominator[name] = denominator.get(name, 0.0) + weight
-    if not numerator:
-        raise ValueError("no deltas to aggregate")
-    return {name: (numerator[name] / denominator[name]).astype(np.float32) for name in numerator}
-
-
-def capped_at_median(fishers: Sequence[Weights], multiple: float) -> list[Weights]:
-    """Each Fisher, per coordinate, capped at `multiple` times the median of all of them there: no
-    client makes its delta outweigh the others' on a coordinate by claiming a Fisher there alone."""
-    caps = {name: np.float32(multiple) * np.median(_stack(fishers, name), axis=0) for name in fishers[0]} \
-        if fishers else {}
-    return [{name: np.minimum(f, caps[name]) for name, f in fisher.items()} for fisher in fishers]
-
-
 def unit_weights(deltas: Iterable[tuple[Weights, int]]) -> Iterator[tuple[Weights, int]]:
     """The deltas each with weight 1, whatever their sample counts: `weighted_mean` of them is their
     plain mean. DP rounds merge so: one client's influence on the sum is bounded by the clip norm

@@ -9,9 +9,7 @@ weighs each coordinate by (F), for each regularizer a round's plan may name. Pur
   the round's merged updates and publishes both sums with the next base. Client k's penalty
   sum_{j != k} F_j (w - w_j)^2 is, up to a constant, one quadratic with F = sum_{j != k} F_j and
   a = (sum_{j != k} u_j) / F (Shoham et al. 2019); it takes its own part out of the sums. Each
-  F_k is scaled to mean 1 first, so no client outweighs another by the magnitude it claims. The
-  organization merges such a round by the minimizer of the same quadratic over all its clients,
-  each delta weighed per coordinate by its F_k (`aggregate.fisher_weighted_mean`).
+  F_k is scaled to mean 1 first, so no client outweighs another by the magnitude it claims.
 
 F is divided by its mean over all coordinates (`scale_free`), so lambda means the same for each
 regularizer and task: the pull on an average coordinate, FedProx's mu.

@@ -10,7 +10,7 @@ state, `Task.private_spec`) go into its training and come back beside the delta,
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import keras
 import numpy as np
@@ -149,26 +149,18 @@ def local_update(task: Task, base_weights: Weights, fisher: Weights, x: np.ndarr
 
 
 def aggregate(base_weights: Weights, deltas: Iterable[tuple[Weights, int]], method: str = "fedavg",
-              clip_norm: float | None = None, trim_fraction: float = 0.2, server_rate: float = 1.0,
-              fishers: Sequence[Weights] | None = None) -> Weights:
+              clip_norm: float | None = None, trim_fraction: float = 0.2, server_rate: float = 1.0) -> Weights:
     """The next base model: base + `server_rate` x the merged deltas.
 
     fedavg streams (one delta in memory at a time); median and trimmed_mean hold them all.
     With `clip_norm`, every delta is first scaled down to at most that L2 norm. A server rate above
     1 (a server learning rate, FedOpt's) lengthens the step: DP rounds clip every delta short.
-    `fishers` (a FedCurv round's, one per delta, in order) weigh each delta per coordinate
-    (`aggregate.fisher_weighted_mean`); fedavg only.
     """
     if method not in agg.AGGREGATIONS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(agg.AGGREGATIONS)}")
-    if fishers is not None and method != "fedavg":
-        raise ValueError(f"the Fisher-weighted merge is a weighted mean: it does not apply to {method}")
     if clip_norm is not None:
         deltas = ((agg.clip_by_norm(delta, clip_norm), n) for delta, n in deltas)
-    if fishers is not None:
-        merged = agg.fisher_weighted_mean((delta, n, fisher)
-                                          for (delta, n), fisher in zip(deltas, fishers, strict=True))
-    elif method == "fedavg":
+    if method == "fedavg":
         merged = agg.weighted_mean(deltas)
     else:
         collected = [delta for delta, _ in deltas]

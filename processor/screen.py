@@ -13,8 +13,6 @@ away from the coordinate-wise median of the round's deltas (a robust consensus w
 are honest): a sign-flipped update is refused outright, not only shortened. The weights that remain
 are scaled by each delta's cosine with that median (as FLTrust scales by the cosine with a trusted
 update), so a delta that only grazes the consensus, mostly pushing elsewhere, counts for little.
-In a FedCurv round each delta also counts per coordinate by its client's Fisher, which is capped at
-`fisher_multiple` times the round's median Fisher there: a claimed Fisher buys no coordinate.
 """
 from __future__ import annotations
 
@@ -50,13 +48,12 @@ class MergePolicy:
     cosine_weighting: bool = True  # FedAvg weights scaled by each delta's cosine with that median
     clip_norm: float | None = None  # also scale every delta down to this absolute L2 norm
     max_norm: float = 1e6  # an absolute bound, far above any honest delta: refused beyond it
-    fisher_multiple: float | None = 1.0  # FedCurv: a Fisher's merge weight <= this x the round's median there
 
     def __post_init__(self) -> None:
         if self.aggregation not in agg.AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; "
                              f"choose one of {', '.join(agg.AGGREGATIONS)}")
-        for name in ("weight_multiple", "clip_multiple", "reject_multiple", "clip_norm", "fisher_multiple"):
+        for name in ("weight_multiple", "clip_multiple", "reject_multiple", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
@@ -72,7 +69,7 @@ def policy_for(bounds: str = "median", **settings) -> MergePolicy:
         raise ValueError(f"unknown bounds {bounds!r}; choose one of {', '.join(BOUNDS)}")
     if bounds == "none":
         settings = {"weight_multiple": None, "clip_multiple": None, "reject_multiple": None, "min_cosine": None,
-                    "cosine_weighting": False, "fisher_multiple": None, **settings}
+                    "cosine_weighting": False, **settings}
     return MergePolicy(**settings)
 
 
@@ -182,10 +179,8 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
     an update longer than a clipped delta with its noise can plausibly be is refused
     (`privacy.max_update_norm`), and the rest merge by their plain mean, whatever `policy` says.
 
-    `with_curvature` (FedCurv rounds, never DP ones): every update must carry its Fisher; a fedavg
-    merge weighs each delta per coordinate by its Fisher (scaled to mean 1, capped at
-    `policy.fisher_multiple` times the round's median there: `aggregate.fisher_weighted_mean`),
-    and the merge sums the merged updates' statistics, each delta as it was merged (clipped or not)."""
+    `with_curvature` (FedCurv rounds, never DP ones): every update must carry its Fisher, and the
+    merge sums the merged updates' statistics, each delta as it was merged (clipped or not)."""
     verdicts: dict[str, Verdict] = {}
     checked: list[Checked] = []
     max_norm = min(policy.max_norm, max_update_norm(privacy, sum(math.prod(s) for s in task.spec.values())))
@@ -242,19 +237,12 @@ def merge_round(task: Task, base_weights: Weights, updates: Sequence[Received], 
         verdicts[c.update.client] = Verdict(True, None, norm=c.norm, weight=weight, evaluation=c.evaluation)
 
     deltas = [(c.delta, weight) for c, weight in zip(checked, weights)]
-    curvature = fishers = None
-    if with_curvature:
-        curvature = penalty.round_curvature(round_id, (
-            (c.update.client, SentStatistics(round_id, base_weights, c.delta, c.fisher),
-             agg.clip_factor(c.norm, clip))
-            for c in checked))
-        if policy.aggregation == "fedavg":
-            # scaled to mean 1: no client weighs more by the magnitude it claims
-            fishers = [penalty.scale_free(c.fisher) for c in checked]
-            if policy.fisher_multiple is not None:
-                fishers = agg.capped_at_median(fishers, policy.fisher_multiple)
-    merged = rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip, fishers=fishers)
-    return RoundMerge(merged, verdicts, curvature)
+    curvature = penalty.round_curvature(round_id, (
+        (c.update.client, SentStatistics(round_id, base_weights, c.delta, c.fisher),
+         agg.clip_factor(c.norm, clip))
+        for c in checked)) if with_curvature else None
+    return RoundMerge(rounds.aggregate(base_weights, deltas, method=policy.aggregation, clip_norm=clip), verdicts,
+                      curvature)
 
 
 def _plain_mean(base_weights: Weights, checked: list[Checked], verdicts: dict[str, Verdict]) -> RoundMerge:

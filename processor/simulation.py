@@ -129,7 +129,7 @@ def simulate(task: Task, config: SimulationConfig,
     for round_id in range(1, config.rounds + 1):
         base = rounds.make_base(task, weights)
         current = config.period_of_round(round_id)
-        updates, clients, merged, fishers = [], [], [], []
+        updates, clients, merged = [], [], []
         for k, (x, y, period) in enumerate(shards):
             rows = period == current
             if not rows.any():
@@ -143,7 +143,6 @@ def simulate(task: Task, config: SimulationConfig,
             if result.fisher is not None:
                 sent[k] = SentStatistics(round_id, base.weights, result.delta, result.fisher)
                 merged.append((str(k), sent[k], 1.0))
-                fishers.append(result.fisher)
             record = ClientRecord(k, result.num_samples, result.metrics_before, result.metrics_after)
             if probes and k in probes:
                 px, py = probes[k]
@@ -155,8 +154,7 @@ def simulate(task: Task, config: SimulationConfig,
         published = penalty.round_curvature(round_id, merged)
         weights = rounds.aggregate(base.weights, unit_weights(updates) if config.privacy.is_dp else updates,
                                    method=config.aggregation, clip_norm=config.clip_norm,
-                                   server_rate=config.server_rate,  # DP rounds: the plain mean
-                                   fishers=fishers if fishers and config.aggregation == "fedavg" else None)
+                                   server_rate=config.server_rate)  # DP rounds: the plain mean
         federated = pooled = None
         per_period = []
         if held_out:

@@ -197,36 +197,3 @@ def test_a_fedcurv_merge_sums_the_merged_updates_statistics_each_delta_as_it_was
         np.testing.assert_allclose(merge.curvature.total.pull[name], expected.pull[name], rtol=1e-5, atol=1e-8)
     plain = merge_round(TASK, base_weights(), updates[:3], ROUND, BASE_CID)  # not a FedCurv round: no Fisher
     assert plain.curvature is None and all("unknown tensor(s): fisher/" in v.reason for v in plain.verdicts.values())
-
-
-def test_a_fedcurv_merge_weighs_each_coordinate_by_the_clients_fishers_capped_at_the_median():
-    """Each delta counts per coordinate by its client's Fisher there, at most the round's median
-    Fisher there (the default policy): a client that claims all its Fisher on one coordinate
-    weighs there as a client of median Fisher; without that bound it would set the coordinate alone."""
-    name = next(iter(TASK.spec))
-    honest_fisher = {n: np.ones(s, np.float32) for n, s in TASK.spec.items()}
-    honest_fisher[name].flat[1] = 9.0  # one coordinate its data make the model sensitive to
-    greedy_fisher = {n: np.zeros(s, np.float32) for n, s in TASK.spec.items()}
-    greedy_fisher[name].flat[0] = 1e6
-    greedy_delta = {n: np.full(s, 0.1, np.float32) for n, s in TASK.spec.items()}
-    greedy_delta[name].flat[0] = greedy_delta[name].flat[1] = 1.0
-    updates = [received(k, {n: np.full(s, 0.1, np.float32) for n, s in TASK.spec.items()}, fisher=honest_fisher)
-               for k in range(3)]
-    updates.append(received(3, greedy_delta, fisher=greedy_fisher))
-    floor = agg.FISHER_FLOOR
-    policy = screen.policy_for("none", fisher_multiple=MergePolicy().fisher_multiple)
-    assert policy.fisher_multiple == 1.0
-
-    capped = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, policy, with_curvature=True)
-    assert capped.accepted == 4
-    merged = capped.weights[name].ravel()
-    # scaled to mean 1, its claim is capped at the median of the four there (the others' 1, rescaled)
-    honest = penalty.scale_free(honest_fisher)[name].flat[0]
-    assert merged[0] == pytest.approx((honest + floor) * (1.0 + 3 * 0.1) / (4 * (honest + floor)), rel=1e-5)
-    # where the honest clients' Fisher is high and it claims none, it counts for the floor only
-    high = penalty.scale_free(honest_fisher)[name].flat[1]
-    assert merged[1] == pytest.approx((floor * 1.0 + 3 * (high + floor) * 0.1) / (floor + 3 * (high + floor)), rel=1e-5)
-    np.testing.assert_allclose(merged[2:], 0.1, rtol=1e-5)
-
-    unbounded = merge_round(TASK, base_weights(), updates, ROUND, BASE_CID, PLAIN, with_curvature=True)
-    assert PLAIN.fisher_multiple is None and unbounded.weights[name].flat[0] > 0.99
