@@ -7,6 +7,7 @@ the task's global tensors (`Task.spec`) are ever encoded; a file carrying a priv
 from __future__ import annotations
 
 import math
+import re
 import struct
 from typing import Annotated, NamedTuple
 
@@ -111,21 +112,25 @@ class TensorEntry(BaseModel):
     data_offsets: Annotated[list[Annotated[int, Field(ge=0, le=2**62)]], Field(min_length=2, max_length=2)]
 
 
+ROUND_NUMBER = r"[0-9]{1,20}"  # a round's number as metadata writes it
+ADDRESS = r"0x[0-9a-fA-F]{40}"  # a client's Ethereum address
+
+
 class DeltaMetadata(BaseModel):
     """The fields of a delta's metadata that the organization reads, beyond those of every artifact."""
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
-    round: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,20}$")]
+    round: Annotated[str, StringConstraints(pattern=rf"^{ROUND_NUMBER}$")]
     base_cid: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
     num_samples: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,19}$")]
-    client: Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+    client: Annotated[str, StringConstraints(pattern=rf"^{ADDRESS}$")]
 
 
 _TABLE = TypeAdapter(Annotated[dict[_Name, TensorEntry], Field(max_length=MAX_TENSORS)])
 # The clients a base's FedCurv statistics sum, with each one's factor: one list as long as a round
 # (about 60 characters a client), the only metadata value past MAX_METADATA_VALUE.
 MAX_CLIENT_LIST = 1 << 17
-_CLIENT_ENTRY = r"0x[0-9a-fA-F]{40}:[0-9.e+-]{1,24}"
+_CLIENT_ENTRY = rf"{ADDRESS}:[0-9.e+-]{{1,24}}"
 _CLIENT_LIST = TypeAdapter(Annotated[str, StringConstraints(max_length=MAX_CLIENT_LIST,
                                                             pattern=rf"^{_CLIENT_ENTRY}(,{_CLIENT_ENTRY})*$")],
                            config=ConfigDict(strict=True))
@@ -282,7 +287,7 @@ def decode_model(task: Task, data: bytes) -> DecodedModel:
 
 
 def _round_number(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= len(text) <= 20):
+    if not re.fullmatch(ROUND_NUMBER, text):
         raise CodecError(f"metadata curvature_round is {text!r}, not a round number")
     return int(text)
 
