@@ -22,15 +22,19 @@ TASK = "digits"
 CLIENTS = 4
 THRESHOLD = 3
 CLIP = 2.0
+# A round's deadline: long enough for four clients' keys, shares and training on a loaded machine
+# (with 12 s, the first test failed once in a full run and never alone).
+DURATION = 30
+PAST_DEADLINE = DURATION + 3  # seconds ahead on the organization's clock: the deadline has passed
 
 
 def make_network(tmp_path, ganache_url, ipfs_api, enrolled: int = CLIENTS) -> dict:
-    """An organization running secure rounds (threshold 3, 12 s, quorum 3) and four client agents,
+    """An organization running secure rounds (threshold 3, DURATION s, quorum 3) and four client agents,
     the first `enrolled` of them enrolled before round 1 opens; no thread runs: the test takes
     their steps."""
     plan = PrivacyPlan(clip_norm=CLIP, secure_aggregation=True, threshold=THRESHOLD)
     config = OrganizationConfig(task=TASK, training=TrainingSettings(epochs=2, learning_rate=0.1), privacy=plan,
-                                rules=chain.RoundRules(duration=12, quorum=THRESHOLD), stage_seconds=2.0)
+                                rules=chain.RoundRules(duration=DURATION, quorum=THRESHOLD), stage_seconds=2.0)
     system = embedded_system(tmp_path, config, [ClientConfig(client_id=k, num_clients=CLIENTS, task=TASK)
                                                 for k in range(CLIENTS)], chain_url=ganache_url, ipfs_api=ipfs_api)
     org = system.org.extensions["organization"]
@@ -127,7 +131,7 @@ def test_a_client_that_drops_out_after_masking_is_recovered_from_the_others_shar
     run_to_masked_updates(runner, agents, survivors)
     assert registry.round(1).submissions == 3 and not dropped.service.secure_party.submitted
     assert not runner.step() and not registry.round(1).finalized  # waits for the deadline or the last client
-    org.clock = lambda: time.time() + 15  # its deadline has passed: the round is closed with 3 of 4
+    org.clock = lambda: time.time() + PAST_DEADLINE  # its deadline has passed: the round is closed with 3 of 4
     assert not runner.step()
     assert registry.round(1).closed and "secrets of 1 dropped clients" in runner.state, runner.state
     stage(survivors)  # each survivor reveals its share of the dropped client's mask secret
@@ -145,7 +149,7 @@ def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(netw
     registry = org.registry
     run_to_masked_updates(runner, agents, agents[:2])  # 2 of 4 submit: fewer than the threshold of 3
     assert registry.round(1).submissions == 2
-    org.clock = lambda: time.time() + 15
+    org.clock = lambda: time.time() + PAST_DEADLINE
     time.sleep(max(0.0, registry.round(1).deadline + 1.5 - time.time()))  # the chain's own clock must pass it
     assert not runner.step()
     info = registry.round(1)
@@ -169,7 +173,7 @@ def test_a_newcomer_brings_back_the_key_roster_so_that_every_client_holds_shares
     run_to_masked_updates(runner, agents, survivors)
     kinds = [m.kind for m in registry.round_messages(registry.round(2))]
     assert kinds.count(chain.MessageKind.KEY_ROSTER) == 1
-    org.clock = lambda: time.time() + 15
+    org.clock = lambda: time.time() + PAST_DEADLINE
     assert not runner.step() and "secrets of 1 dropped clients" in runner.state, runner.state
     stage([agents[3]])  # the newcomer's share alone would not do: the threshold is 3 of the survivors
     stage(survivors[:1])
