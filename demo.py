@@ -429,7 +429,8 @@ def print_table(rows: list[dict[str, Any]], initial_accuracy: float, baseline: d
         print(f"{row['round']:>5} {100 * row['accuracy']:8.2f}%{auc} {held_out} {row['submissions']:>5} {late:>4} "
               f"{row['gas']:>9} {row['bytes']:>10} {seconds} {row['cpu_seconds']:>6.2f}"
               + (f"  {row['epsilon']:>20.2f}" if privacy.is_dp and row.get("epsilon") is not None else "")
-              + ("  missed its quorum" if row.get("missed_quorum") else ""))
+              + ("  missed its quorum" if row.get("missed_quorum") else
+                 "  every update refused: model unchanged" if not row["submissions"] else ""))
     print(f"(base: the trivial baseline, always answering the test set's most common label ({baseline['answer']})"
           + ("; an AUC of 0.5 is chance" if with_auc else "") + ";\n accuracy"
           + (" and AUC" if with_auc else "") + ": on the organization's test set; held-out: on the clients' own "
@@ -473,7 +474,8 @@ def run_self_running(options: DemoOptions, settings: Settings, stack: ExitStack,
     while len(rows) < options.rounds:
         row = follower.next_round()
         rows.append(row)
-        note = " (missed its quorum: restarted from the same base)" if row["missed_quorum"] else ""
+        note = (" (missed its quorum: restarted from the same base)" if row["missed_quorum"] else
+                " (every update refused: the model is unchanged)" if not row["submissions"] else "")
         log(f"round {row['round']}: accuracy {100 * row['accuracy']:.2f}%, {row['submissions']} updates merged, "
             f"{row['seconds']:.1f} s{note}")
         if late is not None and row["round"] == 1:

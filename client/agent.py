@@ -111,7 +111,7 @@ class ClientAgent:
                 self._record(round_id, "already_submitted")
             party = self.service.secure_party
             if party is not None and party.round_id == round_id and not party.revealed and not opened.open:
-                self._reveal(round_id)
+                self._after_closing(round_id)
             else:
                 self.state = f"submitted to round {round_id}; waiting for the next round"
         elif round_id in self._finished_rounds:
@@ -165,20 +165,24 @@ class ClientAgent:
                          seconds=result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
 
-    def _reveal(self, round_id: int) -> None:
-        """A secure round this client submitted to is closed: reveal what the merge needs of the clients
-        that dropped out."""
+    def _after_closing(self, round_id: int) -> None:
+        """A secure round this client submitted to is closed: unmask and reveal what the merge needs."""
         try:
-            job = self.jobs.start("reveal", lambda job: self.service.reveal(round_id), wait=True)
+            job = self.jobs.start("reveal", lambda job: self.service.after_closing(round_id), wait=True)
         except ActionError as exc:
             if exc.status >= 500:
                 raise
             self.state = f"round {round_id}: {exc}"
             return
-        revealed = job.result["revealed_for"]
-        self._record(round_id, "revealed", dropped=revealed)
-        self.state = (f"round {round_id}: revealed shares for the {len(revealed)} clients that dropped out"
-                      if revealed else f"submitted to round {round_id}; waiting for the next round")
+        done = job.result
+        if "unmasked_for" in done:
+            self._record(round_id, "unmasked", dropped=done["unmasked_for"])
+        if "revealed_for" in done:
+            self._record(round_id, "revealed", recovered=done["revealed_for"])
+            self.state = f"round {round_id}: revealed shares for the {len(done['revealed_for'])} clients it was asked for"
+        elif "unmasked_for" in done:
+            self.state = (f"round {round_id}: unmasked its update (its seed, and its keys with the "
+                          f"{len(done['unmasked_for'])} dropped clients of its group)")
 
 
 class AgentWatcher:

@@ -1,8 +1,10 @@
 """A device's part in a secure-aggregation round (the stages are in infra.secure_round).
 
-Its mask secret is ephemeral: made for the one round, in this process's memory only, never on disk
-and never derived from the account's key (revealing a dropped client's mask secret must reveal
-nothing else). The key its secret shares are encrypted to is its own for good, derived from the
+Its mask secret and its self-mask seed are ephemeral: made for the one round, in this process's
+memory only, never on disk and never derived from the account's key (revealing a dropped client's
+mask secret must reveal nothing else). Of each peer it reveals at most one kind: the share of its
+seed when the unmask roster counts it a survivor, the share of its mask secret (or, as a survivor
+itself, its pairwise key with it) when it counts it dropped. The key its secret shares are encrypted to is its own for good, derived from the
 account's key (never revealed, and the same after a restart): once a round has published every
 client's, the next round's clients post their keys and their shares at once, without waiting for
 a key roster.
@@ -29,9 +31,11 @@ from infra.secure_round import (
     context,
     decode_shares_file,
     encode_shares_file,
+    encode_unmask,
     keys_before,
     shares_at_once,
     signed_keys,
+    unmask_roster_problem,
 )
 from processor import codec, secagg, secure_sum
 
@@ -52,11 +56,13 @@ class SecureParty:
     base_cid: str
     encryption: secagg.KeyPair
     mask: secagg.KeyPair = field(default_factory=secagg.new_key_pair)
+    seed: bytes = field(default_factory=lambda: secrets.token_bytes(secagg.KEY_BYTES), repr=False)  # self mask
     info: chain.RoundInfo | None = None  # the round as read once: its start block bounds its messages
     # who its shares go to without a key roster, with their encryption keys (None: the roster decides)
     holders: dict[str, bytes] | None = None
     submitted: bool = False
-    revealed: bool = False
+    unmasked: bool = False  # its Unmask is posted (or the unmask roster needs none of it)
+    revealed: bool = False  # its shares for the recovery roster are posted
 
 
 def share_associated(sender: str, holder: str) -> bytes:
@@ -66,7 +72,9 @@ def share_associated(sender: str, holder: str) -> bytes:
 
 def post_keys(registry: chain.Registry, key: str, party: SecureParty, shares_cid: str | None = None) -> None:
     """The round's signed keys; with `shares_cid`, the client's shares too, in the same message."""
-    payload = signed_keys(key, registry.address, party.round_id, party.encryption.public, party.mask.public)
+    commitment = secagg.seed_commitment(party.seed, context(registry.address, party.round_id, "masks"))
+    payload = signed_keys(key, registry.address, party.round_id, party.encryption.public, party.mask.public,
+                          commitment)
     registry.post_round_message(key, party.round_id, chain.MessageKind.KEYS,
                                 payload + (shares_cid.encode() if shares_cid else b""))
 
@@ -115,26 +123,29 @@ def share_holders(party: SecureParty, view: SecureRoundView) -> dict[str, bytes]
 
 def add_shares(registry: chain.Registry, store, me: str, party: SecureParty, holders: dict[str, bytes],
                threshold: int) -> str:
-    """Split the mask secret among `holders` (t of them recover it), each share sealed to its
-    holder's key, into a file added to IPFS; its CID."""
-    shares = secagg.split_secret(party.mask.secret, list(holders), threshold)
+    """Split the mask secret and the self-mask seed among `holders` (t of them recover either),
+    each holder's pair of shares sealed to its key, into a file added to IPFS; its CID."""
+    secret_shares = secagg.split_secret(party.mask.secret, list(holders), threshold)
+    seed_shares = secagg.split_secret(party.seed, list(holders), threshold)
     share_context = context(registry.address, party.round_id, "shares")
     sealed = {holder: secagg.seal(secagg.shared_key(party.encryption.secret, public, share_context),
-                                  shares[holder], share_associated(me, holder))
+                                  secret_shares[holder] + seed_shares[holder], share_associated(me, holder))
               for holder, public in holders.items()}
     return store.add(encode_shares_file(SHARES_FORMAT, party.round_id, me, sealed))
 
 
 def masked_update(registry: chain.Registry, task, party: SecureParty, me: str, view: SecureRoundView, delta,
-                  bound: float, num_samples: int) -> bytes:
-    """The trained (and privatized) delta, quantized and masked against the mask roster, encoded."""
+                  bound: float, num_samples: int, groups: int, threshold: int) -> bytes:
+    """The trained (and privatized) delta, quantized and masked against the other members of its
+    group of the mask roster and by its self mask, encoded."""
     roster = view.mask_roster
     quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
-    peers = {client: view.keys[client].mask for client in roster if client != me}
+    mask_context = context(registry.address, party.round_id, "masks")
+    group = next(g for g in view.groups(groups, threshold, mask_context) if me in g)
+    peers = {client: view.keys[client].mask for client in group if client != me}
     # stochastic rounding keeps the mean unbiased; its randomness need not be secret (the masks hide it)
     rng = np.random.default_rng(secrets.randbits(128))
-    masked = secure_sum.masked_delta(delta, quantizer, me, party.mask.secret, peers,
-                                     context(registry.address, party.round_id, "masks"), rng)
+    masked = secure_sum.masked_delta(delta, quantizer, me, party.mask.secret, party.seed, peers, mask_context, rng)
     return codec.encode_masked_delta(task, masked, party.round_id, party.base_cid, num_samples, me)
 
 
@@ -156,30 +167,56 @@ def roster_problem(view: SecureRoundView, me: str, threshold: int) -> str | None
     return None
 
 
-def reveal(registry: chain.Registry, store, key: str, me: str, party: SecureParty, info: chain.RoundInfo,
-           timeout: float) -> list[str]:
-    """Once the round is closed: decrypt and post this client's shares of the mask secrets of the
-    clients on the mask roster that submitted nothing (the chain says which). Shares of a client
-    that submitted are never revealed: with them the organization could unmask its update."""
-    view = SecureRoundView.of(registry, info)
+def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, info: chain.RoundInfo,
+           view: SecureRoundView, groups: int, threshold: int) -> list[str]:
+    """Once the unmask roster is out: as a survivor, post this client's self-mask seed and its
+    pairwise key with each dropped member of its group (the dropped clients it names). A roster
+    that does not hold (infra.secure_round.unmask_roster_problem) gets nothing."""
+    mask_context = context(registry.address, party.round_id, "masks")
+    round_groups = view.groups(groups, threshold, mask_context)
     submitted = {to_checksum_address(s.client) for s in registry.logged_submissions(info)}
-    dropped = view.dropped(submitted)
+    problem = unmask_roster_problem(view, submitted, round_groups, threshold)
+    party.unmasked = True
+    if problem:
+        log.warning("round %d: nothing unmasked: %s", party.round_id, problem)
+        raise ValueError(problem)
+    if me not in view.unmask_roster:
+        return []
+    excluded = set(view.excluded())
+    dropped = [c for c in next(g for g in round_groups if me in g) if c in excluded]
+    pair_keys = [secagg.shared_key(party.mask.secret, view.keys[c].mask, mask_context) for c in dropped]
+    registry.post_round_message(key, party.round_id, chain.MessageKind.UNMASK, encode_unmask(party.seed, pair_keys))
+    return dropped
+
+
+def reveal(registry: chain.Registry, store, key: str, me: str, party: SecureParty, view: SecureRoundView,
+           timeout: float) -> list[str]:
+    """Once the recovery roster is out: decrypt and post this client's shares of the secrets it
+    names, one kind per client as the unmask roster decides: of a survivor its self-mask seed's
+    share, of a dropped client its mask secret's. Never both: with both, the organization could
+    unmask that client's update."""
+    party.revealed = True
+    survivors, on_roster = set(view.unmask_roster or []), set(view.mask_roster or [])
+    if view.unmask_roster is None or not set(view.recovery_roster or []) <= on_roster:
+        raise ValueError("the recovery roster names clients that are not on the mask roster, or came before "
+                         "the unmask roster")
     revealed: dict[str, bytes] = {}
     share_context = context(registry.address, party.round_id, "shares")
-    for client in dropped:
+    for client in view.recovery_roster:
         if client not in view.shares or client not in view.keys:
             continue
         try:
             sealed = decode_shares_file(store.get(view.shares[client], timeout=timeout), SHARES_FORMAT,
                                         party.round_id, client)[me]
-            revealed[client] = secagg.open_sealed(
+            pair = secagg.open_sealed(
                 secagg.shared_key(party.encryption.secret, view.keys[client].encryption, share_context),
                 sealed, share_associated(client, me))
+            if len(pair) != 2 * secagg.SHARE_BYTES:
+                raise ValueError(f"a pair of shares is {2 * secagg.SHARE_BYTES} bytes, this one {len(pair)}")
+            revealed[client] = pair[secagg.SHARE_BYTES:] if client in survivors else pair[:secagg.SHARE_BYTES]
         except (KeyError, ValueError) as exc:
             log.warning("round %d: no share of %s's secret to reveal: %s", party.round_id, client, exc)
     if revealed:
         cid = store.add(encode_shares_file(REVEAL_FORMAT, party.round_id, me, revealed))
         registry.post_round_message(key, party.round_id, chain.MessageKind.REVEAL, cid.encode())
-    party.revealed = True
     return sorted(revealed)
-

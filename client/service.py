@@ -41,6 +41,9 @@ from processor.tasks import get_task
 from processor.training import TrainingSettings
 
 log = logging.getLogger("client")
+# A secure round's masked update is published only this long before the deadline or earlier: one
+# published later could miss it, and would then lie on IPFS as a dropout's.
+PUBLISH_MARGIN_SECONDS = 2.0
 
 
 class WrongNetwork(ActionError):
@@ -439,20 +442,38 @@ class ClientService:
                 view = SecureRoundView.of(registry, party.info)
         if view.mask_roster is None:
             return {"round": round_id, "waiting": "the organization's mask roster"}
+        with timer.phase("chain"):
+            closed = self._closed_before_publishing(round_id)
+        if closed:  # a masked update published now would only be counted as a dropout's
+            return {"round": round_id, "left_out": closed}
         if job is not None:
             job.step = "publish"
         with self._lock:
             result = self.trained.result
             with timer.phase("encoding"):  # the delta is privatized already (train)
                 data = secure_round.masked_update(registry, self.task, party, me, view, result.delta,
-                                                  secure_sum.quantization_bound(plan), result.num_samples)
+                                                  secure_sum.quantization_bound(plan), result.num_samples,
+                                                  plan.secure_groups, plan.threshold)
             submitted = self._submit(data, round_id, result.num_samples, timer, masked=True)
             party.submitted = True
         return {**submitted, **(self._trained_view() or {})}
 
-    def reveal(self, round_id: int) -> dict[str, Any]:
-        """After a secure round this client submitted to has closed: reveal its shares of the mask
-        secrets of the clients that dropped out (none when none did)."""
+    def _closed_before_publishing(self, round_id: int) -> str | None:
+        """Why this client must not publish its masked update now (None when it may): the round
+        closed, or its deadline is too near for the transaction to be mined before it. Looked at
+        before anything reaches IPFS: nothing of a round is published once it is over."""
+        info = self.registry.round(round_id)
+        if info.closed:
+            return "the round closed before this client could submit: it publishes nothing"
+        if info.deadline and time.time() + PUBLISH_MARGIN_SECONDS > info.deadline:
+            return (f"the round's deadline is less than {PUBLISH_MARGIN_SECONDS:g} s away: this client publishes "
+                    "nothing, its update would come too late")
+        return None
+
+    def after_closing(self, round_id: int) -> dict[str, Any]:
+        """After a secure round this client submitted to has closed: unmask once the unmask roster
+        is out (its seed, and its pairwise keys with its group's dropped clients), and reveal its
+        shares of the secrets the recovery roster names, once it is out."""
         party = self.secure_party
         if party is None or party.round_id != round_id or not party.submitted:
             raise ActionError(f"this client holds no secrets of round {round_id} to reveal", 409)
@@ -460,10 +481,20 @@ class ClientService:
         info = registry.round(round_id)
         if not info.closed or info.finalized:
             raise ActionError(f"round {round_id} is {'finalized' if info.finalized else 'still open'}: "
-                              "shares are revealed only between its closing and its merge", 409)
-        revealed = secure_round.reveal(registry, self.store, self.key, self.address, party, info,
-                                       self.settings.timeout)
-        return {"round": round_id, "revealed_for": revealed}
+                              "secrets are revealed only between its closing and its merge", 409)
+        view = SecureRoundView.of(registry, party.info or info)
+        plan = self.base.privacy
+        done: dict[str, Any] = {"round": round_id}
+        try:
+            if view.unmask_roster is not None and not party.unmasked:
+                done["unmasked_for"] = secure_round.unmask(registry, self.key, self.address, party, info, view,
+                                                           plan.secure_groups, plan.threshold)
+            if view.recovery_roster is not None and party.unmasked and not party.revealed:
+                done["revealed_for"] = secure_round.reveal(registry, self.store, self.key, self.address, party,
+                                                           view, self.settings.timeout)
+        except ValueError as exc:  # a roster that does not hold: this client reveals nothing of it
+            raise ActionError(f"round {round_id}: {exc}", 409) from exc
+        return done
 
 
 # The actions a device's page and API both offer: name -> what the job does with the service.

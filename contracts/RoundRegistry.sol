@@ -27,20 +27,25 @@ pragma solidity 0.8.26;
 ///
 ///      Secure aggregation. A round whose plan asks for it also carries the messages of its
 ///      stages (postRoundMessage): the clients' signed ephemeral keys, the CIDs of their encrypted
-///      secret shares and of their revealed shares, and the organization's rosters. The contract
-///      stores none of them; it checks who may post which kind when, and logs each in one event.
+///      secret shares and of their revealed shares, the survivors' unmasking keys, and the
+///      organization's rosters. The contract stores none of them; it checks who may post which
+///      kind when, and logs each in one event.
 contract RoundRegistry {
     /// @notice The messages of a secure-aggregation round, in the order its stages use them.
-    /// @dev Keys, Shares and Reveal come from the round's invited clients, the rosters from the
-    ///      owner. Keys, Shares and the rosters only while the round is open; Reveal only once it
-    ///      is closed and until it is finalized (which clients dropped out is then fixed on chain:
-    ///      those on the mask roster that submitted no update).
+    /// @dev Keys, Shares, Unmask and Reveal come from the round's invited clients, the rosters
+    ///      from the owner. Keys, Shares and the key and mask rosters only while the round is open;
+    ///      the unmask and recovery rosters, Unmask and Reveal only once it is closed and until it
+    ///      is finalized (which clients dropped out is then fixed: those on the mask roster that
+    ///      the unmask roster leaves out). New kinds are added at the end: the values are on record.
     enum MessageKind {
-        Keys, // a client's public keys for the round, signed with its account's key (and its Shares' CID)
-        Shares, // CID of a client's Shamir shares of its mask secret, each encrypted to one peer
+        Keys, // a client's public keys and self-mask seed commitment, signed (and its Shares' CID)
+        Shares, // CID of a client's Shamir shares of its mask secret and seed, each encrypted to one peer
         KeyRoster, // the clients whose keys the round uses (packed 20-byte addresses)
         MaskRoster, // the clients whose shares arrived: they mask against each other and train
-        Reveal // CID of a client's decrypted shares of the mask secrets of the clients that dropped out
+        Reveal, // CID of a client's decrypted shares of the secrets the recovery roster names
+        UnmaskRoster, // the survivors: the clients whose masked updates enter the sums
+        Unmask, // a survivor's self-mask seed and its pairwise keys with its group's dropped clients
+        RecoveryRoster // the clients whose secrets are still missing: their shares are revealed
     }
 
     /// @notice A round's header and CIDs.
@@ -325,14 +330,25 @@ contract RoundRegistry {
         if (payload.length > MAX_MESSAGE_LENGTH) revert MessageTooLong(payload.length, MAX_MESSAGE_LENGTH);
         Round storage r = _rounds[round];
         if (r.startBlock == 0 || r.finalized) revert RoundNotOpen(round);
-        bool fromOwner = kind == MessageKind.KeyRoster || kind == MessageKind.MaskRoster;
-        if (fromOwner) {
+        if (_isRoster(kind)) {
             if (msg.sender != owner) revert NotOwner(msg.sender);
         } else if (!_isEnrolledFor(round, msg.sender) || !_isDrawn(round, msg.sender)) {
             revert NotInvited(round, msg.sender);
         }
-        if (kind == MessageKind.Reveal ? !r.closed : (r.closed || _isPastDeadline(r))) revert WrongStage(round, kind);
+        if (_isAfterClosing(kind) ? !r.closed : (r.closed || _isPastDeadline(r))) revert WrongStage(round, kind);
         emit RoundMessage(round, msg.sender, kind, payload);
+    }
+
+    /// @dev The kinds only the owner posts.
+    function _isRoster(MessageKind kind) private pure returns (bool) {
+        return kind == MessageKind.KeyRoster || kind == MessageKind.MaskRoster || kind == MessageKind.UnmaskRoster
+            || kind == MessageKind.RecoveryRoster;
+    }
+
+    /// @dev The kinds of the unmasking stages: posted between a round's closing and its finalizing.
+    function _isAfterClosing(MessageKind kind) private pure returns (bool) {
+        return kind == MessageKind.Reveal || kind == MessageKind.UnmaskRoster || kind == MessageKind.Unmask
+            || kind == MessageKind.RecoveryRoster;
     }
 
     /// @notice Closes the open round to submissions, so that the set the organization merges is

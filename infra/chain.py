@@ -230,7 +230,10 @@ class MessageKind(enum.IntEnum):
     SHARES = 1  # CID of a client's encrypted shares of its mask secret
     KEY_ROSTER = 2  # from the owner: the clients whose keys the round uses
     MASK_ROSTER = 3  # from the owner: the clients whose shares arrived, who mask and train
-    REVEAL = 4  # CID of a client's decrypted shares of the dropped clients' mask secrets
+    REVEAL = 4  # CID of a client's decrypted shares of the secrets the recovery roster names
+    UNMASK_ROSTER = 5  # from the owner, once closed: the survivors, whose masked updates enter the sums
+    UNMASK = 6  # a survivor's self-mask seed and its pairwise keys with its group's dropped clients
+    RECOVERY_ROSTER = 7  # from the owner: the clients whose secrets are still missing
 
 
 @dataclass(frozen=True)
@@ -538,17 +541,22 @@ def _fee_fields(w3: Web3) -> dict[str, int]:
 # Gas limits by (node, contract, function selector): the largest estimate seen with GAS_MARGIN.
 # Estimating runs the transaction (in Ganache several times) and cost more than sending it; the
 # contract's functions cost about the same every call (no loops), so one estimate serves them all.
-# A transaction that would revert is then mined and fails, and its replay names the error; one
-# that needs more than the margin (finalizeRound storing a much longer model CID than the first
-# one did) runs out, and is estimated and sent again.
+# A transaction that would revert is then mined and fails, and its replay names the error (its
+# function's next transaction is estimated again); one that needs more than the margin
+# (finalizeRound storing a much longer model CID than the first one did) runs out, and is
+# estimated and sent again.
 _gas_limits: dict[tuple[str, str, str], int] = {}
 _gas_limits_guard = threading.Lock()
 
 
+def _gas_key(w3: Web3, tx: dict) -> tuple[str, str, str]:
+    # The node too: two chains hold contracts at the same address (same deployer, same nonce).
+    return getattr(w3.provider, "endpoint_uri", None) or EMBEDDED, str(tx.get("to")), str(tx["data"])[:10]
+
+
 def _gas_limit(w3: Web3, tx: dict, refresh: bool = False) -> int:
     """The gas limit for `tx` (built without one); `refresh` estimates anew."""
-    # The node too: two chains hold contracts at the same address (same deployer, same nonce).
-    function = (getattr(w3.provider, "endpoint_uri", None) or EMBEDDED, str(tx.get("to")), str(tx["data"])[:10])
+    function = _gas_key(w3, tx)
     with _gas_limits_guard:
         limit = None if refresh else _gas_limits.get(function)
     if limit is None:
@@ -581,6 +589,10 @@ def _send(w3: Web3, key: str, build) -> tuple[TxResult, Any]:
                     "OutOfGas", (receipt["transactionHash"].to_0x_hex(),),
                     {"tx": receipt["transactionHash"].to_0x_hex(), "gas": tx["gas"]})
         if error is not None:
+            # Estimated again next time: an estimate refuses a call that would revert before anything
+            # is sent, where a cached limit has it mined (a late submission's CID then lies in its calldata).
+            with _gas_limits_guard:
+                _gas_limits.pop(_gas_key(w3, tx), None)
             raise error
     return TxResult(receipt["transactionHash"].to_0x_hex(), receipt["gasUsed"], receipt["blockNumber"]), receipt
 

@@ -1,19 +1,31 @@
 """The messages of a secure-aggregation round, as the chain and IPFS carry them, read and checked.
 
-A secure round's stages (Bonawitz et al. 2017, without self-masks: which clients dropped out is
-decided by the chain, where an update either was submitted before the round closed or was not):
+A secure round's stages (Bonawitz et al. 2017, with double masking; which clients dropped out is
+decided by the chain, where an update either was submitted before the round closed or was not,
+and by the organization's checks of each masked vector, posted before anything is revealed):
 
 1. every invited client posts two ephemeral X25519 public keys, one to encrypt secret shares and
-   one to agree masks, signed with its account's key (RoundMessage Keys);
+   one to agree pairwise masks, and a commitment to its self-mask seed, signed with its
+   account's key (RoundMessage Keys);
 2. the organization posts the key roster: the clients whose keys the round uses;
-3. each client on it splits its mask secret into Shamir shares, one per client on the roster,
-   encrypts each to its holder, adds the file to IPFS and posts its CID (Shares);
-4. the organization posts the mask roster: the clients whose shares arrived;
+3. each client on it splits its mask secret and its self-mask seed into Shamir shares, one pair
+   per client on the roster, encrypts each pair to its holder, adds the file to IPFS and posts
+   its CID (Shares);
+4. the organization posts the mask roster: the clients whose shares arrived. It is split into
+   groups (processor.secagg.groups_of), each summed on its own;
 5. each client on it trains, quantizes its delta, adds the pairwise masks agreed with every other
-   client on the mask roster, and submits it as its update;
-6. once the round is closed, every client that submitted decrypts its shares of the mask
-   secrets of the clients on the mask roster that submitted nothing, and posts them (Reveal);
-   the organization recovers those secrets from `threshold` reveals and removes their masks.
+   member of its group and its self mask, and submits it as its update, unless the round has
+   closed meanwhile: then it publishes nothing;
+6. once the round is closed, the organization checks every masked update it got and posts the
+   unmask roster: the survivors, whose vectors enter their group's sum (a group left with fewer
+   than the threshold enters none); everyone else on the mask roster counts as dropped;
+7. each survivor posts its self-mask seed and, for each dropped member of its group, the pairwise
+   key it agreed with it (Unmask): then no share is needed;
+8. only when something is still missing, the organization posts the recovery roster (whose
+   secrets it needs), and the clients reveal their shares of them (Reveal): of a survivor, the
+   share of its self-mask seed; of a dropped client, the share of its mask secret. Never both
+   kinds for one client, so a dropped client's update stays behind its self mask for good, and a
+   survivor's behind its pairwise masks.
 
 Every byte read here may come from an attacker: a message that does not parse is ignored, and
 the reason is kept; a sender's first message of each kind is the one that counts.
@@ -31,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from typing import Annotated
 
 from infra.chain import MessageKind, Registry, RoundInfo, RoundMessage
+from processor import secagg
 
 KEY_BYTES = 32  # an X25519 public key
 SIGNATURE_BYTES = 65  # r, s, v of an account's signature
@@ -39,6 +52,8 @@ SHARES_FORMAT = "fl-secagg-shares/1"
 REVEAL_FORMAT = "fl-secagg-reveal/1"
 MAX_FILE_BYTES = 256 * 1024  # a shares or reveal file: about 130 bytes per client on the roster
 MAX_ROSTER = 1000
+ROSTERS = {MessageKind.KEY_ROSTER: "key_roster", MessageKind.MASK_ROSTER: "mask_roster",
+           MessageKind.UNMASK_ROSTER: "unmask_roster", MessageKind.RECOVERY_ROSTER: "recovery_roster"}
 
 
 def context(registry_address: str, round_id: int, purpose: str) -> bytes:
@@ -46,41 +61,51 @@ def context(registry_address: str, round_id: int, purpose: str) -> bytes:
     return f"fl-secagg|{purpose}|{to_checksum_address(registry_address)}|{round_id}".encode()
 
 
-def keys_statement(registry_address: str, round_id: int, encryption_key: bytes, mask_key: bytes) -> bytes:
+KEYS_BYTES = 3 * KEY_BYTES + SIGNATURE_BYTES  # a Keys message before its shares' CID
+
+
+def keys_statement(registry_address: str, round_id: int, encryption_key: bytes, mask_key: bytes,
+                   seed_commitment: bytes) -> bytes:
     """What a client signs when it posts its keys: they are for this round of this registry only."""
-    return context(registry_address, round_id, "keys") + encryption_key + mask_key
+    return context(registry_address, round_id, "keys") + encryption_key + mask_key + seed_commitment
 
 
 def signed_keys(account_key: str, registry_address: str, round_id: int, encryption_key: bytes,
-                mask_key: bytes) -> bytes:
-    """A Keys message: both public keys and the account's signature (EIP-191) over their statement."""
-    statement = keys_statement(registry_address, round_id, encryption_key, mask_key)
+                mask_key: bytes, seed_commitment: bytes) -> bytes:
+    """A Keys message: both public keys, the commitment to the self-mask seed, and the account's
+    signature (EIP-191) over their statement."""
+    statement = keys_statement(registry_address, round_id, encryption_key, mask_key, seed_commitment)
     signature = Account.sign_message(encode_defunct(primitive=statement), private_key=account_key).signature
-    return encryption_key + mask_key + bytes(signature)
+    return encryption_key + mask_key + seed_commitment + bytes(signature)
 
 
 @dataclass(frozen=True)
 class PostedKeys:
     encryption: bytes  # X25519 public key the client's shares are encrypted to
     mask: bytes  # X25519 public key its pairwise masks are agreed with
+    seed_commitment: bytes  # processor.secagg.seed_commitment of its self-mask seed
 
 
 @functools.lru_cache(maxsize=4096)  # every look at a round reads its keys again: each is checked once
 def read_keys(payload: bytes, sender: str, registry_address: str, round_id: int) -> PostedKeys:
-    """The keys of a Keys message; ValueError when it is malformed or not signed by `sender`."""
-    if len(payload) != 2 * KEY_BYTES + SIGNATURE_BYTES:
-        raise ValueError(f"a keys message is {2 * KEY_BYTES + SIGNATURE_BYTES} bytes, this one {len(payload)}")
+    """The keys of a Keys message; ValueError when it is malformed, not signed by `sender`, or holds
+    a key no peer can agree a secret with."""
+    if len(payload) != KEYS_BYTES:
+        raise ValueError(f"a keys message is {KEYS_BYTES} bytes, this one {len(payload)}")
     encryption, mask = payload[:KEY_BYTES], payload[KEY_BYTES:2 * KEY_BYTES]
-    statement = keys_statement(registry_address, round_id, encryption, mask)
+    commitment = payload[2 * KEY_BYTES:3 * KEY_BYTES]
+    statement = keys_statement(registry_address, round_id, encryption, mask, commitment)
     try:
-        signer = Account.recover_message(encode_defunct(primitive=statement), signature=payload[2 * KEY_BYTES:])
+        signer = Account.recover_message(encode_defunct(primitive=statement), signature=payload[3 * KEY_BYTES:])
     except Exception as exc:  # eth-keys raises several kinds for a malformed signature
         raise ValueError(f"the keys' signature is malformed ({type(exc).__name__})") from exc
     if signer.lower() != sender.lower():
         raise ValueError(f"the keys are signed by {signer}, not by their sender {sender}")
     if encryption == mask:
         raise ValueError("the encryption and mask keys are the same key")
-    return PostedKeys(encryption, mask)
+    secagg.check_public_key(encryption, "the encryption key")
+    secagg.check_public_key(mask, "the mask key")
+    return PostedKeys(encryption, mask, commitment)
 
 
 def shares_at_once(invited: list[str], previously_keyed, threshold: int) -> bool:
@@ -116,11 +141,16 @@ class SecureRoundView:
     """What a round's messages say: each sender's first message of each kind that parses."""
     keys: dict[str, PostedKeys] = field(default_factory=dict)
     shares: dict[str, str] = field(default_factory=dict)  # client -> CID of its encrypted shares
+    unmasks: dict[str, bytes] = field(default_factory=dict)  # survivor -> its Unmask payload (read_unmask)
     reveals: dict[str, str] = field(default_factory=dict)  # client -> CID of its revealed shares
     key_roster: list[str] | None = None
     mask_roster: list[str] | None = None
+    unmask_roster: list[str] | None = None  # the survivors: whose vectors enter their group's sum
+    recovery_roster: list[str] | None = None  # whose secrets the organization asks the shares of
     key_roster_block: int = 0
     mask_roster_block: int = 0
+    unmask_roster_block: int = 0
+    recovery_roster_block: int = 0
     ignored: list[str] = field(default_factory=list)  # why messages were not taken
 
     @classmethod
@@ -141,20 +171,21 @@ class SecureRoundView:
 
     def _take(self, message: RoundMessage, sender: str, owner: str, registry_address: str, round_id: int) -> None:
         kind = message.kind
-        if kind in (MessageKind.KEY_ROSTER, MessageKind.MASK_ROSTER):
+        if kind in ROSTERS:
             if sender.lower() != owner.lower():  # the contract allows none: a different contract's log
                 raise ValueError("a roster not from the organization")
-            attribute = "key_roster" if kind == MessageKind.KEY_ROSTER else "mask_roster"
+            attribute = ROSTERS[kind]
             if getattr(self, attribute) is None:
                 setattr(self, attribute, read_roster(message.payload))
                 setattr(self, f"{attribute}_block", message.block_number)
         elif kind == MessageKind.KEYS:
             # keys, then the CID of the sender's shares when it shares at once (no key roster)
-            keys_length = 2 * KEY_BYTES + SIGNATURE_BYTES
             if sender not in self.keys:
-                self.keys[sender] = read_keys(message.payload[:keys_length], sender, registry_address, round_id)
-                if len(message.payload) > keys_length and sender not in self.shares:
-                    self.shares[sender] = read_cid(message.payload[keys_length:])
+                self.keys[sender] = read_keys(message.payload[:KEYS_BYTES], sender, registry_address, round_id)
+                if len(message.payload) > KEYS_BYTES and sender not in self.shares:
+                    self.shares[sender] = read_cid(message.payload[KEYS_BYTES:])
+        elif kind == MessageKind.UNMASK:
+            self.unmasks.setdefault(sender, message.payload)
         else:
             posted = self.shares if kind == MessageKind.SHARES else self.reveals
             if sender not in posted:
@@ -163,6 +194,50 @@ class SecureRoundView:
     def dropped(self, submitted: set[str]) -> list[str]:
         """The clients on the mask roster that submitted no update (checksummed addresses in `submitted`)."""
         return [c for c in self.mask_roster or [] if c not in submitted]
+
+    def excluded(self) -> list[str]:
+        """The clients on the mask roster that the unmask roster leaves out: the dropped ones, whose
+        vectors (if any reached IPFS) stay behind their self masks for good."""
+        survivors = set(self.unmask_roster or [])
+        return [c for c in self.mask_roster or [] if c not in survivors]
+
+    def groups(self, count: int, threshold: int, mask_context: bytes) -> list[list[str]]:
+        """The mask roster's groups (processor.secagg.groups_of): each masks and is summed on its own."""
+        return secagg.groups_of(self.mask_roster or [], count, threshold, mask_context)
+
+
+def unmask_roster_problem(view: SecureRoundView, submitted: set[str], groups: list[list[str]],
+                          threshold: int) -> str | None:
+    """Why a client must not unmask by the unmask roster as it stands (None when it may): a
+    survivor not on the mask roster or that submitted nothing on chain (its self mask would be
+    given away with its pairwise masks), or a group whose sum would have fewer than `threshold`
+    updates in it (the organization could then tell a single client's update)."""
+    survivors = set(view.unmask_roster or [])
+    if not survivors <= set(view.mask_roster or []):
+        return "the unmask roster names clients that are not on the mask roster"
+    if not survivors <= submitted:
+        return "the unmask roster names clients that submitted no update on chain"
+    for group in groups:
+        inside = sum(client in survivors for client in group)
+        if 0 < inside < threshold:
+            return f"the unmask roster leaves a group with {inside} updates, fewer than the threshold {threshold}"
+    return None
+
+
+def encode_unmask(seed: bytes, pair_keys: list[bytes]) -> bytes:
+    """A survivor's Unmask: its self-mask seed, then its pairwise key with each dropped member of its
+    group, in their (sorted) order in the mask roster."""
+    return seed + b"".join(pair_keys)
+
+
+def read_unmask(payload: bytes, dropped: list[str]) -> tuple[bytes, dict[str, bytes]]:
+    """The seed and the pairwise keys by dropped client of an Unmask that must name `dropped`;
+    ValueError when it has not their number."""
+    if len(payload) != KEY_BYTES * (1 + len(dropped)):
+        raise ValueError(f"an unmask for {len(dropped)} dropped clients is {KEY_BYTES * (1 + len(dropped))} bytes, "
+                         f"this one {len(payload)}")
+    keys = {client: payload[KEY_BYTES * (1 + k):KEY_BYTES * (2 + k)] for k, client in enumerate(dropped)}
+    return payload[:KEY_BYTES], keys
 
 
 def read_cid(payload: bytes) -> str:

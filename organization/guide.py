@@ -61,7 +61,7 @@ def _steps(status: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
                        "Start the first round: the button below publishes the initial model and opens round 1.")
     steps.append(step("Open the first round", DONE))
 
-    merged = [point for point in status.get("history") or [] if point["round"] > 0 and not point.get("missed_quorum")]
+    merged = [point for point in status.get("history") or [] if point["round"] > 0 and point.get("merged")]
     round_id = current["round"]
     if runner and runner.get("finished"):
         steps.append(step("Merge the rounds", DONE, f"{len(merged)} merged"))

@@ -59,9 +59,10 @@ class RoundRunner:
         log.warning("%s; trying again in %.1f s", self.state, wait)
 
     def rounds_done(self) -> tuple[int, float | None]:
-        """Rounds merged so far (restarted ones do not count) and the latest model's test accuracy."""
+        """Rounds merged so far and the latest model's test accuracy: a round counts once it merged
+        an update (not when it missed its quorum, or refused every update it had)."""
         points = self.service.accuracy_history()
-        merged = [p for p in points if p["round"] > 0 and not p.get("missed_quorum")]
+        merged = [p for p in points if p["round"] > 0 and p["merged"]]
         return len(merged), (points[-1]["accuracy"] if points else None)
 
     def _current_round(self, registry: chain.Registry) -> tuple[int, chain.RoundInfo | None]:
@@ -154,8 +155,10 @@ class RoundRunner:
     def _merge(self, current: int) -> bool:
         try:
             self.service.aggregate(current)
-        except RoundWaiting as exc:  # the reveals wake the runner; the recheck ends the wait
+        except RoundWaiting as exc:  # the clients' messages wake the runner; so does the stage's end
             self.state = str(exc)
+            self._messages_awaited, self._stage_ends_at = exc.messages, exc.ends_at
+            self._look_at_deadline()
             return False
         self._current = current + 1  # finalizing opened the next round
         return False

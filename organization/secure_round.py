@@ -1,18 +1,22 @@
 """The organization's part in a secure-aggregation round (the stages are in infra.secure_round):
-post the rosters while the round is open, and once it is closed, recover the mask secrets of the
-clients that dropped out and turn the masked updates' sum into the round's mean delta.
+post the rosters while the round is open; once it is closed, check each masked update, post the
+unmask roster, remove the self masks and the dropped clients' masks from each group's sum, and
+merge the groups' means into the round's delta.
 
-What it can no longer do per update: see one client's delta, its norm, or its direction, so none
-of the per-update defences (norm bounds relative to the round, robust aggregation, cosine
-screening) applies; the mean is the only aggregation. What it still checks: every masked update's
-format, shape, round, base and sender; the rosters' size against the threshold; that every
-recovered secret matches the public key its client signed; and the unmasked mean's finiteness and
-range (each coordinate within the quantization bound).
+What it can no longer do per update: see one client's delta, its norm, or its direction, so the
+per-update defences (norm bounds relative to the round, cosine screening) apply to groups, not to
+clients. What it checks: every masked update's format, shape, round, base and sender (a bad one
+counts as dropped, and its group is summed without it); the rosters' size against the threshold;
+that every seed and secret it uses matches what its client committed to or signed; each group's
+unmasked sum against the range its members' quantized values can reach, and its mean's norm
+against what the mean of clipped updates can have (a group that fails is left out, not the
+round); and the groups' means are merged by their coordinate median, so that one hostile member
+moves only its own group's mean.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from eth_utils import to_checksum_address
@@ -24,10 +28,13 @@ from infra.secure_round import (
     context,
     decode_shares_file,
     pack_roster,
+    read_unmask,
     shares_at_once,
 )
 from processor import codec, secagg, secure_sum
-from processor.aggregate import apply_delta
+from processor.aggregate import apply_delta, l2_norm
+from processor.privacy import PrivacyPlan
+from processor.secure_sum import quantization_bound
 from processor.screen import Received, RoundMerge, Verdict
 from processor.tasks import Task
 from processor.weights import Weights
@@ -51,15 +58,18 @@ class StageWait:
 
 
 def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invited: list[str],
-                 previously_keyed: set[str], threshold: int, stage_seconds: float, now: float) -> StageWait:
+                 previously_keyed: set[str], threshold: int, stage_seconds: float, now: float,
+                 barred: set[str] = frozenset()) -> StageWait:
     """Post the round's next roster once its stage is complete (every client expected has posted)
-    or has lasted `stage_seconds`; what the round waits for then.
+    or has lasted `stage_seconds`; what the round waits for then. The `barred` clients (they made
+    an earlier round's group fail) are on no roster.
 
     When every invited client posted its (lasting) encryption key in the previous round
     (`previously_keyed`), the clients share their secrets at once and no key roster is needed:
     the one stage before masking waits for keys and shares together."""
     view = SecureRoundView.of(registry, info)
     at_once = shares_at_once(invited, previously_keyed, threshold)
+    invited = [client for client in invited if client not in barred]
     if view.key_roster is None and not at_once:
         expected, posted, since = invited, [c for c in invited if c in view.keys], info.start_block
         kind, what, roster, missing = chain.MessageKind.KEY_ROSTER, "keys", "key roster", None
@@ -87,33 +97,117 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
     return StageWait("the masked updates", expected=len(posted))
 
 
-def recovered_secrets(view: SecureRoundView, dropped: list[str], reveals: dict[str, dict[str, bytes]],
-                      threshold: int) -> tuple[dict[str, bytes], dict[str, str]]:
-    """The mask secrets of the `dropped` clients from the survivors' revealed shares, and for each
-    that cannot be recovered (yet), why. A secret counts only if it gives the public key its client
-    signed: a wrong share cannot slip a wrong secret in."""
-    found, missing = {}, {}
-    for client in dropped:
-        shares = [revealed[client] for revealed in reveals.values() if client in revealed]
-        if len(shares) < threshold:
-            missing[client] = f"{len(shares)} of the {threshold} shares needed are revealed"
+@dataclass
+class SecureMerge:
+    """The round's merge, or what it still waits for (`waiting`: in words, and how many client
+    messages at least, and when its stage ends regardless), with the clients whose keys, shares or
+    vector made their group fail (`culprits`: client -> why)."""
+    merge: RoundMerge | None = None
+    waiting: str | None = None
+    messages: int | None = None
+    ends_at: float = 0.0
+    culprits: dict[str, str] = field(default_factory=dict)
+
+
+def checked_vectors(task: Task, updates: list[Received], view: SecureRoundView, round_id: int,
+                    base_cid: str) -> tuple[dict[str, Weights], dict[str, Verdict]]:
+    """Every masked update decoded and checked on its own (format, shapes, field type, round, base,
+    sender), by its client; the verdicts of those that fail, or are not on the mask roster."""
+    roster = set(view.mask_roster or [])
+    vectors: dict[str, Weights] = {}
+    verdicts: dict[str, Verdict] = {}
+    for update in updates:
+        client = to_checksum_address(update.client)
+        if client not in roster:
+            verdicts[update.client] = Verdict(False, "not on the round's mask roster: its masks cannot cancel")
             continue
         try:
-            secret = secagg.combine_shares(shares[:threshold], threshold)
-        except ValueError as exc:
-            missing[client] = f"its shares do not combine: {exc}"
-            continue
-        if secagg.public_key(secret) != view.keys[client].mask:
-            missing[client] = "the revealed shares give a secret that is not its signed mask key's"
-            continue
-        found[client] = secret
-    return found, missing
+            if update.data is None:
+                raise codec.CodecError(update.fetch_error or "the update could not be fetched")
+            vectors[client] = codec.decode_masked_delta(task, update.data, round_id, base_cid, update.client)
+        except codec.CodecError as exc:
+            verdicts[update.client] = Verdict(False, f"its masked update is unusable ({exc}): it counts as dropped, "
+                                                     "and its masks are removed from its group's sum")
+    return vectors, verdicts
 
 
-def read_reveals(view: SecureRoundView, survivors: list[str], round_id: int, fetch) -> dict[str, dict[str, bytes]]:
-    """The shares each survivor revealed, by dropped client; a reveal that cannot be read is skipped."""
+def survivors_of(groups: list[list[str]], valid: set[str], threshold: int) -> list[str]:
+    """The clients whose vectors enter their group's sum: those with a valid vector, in the groups
+    that hold at least `threshold` of them (a smaller sum could tell too much of one client)."""
+    return sorted((c for group in groups if sum(c in valid for c in group) >= threshold for c in group if c in valid),
+                  key=str.lower)
+
+
+@dataclass
+class Unmasking:
+    """What the survivors' Unmask messages and the revealed shares give: each survivor's self-mask
+    seed, and for each dropped client either its pairwise keys with every survivor of its group or
+    its mask secret. `missing`: whose secret is still needed, and why."""
+    seeds: dict[str, bytes] = field(default_factory=dict)
+    pair_keys: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, view: SecureRoundView, groups: list[list[str]], mask_context: bytes) -> "Unmasking":
+        found = cls()
+        survivors = set(view.unmask_roster or [])
+        for group in groups:
+            inside = [c for c in group if c in survivors]
+            if not inside:
+                continue
+            dropped = [c for c in group if c not in survivors]
+            for client in inside:
+                try:
+                    seed, keys = read_unmask(view.unmasks[client], dropped)
+                    if secagg.seed_commitment(seed, mask_context) != view.keys[client].seed_commitment:
+                        raise ValueError("its seed is not the one it committed to")
+                except KeyError:
+                    found.missing[client] = "it posted no unmask"
+                    continue
+                except ValueError as exc:
+                    found.missing[client] = f"its unmask is unusable: {exc}"
+                    continue
+                found.seeds[client] = seed
+                for other, key in keys.items():
+                    found.pair_keys.setdefault(other, {})[client] = key
+            for other in dropped:
+                if len(found.pair_keys.get(other, {})) < len(inside):
+                    found.missing[other] = "not every survivor of its group gave its pairwise key with it"
+                    found.pair_keys.pop(other, None)
+        return found
+
+    def recover(self, view: SecureRoundView, reveals: dict[str, dict[str, bytes]], threshold: int,
+                mask_context: bytes) -> dict[str, str]:
+        """Rebuild the missing secrets from the revealed shares (each checked against its owner's
+        signed key or seed commitment); the clients whose shares were revealed enough but rebuild
+        nothing their owner signed for (their own shares were bad), with why."""
+        survivors, bad = set(view.unmask_roster or []), {}
+        for client in list(self.missing):
+            shares = [revealed[client] for revealed in reveals.values() if client in revealed]
+            posted = view.keys[client]
+            if client in survivors:
+                secret = secagg.recover(shares, threshold,
+                                        lambda seed: secagg.seed_commitment(seed, mask_context) == posted.seed_commitment)
+            else:
+                secret = secagg.recover(shares, threshold, lambda key: secagg.public_key(key) == posted.mask)
+            if secret is not None:
+                (self.seeds if client in survivors else self.secrets)[client] = secret
+                del self.missing[client]
+            elif len(shares) >= threshold:
+                bad[client] = (f"{len(shares)} of its shares were revealed, and none {threshold} of them rebuild the "
+                               f"{'seed it committed to' if client in survivors else 'mask key it signed'}")
+                self.missing[client] = bad[client]
+            else:
+                self.missing[client] += f"; {len(shares)} of the {threshold} shares needed are revealed"
+        return bad
+
+
+def read_reveals(view: SecureRoundView, round_id: int, fetch) -> dict[str, dict[str, bytes]]:
+    """The shares each client on the mask roster revealed, by the client they are of; a reveal that
+    cannot be read is skipped (every secret rebuilt from them is checked anyway)."""
     reveals = {}
-    for client in survivors:
+    for client in view.mask_roster or []:
         if client in view.reveals:
             try:
                 reveals[client] = decode_shares_file(fetch(view.reveals[client]), REVEAL_FORMAT, round_id, client)
@@ -122,58 +216,104 @@ def read_reveals(view: SecureRoundView, survivors: list[str], round_id: int, fet
     return reveals
 
 
-@dataclass
-class SecureMerge:
-    """The round's merge, or what it still waits for (`waiting`), or why it is refused (merge.weights None)."""
-    merge: RoundMerge | None = None
-    waiting: str | None = None
-
-
 def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received], view: SecureRoundView,
-                       round_id: int, base_cid: str, registry_address: str, threshold: int, bound: float,
-                       reveals: dict[str, dict[str, bytes]], reveal_window_over: bool) -> SecureMerge:
-    """Unmask the sum of the survivors' masked updates and add its mean to the base."""
-    roster = view.mask_roster or []
-    verdicts: dict[str, Verdict] = {}
-    survivors = []
-    for update in updates:
-        if to_checksum_address(update.client) in roster:
-            survivors.append(update)
+                       registry: chain.Registry, key: str, info: chain.RoundInfo, plan: PrivacyPlan,
+                       stage_seconds: float, now: float, fetch) -> SecureMerge:
+    """Take the closed secure round's unmasking as far as it goes now (posting the unmask roster,
+    then the recovery roster when something is still missing after `stage_seconds`), and once
+    every group's sum can be unmasked, or the stages are over, merge the groups' means."""
+    round_id, threshold = info.round_id, plan.threshold
+    mask_context = context(registry.address, round_id, "masks")
+    groups = view.groups(plan.secure_groups, threshold, mask_context)
+    vectors, verdicts = checked_vectors(task, updates, view, round_id, info.base_cid)
+    culprits = {client: verdicts[u.client].reason for u in updates
+                if (client := to_checksum_address(u.client)) in (view.mask_roster or []) and client not in vectors
+                and u.data is not None}
+    if view.unmask_roster is None:
+        survivors = survivors_of(groups, set(vectors), threshold)
+        if not survivors:
+            return _refused(verdicts, updates, f"no group holds {threshold} valid masked updates (the threshold)",
+                            round_id, culprits)
+        registry.post_round_message(key, round_id, chain.MessageKind.UNMASK_ROSTER, pack_roster(survivors))
+        log.info("round %d: unmask roster of %d survivors posted", round_id, len(survivors))
+        return SecureMerge(waiting=f"the unmask messages of {len(survivors)} survivors", messages=len(survivors),
+                           ends_at=now + stage_seconds, culprits=culprits)
+    unmasking = Unmasking.of(view, groups, mask_context)
+    if unmasking.missing:
+        if view.recovery_roster is None:
+            ends_at = block_time(registry, view.unmask_roster_block) + stage_seconds
+            if now < ends_at:
+                return SecureMerge(waiting=f"the unmask messages of {len(unmasking.missing)} clients",
+                                   messages=sum(c in view.unmask_roster and c not in view.unmasks
+                                                for c in unmasking.missing) or None, ends_at=ends_at,
+                                   culprits=culprits)
+            registry.post_round_message(key, round_id, chain.MessageKind.RECOVERY_ROSTER,
+                                        pack_roster(list(unmasking.missing)))
+            log.info("round %d: recovery roster posted: %s", round_id, unmasking.missing)
+            return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets",
+                               messages=threshold, ends_at=now + stage_seconds, culprits=culprits)
+        bad = unmasking.recover(view, read_reveals(view, round_id, fetch), threshold, mask_context)
+        ends_at = block_time(registry, view.recovery_roster_block) + stage_seconds
+        if unmasking.missing and now < ends_at:
+            return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets", ends_at=ends_at,
+                               culprits=culprits)
+        culprits.update(bad)
+    return _merge_groups(task, base_weights, updates, view, groups, vectors, verdicts, unmasking, plan,
+                         mask_context, round_id, culprits)
+
+
+def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], view: SecureRoundView,
+                  groups: list[list[str]], vectors: dict[str, Weights], verdicts: dict[str, Verdict],
+                  unmasking: Unmasking, plan: PrivacyPlan, mask_context: bytes, round_id: int,
+                  culprits: dict[str, str]) -> SecureMerge:
+    survivors = set(view.unmask_roster or [])
+    quantizer = secagg.Quantizer(bound=quantization_bound(plan), max_clients=len(view.mask_roster))
+    dimension = sum(int(np.prod(shape)) for shape in task.spec.values())
+    by_address = {to_checksum_address(u.client): u.client for u in updates}
+    means: list[tuple[Weights, int]] = []
+    for number, group in enumerate(groups, 1):
+        inside = [c for c in group if c in survivors]
+        if not inside:
+            for client in group:
+                if client in vectors:
+                    verdicts[by_address[client]] = Verdict(False, f"its group {number} holds fewer than "
+                                                                  f"{plan.threshold} valid masked updates")
+            continue
+        missing = {c: unmasking.missing[c] for c in group if c in unmasking.missing}
+        missing.update({c: "its masked update could not be read again" for c in inside if c not in vectors})
+        reason = None
+        if missing:
+            reason = "its masks cannot be removed: " + "; ".join(f"{c}: {why}" for c, why in missing.items())
         else:
-            verdicts[update.client] = Verdict(False, "not on the round's mask roster: its masks cannot cancel")
-    dropped = view.dropped({to_checksum_address(u.client) for u in survivors})
+            dropped = [c for c in group if c not in survivors]
+            try:
+                mean = secure_sum.group_mean(
+                    [vectors[c] for c in inside], quantizer, {c: view.keys[c].mask for c in inside}, mask_context,
+                    {c: unmasking.seeds[c] for c in inside}, {d: unmasking.secrets[d] for d in dropped
+                                                              if d in unmasking.secrets},
+                    {d: unmasking.pair_keys[d] for d in dropped if d not in unmasking.secrets})
+                norm = l2_norm(mean)
+                bound = secure_sum.group_mean_bound(plan, dimension, len(inside))
+                if not np.isfinite(norm) or norm > bound:
+                    raise ValueError(f"its mean has L2 norm {norm:.4g}, beyond the {bound:.4g} that the mean of "
+                                     f"{len(inside)} clipped updates can have: a member did not clip")
+                means.append((mean, len(inside)))
+            except ValueError as exc:
+                reason = str(exc)
+        for client in inside:
+            verdicts[by_address[client]] = (Verdict(False, f"refused with its group {number} of {len(inside)}: {reason}")
+                                            if reason else Verdict(True, None, weight=1))
+        if reason:
+            log.warning("round %d: group %d refused: %s", round_id, number, reason)
+    if not means:
+        return SecureMerge(RoundMerge(None, verdicts), culprits=culprits)
+    return SecureMerge(RoundMerge(apply_delta(base_weights, secure_sum.merge_groups(means)), verdicts),
+                       culprits=culprits)
 
-    def refused(reason: str) -> SecureMerge:
-        for update in survivors:
-            verdicts[update.client] = Verdict(False, reason)
-        log.warning("round %d: secure merge refused: %s", round_id, reason)
-        return SecureMerge(RoundMerge(None, verdicts))
 
-    if len(survivors) < threshold:
-        return refused(f"{len(survivors)} masked updates, fewer than the threshold {threshold}")
-    secrets, missing = recovered_secrets(view, dropped, reveals, threshold)
-    if missing:
-        reason = "; ".join(f"{client}: {why}" for client, why in missing.items())
-        if not reveal_window_over:
-            return SecureMerge(waiting=f"the secrets of {len(missing)} dropped clients ({reason})")
-        return refused(f"the masks of dropped clients cannot be removed ({reason})")
-    masked = []
-    for update in survivors:
-        try:
-            if update.data is None:
-                raise codec.CodecError(update.fetch_error or "the update could not be fetched")
-            masked.append(codec.decode_masked_delta(task, update.data, round_id, base_cid, update.client))
-        except codec.CodecError as exc:
-            # its masks are in no sum without it: the round's sum cannot be unmasked
-            return refused(f"the masked update of {update.client} is unusable ({exc}), and without it the "
-                           "others' masks do not cancel")
-    quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
-    mask_context = context(registry_address, round_id, "masks")
-    survivor_keys = {client: view.keys[client].mask for client in map(to_checksum_address, (u.client for u in survivors))}
-    mean = secure_sum.unmasked_mean(masked, quantizer, survivor_keys, secrets, mask_context)
-    out_of_range = max(float(np.max(np.abs(t), initial=0.0)) for t in mean.values())
-    if not np.isfinite(out_of_range) or out_of_range > bound:
-        return refused(f"the unmasked mean holds a value of size {out_of_range:.4g}, beyond the bound {bound:g}")
-    for update in survivors:
-        verdicts[update.client] = Verdict(True, None, weight=1)
-    return SecureMerge(RoundMerge(apply_delta(base_weights, mean), verdicts))
+def _refused(verdicts: dict[str, Verdict], updates: list[Received], reason: str, round_id: int,
+             culprits: dict[str, str]) -> SecureMerge:
+    for update in updates:
+        verdicts.setdefault(update.client, Verdict(False, reason))
+    log.warning("round %d: secure merge refused: %s", round_id, reason)
+    return SecureMerge(RoundMerge(None, verdicts), culprits=culprits)

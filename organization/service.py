@@ -76,7 +76,14 @@ class OrganizationConfig:
 
 
 class RoundWaiting(ActionError):
-    """The round cannot be merged yet: a secure round's dropped clients' shares may still be revealed."""
+    """The round cannot be merged yet: a secure round's unmasking stages are under way. `messages`:
+    the client messages it waits for at least (None: unknown); `ends_at`: when its stage ends
+    regardless (unix seconds, 0: none)."""
+
+    def __init__(self, message: str, messages: int | None = None, ends_at: float = 0.0) -> None:
+        super().__init__(message, 409)
+        self.messages = messages
+        self.ends_at = ends_at
 
 
 def history_path(state_dir: Path, registry_address: str) -> Path:
@@ -111,7 +118,7 @@ class OrganizationService:
         self._prefetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
-        self._reveals_awaited_since: dict[int, float] = {}  # secure rounds waiting for revealed shares
+        self._received: dict[int, list[Received]] = {}  # a secure round's updates, fetched once for its unmasking
         self._previously_keyed: tuple[int, set[str]] = (0, set())  # a secure round's, and who posted keys before it
 
     # ---- state -------------------------------------------------------------------------
@@ -199,7 +206,8 @@ class OrganizationService:
             self._previously_keyed = (info.round_id, set(keys_before(registry, info.round_id)))
         with self._lock:
             return secure_round.post_rosters(registry, self.key, info, invited, self._previously_keyed[1],
-                                             self.config.privacy.threshold, self.config.stage_seconds, self.clock())
+                                             self.config.privacy.threshold, self.config.stage_seconds, self.clock(),
+                                             self.barred_clients(info.round_id))
 
     def invited_clients(self, info: chain.RoundInfo) -> list[str] | None:
         """The clients round `info` invites: enrolled before it opened and drawn by its seed; None
@@ -277,7 +285,9 @@ class OrganizationService:
         points = [{"round": 0, **history["initial"]}] if history["initial"] else []
         for key in sorted(history["rounds"], key=int):
             entry = history["rounds"][key]
-            points.append({"round": int(key), **entry["metrics"], "missed_quorum": entry.get("missed_quorum", False),
+            missed = entry.get("missed_quorum", False)
+            points.append({"round": int(key), **entry["metrics"], "missed_quorum": missed,
+                           "merged": not missed and entry.get("accepted", 0) > 0,
                            "federated": entry.get("federated"), "epsilon": entry.get("epsilon")})
         return points
 
@@ -453,7 +463,12 @@ class OrganizationService:
                               f"{len(submissions)} of their events; try again", 503)
         base_weights = self._base_weights(info.base_cid, timer)
         with timer.phase("ipfs"):
-            received = self._fetch_updates(submissions)
+            if self.config.privacy.secure_aggregation:  # fetched once, then kept through its unmasking's waits
+                if round_id not in self._received:
+                    self._received = {round_id: self._fetch_updates(submissions)}
+                received = self._received[round_id]
+            else:
+                received = self._fetch_updates(submissions)
         with timer.phase("aggregation"):
             if self.config.privacy.secure_aggregation:
                 merge = self._merge_secure(registry, info, base_weights, received)
@@ -481,21 +496,34 @@ class OrganizationService:
 
     def _merge_secure(self, registry: chain.Registry, info: chain.RoundInfo, base_weights,
                       received: list[Received]) -> RoundMerge:
-        """The secure round's merge; RoundWaiting while the dropped clients' shares may still be revealed."""
+        """The secure round's merge; RoundWaiting while its unmasking stages are under way."""
         round_id, plan = info.round_id, self.config.privacy
         view = SecureRoundView.of(registry, info)
-        survivors = [to_checksum_address(r.client) for r in received]
-        reveals = secure_round.read_reveals(view, survivors, round_id, lambda cid: self.store.get(
-            cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
-        since = self._reveals_awaited_since.setdefault(round_id, self.clock())
         result = secure_round.merge_secure_round(
-            self.task, base_weights, received, view, round_id, info.base_cid, registry.address, plan.threshold,
-            secure_sum.quantization_bound(plan), reveals,
-            reveal_window_over=self.clock() >= since + self.config.stage_seconds)
+            self.task, base_weights, received, view, registry, self.key, info, plan, self.config.stage_seconds,
+            self.clock(), lambda cid: self.store.get(cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
+        if result.culprits:
+            self._bar(round_id, result.culprits)
         if result.waiting:
-            raise RoundWaiting(f"round {round_id} waits for {result.waiting}")
-        self._reveals_awaited_since.pop(round_id, None)
+            raise RoundWaiting(f"round {round_id} waits for {result.waiting}", messages=result.messages,
+                               ends_at=result.ends_at)
+        self._received.pop(round_id, None)
         return result.merge
+
+    def _bar(self, round_id: int, culprits: dict[str, str]) -> None:
+        """Leave the clients whose keys, shares or vector made a secure round's group fail off the
+        rosters of the plan's next rounds; on record in the history."""
+        history = self.history()
+        barred = history.setdefault("barred", {})
+        for client, why in culprits.items():
+            barred[client] = {"round": round_id, "until_round": round_id + self.config.privacy.exclusion_rounds,
+                              "reason": why}
+        self._save_history(history)
+
+    def barred_clients(self, round_id: int) -> set[str]:
+        """The clients left off round `round_id`'s rosters (they made an earlier secure round's group fail)."""
+        return {client for client, record in self.history().get("barred", {}).items()
+                if record["round"] < round_id <= record["until_round"]}
 
     @property
     def _update_timeout(self) -> float:

@@ -42,6 +42,8 @@ class PrivacyPlan:
     epsilon_budget: float = 0.0  # the training ends before a round would spend more; 0 = no budget
     secure_aggregation: bool = False  # the organization sees only the sum of a round's updates
     threshold: int = 0  # the fewest clients whose updates a secure round's sum has: >= 2 when secure, else 0
+    secure_groups: int = 3  # a secure round's clients form up to this many groups, each summed on its own
+    exclusion_rounds: int = 5  # rounds a client that made a secure round's group fail is left off its rosters
 
     def __post_init__(self) -> None:
         for name in ("clip_norm", "noise_multiplier", "epsilon_budget"):
@@ -58,6 +60,9 @@ class PrivacyPlan:
         if self.secure_aggregation != (self.threshold >= 2) or self.threshold < 0:
             raise ValueError(f"the privacy plan's threshold must be >= 2 with secure aggregation and 0 without, "
                              f"got {self.threshold} with secure_aggregation {self.secure_aggregation}")
+        if self.secure_groups < 1 or self.exclusion_rounds < 0:
+            raise ValueError(f"the privacy plan's secure_groups must be >= 1 and exclusion_rounds >= 0, got "
+                             f"{self.secure_groups} and {self.exclusion_rounds}")
         if self.secure_aggregation and self.clip_norm == 0:
             raise ValueError("secure aggregation needs a clip norm: it bounds the values each client adds to the sum")
 
@@ -101,6 +106,12 @@ class PrivacyPlan:
                                                              "--dp-clip-norm and --threshold)"),
         "threshold": ("--threshold", int, "secure aggregation: the fewest clients a round's sum may have; a round "
                                           "survives all but this many dropping out (the quorum must be at least it)"),
+        "secure_groups": ("--secure-groups", int, "secure aggregation: split each round's clients into up to this "
+                                                  "many groups of at least the threshold, each summed on its own, "
+                                                  "and merge the groups' means by their median (3 or more groups), "
+                                                  "so that one hostile client moves only its own group's"),
+        "exclusion_rounds": ("--exclusion-rounds", int, "secure aggregation: leave a client whose keys, shares or "
+                                                        "vector made its group fail off this many next rounds"),
     }
 
     @classmethod

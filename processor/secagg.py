@@ -284,43 +284,117 @@ def pairwise_mask(me: str, secret: bytes, peers: dict[str, bytes], length: int, 
     return _signed_streams(me, secret, peers, length, context)
 
 
-def mask(values: np.ndarray, me: str, secret: bytes, peers: dict[str, bytes], context: bytes) -> np.ndarray:
-    """`values` (uint32, any shape) plus `me`'s pairwise mask, mod 2^32: uniform to anyone but the pairs."""
+def self_mask(seed: bytes, length: int, context: bytes) -> np.ndarray:
+    """The uint32 self mask of a client: the stream of a key derived from its secret `seed` and `context`.
+
+    The second mask of double masking (Bonawitz et al. 2017): a client whose pairwise masks are
+    removed (it counted as dropped) keeps its vector hidden behind this one, whose seed is revealed
+    only for the clients whose vectors are in the sum.
+    """
+    seed = _require_bytes(seed, "seed", KEY_BYTES)
+    context = _require_context(context)
+    return mask_stream(HKDF(seed, KEY_BYTES, salt=None, hashmod=SHA256, context=b"self mask|" + context), length)
+
+
+def seed_commitment(seed: bytes, context: bytes) -> bytes:
+    """SHA-256 of the context and a 32-byte random seed: binds a client to its self-mask seed before
+    anyone knows it (hiding: the seed has 256 bits of entropy), so that a revealed or rebuilt seed
+    can be checked."""
+    seed = _require_bytes(seed, "seed", KEY_BYTES)
+    return SHA256.new(b"self mask seed|" + _require_context(context) + seed).digest()
+
+
+def mask(values: np.ndarray, me: str, secret: bytes, peers: dict[str, bytes], context: bytes,
+         seed: bytes) -> np.ndarray:
+    """`values` (uint32, any shape) plus `me`'s pairwise mask and its self mask of `seed`, mod 2^32:
+    uniform to anyone who lacks either."""
     values = _require_vector(values, "values")
     masked = pairwise_mask(me, secret, peers, values.size, context)
+    np.add(masked, self_mask(seed, values.size, context), out=masked)
     np.add(masked, values.reshape(-1), out=masked)
     return masked.reshape(values.shape)
 
 
-def unmask_sum(total: np.ndarray, survivors: dict[str, bytes], dropped_secrets: dict[str, bytes], context: bytes) -> np.ndarray:
+def unmask_sum(total: np.ndarray, survivors: dict[str, bytes], context: bytes, seeds: dict[str, bytes],
+               dropped_secrets: dict[str, bytes], dropped_pair_keys: dict[str, dict[str, bytes]] | None = None
+               ) -> np.ndarray:
     """The plain uint32 sum of the survivors' vectors, from `total`, the sum of their masked vectors.
 
-    The masks among survivors cancelled already; each survivor's stream with a dropped client d did not.
-    With d's mask secret (rebuilt from shares), pairwise_mask(d, ...) over the survivors is exactly the
-    negation of those leftovers, so adding it removes them.
+    Each survivor's self mask is removed with its seed (`seeds`, one per survivor). The pairwise masks
+    among survivors cancelled already; each survivor's stream with a dropped client d did not. They
+    are removed with d's mask secret (`dropped_secrets`, rebuilt from shares: pairwise_mask(d, ...)
+    over the survivors is exactly their negation), or else with the pairwise keys each survivor
+    revealed with d (`dropped_pair_keys[d][survivor]`, every survivor's).
 
     `survivors` (address -> mask public key) must be exactly the clients whose masked vectors are in
-    `total`, and must not overlap `dropped_secrets`: a survivor's secret would unmask its own vector.
+    `total`, and no survivor may be dropped: its pairwise secret with its seed would unmask its vector.
     """
     total = _require_vector(total, "total")
     survivors = _addressed_keys(survivors, "survivors")
     context = _require_context(context)
     if not survivors:
         raise ValueError("no survivors: there is no sum to unmask")
-    if not isinstance(dropped_secrets, dict):
-        raise ValueError(f"dropped_secrets must be a dict of address -> secret, got {type(dropped_secrets).__name__}")
-    result = total.reshape(-1).copy()
-    seen: set[str] = set()
-    for address, secret in dropped_secrets.items():
-        dropped = _address(address, "an address in dropped_secrets")
-        if dropped in seen:
-            raise ValueError(f"dropped_secrets names {address!r} twice (addresses compare in lowercase)")
-        seen.add(dropped)
+    seeds = {_address(a, "an address in seeds"): _require_bytes(s, f"seeds[{a!r}]", KEY_BYTES)
+             for a, s in _mapping(seeds, "seeds").items()}
+    if set(seeds) != set(survivors):
+        raise ValueError("seeds must hold the self-mask seed of every survivor and of no one else")
+    secrets_by = {_address(a, "an address in dropped_secrets"): _require_bytes(s, f"dropped_secrets[{a!r}]", KEY_BYTES)
+                  for a, s in _mapping(dropped_secrets, "dropped_secrets").items()}
+    pair_keys = {_address(a, "an address in dropped_pair_keys"): _addressed_keys(keys, f"dropped_pair_keys[{a!r}]")
+                 for a, keys in _mapping(dropped_pair_keys or {}, "dropped_pair_keys").items()}
+    for dropped in set(secrets_by) | set(pair_keys):
         if dropped in survivors:
-            raise ValueError(f"{address!r} is both a survivor and dropped: its masked vector would be exposed")
-        _require_bytes(secret, f"dropped_secrets[{address!r}]", KEY_BYTES)
+            raise ValueError(f"{dropped!r} is both a survivor and dropped: its masked vector would be exposed")
+    result = total.reshape(-1).copy()
+    for address in sorted(survivors):
+        np.subtract(result, self_mask(seeds[address], result.size, context), out=result)
+    for dropped, secret in secrets_by.items():
         np.add(result, _signed_streams(dropped, secret, survivors, result.size, context), out=result)
+    for dropped, keys in pair_keys.items():
+        if dropped in secrets_by:
+            continue
+        if set(keys) != set(survivors):
+            raise ValueError(f"the pairwise keys with {dropped!r} must be every survivor's, and only theirs")
+        for survivor, key in keys.items():
+            stream = mask_stream(key, result.size)  # what `survivor` added with sign(survivor, dropped)
+            (np.subtract if survivor < dropped else np.add)(result, stream, out=result)
     return result.reshape(total.shape)
+
+
+def _mapping(value: object, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict keyed by address, got {type(value).__name__}")
+    lowered = [_address(a, f"an address in {name}") for a in value]
+    if len(set(lowered)) != len(lowered):
+        raise ValueError(f"{name} names an address twice (addresses compare in lowercase)")
+    return value
+
+
+def check_public_key(public: bytes, name: str = "public key") -> bytes:
+    """`public` when it is an X25519 public key that agrees a secret with anyone; ValueError for a
+    small-order point (every agreement with it gives the all-zero secret, refused by OpenSSL), which
+    would leave its owner's peers unable to mask."""
+    key = _public_key(public, name)
+    try:
+        X25519PrivateKey.generate().exchange(key)
+    except ValueError:
+        raise ValueError(f"{name} is not a valid X25519 public key (a small-order point)") from None
+    return bytes(public)
+
+
+def groups_of(roster: list[str], count: int, threshold: int, context: bytes) -> list[list[str]]:
+    """The round's clients split into at most `count` groups of at least `threshold` each (one group
+    when there are fewer than 2 x threshold), each summed on its own: a client masks only against
+    its group. Who is in which group follows from the roster and the round's context alone (a hash
+    of each address orders them, then they are dealt in turn), so every party computes the same
+    groups and no one picks them."""
+    context = _require_context(context)
+    count = _require_int(count, "count", 1, MAX_HOLDERS)
+    threshold = _require_int(threshold, "threshold", 1, MAX_HOLDERS)
+    members = sorted({_address(a, "a client on the roster"): a for a in roster}.items(),
+                     key=lambda item: SHA256.new(b"group|" + context + item[0].encode()).digest())
+    number = max(1, min(count, len(members) // threshold))
+    return [sorted((a for _, a in members[k::number]), key=str.lower) for k in range(number)]
 
 
 # --- secret sharing ---------------------------------------------------------------------------
@@ -396,6 +470,34 @@ def combine_shares(shares: list[bytes], threshold: int) -> bytes:
     if len(shares) > threshold and _combine(shares[-threshold:]) != secret:
         raise ValueError("the shares are inconsistent: at least one of them is corrupt")
     return secret
+
+
+def recover(shares: list[bytes], threshold: int, valid) -> bytes | None:
+    """The secret that `valid(secret)` accepts, rebuilt from `threshold` of `shares`, or None.
+
+    A corrupt share (a hostile holder's) gives a wrong secret: windows of `threshold` shares,
+    rotating over the list, are tried in turn, so that with m shares any m - threshold corrupt ones
+    placed together are stepped over, and one corrupt share costs at most one more try. Shares that
+    fail their checks (length, index) are left out first.
+    """
+    usable = []
+    for share in shares:
+        try:
+            share_index(share)
+        except ValueError:
+            continue
+        usable.append(bytes(share))
+    indices = [share_index(s) for s in usable]
+    usable = [s for i, s in zip(indices, usable) if indices.count(i) == 1]  # a repeated index: both suspect
+    if len(usable) < threshold:
+        return None
+    tries = 1 if len(usable) == threshold else len(usable)
+    for start in range(tries):
+        window = [usable[(start + k) % len(usable)] for k in range(threshold)]
+        secret = _combine(window)
+        if valid(secret):
+            return secret
+    return None
 
 
 # --- sealed messages --------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""A delta as a secure round carries it, and the round's sum turned back into a mean delta.
+"""A delta as a secure round carries it, and the round's sums turned back into a mean delta.
 
 A client clips each coordinate of its (L2-clipped, possibly noised) delta to the round's bound,
-quantizes it into Z_{2^32} and adds its pairwise masks (processor.secagg); the organization adds
-the masked deltas, removes the masks of the clients that dropped out, and divides by the number
-of clients. The tensors travel flattened (processor.weights.flatten), in the first update's order.
+quantizes it into Z_{2^32} and adds its pairwise masks with the other members of its group and its
+self mask (processor.secagg); the organization adds each group's masked deltas, removes the self
+masks and the masks of the clients that dropped out, and divides by the group's number; the
+groups' means are merged by their coordinate median. The tensors travel flattened
+(processor.weights.flatten), in the first update's order.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from processor import secagg
-from processor.privacy import PrivacyPlan, client_noise_std
+from processor.aggregate import coordinate_median, weighted_mean
+from processor.privacy import NOISE_NORM_MARGIN, PrivacyPlan, client_noise_std
 from processor.weights import Weights, flatten, unflatten
 
 NOISE_ALLOWANCE = 6.0  # noise standard deviations a coordinate may add to the clip norm before it is clipped
@@ -24,22 +29,56 @@ def quantization_bound(plan: PrivacyPlan) -> float:
     return plan.clip_norm + NOISE_ALLOWANCE * client_noise_std(plan)
 
 
-def masked_delta(delta: Weights, quantizer: secagg.Quantizer, me: str, mask_secret: bytes,
+def masked_delta(delta: Weights, quantizer: secagg.Quantizer, me: str, mask_secret: bytes, seed: bytes,
                  peers: dict[str, bytes], context: bytes, rng: np.random.Generator) -> Weights:
-    """`delta` quantized (stochastic rounding by `rng`) and masked against `peers` (address ->
-    public mask key, every client on the mask roster but this one)."""
+    """`delta` quantized (stochastic rounding by `rng`) and masked: pairwise against `peers`
+    (address -> public mask key, every other client of its group) and by its own self mask of `seed`."""
     values = np.clip(flatten(delta), -quantizer.bound, quantizer.bound)
-    return unflatten(secagg.mask(quantizer.quantize(values, rng), me, mask_secret, peers, context), delta)
+    return unflatten(secagg.mask(quantizer.quantize(values, rng), me, mask_secret, peers, context, seed), delta)
 
 
-def unmasked_mean(masked: list[Weights], quantizer: secagg.Quantizer, survivors: dict[str, bytes],
-                  dropped_secrets: dict[str, bytes], context: bytes) -> Weights:
-    """The mean of the survivors' deltas from their `masked` ones (in the order of `survivors`):
-    added in the field, the masks they agreed with the dropped clients removed with those
-    clients' recovered secrets, dequantized and divided by their number."""
+def group_mean(masked: list[Weights], quantizer: secagg.Quantizer, survivors: dict[str, bytes], context: bytes,
+               seeds: dict[str, bytes], dropped_secrets: dict[str, bytes],
+               dropped_pair_keys: dict[str, dict[str, bytes]]) -> Weights:
+    """The mean of one group's survivors' deltas from their `masked` ones: added in the field, the
+    self masks and the masks agreed with the dropped clients removed (processor.secagg.unmask_sum),
+    dequantized and divided by their number.
+
+    ValueError when the unmasked sum holds a value no `len(masked)` quantized vectors can add up to
+    (above len(masked) x levels): a member added values outside the quantization range, or revealed
+    a wrong key or seed. Such a sum says nothing of the honest members' deltas."""
     if not masked:
         raise ValueError("no masked deltas to add")
     total = secagg.add(flatten({n: m[n] for n in masked[0]}).astype(np.uint32, copy=False) for m in masked)
-    plain = secagg.unmask_sum(total, survivors, dropped_secrets, context)
+    plain = secagg.unmask_sum(total, survivors, context, seeds, dropped_secrets, dropped_pair_keys)
+    largest = int(plain.max(initial=0))
+    if largest > len(masked) * quantizer.levels:
+        raise ValueError(f"its unmasked sum holds {largest}, above the {len(masked) * quantizer.levels} that "
+                         f"{len(masked)} quantized vectors can reach: a member added values outside the "
+                         "quantization range, or revealed a wrong key or seed")
     mean = quantizer.dequantize_sum(plain, len(masked)) / len(masked)
     return {n: t.astype(np.float32) for n, t in unflatten(mean, masked[0]).items()}
+
+
+def group_mean_bound(plan: PrivacyPlan, dimension: int, members: int) -> float:
+    """The largest L2 norm the mean of `members` honest deltas of `plan` plausibly has: each is
+    clipped to C, so their mean is too, plus the mean of their noises (std s / sqrt(members) per
+    coordinate, bounded as privacy.max_update_norm bounds one client's) and one quantization step a
+    coordinate. A group mean beyond it holds a member that did not clip."""
+    quantizer_step = 2.0 * quantization_bound(plan) / ((secagg.MODULUS - 1) // max(members, 1))
+    noise = client_noise_std(plan) / math.sqrt(members) * (math.sqrt(dimension) + NOISE_NORM_MARGIN)
+    return plan.clip_norm + noise + quantizer_step * math.sqrt(dimension)
+
+
+def merge_groups(means: list[tuple[Weights, int]]) -> Weights:
+    """The round's delta from its groups' means (each with its number of members): their
+    coordinate-wise median when there are at least three, so that one group's mean (one hostile
+    member's choice) moves no coordinate beyond the others'; with fewer, their mean weighted by
+    members, which no rule can make robust."""
+    if not means:
+        raise ValueError("no group means to merge")
+    if len(means) == 1:
+        return means[0][0]
+    if len(means) >= 3:
+        return coordinate_median([mean for mean, _ in means])
+    return weighted_mean(means)

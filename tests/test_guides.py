@@ -54,7 +54,8 @@ def test_an_organization_that_runs_the_rounds_says_what_it_does():
     assert organization_guide(org_status(clients=two, runner=runner))["next"] == (
         "The organization opens round 1 by itself.")
     guide = organization_guide(org_status(clients=two, runner=runner, current_round=open_round(),
-                                          history=[{"round": 0}, {"round": 1}, {"round": 2, "missed_quorum": True}]))
+                                          history=[{"round": 0}, {"round": 1, "merged": True},
+                                                   {"round": 2, "missed_quorum": True, "merged": False}]))
     assert guide["next"].endswith("The organization merges the round when every invited client is in, or at its "
                                   "deadline.")
     assert guide["steps"][-1]["detail"] == "1 of 10 merged so far"

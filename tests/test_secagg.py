@@ -35,6 +35,9 @@ def clients() -> dict[str, KeyPair]:
     return {address: fixed_key_pair(i) for i, address in enumerate(ADDRESSES)}
 
 
+SEEDS = {address: bytes([100 + i]) * 32 for i, address in enumerate(ADDRESSES)}  # self-mask seeds
+
+
 def publics(clients: dict[str, KeyPair]) -> dict[str, bytes]:
     return {address: pair.public for address, pair in clients.items()}
 
@@ -190,13 +193,16 @@ def test_pairwise_signs_follow_lowercase_address_order(clients):
     np.testing.assert_array_equal(secagg.pairwise_mask(high.upper().replace("0X", "0x"), clients[high].secret, peers, 50, CONTEXT), np.uint32(0) - stream)
 
 
-def test_masks_of_five_clients_cancel_exactly(clients):
+def test_masks_of_five_clients_cancel_exactly_once_their_self_masks_are_removed(clients):
     plain = plain_vectors(5, 1000)
     peers = publics(clients)
-    masked = [secagg.mask(plain[i], address, clients[address].secret, peers, CONTEXT) for i, address in enumerate(ADDRESSES)]
+    masked = [secagg.mask(plain[i], address, clients[address].secret, peers, CONTEXT, SEEDS[address])
+              for i, address in enumerate(ADDRESSES)]
     for i in range(5):
         assert masked[i].dtype == np.uint32 and np.mean(masked[i] == plain[i]) < 0.01
-    np.testing.assert_array_equal(secagg.add(masked), secagg.add(plain.values()))
+    total = secagg.add(masked)
+    assert np.mean(total == secagg.add(plain.values())) < 0.01  # the self masks are still in the sum
+    np.testing.assert_array_equal(secagg.unmask_sum(total, peers, CONTEXT, SEEDS, {}), secagg.add(plain.values()))
 
 
 @settings(max_examples=15, deadline=None)
@@ -204,17 +210,21 @@ def test_masks_of_five_clients_cancel_exactly(clients):
 def test_masks_cancel_for_any_group_and_shape(n, shape, seed):
     rng = np.random.default_rng(seed)
     pairs = {f"0x{i:040x}": fixed_key_pair(i) for i in range(n)}
+    seeds = {address: bytes([i]) * 32 for i, address in enumerate(pairs)}
     peers = publics(pairs)
     plain = [rng.integers(0, 2**32, shape, dtype=np.uint32) for _ in range(n)]
-    masked = [secagg.mask(p, address, pairs[address].secret, peers, CONTEXT) for p, address in zip(plain, pairs)]
+    masked = [secagg.mask(p, address, pairs[address].secret, peers, CONTEXT, seeds[address])
+              for p, address in zip(plain, pairs)]
     assert all(m.shape == shape for m in masked)
-    np.testing.assert_array_equal(secagg.add(masked), secagg.add(plain))
+    np.testing.assert_array_equal(secagg.unmask_sum(secagg.add(masked), peers, CONTEXT, seeds, {}),
+                                  secagg.add(plain).reshape(shape))
 
 
 def test_a_masked_vector_looks_uniform_and_unrelated_to_the_plain_one(clients):
     quantizer = Quantizer(bound=1.0, max_clients=5)
     ramp = quantizer.quantize(np.linspace(-1, 1, 10_000))  # as structured as a plain vector gets
-    masked = secagg.mask(ramp, ADDRESSES[0], clients[ADDRESSES[0]].secret, publics(clients), CONTEXT).astype(np.float64)
+    masked = secagg.mask(ramp, ADDRESSES[0], clients[ADDRESSES[0]].secret, publics(clients), CONTEXT,
+                         SEEDS[ADDRESSES[0]]).astype(np.float64)
     sigma = 2**32 / np.sqrt(12)  # a uniform value's standard deviation
     assert abs(masked.mean() - 2**31) < 4 * sigma / np.sqrt(10_000)
     assert masked.var() / sigma**2 == pytest.approx(1.0, abs=0.05)
@@ -228,54 +238,104 @@ def test_a_masked_vector_looks_uniform_and_unrelated_to_the_plain_one(clients):
 
 def test_masking_refuses_bad_input(clients):
     me = ADDRESSES[0]
-    secret = clients[me].secret
+    secret, seed = clients[me].secret, SEEDS[me]
     with pytest.raises(ValueError, match="uint32"):
-        secagg.mask(np.zeros(4, np.float32), me, secret, publics(clients), CONTEXT)
+        secagg.mask(np.zeros(4, np.float32), me, secret, publics(clients), CONTEXT, seed)
     with pytest.raises(ValueError, match="numpy array"):
-        secagg.mask([1, 2, 3], me, secret, publics(clients), CONTEXT)
+        secagg.mask([1, 2, 3], me, secret, publics(clients), CONTEXT, seed)
     with pytest.raises(ValueError, match="no client but me"):
-        secagg.mask(np.zeros(4, np.uint32), me, secret, {me.lower(): clients[me].public}, CONTEXT)
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {me.lower(): clients[me].public}, CONTEXT, seed)
     with pytest.raises(ValueError, match="twice"):
-        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: clients[ADDRESSES[1]].public, ADDRESSES[1].lower(): clients[ADDRESSES[1]].public}, CONTEXT)
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: clients[ADDRESSES[1]].public, ADDRESSES[1].lower(): clients[ADDRESSES[1]].public}, CONTEXT, seed)
     with pytest.raises(ValueError, match="32 bytes"):
-        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: b"short"}, CONTEXT)
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: b"short"}, CONTEXT, seed)
     with pytest.raises(ValueError, match="not a valid X25519"):
-        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: bytes(32)}, CONTEXT)
+        secagg.mask(np.zeros(4, np.uint32), me, secret, {ADDRESSES[1]: bytes(32)}, CONTEXT, seed)
     with pytest.raises(ValueError, match="address"):
-        secagg.mask(np.zeros(4, np.uint32), "", secret, publics(clients), CONTEXT)
+        secagg.mask(np.zeros(4, np.uint32), "", secret, publics(clients), CONTEXT, seed)
+    with pytest.raises(ValueError, match="seed must be 32 bytes"):
+        secagg.mask(np.zeros(4, np.uint32), me, secret, publics(clients), CONTEXT, b"short")
+
+
+def test_a_small_order_public_key_is_refused_before_anyone_masks_with_it(clients):
+    assert secagg.check_public_key(clients[ADDRESSES[0]].public) == clients[ADDRESSES[0]].public
+    for point in (bytes(32), (1).to_bytes(32, "little")):  # the identity and a point of order 4 (RFC 7748)
+        with pytest.raises(ValueError, match="small-order"):
+            secagg.check_public_key(point)
 
 
 # --- dropout recovery ---------------------------------------------------------------------------
 
 
-def test_two_dropouts_are_recovered_from_three_survivors_shares(clients):
+def test_two_dropouts_are_recovered_from_three_survivors_shares_or_pairwise_keys(clients):
     threshold = 3
     peers = publics(clients)
     plain = dict(zip(ADDRESSES, plain_vectors(5, 2000, seed=3).values()))
     # stage 1: each client shares its mask secret with everyone (sealed per holder in the protocol)
     shares = {owner: secagg.split_secret(pair.secret, ADDRESSES, threshold) for owner, pair in clients.items()}
     # stage 2: everyone masks against all four others; two then drop before their vectors arrive
-    masked = {a: secagg.mask(plain[a], a, clients[a].secret, peers, CONTEXT) for a in ADDRESSES}
+    masked = {a: secagg.mask(plain[a], a, clients[a].secret, peers, CONTEXT, SEEDS[a]) for a in ADDRESSES}
     dropped = [ADDRESSES[1], ADDRESSES[3]]
     survivors = {a: peers[a] for a in ADDRESSES if a not in dropped}
+    seeds = {a: SEEDS[a] for a in survivors}
     total = secagg.add(masked[a] for a in survivors)
     plain_sum = secagg.add(plain[a] for a in survivors)
-    assert np.mean(total == plain_sum) < 0.01  # the survivor-dropout streams are still in there
     # stage 3: the three survivors hand in their shares of each dropped client's secret
     recovered = {d: secagg.combine_shares([shares[d][s] for s in survivors], threshold) for d in dropped}
     assert all(secagg.public_key(recovered[d]) == peers[d] for d in dropped)
-    np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, recovered, CONTEXT), plain_sum)
+    np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, CONTEXT, seeds, recovered), plain_sum)
+    # or each survivor hands in its own pairwise key with each dropped client: no share at all
+    pair_keys = {d: {s: secagg.shared_key(clients[s].secret, peers[d], CONTEXT) for s in survivors} for d in dropped}
+    np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, CONTEXT, seeds, {}, pair_keys), plain_sum)
+    with pytest.raises(ValueError, match="every survivor's"):
+        partial = {d: dict(list(keys.items())[:2]) for d, keys in pair_keys.items()}
+        secagg.unmask_sum(total, survivors, CONTEXT, seeds, {}, partial)
     with pytest.raises(ValueError, match="both a survivor and dropped"):
-        secagg.unmask_sum(total, survivors, {ADDRESSES[0].lower(): clients[ADDRESSES[0]].secret}, CONTEXT)
+        secagg.unmask_sum(total, survivors, CONTEXT, seeds, {ADDRESSES[0].lower(): clients[ADDRESSES[0]].secret})
     with pytest.raises(ValueError, match="no survivors"):
-        secagg.unmask_sum(total, {}, recovered, CONTEXT)
+        secagg.unmask_sum(total, {}, CONTEXT, {}, recovered)
+    with pytest.raises(ValueError, match="every survivor"):
+        secagg.unmask_sum(total, survivors, CONTEXT, {ADDRESSES[0]: SEEDS[ADDRESSES[0]]}, recovered)
 
 
-def test_unmask_sum_without_dropouts_is_the_identity(clients):
+def test_a_dropped_clients_vector_stays_hidden_behind_its_self_mask_when_its_secret_is_recovered(clients):
+    """Double masking: the dropped client's masked vector did reach IPFS (it was late); with its
+    mask secret rebuilt, every pairwise mask is known, and what is left is still its self mask."""
+    peers = publics(clients)
+    quantizer = Quantizer(bound=1.0, max_clients=5)
+    late = ADDRESSES[2]
+    ramp = quantizer.quantize(np.linspace(-1, 1, 10_000))
+    masked = secagg.mask(ramp, late, clients[late].secret, peers, CONTEXT, SEEDS[late])
+    without_pairs = masked - secagg.pairwise_mask(late, clients[late].secret, peers, ramp.size, CONTEXT)
+    assert abs(np.corrcoef(without_pairs.astype(np.float64), ramp.astype(np.float64))[0, 1]) < 0.05
+    assert np.mean(without_pairs == ramp) < 0.01
+    # only with its seed too (which no honest client reveals of a dropped client) does it come out
+    np.testing.assert_array_equal(without_pairs - secagg.self_mask(SEEDS[late], ramp.size, CONTEXT), ramp)
+
+
+def test_unmask_sum_without_dropouts_removes_only_the_self_masks(clients):
     peers = publics(clients)
     plain = plain_vectors(5, 100, seed=4)
-    total = secagg.add(secagg.mask(plain[i], a, clients[a].secret, peers, CONTEXT) for i, a in enumerate(ADDRESSES))
-    np.testing.assert_array_equal(secagg.unmask_sum(total, peers, {}, CONTEXT), secagg.add(plain.values()))
+    total = secagg.add(secagg.mask(plain[i], a, clients[a].secret, peers, CONTEXT, SEEDS[a]) for i, a in enumerate(ADDRESSES))
+    np.testing.assert_array_equal(secagg.unmask_sum(total, peers, CONTEXT, SEEDS, {}), secagg.add(plain.values()))
+
+
+def test_a_seed_is_bound_to_its_commitment_and_context():
+    commitment = secagg.seed_commitment(SEEDS[ADDRESSES[0]], CONTEXT)
+    assert len(commitment) == 32 and commitment == secagg.seed_commitment(SEEDS[ADDRESSES[0]], CONTEXT)
+    assert commitment != secagg.seed_commitment(SEEDS[ADDRESSES[1]], CONTEXT)
+    assert commitment != secagg.seed_commitment(SEEDS[ADDRESSES[0]], CONTEXT + b"/8")
+
+
+def test_groups_are_the_same_for_everyone_and_each_holds_the_threshold():
+    roster = [f"0x{i:040x}" for i in range(10)]
+    groups = secagg.groups_of(roster, 3, 3, CONTEXT)
+    assert [len(g) for g in groups] == [4, 3, 3] and sorted(sum(groups, [])) == roster
+    assert secagg.groups_of(list(reversed(roster)), 3, 3, CONTEXT) == groups  # the roster's order does not matter
+    assert secagg.groups_of(roster, 3, 3, CONTEXT + b"/8") != groups  # another round, other groups
+    assert len(secagg.groups_of(roster, 3, 4, CONTEXT)) == 2  # 10 clients hold two groups of at least 4
+    assert secagg.groups_of(roster, 3, 6, CONTEXT) == [roster]  # and one of at least 6
+    assert secagg.groups_of(roster, 1, 2, CONTEXT) == [roster]
 
 
 # --- Shamir -------------------------------------------------------------------------------------
@@ -336,6 +396,19 @@ def test_split_refuses_bad_secrets_and_holders():
         secagg.split_secret(bytes(32), ADDRESSES + [ADDRESSES[0].lower()], 3)
     with pytest.raises(ValueError, match="at least 2 holders"):
         secagg.split_secret(bytes(32), ADDRESSES[:1], 2)
+
+
+def test_recover_steps_over_a_corrupt_share_and_gives_up_on_a_bad_secret():
+    secret = bytes(range(32))
+    shares = list(secagg.split_secret(secret, ADDRESSES, 3).values())
+    corrupt = shares[0][:5] + bytes([shares[0][5] ^ 1]) + shares[0][6:]
+    valid = lambda candidate: candidate == secret  # noqa: E731 (the owner's commitment, in the protocol)
+    assert secagg.recover([corrupt] + shares[1:], 3, valid) == secret
+    assert secagg.recover([corrupt] + shares[1:3], 3, valid) is None  # three shares, one of them bad
+    assert secagg.recover(shares[:2], 3, valid) is None
+    assert secagg.recover([b"junk", shares[0], shares[0], *shares[1:4]], 3, valid) == secret
+    other = list(secagg.split_secret(bytes(32), ADDRESSES, 3).values())  # a client sharing another secret
+    assert secagg.recover(other, 3, valid) is None
 
 
 # --- sealed messages ----------------------------------------------------------------------------

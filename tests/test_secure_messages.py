@@ -22,9 +22,12 @@ from processor import secagg
 from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, cid_for, expect_revert
 
 
-def keys_of(registry: chain.Registry, k: int, round_id: int = 1) -> tuple[bytes, secagg.KeyPair, secagg.KeyPair]:
-    encryption, mask = secagg.new_key_pair(), secagg.new_key_pair()
-    return signed_keys(CLIENT_KEYS[k], registry.address, round_id, encryption.public, mask.public), encryption, mask
+def keys_of(registry: chain.Registry, k: int, round_id: int = 1, mask: secagg.KeyPair | None = None
+            ) -> tuple[bytes, secagg.KeyPair, secagg.KeyPair]:
+    encryption, mask = secagg.new_key_pair(), mask or secagg.new_key_pair()
+    commitment = secagg.seed_commitment(bytes(32), b"a round's context")
+    return (signed_keys(CLIENT_KEYS[k], registry.address, round_id, encryption.public, mask.public, commitment),
+            encryption, mask)
 
 
 def test_each_kind_of_message_is_allowed_only_to_its_sender_and_stage(registry):
@@ -45,13 +48,27 @@ def test_each_kind_of_message_is_allowed_only_to_its_sender_and_stage(registry):
     expect_revert("WrongStage", lambda: registry.post_round_message(CLIENT_KEYS[1], 1, MessageKind.KEYS, payload))
     expect_revert("WrongStage", lambda: registry.post_round_message(
         ORG_KEY, 1, MessageKind.MASK_ROSTER, pack_roster(CLIENTS[:2])))
+    # the unmasking stages: the survivors named by the organization alone, once the round is closed
+    expect_revert("NotOwner", lambda: registry.post_round_message(
+        CLIENT_KEYS[0], 1, MessageKind.UNMASK_ROSTER, pack_roster(CLIENTS[:1])))
+    registry.post_round_message(ORG_KEY, 1, MessageKind.UNMASK_ROSTER, pack_roster(CLIENTS[:1]))
+    registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.UNMASK, bytes(32))
+    expect_revert("NotOwner", lambda: registry.post_round_message(
+        CLIENT_KEYS[0], 1, MessageKind.RECOVERY_ROSTER, pack_roster(CLIENTS[:1])))
     registry.post_round_message(CLIENT_KEYS[0], 1, MessageKind.REVEAL, cid_for("reveal").encode())
     registry.finalize_round(ORG_KEY, 1, cid_for("model"))
     expect_revert("RoundNotOpen", lambda: registry.post_round_message(
         CLIENT_KEYS[0], 1, MessageKind.REVEAL, cid_for("reveal").encode()))
     kinds = [(m.sender, m.kind) for m in registry.round_messages(registry.round(1))]
     assert kinds == [(CLIENTS[0], MessageKind.KEYS), (registry.owner, MessageKind.KEY_ROSTER),
+                     (registry.owner, MessageKind.UNMASK_ROSTER), (CLIENTS[0], MessageKind.UNMASK),
                      (CLIENTS[0], MessageKind.REVEAL)]
+
+
+def test_the_unmasking_stages_wait_for_the_round_to_close(registry):
+    for kind, key in ((MessageKind.UNMASK_ROSTER, ORG_KEY), (MessageKind.RECOVERY_ROSTER, ORG_KEY),
+                      (MessageKind.UNMASK, CLIENT_KEYS[0])):
+        expect_revert("WrongStage", lambda: registry.post_round_message(key, 1, kind, pack_roster(CLIENTS[:1])))
 
 
 def test_the_view_takes_each_senders_first_valid_message_and_says_why_others_are_ignored(registry):
@@ -59,8 +76,10 @@ def test_the_view_takes_each_senders_first_valid_message_and_says_why_others_are
     second, _, _ = keys_of(registry, 0)
     forged, _, _ = keys_of(registry, 2)  # client 2's signature, posted by client 1
     other_round, _, _ = keys_of(registry, 1, round_id=7)
+    small_order, _, _ = keys_of(registry, 2, mask=secagg.KeyPair(secret=bytes(32), public=bytes(32)))
     for key, payload in ((CLIENT_KEYS[0], first), (CLIENT_KEYS[0], second), (CLIENT_KEYS[1], forged),
-                         (CLIENT_KEYS[1], other_round), (CLIENT_KEYS[1], b"\x01" * 129)):
+                         (CLIENT_KEYS[1], other_round), (CLIENT_KEYS[1], b"\x01" * 161),
+                         (CLIENT_KEYS[2], small_order)):
         registry.post_round_message(key, 1, MessageKind.KEYS, payload)
     registry.post_round_message(CLIENT_KEYS[2], 1, MessageKind.SHARES, b"not a cid!")
     registry.post_round_message(CLIENT_KEYS[2], 1, MessageKind.SHARES, cid_for("shares").encode())
@@ -75,6 +94,9 @@ def test_the_view_takes_each_senders_first_valid_message_and_says_why_others_are
     assert len(ignored_keys) == 3
     assert sum(f"not by their sender {CLIENTS[1]}" in reason for reason in ignored_keys) >= 2
     assert any(reason.startswith(f"shares from {CLIENTS[2]}: not a CID") for reason in view.ignored)
+    # a mask key that agrees the all-zero secret with anyone: no peer could mask against it
+    assert CLIENTS[2] not in view.keys
+    assert any(reason.startswith(f"keys from {CLIENTS[2]}: the mask key is not a valid") for reason in view.ignored)
     assert view.dropped({CLIENTS[0]}) == []
 
 

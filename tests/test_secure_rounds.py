@@ -8,15 +8,19 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.secagg_attacks import HostileClient, unmask_attempts
+from client import secure_round as client_round
 from client.agent import ClientAgent
 from client.service import ClientConfig
 from demo import embedded_system
 from infra import chain
+from infra.secure_round import SecureRoundView, context
 from organization.runner import RoundRunner
 from organization.service import OrganizationConfig
-from processor import codec, secagg
+from processor import codec, secagg, secure_sum
 from processor.privacy import PrivacyPlan
 from processor.training import TrainingSettings
+from processor.weights import flatten
 
 TASK = "digits"
 CLIENTS = 4
@@ -68,6 +72,14 @@ def run_to_masked_updates(runner: RoundRunner, agents: list[ClientAgent], submit
     stage(submitting)
 
 
+def unmask_and_merge(runner: RoundRunner, survivors: list[ClientAgent], round_id: int) -> None:
+    """The closed round's unmask roster, the survivors' unmasks, and its merge."""
+    registry = runner.service.registry
+    assert not runner.step() and "unmask messages" in runner.state, runner.state
+    assert all("unmasked its update" in state for state in stage(survivors)), [a.state for a in survivors]
+    assert not runner.step() and registry.round(round_id).finalized, runner.state
+
+
 def plain_mean(agents: list[ClientAgent]) -> dict:
     deltas = [agent.service.trained.result.delta for agent in agents]
     return {n: np.mean([d[n] for d in deltas], axis=0) for n in deltas[0]}
@@ -106,7 +118,7 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
         with pytest.raises(codec.CodecError):  # and no float delta is in it
             codec.decode_delta(org.task, store.get(submission.cid))
     expected = plain_mean(agents)
-    assert not runner.step() and registry.round(1).finalized, runner.state
+    unmask_and_merge(runner, agents, 1)
     error = merged_error(org, 1, expected)
     assert error <= quantization_error(), error
     assert org.history()["rounds"]["1"]["accepted"] == CLIENTS
@@ -117,14 +129,14 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
     assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
     stage(agents)
     expected = plain_mean(agents)
-    assert not runner.step() and registry.round(2).finalized, runner.state
+    unmask_and_merge(runner, agents, 2)
     kinds = [m.kind for m in registry.round_messages(registry.round(2))]
     assert chain.MessageKind.KEY_ROSTER not in kinds and kinds.count(chain.MessageKind.MASK_ROSTER) == 1
     assert chain.MessageKind.SHARES not in kinds, "each client's shares came with its keys, in one message"
     assert merged_error(org, 2, expected) <= quantization_error()
 
 
-def test_a_client_that_drops_out_after_masking_is_recovered_from_the_others_shares(network):
+def test_a_client_that_drops_out_after_masking_is_recovered_from_the_survivors_pairwise_keys(network):
     org, runner, agents, store = network["org"], network["runner"], network["agents"], network["store"]
     registry = org.registry
     survivors, dropped = agents[:3], agents[3]
@@ -133,15 +145,36 @@ def test_a_client_that_drops_out_after_masking_is_recovered_from_the_others_shar
     assert not runner.step() and not registry.round(1).finalized  # waits for the deadline or the last client
     org.clock = lambda: time.time() + PAST_DEADLINE  # its deadline has passed: the round is closed with 3 of 4
     assert not runner.step()
-    assert registry.round(1).closed and "secrets of 1 dropped clients" in runner.state, runner.state
-    stage(survivors)  # each survivor reveals its share of the dropped client's mask secret
-    assert all("revealed shares for the 1 clients" in agent.state for agent in survivors)
+    assert registry.round(1).closed and "unmask messages of 3 survivors" in runner.state, runner.state
+    # each survivor posts its seed and its pairwise key with the dropped client: no share is needed
+    assert all("keys with the 1 dropped clients" in state for state in stage(survivors)), [a.state for a in survivors]
     dropped.check_round()  # the dropped client reveals nothing: it submitted nothing
     assert not runner.step() and registry.round(1).finalized, runner.state
     assert merged_error(org, 1, plain_mean(survivors)) <= quantization_error()
     verdicts = org.history()["rounds"]["1"]["verdicts"]
     assert sorted(verdicts) == sorted(a.service.address for a in survivors)
     assert all(v["accepted"] for v in verdicts.values())
+    kinds = [m.kind for m in registry.round_messages(registry.round(1))]
+    assert chain.MessageKind.RECOVERY_ROSTER not in kinds and chain.MessageKind.REVEAL not in kinds
+
+
+def test_a_survivor_that_goes_silent_after_submitting_is_unmasked_from_the_shares_of_its_seed(network):
+    """A survivor that posts no unmask: after the stage, the organization asks for the shares of its
+    self-mask seed (never of its mask secret), and three of the four holders rebuild it."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    run_to_masked_updates(runner, agents, agents)
+    assert not runner.step() and "unmask messages of 4 survivors" in runner.state, runner.state
+    silent, talking = agents[3], agents[:3]
+    stage(talking)
+    org.clock = lambda: time.time() + 3  # the unmask stage (2 s) is over
+    assert not runner.step() and "shares of 1 clients' secrets" in runner.state, runner.state
+    view = SecureRoundView.of(registry, registry.round(1))
+    assert view.recovery_roster == [silent.service.address]
+    assert all("revealed shares for the 1 clients" in state for state in stage(talking)), [a.state for a in talking]
+    assert not runner.step() and registry.round(1).finalized, runner.state
+    assert merged_error(org, 1, plain_mean(agents)) <= quantization_error()
+    assert org.history()["rounds"]["1"]["accepted"] == CLIENTS
 
 
 def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(network):
@@ -162,23 +195,99 @@ def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(netw
 
 def test_a_newcomer_brings_back_the_key_roster_so_that_every_client_holds_shares(tmp_path, ganache_url, ipfs_api):
     """Round 2 invites a client that posted no encryption key in round 1: everyone then waits for
-    the key roster and shares with all four, so a dropout is recovered with the newcomer's help."""
+    the key roster and shares with all four."""
     network = make_network(tmp_path, ganache_url, ipfs_api, enrolled=3)
     org, runner, agents = network["org"], network["runner"], network["agents"]
     registry = org.registry
     org.add_client(agents[3].service.address)  # during round 1: it takes part from round 2
     run_to_masked_updates(runner, agents[:3], agents[:3])
-    assert not runner.step() and registry.round(1).finalized, runner.state
+    unmask_and_merge(runner, agents[:3], 1)
     survivors, dropped = [agents[0], agents[3], agents[2]], agents[1]
     run_to_masked_updates(runner, agents, survivors)
     kinds = [m.kind for m in registry.round_messages(registry.round(2))]
     assert kinds.count(chain.MessageKind.KEY_ROSTER) == 1
     org.clock = lambda: time.time() + PAST_DEADLINE
-    assert not runner.step() and "secrets of 1 dropped clients" in runner.state, runner.state
-    stage([agents[3]])  # the newcomer's share alone would not do: the threshold is 3 of the survivors
-    stage(survivors[:1])
-    assert not runner.step() and not registry.round(2).finalized
-    stage(survivors[2:])
-    assert not runner.step() and registry.round(2).finalized, runner.state
+    unmask_and_merge(runner, survivors, 2)
     assert merged_error(org, 2, plain_mean(survivors)) <= quantization_error()
     assert dropped.service.secure_party.round_id == 2 and not dropped.service.secure_party.submitted
+
+
+def test_a_late_clients_published_update_stays_masked_for_an_outside_reader(network):
+    """The attack that broke the promise, replayed: a client masks and adds its update to IPFS just
+    as the round closes without it. The survivors' unmasks give away every pairwise key with it,
+    and still what an outside reader is left with is its self mask, unrelated to its delta."""
+    org, runner, agents, store = network["org"], network["runner"], network["agents"], network["store"]
+    registry = org.registry
+    survivors, late = agents[:3], agents[3]
+    run_to_masked_updates(runner, agents, survivors)
+    org.clock = lambda: time.time() + PAST_DEADLINE
+    assert not runner.step() and registry.round(1).closed, runner.state
+    # what the client did before it looked at the round's state: masked against the roster, added to IPFS
+    service, party = late.service, late.service.secure_party
+    view = SecureRoundView.of(registry, registry.round(1))
+    plan = service.base.privacy
+    data = client_round.masked_update(registry, service.task, party, service.address, view,
+                                      service.trained.result.delta, secure_sum.quantization_bound(plan),
+                                      service.trained.result.num_samples, plan.secure_groups, plan.threshold)
+    late_cid = store.add(data)
+    stage(survivors)
+    assert not runner.step() and registry.round(1).finalized, runner.state
+    truths = {a.service.address: a.service.trained.result.delta for a in agents}
+    cosines = unmask_attempts(registry, store, org.task, 1, plan, {late.service.address: late_cid}, truths)
+    assert sorted(cosines) == sorted(truths)  # the reader found every update, the late one too
+    chance = 5 / np.sqrt(flatten(truths[late.service.address]).size)  # five standard deviations of a random cosine
+    assert all(abs(cosine) < chance for cosine in cosines.values()), cosines
+    # what protects it is the seed no one revealed: with it, the same reading gives its delta
+    masked = flatten(codec.decode_masked_delta(org.task, data, 1, registry.round(1).base_cid, late.service.address))
+    mask_context = context(registry.address, 1, "masks")
+    peers = {c: view.keys[c].mask for c in view.mask_roster}
+    exposed = masked - secagg.self_mask(party.seed, masked.size, mask_context) - secagg.pairwise_mask(
+        late.service.address, party.mask.secret, peers, masked.size, mask_context)
+    quantizer = secagg.Quantizer(bound=secure_sum.quantization_bound(plan), max_clients=CLIENTS)
+    truth = flatten(truths[late.service.address])
+    assert np.max(np.abs(quantizer.dequantize_sum(exposed, 1) - truth)) <= quantizer.step
+
+
+def test_a_client_never_publishes_once_the_round_has_closed(network, monkeypatch):
+    """The client was past its last look at the round (it trained meanwhile) when the round closed:
+    it looks again before it masks, and nothing reaches IPFS or the chain."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    late = agents[3]
+    run_to_masked_updates(runner, agents, agents[:3])
+    opened = registry.current_round_for(late.service.address)  # as it read the round before it trained
+    assert opened.open and not opened.submitted
+    org.clock = lambda: time.time() + PAST_DEADLINE
+    assert not runner.step() and registry.round(1).closed, runner.state
+    added = []
+    monkeypatch.setattr(late.service.store, "add", lambda data, *a, **k: added.append(data))
+    result = late.service.participate(None, opened)
+    assert "closed before this client could submit" in result["left_out"] and added == []
+    assert not late.service.secure_party.submitted and registry.round(1).submissions == 3
+
+
+def test_one_hostile_client_voids_no_round_and_is_left_off_the_next(network):
+    """A client whose masked update has the wrong shapes counts as dropped: the survivors give
+    their pairwise keys with it, the round merges the three others, and the next rounds' rosters
+    leave it out. Then a client that posts shares of another secret and goes silent: recovered
+    from the survivors' keys, no share needed."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    hostile = HostileClient(agents[3].service.address, org.config.privacy)
+    with hostile.installed():
+        hostile.kind = "wrong_length"
+        run_to_masked_updates(runner, agents, agents)
+        assert registry.round(1).submissions == CLIENTS
+        unmask_and_merge(runner, agents[:3], 1)
+        entry = org.history()["rounds"]["1"]
+        assert entry["accepted"] == 3 and "unusable" in entry["verdicts"][hostile.address]["reason"]
+        assert merged_error(org, 1, plain_mean(agents[:3])) <= quantization_error()
+        assert org.barred_clients(2) == {hostile.address}
+        stage(agents)  # round 2: all four post keys and shares at once
+        assert not runner.step()
+        view = SecureRoundView.of(registry, registry.round(2))
+        assert view.mask_roster == sorted((a.service.address for a in agents[:3]), key=str.lower)
+    # round 2 merges the three; in round 3 the hostile client is still barred (5 rounds)
+    stage(agents[:3])
+    unmask_and_merge(runner, agents[:3], 2)
+    assert org.history()["rounds"]["2"]["accepted"] == 3
