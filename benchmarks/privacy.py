@@ -4,7 +4,7 @@ and secure aggregation's time and bytes on the full stack (benchmarks.secagg).
     python -m benchmarks.privacy --json [--epsilons 1 4 8] [--mnist-clients 1000] [--mnist-rounds 20]
         [--mnist-clip 3] [--mnist-server-rate 3] [--interest-clients 200] [--interest-rounds 5]
         [--interest-clip 1.5] [--interest-server-rate 1] [--search-clients 100 250 500 1000]
-        [--secagg-counts 5 20] [--only mnist|interest|search|secagg]
+        [--secagg-counts 20 100] [--only mnist|interest|search|secagg]
 
 DP-FedAvg (processor.privacy): each client clips its delta to C and the round's sum carries Gaussian
 noise of std z * C, z calibrated so that the rounds spend epsilon at delta 1e-5 (dp-accounting's
@@ -154,7 +154,7 @@ def main() -> None:
                                               args.interest_rounds, args.interest_clip, args.interest_server_rate,
                                               args.local_dp)
     if args.only in (None, "secagg"):
-        result.update(secagg.measure(args.secagg_counts, rounds=3))
+        result.update(secagg.measure(args.secagg_counts, rounds=3, hostile_rounds=10, parts=["recovery", "timing"]))
     report(result, args.json)
 
 

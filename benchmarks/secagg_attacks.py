@@ -17,13 +17,14 @@ The outside reader (`unmask_attempts`) takes every masked update it can find (th
 submissions, and CIDs found on IPFS, such as a late client's) and removes every mask the public
 record lets it compute: pairwise masks from mask secrets rebuilt from revealed shares or from the
 survivors' revealed pairwise keys, self masks from revealed seeds or from revealed seed shares.
-What is left is compared with the client's true delta.
+What is left is correlated with the client's true delta.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import secrets
+import time
 
 import numpy as np
 from eth_account import Account
@@ -89,11 +90,12 @@ class HostileClient:
                 tensors = {n: np.frombuffer(secrets.token_bytes(4 * t.size), np.uint32).reshape(t.shape)
                            for n, t in delta.items()}
             else:
-                tensors = self._steering(registry, task, party, me, view, delta, groups, threshold)
-            return codec.encode_masked_delta(task, tensors, party.round_id, party.base_cid, num_samples, me)
+                tensors = self._steering(registry, task, party, me, view, delta, groups, threshold, num_samples)
+            tensors.setdefault(codec.SAMPLES_TENSOR, np.ones(1, np.uint32))
+            return codec.encode_masked_delta(task, tensors, party.round_id, party.base_cid, me)
         return masked_update
 
-    def _steering(self, registry, task, party, me, view, delta, groups, threshold):
+    def _steering(self, registry, task, party, me, view, delta, groups, threshold, num_samples):
         quantizer = secagg.Quantizer(bound=quantization_bound(self.plan), max_clients=len(view.mask_roster))
         mask_context = context(registry.address, party.round_id, "masks")
         group = next(g for g in view.groups(groups, threshold, mask_context) if me in g)
@@ -102,15 +104,17 @@ class HostileClient:
         middle = quantizer.quantize(np.zeros(own.size))
         value = (np.uint32(len(group)) * quantizer.quantize(target) - np.uint32(len(group) - 1) * middle).astype(np.uint32)
         peers = {client: view.keys[client].mask for client in group if client != me}
-        masked = secagg.mask(value, me, party.mask.secret, peers, mask_context, party.seed)
-        return unflatten(masked, delta)
+        masked = secagg.mask(np.append(value, np.uint32(num_samples)), me, party.mask.secret, peers, mask_context,
+                             party.seed)
+        return {**unflatten(masked[:-1], delta), codec.SAMPLES_TENSOR: masked[-1:]}
 
 
 def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: PrivacyPlan,
                     found_cids: dict[str, str], truths: dict[str, dict]) -> dict[str, float]:
     """For every masked update an outside reader can find of round `round_id` (its submissions on
-    chain, and `found_cids`: client -> CID found on IPFS), the cosine between what is left once every
-    mask the public record gives is removed, and that client's true delta (`truths`)."""
+    chain, and `found_cids`: client -> CID found on IPFS), the correlation between what is left once
+    every mask the public record gives is removed, dequantized, and that client's true delta
+    (`truths`): 1 for an update exposed, near 0 for one still masked."""
     info = registry.round(round_id)
     view = SecureRoundView.of(registry, info)
     mask_context = context(registry.address, round_id, "masks")
@@ -131,13 +135,13 @@ def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: 
             for owner, share in decode_shares_file(store.get(cid), REVEAL_FORMAT, round_id, client).items():
                 revealed.setdefault(owner, []).append(share)
     quantizer = secagg.Quantizer(bound=quantization_bound(plan), max_clients=len(view.mask_roster or [1]))
-    cosines = {}
+    correlations = {}
     for client, cid in cids.items():
         if client not in truths or client not in view.keys or client not in (view.mask_roster or []):
             continue
         with contextlib.suppress(codec.CodecError):
             masked = codec.decode_masked_delta(task, store.get(cid), round_id, info.base_cid, client)
-            values = flatten(masked).astype(np.uint32)
+            values = np.append(flatten({n: masked[n] for n in task.spec}), masked[codec.SAMPLES_TENSOR])
             group = next(g for g in groups if client in g)
             # its self mask: its own revealed seed, or one rebuilt from revealed seed shares
             seed = unmasks[client][0] if client in unmasks else secagg.recover(
@@ -156,7 +160,62 @@ def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: 
                 if key is not None:
                     stream = secagg.mask_stream(key, values.size)
                     values = values - stream if client.lower() < peer.lower() else values + stream
-            guess = quantizer.dequantize_sum(values.astype(np.uint32), 1)
+            guess = quantizer.dequantize_sum(values[:-1].astype(np.uint32), 1)  # its sample count last
             truth = np.clip(flatten(truths[client]), -quantizer.bound, quantizer.bound)
-            cosines[client] = float(np.dot(guess, truth) / (np.linalg.norm(guess) * np.linalg.norm(truth) + 1e-30))
-    return cosines
+            correlations[client] = float(np.corrcoef(guess, truth)[0, 1])
+    return correlations
+
+
+@dataclasses.dataclass
+class Cast:
+    """Who does what in a hostile run: the hostile client (None: absent), one that is always late
+    (it masks and adds its update to IPFS as the round closes without it), one that drops out after
+    posting its keys and shares, and the honest rest."""
+    hostile: object | None
+    late: object
+    dropout: object
+
+
+def pump_round(runner, agents: list, cast: Cast, hostile: HostileClient | None, plan: PrivacyPlan,
+               duration: float) -> tuple[int, str | None]:
+    """One secure round through its stages, the agents stepped by hand as their watchers would; the
+    round's number and the CID the late client added to IPFS (None if it could not)."""
+    org = runner.service
+    registry = org.registry
+    round_id = registry.current_round()
+
+    def stays_after_masking(agent) -> bool:
+        if agent is cast.late or agent is cast.dropout:
+            return False
+        return not (agent is cast.hostile and hostile.kind in SILENT_KINDS)
+
+    for _ in range(20):
+        view = SecureRoundView.of(registry, registry.round(round_id))
+        masking = view.mask_roster is not None
+        for agent in agents:
+            if not masking or stays_after_masking(agent):
+                agent.check_round()
+        if masking:
+            expected = [a for a in agents if a.service.address in view.mask_roster and stays_after_masking(a)]
+            if all(a.done_with(round_id) for a in expected):
+                break
+        runner.step()
+    org.clock = lambda: time.time() + duration + 3  # past the deadline: closed without the late and the dropout
+    runner.step()
+    late_cid = None
+    view = SecureRoundView.of(registry, registry.round(round_id))
+    service = cast.late.service
+    if view.mask_roster and service.address in view.mask_roster and service.trained is not None:
+        late_cid = service.store.add(client_round.masked_update(
+            registry, service.task, service.secure_party, service.address, view, service.trained.result.delta,
+            quantization_bound(plan), service.trained.result.num_samples, plan.secure_groups, plan.threshold))
+    for step in range(6):  # unmasks, then (when asked) the revealed shares
+        if registry.round(round_id).finalized:
+            break
+        for agent in agents:
+            if stays_after_masking(agent):
+                agent.check_round()
+        org.clock = lambda: time.time() + duration + 3 + 20 * step  # each stage's wait over in turn
+        runner.step()
+    org.clock = time.time
+    return round_id, late_cid

@@ -145,8 +145,9 @@ def masked_update(registry: chain.Registry, task, party: SecureParty, me: str, v
     peers = {client: view.keys[client].mask for client in group if client != me}
     # stochastic rounding keeps the mean unbiased; its randomness need not be secret (the masks hide it)
     rng = np.random.default_rng(secrets.randbits(128))
-    masked = secure_sum.masked_delta(delta, quantizer, me, party.mask.secret, party.seed, peers, mask_context, rng)
-    return codec.encode_masked_delta(task, masked, party.round_id, party.base_cid, num_samples, me)
+    masked = secure_sum.masked_delta(delta, quantizer, me, party.mask.secret, party.seed, peers, mask_context, rng,
+                                     num_samples)
+    return codec.encode_masked_delta(task, masked, party.round_id, party.base_cid, me)
 
 
 def roster_problem(view: SecureRoundView, me: str, threshold: int) -> str | None:

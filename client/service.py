@@ -351,12 +351,13 @@ class ClientService:
                 raise ActionError(f"the trained update is for an older base model; round {round_id} "
                                   f"starts from {opened.base_cid}: pull and train again", 409)
             result = self.trained.result
+            reported = self.base.privacy.reported_samples(result.num_samples)
             with timer.phase("encoding"):
                 data = codec.encode_delta(self.task, result.delta, round_id=round_id, base_cid=opened.base_cid,
-                                          num_samples=result.num_samples, client=self.address,
+                                          num_samples=reported, client=self.address,
                                           dtype=self.trained.plan.update_dtype, evaluation=self.trained.evaluation,
                                           fisher=result.fisher)
-            submitted = self._submit(data, round_id, result.num_samples, timer)
+            submitted = self._submit(data, round_id, reported, timer)
             if result.fisher is not None:  # its part of the round's statistics, as the organization decodes it
                 sent = codec.decode_delta(self.task, data, with_fisher=True)
                 latest = max(self.sent, default=None)  # kept too: a restarted round's base sums an older one
@@ -454,7 +455,7 @@ class ClientService:
                 data = secure_round.masked_update(registry, self.task, party, me, view, result.delta,
                                                   secure_sum.quantization_bound(plan), result.num_samples,
                                                   plan.secure_groups, plan.threshold)
-            submitted = self._submit(data, round_id, result.num_samples, timer, masked=True)
+            submitted = self._submit(data, round_id, plan.reported_samples(result.num_samples), timer, masked=True)
             party.submitted = True
         return {**submitted, **(self._trained_view() or {})}
 

@@ -107,6 +107,7 @@ class SecureMerge:
     messages: int | None = None
     ends_at: float = 0.0
     culprits: dict[str, str] = field(default_factory=dict)
+    samples: int = 0  # the merged groups' total sample count, from their secure sums
 
 
 def checked_vectors(task: Task, updates: list[Received], view: SecureRoundView, round_id: int,
@@ -271,6 +272,8 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
     dimension = sum(int(np.prod(shape)) for shape in task.spec.values())
     by_address = {to_checksum_address(u.client): u.client for u in updates}
     means: list[tuple[Weights, int]] = []
+    merged: list[tuple[int, list[str], int]] = []  # each mean's group number, survivors and sample count
+    total_samples = 0  # of the merged groups: the only sample count of a secure round anyone reads
     for number, group in enumerate(groups, 1):
         inside = [c for c in group if c in survivors]
         if not inside:
@@ -287,7 +290,7 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
         else:
             dropped = [c for c in group if c not in survivors]
             try:
-                mean = secure_sum.group_mean(
+                mean, samples = secure_sum.group_mean(
                     [vectors[c] for c in inside], quantizer, {c: view.keys[c].mask for c in inside}, mask_context,
                     {c: unmasking.seeds[c] for c in inside}, {d: unmasking.secrets[d] for d in dropped
                                                               if d in unmasking.secrets},
@@ -298,6 +301,7 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
                     raise ValueError(f"its mean has L2 norm {norm:.4g}, beyond the {bound:.4g} that the mean of "
                                      f"{len(inside)} clipped updates can have: a member did not clip")
                 means.append((mean, len(inside)))
+                merged.append((number, inside, samples))
             except ValueError as exc:
                 reason = str(exc)
         for client in inside:
@@ -307,8 +311,17 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
             log.warning("round %d: group %d refused: %s", round_id, number, reason)
     if not means:
         return SecureMerge(RoundMerge(None, verdicts), culprits=culprits)
-    return SecureMerge(RoundMerge(apply_delta(base_weights, secure_sum.merge_groups(means)), verdicts),
-                       culprits=culprits)
+    delta, left_out = secure_sum.merge_groups(means)
+    for index, (number, inside, samples) in enumerate(merged):
+        if index in left_out:
+            log.warning("round %d: group %d left out of the merge: %s", round_id, number, left_out[index])
+            for client in inside:
+                verdicts[by_address[client]] = Verdict(False, f"refused with its group {number} of {len(inside)}: "
+                                                              f"{left_out[index]}")
+        else:
+            total_samples += samples
+    return SecureMerge(RoundMerge(apply_delta(base_weights, delta), verdicts), culprits=culprits,
+                       samples=total_samples)
 
 
 def _refused(verdicts: dict[str, Verdict], updates: list[Received], reason: str, round_id: int,

@@ -350,18 +350,20 @@ class OrganizationService:
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
                     "gas": tx.gas_used, "seconds": timer.as_dict()}
 
-    def _publish_model(self, weights, round_id: int, timer: PhaseTimer,
-                       curvature: RoundCurvature | None = None) -> tuple[str, int]:
+    def _publish_model(self, weights, round_id: int, timer: PhaseTimer, curvature: RoundCurvature | None = None,
+                       merged_samples: int | None = None) -> tuple[str, int]:
         """Fisher on the organization's validation data, encoded with the weights (and with a FedCurv
-        round's statistics), added to IPFS.
+        round's statistics, or a secure round's total sample count), added to IPFS.
 
         Returns the CID and the size in bytes."""
         with timer.phase("fisher"):
             base = rounds.make_base(self.task, weights)
         with timer.phase("encoding"):
+            notes = self._published_notes()
+            if merged_samples is not None:
+                notes["merged_samples"] = str(merged_samples)
             data = codec.encode_model(self.task, base.weights, base.fisher, round_id=round_id,
-                                      plan=self.config.training, published=self._published_notes(),
-                                      curvature=curvature)
+                                      plan=self.config.training, published=notes, curvature=curvature)
         with timer.phase("ipfs"):
             cid = retrying(self.settings, "adding the model to IPFS", lambda: self.store.add(data))
         self._published = (cid, weights)
@@ -470,8 +472,9 @@ class OrganizationService:
             else:
                 received = self._fetch_updates(submissions)
         with timer.phase("aggregation"):
+            samples = None  # a secure round's merged total: its only sample count anyone reads
             if self.config.privacy.secure_aggregation:
-                merge = self._merge_secure(registry, info, base_weights, received)
+                merge, samples = self._merge_secure(registry, info, base_weights, received)
             else:
                 merge = merge_round(self.task, base_weights, received, round_id, info.base_cid,
                                     self.config.merge, self.config.privacy,
@@ -487,16 +490,18 @@ class OrganizationService:
         with timer.phase("evaluation"):
             metrics = self.evaluate_on_test(merged)
         model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer,
-                                                     curvature=merge.curvature)
+                                                     curvature=merge.curvature, merged_samples=samples)
         log.info("round %d: merged %d of %d updates, test accuracy %.4f",
                  round_id, merge.accepted, len(submissions), metrics["accuracy"])
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
+                **({"merged_samples": samples} if samples is not None else {}),
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),
                 "federated_base": weighted_mean(merge.evaluations()), "epsilon": self.epsilon_after(round_id)}
 
     def _merge_secure(self, registry: chain.Registry, info: chain.RoundInfo, base_weights,
-                      received: list[Received]) -> RoundMerge:
-        """The secure round's merge; RoundWaiting while its unmasking stages are under way."""
+                      received: list[Received]) -> tuple[RoundMerge, int]:
+        """The secure round's merge and its merged total sample count; RoundWaiting while its
+        unmasking stages are under way."""
         round_id, plan = info.round_id, self.config.privacy
         view = SecureRoundView.of(registry, info)
         result = secure_round.merge_secure_round(
@@ -508,7 +513,7 @@ class OrganizationService:
             raise RoundWaiting(f"round {round_id} waits for {result.waiting}", messages=result.messages,
                                ends_at=result.ends_at)
         self._received.pop(round_id, None)
-        return result.merge
+        return result.merge, result.samples
 
     def _bar(self, round_id: int, culprits: dict[str, str]) -> None:
         """Leave the clients whose keys, shares or vector made a secure round's group fail off the

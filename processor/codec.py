@@ -372,19 +372,28 @@ def decode_delta(task: Task, data: bytes, expected_round: int | None = None,
     return DecodedDelta({n: tensors[f"delta/{n}"] for n in task.spec}, metadata, fisher)
 
 
-def encode_masked_delta(task: Task, masked: Weights, round_id: int, base_cid: str, num_samples: int,
-                        client: str) -> bytes:
-    """A client's update in a secure round: its quantized delta plus its pairwise masks, as uint32
-    field elements (processor.secagg), which alone look uniformly random."""
-    tensors = {f"masked/{n}": np.ascontiguousarray(masked[n], np.uint32) for n in task.spec}
+# A masked update's one tensor beside the model's: its sample count, masked like its values, so that
+# only a group's total is ever read.
+SAMPLES_TENSOR = "samples"
+_SAMPLES_SHAPE = (1,)
+
+
+def encode_masked_delta(task: Task, masked: Weights, round_id: int, base_cid: str, client: str) -> bytes:
+    """A client's update in a secure round: its quantized delta and its sample count plus its masks,
+    as uint32 field elements (processor.secagg), which alone look uniformly random. The header's
+    sample count is 1: the real one is in the masked tensor SAMPLES_TENSOR."""
+    names = [*task.spec, SAMPLES_TENSOR]
+    tensors = {f"masked/{n}": np.ascontiguousarray(masked[n], np.uint32) for n in names}
     return save(tensors, metadata=_metadata(task, "masked_delta", round=round_id, base_cid=base_cid,
-                                            num_samples=num_samples, client=client))
+                                            num_samples=1, client=client))
 
 
 def decode_masked_delta(task: Task, data: bytes, expected_round: int, expected_base_cid: str,
                         expected_client: str) -> Weights:
-    """The field elements of a masked update, checked against the round, base and client it must be for."""
-    tensors, metadata = _decode(task, data, "masked_delta", {"masked": ("U32",)})
+    """The field elements of a masked update (the model's tensors and SAMPLES_TENSOR), checked
+    against the round, base and client it must be for."""
+    spec = {**task.spec, SAMPLES_TENSOR: _SAMPLES_SHAPE}
+    tensors, metadata = _decode(task, data, "masked_delta", {"masked": ("U32",)}, spec)
     try:
         fields = DeltaMetadata.model_validate(metadata)
     except ValidationError as exc:
@@ -393,7 +402,7 @@ def decode_masked_delta(task: Task, data: bytes, expected_round: int, expected_b
     if claimed != (str(expected_round), expected_base_cid, expected_client.lower()):
         raise CodecError(f"the update is of {fields.client} for round {fields.round} from base {fields.base_cid}, "
                          f"expected {expected_client} for round {expected_round} from {expected_base_cid}")
-    return {n: tensors[f"masked/{n}"] for n in task.spec}
+    return {n: tensors[f"masked/{n}"] for n in spec}
 
 
 def encode_private(task: Task, private: Weights) -> bytes:

@@ -84,6 +84,13 @@ class PrivacyPlan:
             raise ValueError("FedCurv cannot run in a private round: each client would publish the Fisher of its "
                              "own data in the clear beside its protected update; choose ewc or fedprox")
 
+    def reported_samples(self, num_samples: int) -> int:
+        """The sample count a client reports on chain and in its update's header: its own, or 1 in a
+        private round, where counts are no weights (a weight above 1 would multiply a client's
+        influence past the clip) and would tell how much data its user has. A secure round's real
+        counts are summed under the masks (processor.secure_sum): only a group's total is read."""
+        return 1 if self.is_private else num_samples
+
     @property
     def publishes_evaluation(self) -> bool:
         """Whether a client's update carries its metrics of the base on its own held-out data: not

@@ -435,3 +435,32 @@ def test_seal_round_trips_and_refuses_any_tampering():
     with pytest.raises(ValueError, match="32 bytes"):
         secagg.open_sealed(key[:16], sealed, associated)
     assert secagg.open_sealed(key, secagg.seal(key, b"", b""), b"") == b""
+
+
+# --- merging groups -----------------------------------------------------------------------------
+
+
+def test_groups_merge_by_their_median_and_a_group_pointing_away_is_left_out():
+    from processor.secure_sum import merge_groups
+
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=200).astype(np.float32)
+    honest = [{"w": direction + rng.normal(scale=0.3, size=200).astype(np.float32)} for _ in range(3)]
+    steering = {"w": -5 * direction}  # one hostile member's choice of its group's mean
+    merged, left_out = merge_groups([(m, 5) for m in honest] + [(steering, 5)])
+    assert left_out.keys() == {3} and "points away" in left_out[3]
+    median = np.median(np.stack([m["w"] for m in honest]), axis=0)
+    np.testing.assert_allclose(merged["w"], median, atol=np.linalg.norm(direction))
+    assert np.dot(merged["w"], direction) > 0.8 * np.dot(direction, direction)
+    # a group that is merely longer is clipped to the median norm, not refused
+    long = {"w": 50 * honest[2]["w"]}
+    merged, left_out = merge_groups([(honest[0], 5), (honest[1], 5), (long, 5)])
+    norms = [np.linalg.norm(m["w"]) for m in (honest[0], honest[1], long)]
+    clipped = long["w"] * (np.median(norms) / norms[2])
+    assert not left_out
+    np.testing.assert_allclose(merged["w"], np.median(np.stack([honest[0]["w"], honest[1]["w"], clipped]), axis=0),
+                               rtol=1e-5)
+    # one or two groups: their (weighted) mean, nothing to compare with
+    merged, left_out = merge_groups([(honest[0], 2), (steering, 1)])
+    np.testing.assert_allclose(merged["w"], (2 * honest[0]["w"] + steering["w"]) / 3, rtol=1e-5)
+    assert not left_out

@@ -111,7 +111,8 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
         # what anyone reads from IPFS: field elements spread over Z_2^32, unrelated to the client's delta
         masked = codec.decode_masked_delta(org.task, store.get(submission.cid), 1, registry.round(1).base_cid,
                                            submission.client)
-        values = np.concatenate([t.ravel() for t in masked.values()]).astype(np.float64)
+        assert submission.num_samples == 1  # the real count is masked inside, beside the delta
+        values = np.concatenate([masked[n].ravel() for n in org.task.spec]).astype(np.float64)
         plain = np.concatenate([t.ravel() for t in agent.service.trained.result.delta.values()])
         assert abs(np.corrcoef(values, plain)[0, 1]) < 0.05
         assert abs(values.mean() / 2**32 - 0.5) < 0.02 and abs(values.std() / 2**32 - 12 ** -0.5) < 0.02
@@ -122,6 +123,10 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
     error = merged_error(org, 1, expected)
     assert error <= quantization_error(), error
     assert org.history()["rounds"]["1"]["accepted"] == CLIENTS
+    # only the total sample count is read, from the sum: on chain and in every header each reports 1
+    assert org.history()["rounds"]["1"]["merged_samples"] == sum(a.service.trained.result.num_samples for a in agents)
+    assert codec.read_header(store.get(registry.round(1).model_cid))[1]["merged_samples"] == str(
+        org.history()["rounds"]["1"]["merged_samples"])
 
     # Round 2: every client's encryption key is known from round 1, so each posts its keys and its
     # shares at once, and the organization posts the mask roster without a key roster.
@@ -233,19 +238,21 @@ def test_a_late_clients_published_update_stays_masked_for_an_outside_reader(netw
     stage(survivors)
     assert not runner.step() and registry.round(1).finalized, runner.state
     truths = {a.service.address: a.service.trained.result.delta for a in agents}
-    cosines = unmask_attempts(registry, store, org.task, 1, plan, {late.service.address: late_cid}, truths)
-    assert sorted(cosines) == sorted(truths)  # the reader found every update, the late one too
-    chance = 5 / np.sqrt(flatten(truths[late.service.address]).size)  # five standard deviations of a random cosine
-    assert all(abs(cosine) < chance for cosine in cosines.values()), cosines
+    correlations = unmask_attempts(registry, store, org.task, 1, plan, {late.service.address: late_cid}, truths)
+    assert sorted(correlations) == sorted(truths)  # the reader found every update, the late one too
+    chance = 5 / np.sqrt(flatten(truths[late.service.address]).size)  # five standard deviations of chance
+    assert all(abs(correlation) < chance for correlation in correlations.values()), correlations
     # what protects it is the seed no one revealed: with it, the same reading gives its delta
     masked = flatten(codec.decode_masked_delta(org.task, data, 1, registry.round(1).base_cid, late.service.address))
+    assert masked.size == flatten(truths[late.service.address]).size + 1  # its sample count last
     mask_context = context(registry.address, 1, "masks")
     peers = {c: view.keys[c].mask for c in view.mask_roster}
     exposed = masked - secagg.self_mask(party.seed, masked.size, mask_context) - secagg.pairwise_mask(
         late.service.address, party.mask.secret, peers, masked.size, mask_context)
     quantizer = secagg.Quantizer(bound=secure_sum.quantization_bound(plan), max_clients=CLIENTS)
     truth = flatten(truths[late.service.address])
-    assert np.max(np.abs(quantizer.dequantize_sum(exposed, 1) - truth)) <= quantizer.step
+    assert np.max(np.abs(quantizer.dequantize_sum(exposed[:-1], 1) - truth)) <= quantizer.step
+    assert exposed[-1] == service.trained.result.num_samples
 
 
 def test_a_client_never_publishes_once_the_round_has_closed(network, monkeypatch):
