@@ -58,14 +58,14 @@ def secure_flags(clients: int) -> tuple[str, ...]:
 
 def published_bytes(registry: chain.Registry, store: ipfs.ContentStore) -> dict:
     """Mean bytes a client published per round: its updates, and its secure round's messages (the
-    keys on chain, the shares and reveal files on IPFS)."""
+    keys and unmasks on chain, the shares and reveal files on IPFS)."""
     updates = [len(store.get(event["args"]["cid"])) for event in registry.events("UpdateSubmitted")]
     messages = 0
     for event in registry.events("RoundMessage"):
         kind, payload = MessageKind(event["args"]["kind"]), bytes(event["args"]["payload"])
         if kind in (MessageKind.SHARES, MessageKind.REVEAL):
             messages += len(store.get(payload.decode()))
-        elif kind == MessageKind.KEYS:
+        elif kind in (MessageKind.KEYS, MessageKind.UNMASK):
             messages += len(payload)
     return {"bytes_per_client": round((sum(updates) + messages) / len(updates))}
 
@@ -87,11 +87,28 @@ def full_stack(counts: list[int], rounds: int, folder: Path) -> dict:
     return figures
 
 
+def stepped_network(folder: Path, config, client_configs: list, chain_url: str, ipfs_api: str, rounds: int):
+    """The organization (running `rounds` rounds), its runner and an agent per client, on the chain
+    and IPFS node given, every client enrolled and round 1 open; no thread runs: the caller steps them."""
+    from client.agent import ClientAgent
+    from organization.runner import RoundRunner
+
+    system = demo.embedded_system(folder / "state", config, client_configs, chain_url=chain_url, ipfs_api=ipfs_api)
+    org = system.org.extensions["organization"]
+    org.config = dataclasses.replace(org.config, rounds=rounds)  # after the app is made: no runner thread of its own
+    runner = RoundRunner(org)
+    agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in system.clients]
+    runner.step()  # deploys
+    for agent in agents:
+        org.add_client(agent.service.address)
+    runner.step()  # opens round 1
+    return org, runner, agents
+
+
 def in_process(folder: Path) -> dict:
     """Five clients stepped by hand through a round without dropout and one where a client drops."""
     from client.agent import ClientAgent
     from client.service import ClientConfig
-    from organization.runner import RoundRunner
     from infra.secure_round import SecureRoundView
     from organization.service import OrganizationConfig
     from processor import codec
@@ -104,17 +121,9 @@ def in_process(folder: Path) -> dict:
         config = OrganizationConfig(
             task="mnist", privacy=PrivacyPlan(clip_norm=CLIP_NORM, secure_aggregation=True, threshold=threshold),
             rules=chain.RoundRules(duration=600, quorum=threshold))
-        system = demo.embedded_system(folder / "state", config,
-                                      [ClientConfig(client_id=k, num_clients=clients, task="mnist")
-                                       for k in range(clients)], chain_url=chain_url, ipfs_api=ipfs_api)
-        org = system.org.extensions["organization"]
-        org.config = dataclasses.replace(org.config, rounds=10)  # after the app is made: no runner thread of its own
-        runner = RoundRunner(org)
-        agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in system.clients]
-        runner.step()
-        for agent in agents:
-            org.add_client(agent.service.address)
-        runner.step()
+        org, runner, agents = stepped_network(folder, config, [ClientConfig(client_id=k, num_clients=clients,
+                                                                            task="mnist") for k in range(clients)],
+                                              chain_url, ipfs_api, rounds=10)
 
         def secure_round(submitting: list[ClientAgent]) -> tuple[float, float]:
             """One round through its stages; the seconds of the survivors' unmasks and of the merge."""
@@ -167,9 +176,7 @@ def hostile_run(folder: Path, with_hostile: bool, rounds: int, kinds: list[str])
     more misbehaving by each of `kinds` in turn. The test accuracy after each round,
     how many rounds merged nothing, and what an outside reader makes of every update it finds."""
     from benchmarks.secagg_attacks import Cast, HostileClient, pump_round, unmask_attempts
-    from client.agent import ClientAgent
     from client.service import ClientConfig
-    from organization.runner import RoundRunner
     from organization.service import OrganizationConfig
     from processor.privacy import PrivacyPlan
     from processor.training import TrainingSettings
@@ -186,17 +193,9 @@ def hostile_run(folder: Path, with_hostile: bool, rounds: int, kinds: list[str])
                                     training=TrainingSettings(epochs=5, learning_rate=0.1),
                                     rules=chain.RoundRules(duration=HOSTILE_DURATION, quorum=HOSTILE_THRESHOLD))
         # the honest clients hold the same data in both runs: the hostile one is the last client of 16
-        system = demo.embedded_system(folder / "state", config,
-                                      [ClientConfig(client_id=k, num_clients=HOSTILE_CLIENTS + 1, task="digits")
-                                       for k in range(count)], chain_url=chain_url, ipfs_api=ipfs_api)
-        org = system.org.extensions["organization"]
-        org.config = dataclasses.replace(org.config, rounds=rounds + 1)  # no runner thread of its own
-        runner = RoundRunner(org)
-        agents = [ClientAgent(app.extensions["client"], app.extensions["jobs"]) for app in system.clients]
-        runner.step()
-        for agent in agents:
-            org.add_client(agent.service.address)
-        runner.step()
+        org, runner, agents = stepped_network(
+            folder, config, [ClientConfig(client_id=k, num_clients=HOSTILE_CLIENTS + 1, task="digits")
+                             for k in range(count)], chain_url, ipfs_api, rounds=rounds + 1)
         cast = Cast(hostile=agents[-1] if with_hostile else None, late=agents[0], dropout=agents[1])
         hostile = HostileClient(agents[-1].service.address, plan)
         accuracy, voided, exposed, tried, largest_correlation = [], 0, 0, [], 0.0

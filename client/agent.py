@@ -168,7 +168,7 @@ class ClientAgent:
     def _after_closing(self, round_id: int) -> None:
         """A secure round this client submitted to is closed: unmask and reveal what the merge needs."""
         try:
-            job = self.jobs.start("reveal", lambda job: self.service.after_closing(round_id), wait=True)
+            job = self.jobs.start("unmask", lambda job: self.service.after_closing(round_id), wait=True)
         except ActionError as exc:
             if exc.status >= 500:
                 raise

@@ -178,7 +178,8 @@ def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, info
     submitted = {to_checksum_address(s.client) for s in registry.logged_submissions(info)}
     problem = unmask_roster_problem(view, submitted, round_groups, threshold)
     party.unmasked = True
-    if problem:
+    if problem:  # nothing of this round is revealed then, no share either
+        party.revealed = True
         log.warning("round %d: nothing unmasked: %s", party.round_id, problem)
         raise ValueError(problem)
     if me not in view.unmask_roster:

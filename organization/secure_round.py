@@ -100,8 +100,8 @@ def post_rosters(registry: chain.Registry, key: str, info: chain.RoundInfo, invi
 @dataclass
 class SecureMerge:
     """The round's merge, or what it still waits for (`waiting`: in words, and how many client
-    messages at least, and when its stage ends regardless), with the clients whose keys, shares or
-    vector made their group fail (`culprits`: client -> why)."""
+    messages at least, and when its stage ends regardless); with the merge, the clients whose
+    shares or vector made them fail (`culprits`: client -> why)."""
     merge: RoundMerge | None = None
     waiting: str | None = None
     messages: int | None = None
@@ -238,7 +238,7 @@ def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received
         registry.post_round_message(key, round_id, chain.MessageKind.UNMASK_ROSTER, pack_roster(survivors))
         log.info("round %d: unmask roster of %d survivors posted", round_id, len(survivors))
         return SecureMerge(waiting=f"the unmask messages of {len(survivors)} survivors", messages=len(survivors),
-                           ends_at=now + stage_seconds, culprits=culprits)
+                           ends_at=now + stage_seconds)
     unmasking = Unmasking.of(view, groups, mask_context)
     if unmasking.missing:
         if view.recovery_roster is None:
@@ -246,18 +246,16 @@ def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received
             if now < ends_at:
                 return SecureMerge(waiting=f"the unmask messages of {len(unmasking.missing)} clients",
                                    messages=sum(c in view.unmask_roster and c not in view.unmasks
-                                                for c in unmasking.missing) or None, ends_at=ends_at,
-                                   culprits=culprits)
+                                                for c in unmasking.missing) or None, ends_at=ends_at)
             registry.post_round_message(key, round_id, chain.MessageKind.RECOVERY_ROSTER,
                                         pack_roster(list(unmasking.missing)))
             log.info("round %d: recovery roster posted: %s", round_id, unmasking.missing)
             return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets",
-                               messages=threshold, ends_at=now + stage_seconds, culprits=culprits)
+                               messages=threshold, ends_at=now + stage_seconds)
         bad = unmasking.recover(view, read_reveals(view, round_id, fetch), threshold, mask_context)
         ends_at = block_time(registry, view.recovery_roster_block) + stage_seconds
         if unmasking.missing and now < ends_at:
-            return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets", ends_at=ends_at,
-                               culprits=culprits)
+            return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets", ends_at=ends_at)
         culprits.update(bad)
     return _merge_groups(task, base_weights, updates, view, groups, vectors, verdicts, unmasking, plan,
                          mask_context, round_id, culprits)

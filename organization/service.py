@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from eth_account import Account
-from eth_utils import to_checksum_address
 
 from infra import chain, ipfs
 from infra.settings import Settings
@@ -34,7 +33,7 @@ from infra.secure_round import MAX_FILE_BYTES as MAX_REVEAL_BYTES
 from infra.secure_round import SecureRoundView, keys_before
 from organization import secure_round
 from organization.guide import organization_guide
-from processor import codec, privacy, rounds, secure_sum
+from processor import codec, privacy, rounds
 from processor.evaluation import weighted_mean
 from processor.penalty import RoundCurvature
 from processor.privacy import PrivacyPlan

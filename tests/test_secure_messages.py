@@ -13,10 +13,13 @@ from infra.secure_round import (
     SecureRoundView,
     decode_shares_file,
     encode_shares_file,
+    encode_unmask,
     pack_roster,
     read_keys,
     read_roster,
+    read_unmask,
     signed_keys,
+    unmask_roster_problem,
 )
 from processor import secagg
 from tests.fixtures.chain import CLIENT_KEYS, CLIENTS, ORG_KEY, cid_for, expect_revert
@@ -119,3 +122,29 @@ def test_rosters_and_share_files_refuse_malformed_bytes():
                                   (SHARES_FORMAT, 3, CLIENTS[1])):
         with pytest.raises(ValueError, match="not a"):
             decode_shares_file(data, fmt, round_id, client)
+
+
+def test_a_client_refuses_an_unmask_roster_the_chain_does_not_back():
+    """What each client checks before it gives anything away of the others."""
+    mask_roster = CLIENTS[:6]
+    groups = [mask_roster[:3], mask_roster[3:]]
+    view = SecureRoundView(mask_roster=mask_roster, unmask_roster=CLIENTS[:3] + CLIENTS[3:5])
+    submitted = set(CLIENTS[:6])
+    assert unmask_roster_problem(view, submitted, groups, threshold=2) is None
+    assert view.excluded() == [CLIENTS[5]]
+    # a survivor that never submitted: its seed would be given away with its pairwise masks
+    assert "submitted no update" in unmask_roster_problem(view, submitted - {CLIENTS[4]}, groups, threshold=2)
+    # a group summed with fewer than the threshold: its sum would be one client's update
+    alone = SecureRoundView(mask_roster=mask_roster, unmask_roster=CLIENTS[:3] + CLIENTS[3:4])
+    assert "fewer than the threshold" in unmask_roster_problem(alone, submitted, groups, threshold=2)
+    outsider = SecureRoundView(mask_roster=mask_roster, unmask_roster=CLIENTS[:3] + [CLIENTS[7]])
+    assert "not on the mask roster" in unmask_roster_problem(outsider, submitted | {CLIENTS[7]}, groups, threshold=2)
+
+
+def test_an_unmask_names_exactly_its_groups_dropped_clients():
+    seed, keys = bytes([1]) * 32, [bytes([2]) * 32, bytes([3]) * 32]
+    payload = encode_unmask(seed, keys)
+    assert read_unmask(payload, CLIENTS[:2]) == (seed, {CLIENTS[0]: keys[0], CLIENTS[1]: keys[1]})
+    for dropped in ([], CLIENTS[:1], CLIENTS[:3]):
+        with pytest.raises(ValueError, match="bytes"):
+            read_unmask(payload, dropped)

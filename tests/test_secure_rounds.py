@@ -142,7 +142,7 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
 
 
 def test_a_client_that_drops_out_after_masking_is_recovered_from_the_survivors_pairwise_keys(network):
-    org, runner, agents, store = network["org"], network["runner"], network["agents"], network["store"]
+    org, runner, agents = network["org"], network["runner"], network["agents"]
     registry = org.registry
     survivors, dropped = agents[:3], agents[3]
     run_to_masked_updates(runner, agents, survivors)
