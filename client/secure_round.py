@@ -89,7 +89,26 @@ class RoundFacts:
     def __init__(self) -> None:
         self._enrolment = chain.EnrolmentLog()
         self._round: tuple[tuple[str, int], chain.RoundInfo, dict[str, bytes] | None] | None = None
+        self._closed: tuple[tuple[str, int], SecureRoundView, set[str]] | None = None
         self._lock = threading.Lock()
+
+    def after_closing(self, registry: chain.Registry, info: chain.RoundInfo,
+                      need_recovery: bool = False) -> tuple[SecureRoundView, set[str]]:
+        """Closed round `info`'s messages and who submitted to it, for unmasking: read once for every
+        device of the process once the unmask roster is out (what unmasking reads of them is fixed
+        from then on), and again while `need_recovery` and no recovery roster is in what was read."""
+        key = (registry.address, info.round_id)
+        with self._lock:
+            cached = self._closed if self._closed is not None and self._closed[0] == key else None
+        if cached is not None and not (need_recovery and cached[1].recovery_roster is None):
+            return cached[1], cached[2]
+        view = SecureRoundView.of(registry, info)
+        submitted = cached[2] if cached is not None else {
+            to_checksum_address(s.client) for s in registry.logged_submissions(info)}
+        if view.unmask_roster is not None:
+            with self._lock:
+                self._closed = (key, view, submitted)
+        return view, submitted
 
     def of(self, registry: chain.Registry, round_id: int, threshold: int) -> tuple[chain.RoundInfo,
                                                                                    dict[str, bytes] | None]:
@@ -168,14 +187,14 @@ def roster_problem(view: SecureRoundView, me: str, threshold: int) -> str | None
     return None
 
 
-def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, info: chain.RoundInfo,
-           view: SecureRoundView, groups: int, threshold: int) -> list[str]:
+def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, view: SecureRoundView,
+           submitted: set[str], groups: int, threshold: int) -> list[str]:
     """Once the unmask roster is out: as a survivor, post this client's self-mask seed and its
     pairwise key with each dropped member of its group (the dropped clients it names). A roster
-    that does not hold (infra.secure_round.unmask_roster_problem) gets nothing."""
+    that does not hold against the chain's `submitted` (infra.secure_round.unmask_roster_problem)
+    gets nothing."""
     mask_context = context(registry.address, party.round_id, "masks")
     round_groups = view.groups(groups, threshold, mask_context)
-    submitted = {to_checksum_address(s.client) for s in registry.logged_submissions(info)}
     problem = unmask_roster_problem(view, submitted, round_groups, threshold)
     party.unmasked = True
     if problem:  # nothing of this round is revealed then, no share either

@@ -479,16 +479,15 @@ class ClientService:
         if party is None or party.round_id != round_id or not party.submitted:
             raise ActionError(f"this client holds no secrets of round {round_id} to reveal", 409)
         registry = self.registry
-        info = registry.round(round_id)
-        if not info.closed or info.finalized:
-            raise ActionError(f"round {round_id} is {'finalized' if info.finalized else 'still open'}: "
-                              "secrets are revealed only between its closing and its merge", 409)
-        view = SecureRoundView.of(registry, party.info or info)
+        # read once for the process's devices; the contract refuses an unmask outside the stage anyway
+        view, submitted = self.round_facts.after_closing(registry, party.info, need_recovery=party.unmasked)
+        if view.unmask_roster is None:
+            return {"round": round_id}
         plan = self.base.privacy
         done: dict[str, Any] = {"round": round_id}
         try:
-            if view.unmask_roster is not None and not party.unmasked:
-                done["unmasked_for"] = secure_round.unmask(registry, self.key, self.address, party, info, view,
+            if not party.unmasked:
+                done["unmasked_for"] = secure_round.unmask(registry, self.key, self.address, party, view, submitted,
                                                            plan.secure_groups, plan.threshold)
             if view.recovery_roster is not None and party.unmasked and not party.revealed:
                 done["revealed_for"] = secure_round.reveal(registry, self.store, self.key, self.address, party,
