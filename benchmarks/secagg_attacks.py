@@ -100,7 +100,8 @@ class HostileClient:
         mask_context = context(registry.address, party.round_id, "masks")
         group = next(g for g in view.groups(groups, threshold, mask_context) if me in g)
         own = flatten(delta).astype(np.float64)
-        target = -own / max(np.linalg.norm(own), 1e-12) * 0.99 * group_mean_bound(self.plan, own.size, len(group))
+        target = -own / max(np.linalg.norm(own), 1e-12) * 0.99 * group_mean_bound(self.plan, own.size, len(group),
+                                                                                   len(view.mask_roster))
         middle = quantizer.quantize(np.zeros(own.size))
         value = (np.uint32(len(group)) * quantizer.quantize(target) - np.uint32(len(group) - 1) * middle).astype(np.uint32)
         peers = {client: view.keys[client].mask for client in group if client != me}
@@ -155,7 +156,7 @@ def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: 
             for peer in group:
                 if peer == client:
                     continue
-                key = (secagg.shared_key(secret, view.keys[peer].mask, mask_context) if secret is not None
+                key = (secagg.pair_key(secret, client, peer, view.keys[peer].mask, mask_context) if secret is not None
                        else unmasks.get(peer, (None, {}))[1].get(client))
                 if key is not None:
                     stream = secagg.mask_stream(key, values.size)

@@ -24,7 +24,9 @@ from Crypto.Protocol.KDF import HKDF
 from eth_account import Account
 
 from infra import chain
+from infra.ipfs import StorageError, StorageUnavailable
 from infra.secure_round import (
+    MAX_FILE_BYTES,
     REVEAL_FORMAT,
     SHARES_FORMAT,
     SecureRoundView,
@@ -196,17 +198,18 @@ def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, view
     mask_context = context(registry.address, party.round_id, "masks")
     round_groups = view.groups(groups, threshold, mask_context)
     problem = unmask_roster_problem(view, submitted, round_groups, threshold)
-    party.unmasked = True
     if problem:  # nothing of this round is revealed then, no share either
-        party.revealed = True
+        party.unmasked = party.revealed = True
         log.warning("round %d: nothing unmasked: %s", party.round_id, problem)
         raise ValueError(problem)
     if me not in view.unmask_roster:
+        party.unmasked = True
         return []
     excluded = set(view.excluded())
     dropped = [c for c in next(g for g in round_groups if me in g) if c in excluded]
-    pair_keys = [secagg.shared_key(party.mask.secret, view.keys[c].mask, mask_context) for c in dropped]
+    pair_keys = [secagg.pair_key(party.mask.secret, me, c, view.keys[c].mask, mask_context) for c in dropped]
     registry.post_round_message(key, party.round_id, chain.MessageKind.UNMASK, encode_unmask(party.seed, pair_keys))
+    party.unmasked = True  # once on chain: a failed transaction is tried again at the next look
     return dropped
 
 
@@ -216,9 +219,10 @@ def reveal(registry: chain.Registry, store, key: str, me: str, party: SecurePart
     names, one kind per client as the unmask roster decides: of a survivor its self-mask seed's
     share, of a dropped client its mask secret's. Never both: with both, the organization could
     unmask that client's update."""
-    party.revealed = True
     survivors, on_roster = set(view.unmask_roster or []), set(view.mask_roster or [])
-    if view.unmask_roster is None or not set(view.recovery_roster or []) <= on_roster:
+    if (view.unmask_roster is None or not set(view.recovery_roster or []) <= on_roster
+            or view.recovery_roster_block < view.unmask_roster_block):
+        party.revealed = True
         raise ValueError("the recovery roster names clients that are not on the mask roster, or came before "
                          "the unmask roster")
     revealed: dict[str, bytes] = {}
@@ -227,17 +231,20 @@ def reveal(registry: chain.Registry, store, key: str, me: str, party: SecurePart
         if client not in view.shares or client not in view.keys:
             continue
         try:
-            sealed = decode_shares_file(store.get(view.shares[client], timeout=timeout), SHARES_FORMAT,
-                                        party.round_id, client)[me]
+            sealed = decode_shares_file(store.get(view.shares[client], timeout=timeout, max_bytes=MAX_FILE_BYTES),
+                                        SHARES_FORMAT, party.round_id, client)[me]
             pair = secagg.open_sealed(
                 secagg.shared_key(party.encryption.secret, view.keys[client].encryption, share_context),
                 sealed, share_associated(client, me))
             if len(pair) != 2 * secagg.SHARE_BYTES:
                 raise ValueError(f"a pair of shares is {2 * secagg.SHARE_BYTES} bytes, this one {len(pair)}")
             revealed[client] = pair[secagg.SHARE_BYTES:] if client in survivors else pair[:secagg.SHARE_BYTES]
-        except (KeyError, ValueError) as exc:
+        except StorageUnavailable:  # the node is down: the whole reveal is tried again
+            raise
+        except (KeyError, ValueError, StorageError) as exc:  # that client's file: the others' shares still go
             log.warning("round %d: no share of %s's secret to reveal: %s", party.round_id, client, exc)
     if revealed:
         cid = store.add(encode_shares_file(REVEAL_FORMAT, party.round_id, me, revealed))
         registry.post_round_message(key, party.round_id, chain.MessageKind.REVEAL, cid.encode())
+    party.revealed = True  # once on chain: a failed add or transaction is tried again at the next look
     return sorted(revealed)

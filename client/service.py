@@ -441,6 +441,9 @@ class ClientService:
             self.train(job, timer)
             with timer.phase("chain"):  # the mask roster may have come meanwhile
                 view = SecureRoundView.of(registry, party.info)
+            problem = secure_round.roster_problem(view, me, plan.threshold)
+            if problem:
+                return {"round": round_id, "left_out": problem}
         if view.mask_roster is None:
             return {"round": round_id, "waiting": "the organization's mask roster"}
         with timer.phase("chain"):

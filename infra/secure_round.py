@@ -50,7 +50,7 @@ SIGNATURE_BYTES = 65  # r, s, v of an account's signature
 ADDRESS_BYTES = 20
 SHARES_FORMAT = "fl-secagg-shares/1"
 REVEAL_FORMAT = "fl-secagg-reveal/1"
-MAX_FILE_BYTES = 256 * 1024  # a shares or reveal file: about 130 bytes per client on the roster
+MAX_FILE_BYTES = 512 * 1024  # a shares or reveal file: about 380 bytes per holder (a sealed pair of shares)
 MAX_ROSTER = 1000
 ROSTERS = {MessageKind.KEY_ROSTER: "key_roster", MessageKind.MASK_ROSTER: "mask_roster",
            MessageKind.UNMASK_ROSTER: "unmask_roster", MessageKind.RECOVERY_ROSTER: "recovery_roster"}
@@ -181,7 +181,10 @@ class SecureRoundView:
         elif kind == MessageKind.KEYS:
             # keys, then the CID of the sender's shares when it shares at once (no key roster)
             if sender not in self.keys:
-                self.keys[sender] = read_keys(message.payload[:KEYS_BYTES], sender, registry_address, round_id)
+                keys = read_keys(message.payload[:KEYS_BYTES], sender, registry_address, round_id)
+                if any(keys.mask == other.mask for other in self.keys.values()):
+                    raise ValueError("its mask key is another client's, posted before")
+                self.keys[sender] = keys
                 if len(message.payload) > KEYS_BYTES and sender not in self.shares:
                     self.shares[sender] = read_cid(message.payload[KEYS_BYTES:])
         elif kind == MessageKind.UNMASK:

@@ -195,7 +195,7 @@ class Unmasking:
             if secret is not None:
                 (self.seeds if client in survivors else self.secrets)[client] = secret
                 del self.missing[client]
-            elif len(shares) >= threshold:
+            elif len(shares) > threshold:  # with one hostile revealer among them, some subset would have done
                 bad[client] = (f"{len(shares)} of its shares were revealed, and none {threshold} of them rebuild the "
                                f"{'seed it committed to' if client in survivors else 'mask key it signed'}")
                 self.missing[client] = bad[client]
@@ -204,14 +204,19 @@ class Unmasking:
         return bad
 
 
-def read_reveals(view: SecureRoundView, round_id: int, fetch) -> dict[str, dict[str, bytes]]:
-    """The shares each client on the mask roster revealed, by the client they are of; a reveal that
-    cannot be read is skipped (every secret rebuilt from them is checked anyway)."""
+def read_reveals(view: SecureRoundView, holders: list[str], round_id: int, fetch) -> dict[str, dict[str, bytes]]:
+    """The shares each of `holders` revealed, by the client they are of: only those made for it (a
+    share's index is its holder's place among the holders, sorted, as processor.secagg.split_secret
+    numbers them), so that a revealer corrupts no share but its own. A reveal that cannot be read
+    is skipped (every secret rebuilt from them is checked anyway)."""
     reveals = {}
-    for client in view.mask_roster or []:
+    ranks = {holder: rank for rank, holder in enumerate(sorted(holders, key=str.lower), 1)}
+    for client in holders:
         if client in view.reveals:
             try:
-                reveals[client] = decode_shares_file(fetch(view.reveals[client]), REVEAL_FORMAT, round_id, client)
+                shares = decode_shares_file(fetch(view.reveals[client]), REVEAL_FORMAT, round_id, client)
+                reveals[client] = {owner: share for owner, share in shares.items()
+                                   if len(share) == secagg.SHARE_BYTES and secagg.share_index(share) == ranks[client]}
             except Exception as exc:  # whatever IPFS gave: this reveal does not count
                 log.warning("round %d: the reveal of %s is not used: %s", round_id, client, exc)
     return reveals
@@ -219,10 +224,11 @@ def read_reveals(view: SecureRoundView, round_id: int, fetch) -> dict[str, dict[
 
 def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received], view: SecureRoundView,
                        registry: chain.Registry, key: str, info: chain.RoundInfo, plan: PrivacyPlan,
-                       stage_seconds: float, now: float, fetch) -> SecureMerge:
+                       holders: list[str], stage_seconds: float, now: float, fetch) -> SecureMerge:
     """Take the closed secure round's unmasking as far as it goes now (posting the unmask roster,
     then the recovery roster when something is still missing after `stage_seconds`), and once
-    every group's sum can be unmasked, or the stages are over, merge the groups' means."""
+    every group's sum can be unmasked, or the stages are over, merge the groups' means. `holders`:
+    whom the clients' shares went to (the key roster, or without one every invited client)."""
     round_id, threshold = info.round_id, plan.threshold
     mask_context = context(registry.address, round_id, "masks")
     groups = view.groups(plan.secure_groups, threshold, mask_context)
@@ -252,7 +258,7 @@ def merge_secure_round(task: Task, base_weights: Weights, updates: list[Received
             log.info("round %d: recovery roster posted: %s", round_id, unmasking.missing)
             return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets",
                                messages=threshold, ends_at=now + stage_seconds)
-        bad = unmasking.recover(view, read_reveals(view, round_id, fetch), threshold, mask_context)
+        bad = unmasking.recover(view, read_reveals(view, holders, round_id, fetch), threshold, mask_context)
         ends_at = block_time(registry, view.recovery_roster_block) + stage_seconds
         if unmasking.missing and now < ends_at:
             return SecureMerge(waiting=f"the shares of {len(unmasking.missing)} clients' secrets", ends_at=ends_at)
@@ -294,7 +300,7 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
                                                               if d in unmasking.secrets},
                     {d: unmasking.pair_keys[d] for d in dropped if d not in unmasking.secrets})
                 norm = l2_norm(mean)
-                bound = secure_sum.group_mean_bound(plan, dimension, len(inside))
+                bound = secure_sum.group_mean_bound(plan, dimension, len(inside), len(view.mask_roster))
                 if not np.isfinite(norm) or norm > bound:
                     raise ValueError(f"its mean has L2 norm {norm:.4g}, beyond the {bound:.4g} that the mean of "
                                      f"{len(inside)} clipped updates can have: a member did not clip")

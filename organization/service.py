@@ -503,9 +503,11 @@ class OrganizationService:
         unmasking stages are under way."""
         round_id, plan = info.round_id, self.config.privacy
         view = SecureRoundView.of(registry, info)
+        holders = view.key_roster if view.key_roster is not None else self.invited_clients(info) or []
         result = secure_round.merge_secure_round(
-            self.task, base_weights, received, view, registry, self.key, info, plan, self.config.stage_seconds,
-            self.clock(), lambda cid: self.store.get(cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
+            self.task, base_weights, received, view, registry, self.key, info, plan, holders,
+            self.config.stage_seconds, self.clock(),
+            lambda cid: self.store.get(cid, timeout=self._update_timeout, max_bytes=MAX_REVEAL_BYTES))
         if result.culprits:
             self._bar(round_id, result.culprits)
         if result.waiting:

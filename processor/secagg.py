@@ -19,6 +19,7 @@ and a round of 20 clients makes 780 of them. Shamir's scheme is written here (se
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from secrets import randbelow
 from typing import Iterable
@@ -44,7 +45,7 @@ MAX_LENGTH = 1 << 28  # mask length cap (1 GiB of uint32): a larger claim is an 
 # round of 100 clients, each splitting two secrets 67-of-100, took 23 s of it against 0.3 s here.
 PRIME = (1 << 521) - 1
 _VALUE_BYTES = 66
-_INDEX_BYTES = 2  # a share's index, big-endian, before the two 16-byte halves
+_INDEX_BYTES = 2  # a share's index, big-endian, before its value
 SHARE_BYTES = _INDEX_BYTES + _VALUE_BYTES
 MAX_HOLDERS = (1 << (8 * _INDEX_BYTES)) - 1
 
@@ -247,6 +248,14 @@ def shared_key(secret: bytes, peer_public: bytes, context: bytes) -> bytes:
 # --- masks ------------------------------------------------------------------------------------
 
 
+def pair_key(secret: bytes, me: str, peer: str, peer_public: bytes, context: bytes) -> bytes:
+    """The key of the pairwise mask between `me` (holding `secret`) and `peer`: their shared_key over
+    `context` and both addresses, so that a client who posts another's public key as its own
+    agrees with everyone a key unrelated to that client's (a copied key gives nothing away)."""
+    low, high = sorted((_address(me, "me"), _address(peer, "peer")))
+    return shared_key(secret, peer_public, _require_context(context) + f"|pair|{low}|{high}".encode())
+
+
 def mask_stream(key: bytes, length: int) -> np.ndarray:
     """`length` pseudo-random uint32 values: the AES-256-CTR keystream of `key`, little-endian.
 
@@ -263,12 +272,12 @@ def mask_stream(key: bytes, length: int) -> np.ndarray:
 
 
 def _signed_streams(me: str, secret: bytes, peers: dict[str, bytes], length: int, context: bytes) -> np.ndarray:
-    """Sum over peers p != me of sign(me, p) * mask_stream(shared_key(secret, peers[p], context))."""
+    """Sum over peers p != me of sign(me, p) * mask_stream(pair_key(secret, me, p, peers[p], context))."""
     total = np.zeros(length, np.uint32)
     for peer in sorted(peers):
         if peer == me:
             continue
-        stream = mask_stream(shared_key(secret, peers[peer], context), length)
+        stream = mask_stream(pair_key(secret, me, peer, peers[peer], context), length)
         if me < peer:
             np.add(total, stream, out=total)
         else:
@@ -493,13 +502,13 @@ def combine_shares(shares: list[bytes], threshold: int) -> bytes:
     return secret
 
 
-def recover(shares: list[bytes], threshold: int, valid) -> bytes | None:
+def recover(shares: list[bytes], threshold: int, valid, tries: int = 64) -> bytes | None:
     """The secret that `valid(secret)` accepts, rebuilt from `threshold` of `shares`, or None.
 
     A corrupt share (a hostile holder's) gives a wrong secret: windows of `threshold` shares,
-    rotating over the list, are tried in turn, so that with m shares any m - threshold corrupt ones
-    placed together are stepped over, and one corrupt share costs at most one more try. Shares that
-    fail their checks (length, index) are left out first.
+    rotating over the list, are tried first (one corrupt share, or several placed together, costs
+    a few more tries), then up to `tries` other subsets drawn at random. Shares that fail their
+    checks (length, index, value) are left out first, and of shares that repeat an index, both.
     """
     usable = []
     for share in shares:
@@ -512,12 +521,14 @@ def recover(shares: list[bytes], threshold: int, valid) -> bytes | None:
     usable = [s for i, s in zip(indices, usable) if indices.count(i) == 1]  # a repeated index: both suspect
     if len(usable) < threshold:
         return None
-    tries = 1 if len(usable) == threshold else len(usable)
-    for start in range(tries):
-        window = [usable[(start + k) % len(usable)] for k in range(threshold)]
+    windows = [[usable[(start + k) % len(usable)] for k in range(threshold)]
+               for start in range(1 if len(usable) == threshold else len(usable))]
+    draw = random.Random(len(usable))  # which subsets need not be secret: only which ones give `valid`
+    others = [draw.sample(usable, threshold) for _ in range(tries if len(usable) > threshold + 1 else 0)]
+    for subset in windows + others:
         try:
-            secret = _combine(window)
-        except ValueError:  # no 32-byte secret: a corrupt share is in this window
+            secret = _combine(subset)
+        except ValueError:  # no 32-byte secret: a corrupt share is in this subset
             continue
         if valid(secret):
             return secret

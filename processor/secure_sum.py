@@ -70,12 +70,13 @@ def group_mean(masked: list[Weights], quantizer: secagg.Quantizer, survivors: di
     return {n: t.astype(np.float32) for n, t in unflatten(mean, {n: masked[0][n] for n in names}).items()}, samples
 
 
-def group_mean_bound(plan: PrivacyPlan, dimension: int, members: int) -> float:
-    """The largest L2 norm the mean of `members` honest deltas of `plan` plausibly has: each is
-    clipped to C, so their mean is too, plus the mean of their noises (std s / sqrt(members) per
-    coordinate, bounded as privacy.max_update_norm bounds one client's) and one quantization step a
-    coordinate. A group mean beyond it holds a member that did not clip."""
-    quantizer_step = 2.0 * quantization_bound(plan) / ((secagg.MODULUS - 1) // max(members, 1))
+def group_mean_bound(plan: PrivacyPlan, dimension: int, members: int, roster: int) -> float:
+    """The largest L2 norm the mean of `members` honest deltas of `plan` plausibly has, in a round
+    whose mask roster holds `roster` clients: each is clipped to C, so their mean is too, plus the
+    mean of their noises (std s / sqrt(members) per coordinate, bounded as privacy.max_update_norm
+    bounds one client's) and one quantization step a coordinate. A group mean beyond it holds a
+    member that did not clip."""
+    quantizer_step = secagg.Quantizer(bound=quantization_bound(plan), max_clients=max(roster, 1)).step
     noise = client_noise_std(plan) / math.sqrt(members) * (math.sqrt(dimension) + NOISE_NORM_MARGIN)
     return plan.clip_norm + noise + quantizer_step * math.sqrt(dimension)
 

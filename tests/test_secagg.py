@@ -187,7 +187,7 @@ def test_mask_stream_refuses_bad_input(key, length):
 def test_pairwise_signs_follow_lowercase_address_order(clients):
     low, high = sorted(ADDRESSES[:2], key=str.lower)
     peers = {low: clients[low].public, high: clients[high].public}
-    stream = secagg.mask_stream(secagg.shared_key(clients[low].secret, clients[high].public, CONTEXT), 50)
+    stream = secagg.mask_stream(secagg.pair_key(clients[low].secret, low, high, clients[high].public, CONTEXT), 50)
     np.testing.assert_array_equal(secagg.pairwise_mask(low, clients[low].secret, peers, 50, CONTEXT), stream)
     np.testing.assert_array_equal(secagg.pairwise_mask(high.upper().replace("0X", "0x"), clients[high].secret, peers, 50, CONTEXT), np.uint32(0) - stream)
 
@@ -284,7 +284,7 @@ def test_two_dropouts_are_recovered_from_three_survivors_shares_or_pairwise_keys
     assert all(secagg.public_key(recovered[d]) == peers[d] for d in dropped)
     np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, CONTEXT, seeds, recovered), plain_sum)
     # or each survivor hands in its own pairwise key with each dropped client: no share at all
-    pair_keys = {d: {s: secagg.shared_key(clients[s].secret, peers[d], CONTEXT) for s in survivors} for d in dropped}
+    pair_keys = {d: {s: secagg.pair_key(clients[s].secret, s, d, peers[d], CONTEXT) for s in survivors} for d in dropped}
     np.testing.assert_array_equal(secagg.unmask_sum(total, survivors, CONTEXT, seeds, {}, pair_keys), plain_sum)
     with pytest.raises(ValueError, match="every survivor's"):
         partial = {d: dict(list(keys.items())[:2]) for d, keys in pair_keys.items()}
@@ -464,3 +464,14 @@ def test_groups_merge_by_their_median_and_a_group_pointing_away_is_left_out():
     merged, left_out = merge_groups([(honest[0], 2), (steering, 1)])
     np.testing.assert_allclose(merged["w"], (2 * honest[0]["w"] + steering["w"]) / 3, rtol=1e-5)
     assert not left_out
+
+
+def test_a_copied_public_key_agrees_keys_unrelated_to_its_owners(clients):
+    """A hostile client posting an honest one's mask key as its own: every pairwise key agreed with
+    it (which the survivors reveal once it drops) differs from those agreed with the honest one."""
+    honest, hostile, peer = ADDRESSES[0], ADDRESSES[1], ADDRESSES[2]
+    copied = clients[honest].public
+    with_hostile = secagg.pair_key(clients[peer].secret, peer, hostile, copied, CONTEXT)
+    with_honest = secagg.pair_key(clients[peer].secret, peer, honest, copied, CONTEXT)
+    assert with_hostile != with_honest
+    assert with_honest == secagg.pair_key(clients[honest].secret, honest, peer, clients[peer].public, CONTEXT)
