@@ -50,10 +50,21 @@ class ClientAgent:
     def look(self, logs: list | None) -> None:
         """What the watcher calls: `logs` are the logs pushed, None for a look at the chain. Other
         clients' secure-round messages call for no look: only the organization's rosters move a
-        client's stage on."""
-        if logs and all(self._is_clients_message(log) for log in logs):
+        client's stage on; nor does the closing of a secure round this client submitted to (its
+        unmask roster comes next)."""
+        if logs and all(self._is_clients_message(log) or self._awaits_unmask_roster(log) for log in logs):
             return
         self.check_round(self._announced(logs))
+
+    def _awaits_unmask_roster(self, raw_log) -> bool:
+        party = self.service.secure_party
+        try:
+            registry = self.service.registry
+        except ActionError:
+            return False
+        return (party is not None and party.submitted and not party.unmasked
+                and registry.emitted(raw_log, "RoundClosed")
+                and int.from_bytes(bytes(raw_log["topics"][1]), "big") == party.round_id)  # its indexed round
 
     def _is_clients_message(self, raw_log) -> bool:
         try:
