@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from benchmarks.measure import best_seconds, log
+from benchmarks.measure import best_seconds, log, record_result
 from processor import aggregate as agg
 from processor import codec
 from processor.tasks import Task
@@ -98,6 +98,7 @@ def main() -> None:
                            "peak_mb": round(peak, 1), "baseline_seconds": round(baseline, 4)}
         log(f"N={n:>5}: fedavg {seconds:.3f} s ({n * len(pool[0]) / 1e9 / seconds:.2f} GB/s), plain pass "
             f"{baseline:.3f} s, fraction {baseline / seconds:.2f}, peak {peak:.1f} MB")
+    record_result(figures)
     if args.json:
         print(json.dumps(figures))
 

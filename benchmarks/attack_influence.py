@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from benchmarks.measure import log
+from benchmarks.measure import log, record_result
 from infra import chain
 from processor import codec, rounds
 from processor.aggregate import l2_norm
@@ -125,12 +125,14 @@ def main() -> None:
     def worst(label: str, of=lambda v: -v) -> float:  # the largest drop (or, with abs, the largest move)
         return max(of(v) for r in runs.values() for v in r[label]["accuracy_change_pp"].values())
 
-    print(json.dumps({"benchmark": "attack_influence", "task": args.task, "clients": CLIENTS,
-                      "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1,
-                      "policy": dataclasses.asdict(policy),
-                      "runs": runs, "worst_drop_pp": worst("defended"), "worst_move_pp": worst("defended", abs),
-                      "worst_drop_pp_undefended": worst("undefended"), "goal_drop_pp": 3.0,
-                      "met": worst("defended") <= 3.0}))
+    result = {"benchmark": "attack_influence", "task": args.task, "clients": CLIENTS,
+              "partition": "dirichlet(0.5)", "attacked_round": args.warmup + 1,
+              "policy": dataclasses.asdict(policy),
+              "runs": runs, "worst_drop_pp": worst("defended"), "worst_move_pp": worst("defended", abs),
+              "worst_drop_pp_undefended": worst("undefended"), "goal_drop_pp": 3.0,
+              "met": worst("defended") <= 3.0}
+    print(json.dumps(result))
+    record_result(result)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import full_stack_run, log
+from benchmarks.measure import full_stack_run, log, record_result
 from processor.partition import scarce_classes
 from processor.simulation import SimulationConfig, SimulationResult, simulate
 from processor.tasks import Task, get_task
@@ -173,6 +173,7 @@ def main() -> None:
             figures = [key for key in ("final", "rounds_to_target", "forgetting", "bytes_per_round") if key in runs[0]]
             report["settings"][setting][label] = {**{key: spread([r[key] for r in runs]) for key in figures},
                                                   "per_round": [r["per_round"] for r in runs]}
+    record_result(report)
     if args.json:
         print(json.dumps(report))
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from benchmarks.measure import record_result
 from processor import rounds
 from processor.evaluation import Evaluation, majority_baseline, weighted_mean
 from processor.simulation import SimulationConfig, SimulationResult, simulate
@@ -104,6 +105,7 @@ def main() -> None:
     held_labels = np.concatenate([hy for *_, hy in devices(task, config)])
     report["majority"] = {"accuracy": round(majority_baseline(held_labels)["accuracy"], 4)}
     report["cold_start"] = {"auc": round(results["federated"].rounds[-1].test["auc"], 4)}
+    record_result(report)
     if args.json:
         print(json.dumps(report))
 

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from benchmarks.measure import best_seconds, log
+from benchmarks.measure import best_seconds, log, record_result
 from infra import ipfs
 
 SIZES_MB = (1, 10, 50)
@@ -56,6 +56,7 @@ def main() -> None:
         log(embedded.describe())
         results["embedded"] = measure(embedded, args.repeats)
 
+    record_result(results)
     if args.json:
         print(json.dumps(results))
     else:

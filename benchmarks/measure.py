@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,13 +17,37 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # a JSON-lines file per benchmark, kept in git
+
+
 def report(result: dict, json_only: bool) -> dict:
-    """Print `result`: a line per figure (unless `json_only`), then the JSON line last."""
+    """Print `result`: a line per figure (unless `json_only`), then the JSON line last; and record
+    it in the benchmark's results file."""
     if not json_only:
         for name, value in result.items():
             print(f"{name}: {value}")
     print(json.dumps(result))
+    record_result(result)
     return result
+
+
+def record_result(result: dict) -> Path:
+    """Append `result` to RESULTS_DIR/<benchmark>.jsonl, with when, at which commit and with which
+    arguments it was measured; the benchmark is the module run with `python -m benchmarks.<name>`."""
+    from infra.files import append_json_line
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = spec.name.rsplit(".", 1)[-1] if spec is not None else Path(sys.argv[0]).stem
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=RESULTS_DIR.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # not a checkout
+        commit = None
+    path = RESULTS_DIR / f"{name}.jsonl"
+    append_json_line(path, {"measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+                            "args": sys.argv[1:], "result": result})
+    return path
 
 
 def best_seconds(action: Callable[[], object], repeats: int) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.measure import log
+from benchmarks.measure import log, record_result
 from processor import codec, rounds
 from processor.tasks import get_task
 from processor.training import TrainingSettings
@@ -70,6 +70,7 @@ def main() -> None:
                "accuracy_float32": accuracy["float32"], "accuracy_compact": accuracy[compact]}
     log(f"final accuracy after {args.rounds} rounds: float32 {100 * accuracy['float32']:.2f}%, "
         f"{compact} {100 * accuracy[compact]:.2f}%")
+    record_result(figures)
     if args.json:
         print(json.dumps(figures))
 

@@ -62,7 +62,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks.measure import full_stack_run, log
+from benchmarks.measure import full_stack_run, log, record_result
 from infra.files import REPO_ROOT
 from infra.processes import machine_busy_seconds
 from processor.training import TrainingSettings
@@ -445,6 +445,7 @@ def main() -> None:
     cost_plot = args.plot.with_name(f"{args.plot.stem}_cost{args.plot.suffix}")
     round_cost_png(runs, title=f"{title}: the cost of a round", path=cost_plot)
     log(f"plots: {args.plot}, {cost_plot}")
+    record_result(report)
     if args.json:
         print(json.dumps(report))
 
