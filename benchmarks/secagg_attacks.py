@@ -32,7 +32,7 @@ from eth_utils import to_checksum_address
 
 from client import secure_round as client_round
 from infra import chain
-from infra.secure_round import REVEAL_FORMAT, SecureRoundView, context, decode_shares_file, read_unmask
+from infra.secure_round import REVEAL_FORMAT, SecureRoundView, context, decode_shares_file, group_of, read_unmask
 from processor import codec, secagg
 from processor.privacy import PrivacyPlan
 from processor.secure_sum import group_mean_bound, quantization_bound
@@ -98,7 +98,7 @@ class HostileClient:
     def _steering(self, registry, task, party, me, view, delta, groups, threshold, num_samples):
         quantizer = secagg.Quantizer(bound=quantization_bound(self.plan), max_clients=len(view.mask_roster))
         mask_context = context(registry.address, party.round_id, "masks")
-        group = next(g for g in view.groups(groups, threshold, mask_context) if me in g)
+        group = group_of(view.groups(groups, threshold, mask_context), me)
         own = flatten(delta).astype(np.float64)
         target = -own / max(np.linalg.norm(own), 1e-12) * 0.99 * group_mean_bound(self.plan, own.size, len(group),
                                                                                    len(view.mask_roster))
@@ -120,12 +120,11 @@ def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: 
     view = SecureRoundView.of(registry, info)
     mask_context = context(registry.address, round_id, "masks")
     groups = view.groups(plan.secure_groups, plan.threshold, mask_context)
-    survivors = set(view.unmask_roster or [])
     cids = {to_checksum_address(s.client): s.cid for s in registry.logged_submissions(info)}
     cids.update({to_checksum_address(c): cid for c, cid in found_cids.items()})
     unmasks = {}
     for group in groups:
-        dropped = [c for c in group if c not in survivors]
+        dropped = view.excluded(group)
         for client in group:
             if client in view.unmasks:
                 with contextlib.suppress(ValueError):
@@ -143,7 +142,7 @@ def unmask_attempts(registry: chain.Registry, store, task, round_id: int, plan: 
         with contextlib.suppress(codec.CodecError):
             masked = codec.decode_masked_delta(task, store.get(cid), round_id, info.base_cid, client)
             values = np.append(flatten({n: masked[n] for n in task.spec}), masked[codec.SAMPLES_TENSOR])
-            group = next(g for g in groups if client in g)
+            group = group_of(groups, client)
             # its self mask: its own revealed seed, or one rebuilt from revealed seed shares
             seed = unmasks[client][0] if client in unmasks else secagg.recover(
                 revealed.get(client, []), plan.threshold,

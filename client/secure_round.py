@@ -4,10 +4,10 @@ Its mask secret and its self-mask seed are ephemeral: made for the one round, in
 memory only, never on disk and never derived from the account's key (revealing a dropped client's
 mask secret must reveal nothing else). Of each peer it reveals at most one kind: the share of its
 seed when the unmask roster counts it a survivor, the share of its mask secret (or, as a survivor
-itself, its pairwise key with it) when it counts it dropped. The key its secret shares are encrypted to is its own for good, derived from the
-account's key (never revealed, and the same after a restart): once a round has published every
-client's, the next round's clients post their keys and their shares at once, without waiting for
-a key roster.
+itself, its pairwise key with it) when it counts it dropped. The key its secret shares are
+encrypted to is its own for good, derived from the account's key (never revealed, and the same
+after a restart): once a round has published every client's, the next round's clients post their
+keys and their shares at once, without waiting for a key roster.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from infra.secure_round import (
     decode_shares_file,
     encode_shares_file,
     encode_unmask,
+    group_of,
     keys_before,
     shares_at_once,
     signed_keys,
@@ -162,7 +163,7 @@ def masked_update(registry: chain.Registry, task, party: SecureParty, me: str, v
     roster = view.mask_roster
     quantizer = secagg.Quantizer(bound=bound, max_clients=len(roster))
     mask_context = context(registry.address, party.round_id, "masks")
-    group = next(g for g in view.groups(groups, threshold, mask_context) if me in g)
+    group = group_of(view.groups(groups, threshold, mask_context), me)
     peers = {client: view.keys[client].mask for client in group if client != me}
     # stochastic rounding keeps the mean unbiased; its randomness need not be secret (the masks hide it)
     rng = np.random.default_rng(secrets.randbits(128))
@@ -205,8 +206,7 @@ def unmask(registry: chain.Registry, key: str, me: str, party: SecureParty, view
     if me not in view.unmask_roster:
         party.unmasked = True
         return []
-    excluded = set(view.excluded())
-    dropped = [c for c in next(g for g in round_groups if me in g) if c in excluded]
+    dropped = view.excluded(group_of(round_groups, me))
     pair_keys = [secagg.pair_key(party.mask.secret, me, c, view.keys[c].mask, mask_context) for c in dropped]
     registry.post_round_message(key, party.round_id, chain.MessageKind.UNMASK, encode_unmask(party.seed, pair_keys))
     party.unmasked = True  # once on chain: a failed transaction is tried again at the next look

@@ -194,19 +194,23 @@ class SecureRoundView:
             if sender not in posted:
                 posted[sender] = read_cid(message.payload)
 
-    def dropped(self, submitted: set[str]) -> list[str]:
-        """The clients on the mask roster that submitted no update (checksummed addresses in `submitted`)."""
-        return [c for c in self.mask_roster or [] if c not in submitted]
-
-    def excluded(self) -> list[str]:
-        """The clients on the mask roster that the unmask roster leaves out: the dropped ones, whose
-        vectors (if any reached IPFS) stay behind their self masks for good."""
+    def excluded(self, group: list[str] | None = None) -> list[str]:
+        """The clients on the mask roster (or in `group` of it) that the unmask roster leaves out:
+        the dropped ones, whose vectors (if any reached IPFS) stay behind their self masks for good."""
         survivors = set(self.unmask_roster or [])
-        return [c for c in self.mask_roster or [] if c not in survivors]
+        return [c for c in (self.mask_roster or [] if group is None else group) if c not in survivors]
 
     def groups(self, count: int, threshold: int, mask_context: bytes) -> list[list[str]]:
         """The mask roster's groups (processor.secagg.groups_of): each masks and is summed on its own."""
         return secagg.groups_of(self.mask_roster or [], count, threshold, mask_context)
+
+
+def group_of(groups: list[list[str]], client: str) -> list[str]:
+    """The group `client` is in; ValueError when it is in none (it is not on the mask roster)."""
+    for group in groups:
+        if client in group:
+            return group
+    raise ValueError(f"{client} is in none of the round's groups: it is not on the mask roster")
 
 
 def unmask_roster_problem(view: SecureRoundView, submitted: set[str], groups: list[list[str]],

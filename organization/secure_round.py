@@ -157,7 +157,7 @@ class Unmasking:
             inside = [c for c in group if c in survivors]
             if not inside:
                 continue
-            dropped = [c for c in group if c not in survivors]
+            dropped = view.excluded(group)
             for client in inside:
                 try:
                     seed, keys = read_unmask(view.unmasks[client], dropped)
@@ -292,7 +292,7 @@ def _merge_groups(task: Task, base_weights: Weights, updates: list[Received], vi
         if missing:
             reason = "its masks cannot be removed: " + "; ".join(f"{c}: {why}" for c, why in missing.items())
         else:
-            dropped = [c for c in group if c not in survivors]
+            dropped = view.excluded(group)
             try:
                 mean, samples = secure_sum.group_mean(
                     [vectors[c] for c in inside], quantizer, {c: view.keys[c].mask for c in inside}, mask_context,

@@ -118,7 +118,8 @@ class OrganizationService:
         self.runner = None  # the RoundRunner, when this organization runs the rounds by itself
         self.clock = time.time  # what deadlines are compared with: a node's blocks carry the wall-clock time
         self._received: dict[int, list[Received]] = {}  # a secure round's updates, fetched once for its unmasking
-        self._previously_keyed: tuple[int, set[str]] = (0, set())  # a secure round's, and who posted keys before it
+        # a secure round's number, who posted keys in the round before it, and who is barred from it
+        self._roster_facts: tuple[int, set[str], set[str]] = (0, set(), set())
 
     # ---- state -------------------------------------------------------------------------
 
@@ -201,12 +202,14 @@ class OrganizationService:
             raise ActionError("secure aggregation needs the allowlist: under open enrolment no roster of "
                               "expected clients exists", 409)
         registry = self.require_registry()
-        if self._previously_keyed[0] != info.round_id:  # read once a round
-            self._previously_keyed = (info.round_id, set(keys_before(registry, info.round_id)))
+        if self._roster_facts[0] != info.round_id:  # read once a round
+            self._roster_facts = (info.round_id, set(keys_before(registry, info.round_id)),
+                                  self.barred_clients(info.round_id))
+        _, previously_keyed, barred = self._roster_facts
         with self._lock:
-            return secure_round.post_rosters(registry, self.key, info, invited, self._previously_keyed[1],
+            return secure_round.post_rosters(registry, self.key, info, invited, previously_keyed,
                                              self.config.privacy.threshold, self.config.stage_seconds, self.clock(),
-                                             self.barred_clients(info.round_id))
+                                             barred)
 
     def invited_clients(self, info: chain.RoundInfo) -> list[str] | None:
         """The clients round `info` invites: enrolled before it opened and drawn by its seed; None
