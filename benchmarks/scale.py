@@ -58,6 +58,7 @@ COUNTS = (10, 30, 100)
 CHAIN_COUNTS = (5, 30)  # the Ganache / anvil comparison's
 ROUNDS = 3
 SAMPLE_SECONDS = 0.5
+BLOCK_SAMPLE_SECONDS = 0.02
 ROUND_SECONDS = 900  # each round's deadline: far beyond a round's time, so a round that misses it says so
 RUN_TIMEOUT = 3600
 
@@ -103,6 +104,39 @@ class ProcessSampler:
         return {name: round(used - before.get(name, 0.0), 2) for name, used in after.items()}
 
 
+class BlockClock:
+    """When each block was first seen, sampled every BLOCK_SAMPLE_SECONDS in a thread: block
+    timestamps are whole seconds, too coarse to tell a round's stages apart."""
+
+    def __init__(self, w3) -> None:
+        self.w3, self.seen = w3, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="block-clock", daemon=True)
+
+    def __enter__(self) -> "BlockClock":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last = -1
+        while not self._stop.wait(BLOCK_SAMPLE_SECONDS):
+            try:
+                number = self.w3.eth.block_number
+            except Exception:  # the chain stopped first
+                continue
+            now = time.time()
+            for block in range(last + 1, number + 1):
+                self.seen[block] = now
+            last = max(last, number)
+
+    def time_of(self, block: int) -> float:
+        return self.seen.get(block, min((t for b, t in self.seen.items() if b >= block), default=time.time()))
+
+
 def device_seconds(folder: Path, rounds: range) -> dict[str, float]:
     """Per round, the devices' seconds summed by phase (chain, ipfs, decoding, evaluation, training,
     encoding), from their activity logs: time spent, not CPU (waits on the model's lock included)."""
@@ -133,8 +167,9 @@ def wait_for(what: str, condition, processes: list[ManagedProcess], timeout: flo
 def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str = "ganache",
         app_flags: tuple[str, ...] = (), measure_more=None) -> dict:
     """One run of `rounds` rounds with `count` clients on a `node` chain (ganache, anvil); its figures.
-    `app_flags` go to the organization's `run.py app`; `measure_more(registry, store)`, called while
-    the chain and IPFS still run, adds its own figures."""
+    `app_flags` go to the organization's `run.py app`; `measure_more(registry, store, clock)`, called while
+    the chain and IPFS still run, adds its own figures; `clock` (a BlockClock) tells when each
+    block was mined."""
     chain_url, ipfs_api = f"http://127.0.0.1:{ports['chain']}", f"http://127.0.0.1:{ports['ipfs']}"
     record, logs = folder / "deployments.json", folder / "logs"
     env = {"FL_CHAIN_URL": chain_url, "FL_IPFS_API": ipfs_api, "FL_CONTRACT_RECORD": str(record),
@@ -154,6 +189,7 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str 
         stack.callback(clients.stop)
         org.start()
         w3 = chain.connect(chain_url)
+        clock = stack.enter_context(BlockClock(w3))
         wait_for("the organization's deployment", lambda: chain.find_deployment(w3, record), [org])
         registry = chain.Registry(w3, chain.find_deployment(w3, record))
         clients.start()
@@ -170,7 +206,7 @@ def run(count: int, rounds: int, folder: Path, ports: dict[str, int], node: str 
         entries = json.loads(history.read_text())
         gas = [w3.eth.get_transaction_receipt(event["tx_hash"])["gasUsed"]
                for event in registry.events("UpdateSubmitted")]
-        more = measure_more(registry, ipfs.open_store(ipfs_api, folder)) if measure_more else {}
+        more = measure_more(registry, ipfs.open_store(ipfs_api, folder), clock) if measure_more else {}
     opened = [entries["first_opening_sent_at"]] + [entries["rounds"][str(r)]["next_opening_sent_at"]
                                                    for r in range(1, rounds + 1)]
     seconds = [round(b - a, 2) for a, b in zip(opened, opened[1:])]

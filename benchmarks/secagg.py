@@ -59,9 +59,27 @@ def secure_flags(clients: int) -> tuple[str, ...]:
             "--stage-seconds", "60")
 
 
-def published_bytes(registry: chain.Registry, store: ipfs.ContentStore) -> dict:
+def stage_times(registry: chain.Registry, clock: scale.BlockClock) -> list[dict]:
+    """Per round after the first, the seconds from its opening at which each stage's last message
+    was mined (each client's keys, the rosters, the updates, the unmasks), and its finalizing."""
+    marks: dict[int, dict[str, float]] = {}
+    for name in ("RoundStarted", "RoundMessage", "UpdateSubmitted", "RoundClosed", "RoundFinalized"):
+        for event in registry.events(name):
+            stage = MessageKind(event["args"]["kind"]).name.lower() if name == "RoundMessage" else name
+            round_marks = marks.setdefault(event["args"]["round"], {})
+            round_marks[stage] = max(round_marks.get(stage, 0.0), clock.time_of(event["block_number"]))
+    stages = []
+    for round_id in sorted(marks)[1:]:
+        opened = marks[round_id].pop("RoundStarted")
+        stages.append({stage: round(at - opened, 2) for stage, at in sorted(marks[round_id].items(),
+                                                                            key=lambda item: item[1])})
+    return stages
+
+
+def published_bytes(registry: chain.Registry, store: ipfs.ContentStore, clock: scale.BlockClock) -> dict:
     """Mean bytes a client published per round: its updates, and its secure round's messages (the
-    keys and unmasks on chain, the shares and reveal files on IPFS)."""
+    keys and unmasks on chain, the shares and reveal files on IPFS); and when each stage of the
+    rounds ended (`stage_times`)."""
     updates = [len(store.get(event["args"]["cid"])) for event in registry.events("UpdateSubmitted")]
     messages = 0
     for event in registry.events("RoundMessage"):
@@ -70,7 +88,8 @@ def published_bytes(registry: chain.Registry, store: ipfs.ContentStore) -> dict:
             messages += len(store.get(payload.decode()))
         elif kind in (MessageKind.KEYS, MessageKind.UNMASK):
             messages += len(payload)
-    return {"bytes_per_client": round((sum(updates) + messages) / len(updates))}
+    return {"bytes_per_client": round((sum(updates) + messages) / len(updates)),
+            "stage_times": stage_times(registry, clock)}
 
 
 def full_stack(counts: list[int], rounds: int, folder: Path) -> dict:
@@ -86,7 +105,8 @@ def full_stack(counts: list[int], rounds: int, folder: Path) -> dict:
                                "bytes_per_client": secure["bytes_per_client"],
                                "plain_bytes_per_client": plain["bytes_per_client"],
                                "accepted": secure["accepted"], "threshold": threshold_for(count)}
-        log(f"{count} clients: {figures[str(count)]}")
+        log(f"{count} clients: {figures[str(count)]}; stage times, plain: {plain['stage_times']}, "
+            f"secure: {secure['stage_times']}")
     return figures
 
 
