@@ -39,6 +39,7 @@ class ClientAgent:
         self.last_event: dict[str, Any] | None = None
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
         self._enrolled_from = 0  # the first round this client may take part in, once the chain says it
+        self.resumable: chain.ClientRound | None = None  # a round whose next step may be taken at once
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "last_event": self.last_event}
@@ -139,7 +140,7 @@ class ClientAgent:
             self._take_part(opened)
 
     def _take_part(self, opened: chain.ClientRound) -> None:
-        round_id = opened.round_id
+        round_id, self.resumable = opened.round_id, None
         if self.jobs.busy:  # a person's action is running: the agent waits for it
             self.state = f"waiting for '{self.jobs.current.name}' to finish"
             return
@@ -166,6 +167,8 @@ class ClientAgent:
             result = job.result
             if "waiting" in result:  # a secure round's next stage is not there yet: the next look goes on
                 self.state = f"round {round_id}: waiting for {result['waiting']}"
+                if result.get("resume"):  # or its next step is this device's own: taken after the others' look
+                    self.resumable = opened
                 return
             self._finished_rounds.add(round_id)
             if "left_out" in result:
@@ -175,6 +178,12 @@ class ClientAgent:
             self._record(round_id, "submitted", cid=result["cid"], tx=result["tx"],
                          seconds=result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
+
+    def resume(self) -> None:
+        """Take the next step of the round whose last step said it may go on at once."""
+        opened, self.resumable = self.resumable, None
+        if opened is not None:
+            self._take_part(opened)
 
     def _after_closing(self, round_id: int) -> None:
         """A secure round this client submitted to is closed: unmask and reveal what the merge needs."""
@@ -233,16 +242,22 @@ class AgentWatcher:
         return [agent for agent in self.agents if not agent.done_with(current)]
 
     def _look(self, logs: list | None) -> bool:
-        """Every due agent looks; the failed ones are tried again by the watcher's next look."""
+        """Every due agent looks, then those that may go on at once take their next step (a secure
+        round's training, once every agent's keys are out: the organization's roster need not wait
+        for the agents' turns at the model); the failed ones are tried again by the watcher's next look."""
         due = self._due(logs)
-        if self._pool is None:
-            outcomes = [_outcome(agent, logs) for agent in due]
-        else:
-            outcomes = list(self._pool.map(lambda agent: _outcome(agent, logs), due))
-        self._failed = [agent for agent, error in zip(due, outcomes) if error is not None]
+        errors = dict(zip(due, self._map(lambda agent: _outcome(lambda: agent.look(logs)), due)))
+        while resumable := [agent for agent in due if errors[agent] is None and agent.resumable]:
+            errors.update(zip(resumable, self._map(lambda agent: _outcome(agent.resume), resumable)))
+        self._failed = [agent for agent in due if errors[agent] is not None]
         if self._failed:
-            raise next(error for error in outcomes if error is not None)
+            raise errors[self._failed[0]]
         return False  # devices take part for as long as they run
+
+    def _map(self, action, agents: list[ClientAgent]) -> list[Exception | None]:
+        if self._pool is None:
+            return [action(agent) for agent in agents]
+        return list(self._pool.map(action, agents))
 
     def _waiting(self, exc: Exception, wait: float) -> None:
         for agent in self._failed or self.agents:  # before any look: the chain itself failed
@@ -250,9 +265,9 @@ class AgentWatcher:
         self._failed = []
 
 
-def _outcome(agent: ClientAgent, logs: list | None) -> Exception | None:
+def _outcome(action) -> Exception | None:
     try:
-        agent.look(logs)
+        action()
     except Exception as exc:
         return exc
     return None

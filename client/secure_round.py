@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from eth_utils import to_checksum_address
 
-from Crypto.Hash import SHA256
-from Crypto.Protocol.KDF import HKDF
 from eth_account import Account
 
 from infra import chain
@@ -47,8 +45,7 @@ log = logging.getLogger("client.secure")
 
 def encryption_key_pair(account_key: str) -> secagg.KeyPair:
     """The X25519 key pair a client's secret shares are encrypted to, derived from its account's key."""
-    secret = HKDF(Account.from_key(account_key).key, 32, salt=None, hashmod=SHA256,
-                  context=b"fl-secagg|share encryption key")
+    secret = secagg.derive_key(Account.from_key(account_key).key, b"fl-secagg|share encryption key")
     return secagg.KeyPair(secret, secagg.public_key(secret))
 
 
@@ -93,7 +90,24 @@ class RoundFacts:
         self._enrolment = chain.EnrolmentLog()
         self._round: tuple[tuple[str, int], chain.RoundInfo, dict[str, bytes] | None] | None = None
         self._closed: tuple[tuple[str, int], SecureRoundView, set[str]] | None = None
+        # the current round's messages read so far, and the last block they were read to
+        self._messages: tuple[tuple[str, int], int, list[chain.RoundMessage]] | None = None
         self._lock = threading.Lock()
+        self._messages_lock = threading.Lock()  # one device reads the new blocks, the others wait for it
+
+    def view(self, registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
+        """Round `info`'s messages as they stand on chain: only the blocks mined since the last
+        read of any device of the process are read."""
+        key = (registry.address, info.round_id)
+        with self._messages_lock:
+            if self._messages is None or self._messages[0] != key:
+                self._messages = (key, 0, [])
+            _, read_to, messages = self._messages
+            latest = registry.w3.eth.block_number
+            if latest > read_to:
+                messages = messages + registry.round_messages(info, read_to + 1, latest)
+                self._messages = (key, latest, messages)
+        return SecureRoundView.read(messages, registry.owner, registry.address, info.round_id)
 
     def after_closing(self, registry: chain.Registry, info: chain.RoundInfo,
                       need_recovery: bool = False) -> tuple[SecureRoundView, set[str]]:
@@ -105,7 +119,7 @@ class RoundFacts:
             cached = self._closed if self._closed is not None and self._closed[0] == key else None
         if cached is not None and not (need_recovery and cached[1].recovery_roster is None):
             return cached[1], cached[2]
-        view = SecureRoundView.of(registry, info)
+        view = self.view(registry, info)
         submitted = cached[2] if cached is not None else {
             to_checksum_address(s.client) for s in registry.logged_submissions(info)}
         if view.unmask_roster is not None:

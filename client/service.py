@@ -19,7 +19,6 @@ from eth_account import Account
 from client import secure_round
 from infra import chain, ipfs
 from infra.files import write_atomically
-from infra.secure_round import SecureRoundView
 from infra.settings import Settings
 from infra.webapp import (
     ActionError,
@@ -405,8 +404,8 @@ class ClientService:
         with timer.phase("chain"):
             if party.info is None:  # read once: where the round's messages start, and who it invites
                 party.info, party.holders = self.round_facts.of(registry, round_id, plan.threshold)
-            view = SecureRoundView.of(registry, party.info)
-        shared = me in view.shares
+            view = self.round_facts.view(registry, party.info)
+        shared, posted = me in view.shares, False
         if me not in view.keys:
             if job is not None:
                 job.step = "keys"
@@ -416,7 +415,7 @@ class ClientService:
                     if holders else None
             with timer.phase("chain"):
                 secure_round.post_keys(registry, self.key, party, cid)
-            shared = cid is not None
+            shared, posted = cid is not None, True
         elif view.keys[me].mask != party.mask.public:
             return {"round": round_id, "left_out": "this client's keys for the round are not the ones it holds "
                                                    "(it restarted after posting them)"}
@@ -433,14 +432,17 @@ class ClientService:
                 cid = secure_round.add_shares(registry, self.store, me, party, holders, plan.threshold)
             with timer.phase("chain"):
                 registry.post_round_message(self.key, round_id, chain.MessageKind.SHARES, cid.encode())
+            posted = True
         # Trained once its shares are out, while the others' come in: a device too slow to submit by
         # the deadline is then a dropout the others' shares recover, not one that holds up the rosters.
         if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
+            if posted:  # trained at its next turn: the other devices of its process post theirs first
+                return {"round": round_id, "waiting": "its turn to train (its messages are out)", "resume": True}
             if job is not None:
                 job.step = "train"
             self.train(job, timer)
             with timer.phase("chain"):  # the mask roster may have come meanwhile
-                view = SecureRoundView.of(registry, party.info)
+                view = self.round_facts.view(registry, party.info)
             problem = secure_round.roster_problem(view, me, plan.threshold)
             if problem:
                 return {"round": round_id, "left_out": problem}

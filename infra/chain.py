@@ -772,15 +772,17 @@ class Registry:
         logs = sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"]))
         return [Submission(log["args"]["client"], log["args"]["cid"], log["args"]["numSamples"]) for log in logs]
 
-    def round_messages(self, info: RoundInfo) -> list[RoundMessage]:
+    def round_messages(self, info: RoundInfo, from_block: int = 0, to_block: int | str = "latest") -> list[RoundMessage]:
         """Round `info`'s secure-aggregation messages in the order they were sent (an unknown kind,
-        which this contract cannot log, is skipped). Decoded here with eth_abi: web3's event
-        decoding cost 1.3 ms a log, and every look at a secure round reads them all."""
+        which this contract cannot log, is skipped), those mined from `from_block` to `to_block`
+        when given. Decoded here with eth_abi: web3's event decoding cost 1.3 ms a log, and every
+        look at a secure round reads them all."""
         if info.start_block == 0:
             return []
         topics = [_event_topics()["RoundMessage"], info.round_id.to_bytes(32, "big")]
         try:
-            logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": info.start_block, "toBlock": "latest",
+            logs = self.w3.eth.get_logs({"address": self.address, "fromBlock": max(info.start_block, from_block),
+                                         "toBlock": to_block,
                                          "topics": ["0x" + bytes(t).hex() for t in topics]})
         except NODE_ERRORS as exc:
             raise _unavailable(self.w3, exc) from exc

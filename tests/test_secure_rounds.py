@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.secagg_attacks import HostileClient, unmask_attempts
 from client import secure_round as client_round
-from client.agent import ClientAgent
+from client.agent import AgentWatcher, ClientAgent
 from client.service import ClientConfig
 from demo import embedded_system
 from infra import chain
@@ -67,7 +67,7 @@ def run_to_masked_updates(runner: RoundRunner, agents: list[ClientAgent], submit
     """Keys, key roster, shares, mask roster; then `submitting` submit their masked updates."""
     assert all("key roster" in state for state in stage(agents))  # keys posted
     assert not runner.step() and runner.state.endswith("waiting for the clients' secret shares"), runner.state
-    assert all("mask roster" in state for state in stage(agents))  # shares posted
+    assert all("turn to train" in state for state in stage(agents))  # shares posted
     assert not runner.step() and f"0 of {len(agents)} invited clients have submitted" in runner.state, runner.state
     stage(submitting)
 
@@ -130,7 +130,7 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
 
     # Round 2: every client's encryption key is known from round 1, so each posts its keys and its
     # shares at once, and the organization posts the mask roster without a key roster.
-    assert all("mask roster" in state for state in stage(agents)), [a.state for a in agents]
+    assert all("turn to train" in state for state in stage(agents)), [a.state for a in agents]
     assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
     stage(agents)
     expected = plain_mean(agents)
@@ -139,6 +139,31 @@ def test_a_secure_round_publishes_only_masked_updates_and_merges_their_exact_mea
     assert chain.MessageKind.KEY_ROSTER not in kinds and kinds.count(chain.MessageKind.MASK_ROSTER) == 1
     assert chain.MessageKind.SHARES not in kinds, "each client's shares came with its keys, in one message"
     assert merged_error(org, 2, expected) <= quantization_error()
+
+
+def test_the_devices_of_one_process_all_post_their_shares_before_any_of_them_trains(network):
+    """Training takes turns on the process's one model: a device that trained right after posting
+    its shares would hold back the next devices' shares, and the mask roster with them."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    stage(agents)  # keys
+    assert not runner.step() and runner.state.endswith("waiting for the clients' secret shares"), runner.state
+    shares_at_training = []
+    for agent in agents:
+        def train(job=None, timer=None, service=agent.service, train=agent.service.train):
+            shares_at_training.append(len(SecureRoundView.of(registry, registry.round(1)).shares))
+            return train(job, timer)
+        agent.service.train = train
+    facts = client_round.RoundFacts()  # what the devices read of the round: only new blocks at each look
+    assert facts.view(registry, registry.round(1)).shares == {}
+    AgentWatcher(agents)._look(None)
+    assert shares_at_training == [CLIENTS] * CLIENTS
+    assert facts.view(registry, registry.round(1)) == SecureRoundView.of(registry, registry.round(1))
+    assert all("mask roster" in agent.state for agent in agents), [a.state for a in agents]
+    # the round goes on as it would have: the mask roster, then the masked updates
+    assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
+    stage(agents)
+    assert registry.round(1).submissions == CLIENTS
 
 
 def test_a_client_that_drops_out_after_masking_is_recovered_from_the_survivors_pairwise_keys(network):
@@ -195,7 +220,7 @@ def test_a_round_with_more_dropouts_than_it_tolerates_is_reopened_not_stuck(netw
     assert org.history()["rounds"]["1"]["missed_quorum"]
     org.clock = time.time
     # round 2 starts its stages anew (keys and shares at once: round 1 published every encryption key)
-    assert all(state.endswith("mask roster") for state in stage(agents)), [a.state for a in agents]
+    assert all("turn to train" in state for state in stage(agents)), [a.state for a in agents]
 
 
 def test_a_newcomer_brings_back_the_key_roster_so_that_every_client_holds_shares(tmp_path, ganache_url, ipfs_api):
@@ -225,6 +250,7 @@ def test_a_late_clients_published_update_stays_masked_for_an_outside_reader(netw
     registry = org.registry
     survivors, late = agents[:3], agents[3]
     run_to_masked_updates(runner, agents, survivors)
+    late.service.train()  # too slowly: the round closes before it submits
     org.clock = lambda: time.time() + PAST_DEADLINE
     assert not runner.step() and registry.round(1).closed, runner.state
     # what the client did before it looked at the round's state: masked against the roster, added to IPFS
