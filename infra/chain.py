@@ -31,9 +31,11 @@ from web3.exceptions import (
     PersistentConnectionError,
     ProviderConnectionError,
     TimeExhausted,
+    TransactionNotFound,
     Web3RPCError,
 )
 from web3.providers.persistent import WebSocketProvider
+from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
 from websockets.exceptions import WebSocketException
 
 from infra.files import REPO_ROOT, write_atomically
@@ -68,6 +70,11 @@ RECEIPT_TIMEOUT = 120.0
 # transactions at once (about 1 in 200 submissions here); web3 retries read calls after a
 # timeout, so a short one bounds that stall (it was 30 s). Healthy nodes answer in milliseconds.
 HTTP_TIMEOUT = 5.0
+# ...but not a transaction: sent again while Ganache mines it, it is refused ("transaction can't
+# be replaced, mining has already started") and Ganache's miner stops for good (every later
+# transaction stays pending). A lost answer to a send is settled by asking for its hash (_send_raw).
+RETRIED_CALLS = [method for method in REQUEST_RETRY_ALLOWLIST if method != "eth_sendRawTransaction"]
+SEND_ATTEMPTS = 3
 # The most samples a submission may claim (its FedAvg weight), unless the contract is deployed otherwise.
 DEFAULT_MAX_SAMPLES = 1_000_000
 MAX_ROUND = 2**256 - 1  # round numbers are uint256 on chain
@@ -386,8 +393,10 @@ def connect(url: str, timeout: float = HTTP_TIMEOUT) -> Web3:
             f"no Ethereum JSON-RPC node answers at {url} (start one with `python run.py chain`)")
     # web3 asks for the chain id before every call and transaction it validates; it never changes
     # under a running node, so it is asked once.
+    retried = ExceptionRetryConfiguration(errors=(requests.ConnectionError, requests.HTTPError, requests.Timeout),
+                                          method_allowlist=RETRIED_CALLS)
     return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}, cache_allowed_requests=True,
-                                  cacheable_requests={"eth_chainId"}))
+                                  cacheable_requests={"eth_chainId"}, exception_retry_configuration=retried))
 
 
 # ---- revert decoding --------------------------------------------------------------------------
@@ -501,9 +510,13 @@ def find_deployment(w3: Web3, path: Path, artifact: Path = ARTIFACT) -> str | No
 
 # ---- transactions -----------------------------------------------------------------------------
 
+def _node_name(w3: Web3) -> str:
+    """The node's URL, or "embedded" for the in-process chain."""
+    return getattr(w3.provider, "endpoint_uri", None) or EMBEDDED
+
+
 def _unavailable(w3: Web3, exc: BaseException) -> ChainUnavailable:
-    url = getattr(w3.provider, "endpoint_uri", None) or EMBEDDED
-    return ChainUnavailable(f"the chain node at {url} stopped answering: {exc}")
+    return ChainUnavailable(f"the chain node at {_node_name(w3)} stopped answering: {exc}")
 
 
 _key_locks: dict[str, threading.Lock] = {}
@@ -551,7 +564,7 @@ _gas_limits_guard = threading.Lock()
 
 def _gas_key(w3: Web3, tx: dict) -> tuple[str, str, str]:
     # The node too: two chains hold contracts at the same address (same deployer, same nonce).
-    return getattr(w3.provider, "endpoint_uri", None) or EMBEDDED, str(tx.get("to")), str(tx["data"])[:10]
+    return _node_name(w3), str(tx.get("to")), str(tx["data"])[:10]
 
 
 def _gas_limit(w3: Web3, tx: dict, refresh: bool = False) -> int:
@@ -607,7 +620,7 @@ def _send_once(w3: Web3, account, build, fresh_estimate: bool) -> tuple[dict, An
             tx = build({**params, "gas": 1})  # a placeholder gas stops web3 from estimating on its own
             del tx["gas"]
             tx["gas"] = _gas_limit(w3, tx, refresh=fresh_estimate)
-            tx_hash = w3.eth.send_raw_transaction(account.sign_transaction(tx).raw_transaction)
+            tx_hash = _send_raw(w3, account.sign_transaction(tx))
         except NODE_ERRORS as exc:
             raise _unavailable(w3, exc) from exc
     try:
@@ -616,6 +629,36 @@ def _send_once(w3: Web3, account, build, fresh_estimate: bool) -> tuple[dict, An
         raise ChainUnavailable(f"transaction {tx_hash.to_0x_hex()} not mined after {RECEIPT_TIMEOUT:.0f} s") from exc
     except NODE_ERRORS as exc:
         raise _unavailable(w3, exc) from exc
+
+
+# One send at a time per node from a process: Ganache's miner sometimes stops for good when sends
+# overlap (8 threads sending transfers: 2 of 7 runs of 3,200 stalled, every later transaction left
+# pending; 0 of 7 with sends one at a time, in the same time, since a send is answered in about a
+# millisecond). Waiting for receipts still overlaps.
+_node_send_locks: dict[str, threading.Lock] = {}
+
+
+def _node_send_lock(w3: Web3) -> threading.Lock:
+    with _key_locks_guard:
+        return _node_send_locks.setdefault(_node_name(w3), threading.Lock())
+
+
+def _send_raw(w3: Web3, signed) -> bytes:
+    """Send a signed transaction; its hash. When the node's answer is lost, the node is asked whether
+    it has the transaction before it is sent again (never twice to a node that has it)."""
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            with _node_send_lock(w3):
+                return w3.eth.send_raw_transaction(signed.raw_transaction)
+        except NODE_ERRORS as exc:
+            lost = exc
+        try:
+            w3.eth.get_transaction(signed.hash)
+            return signed.hash  # it reached the node: only the answer was lost
+        except TransactionNotFound:
+            log.warning("transaction %s: no answer from the node, which does not have it (attempt %d of %d)",
+                        signed.hash.to_0x_hex(), attempt, SEND_ATTEMPTS)
+    raise lost
 
 
 def _replay_failure(w3: Web3, tx: dict, receipt) -> ContractError | None:
@@ -644,7 +687,7 @@ def fund_accounts(w3: Web3, payer_key: str, addresses: list[str]) -> list[str]:
             for offset, (address, value) in enumerate(short.items()):
                 tx = {"to": to_checksum_address(address), "value": value, "gas": TRANSFER_GAS,
                       "nonce": nonce + offset, "chainId": w3.eth.chain_id, **_fee_fields(w3)}
-                hashes.append(w3.eth.send_raw_transaction(payer.sign_transaction(tx).raw_transaction))
+                hashes.append(_send_raw(w3, payer.sign_transaction(tx)))
         for tx_hash in hashes:
             if w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT)["status"] != 1:
                 raise ChainUnavailable(f"funding transfer {tx_hash.to_0x_hex()} failed")
