@@ -134,7 +134,7 @@ class BlockClock:
             last = max(last, number)
 
     def time_of(self, block: int) -> float:
-        return self.seen.get(block, min((t for b, t in self.seen.items() if b >= block), default=time.time()))
+        return self.seen.get(block, min((t for b, t in list(self.seen.items()) if b >= block), default=time.time()))
 
 
 def device_seconds(folder: Path, rounds: range) -> dict[str, float]:
