@@ -71,8 +71,8 @@ RECEIPT_TIMEOUT = 120.0
 # timeout, so a short one bounds that stall (it was 30 s). Healthy nodes answer in milliseconds.
 HTTP_TIMEOUT = 5.0
 # ...but not a transaction: sent again while Ganache mines it, it is refused ("transaction can't
-# be replaced, mining has already started") and Ganache's miner stops for good (every later
-# transaction stays pending). A lost answer to a send is settled by asking for its hash (_send_raw).
+# be replaced, mining has already started"). A lost answer to a send is settled by asking the node
+# for the transaction's hash (_send_raw).
 RETRIED_CALLS = [method for method in REQUEST_RETRY_ALLOWLIST if method != "eth_sendRawTransaction"]
 SEND_ATTEMPTS = 3
 # The most samples a submission may claim (its FedAvg weight), unless the contract is deployed otherwise.
