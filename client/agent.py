@@ -72,8 +72,7 @@ class ClientAgent:
             registry = self.service.registry
         except ActionError:
             return False
-        sender = registry.message_sender(raw_log)
-        return sender is not None and sender != registry.owner
+        return bool(registry.sent_by_client(raw_log))
 
     def done_with(self, round_id: int) -> bool:
         """Whether round `round_id` has had its outcome for this client (learnt from the chain)."""

@@ -847,11 +847,16 @@ class Registry:
         return StartedRound(args["round"], args["baseCid"], args["deadline"], args["quorum"], args["invitedShare"],
                             bytes(args["seed"]))
 
-    def message_sender(self, raw_log) -> str | None:
-        """Who sent a RoundMessage log pushed by a subscription (its indexed sender); None for any other log."""
+    def sent_by_client(self, raw_log) -> bool | None:
+        """Whether a RoundMessage log pushed by a subscription was sent by a client (its indexed sender
+        is not the owner); None for any other log. Every device of a process asks it of every log."""
         if not self.emitted(raw_log, "RoundMessage"):
             return None
-        return to_checksum_address(bytes(raw_log["topics"][2])[-20:])
+        return bytes(raw_log["topics"][2])[-20:] != self._owner_bytes
+
+    @functools.cached_property
+    def _owner_bytes(self) -> bytes:
+        return bytes.fromhex(self.owner[2:])
 
     def pushed_submission(self, raw_log) -> tuple[int, Submission]:
         """The round and the submission an UpdateSubmitted log pushed by a subscription records."""

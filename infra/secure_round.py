@@ -33,7 +33,7 @@ the reason is kept; a sender's first message of each kind is the one that counts
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 from eth_account import Account
@@ -160,14 +160,22 @@ class SecureRoundView:
 
     @classmethod
     def read(cls, messages: list[RoundMessage], owner: str, registry_address: str, round_id: int) -> "SecureRoundView":
-        view = cls()
+        return cls().taking(messages, owner, registry_address, round_id)
+
+    def taking(self, messages: list[RoundMessage], owner: str, registry_address: str, round_id: int) -> "SecureRoundView":
+        """This view with `messages` (those mined after the ones it holds, in order) taken in."""
         for message in messages:
             sender = to_checksum_address(message.sender)
             try:
-                view._take(message, sender, owner, registry_address, round_id)
+                self._take(message, sender, owner, registry_address, round_id)
             except ValueError as exc:
-                view.ignored.append(f"{message.kind.name.lower()} from {sender}: {exc}")
-        return view
+                self.ignored.append(f"{message.kind.name.lower()} from {sender}: {exc}")
+        return self
+
+    def copy(self) -> "SecureRoundView":
+        """A copy whose own records (not the records' values, which are never changed) the caller may change."""
+        return replace(self, keys=dict(self.keys), shares=dict(self.shares), unmasks=dict(self.unmasks),
+                       reveals=dict(self.reveals), ignored=list(self.ignored))
 
     def _take(self, message: RoundMessage, sender: str, owner: str, registry_address: str, round_id: int) -> None:
         kind = message.kind

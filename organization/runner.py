@@ -90,9 +90,10 @@ class RoundRunner:
             return False
         self._updates_awaited = None
         # A secure round's stage: the clients' messages that leave it incomplete call for no look either
-        senders = [registry.message_sender(log) for log in logs] if logs and registry else []
-        from_clients = sum(sender is not None and sender != registry.owner for sender in senders)
-        if self._messages_awaited is not None and senders and all(senders) and from_clients < self._messages_awaited:
+        by_client = [registry.sent_by_client(log) for log in logs] if logs and registry else []
+        from_clients = sum(sent is True for sent in by_client)
+        if (self._messages_awaited is not None and by_client and all(sent is not None for sent in by_client)
+                and from_clients < self._messages_awaited):
             self._messages_awaited -= from_clients
             self._look_at_deadline()
             return False

@@ -241,8 +241,18 @@ def shared_key(secret: bytes, peer_public: bytes, context: bytes) -> bytes:
     Symmetric: shared_key(a.secret, b.public, c) == shared_key(b.secret, a.public, c). A different
     `context` gives an unrelated key, so one key pair can serve many rounds without reusing a mask.
     """
-    context = _require_context(context)
-    private, peer = _private_key(secret), _public_key(peer_public, "peer_public")
+    return _agreed_key(_private_key(secret), peer_public, context)
+
+
+def shared_keys(secret: bytes, peers: dict[str, bytes], context: bytes) -> dict[str, bytes]:
+    """shared_key(secret, peers[p], context) for each peer p: the private key is loaded once (loading
+    it costs as much as an agreement)."""
+    private = _private_key(secret)
+    return {peer: _agreed_key(private, public, context) for peer, public in peers.items()}
+
+
+def _agreed_key(private: X25519PrivateKey, peer_public: bytes, context: bytes) -> bytes:
+    context, peer = _require_context(context), _public_key(peer_public, "peer_public")
     try:
         z = private.exchange(peer)
     except ValueError:  # OpenSSL refuses a small-order point: an all-zero secret (RFC 7748 section 6.1)
@@ -262,8 +272,12 @@ def pair_key(secret: bytes, me: str, peer: str, peer_public: bytes, context: byt
     """The key of the pairwise mask between `me` (holding `secret`) and `peer`: their shared_key over
     `context` and both addresses, so that a client who posts another's public key as its own
     agrees with everyone a key unrelated to that client's (a copied key gives nothing away)."""
+    return _pair_key(_private_key(secret), me, peer, peer_public, context)
+
+
+def _pair_key(private: X25519PrivateKey, me: str, peer: str, peer_public: bytes, context: bytes) -> bytes:
     low, high = sorted((_address(me, "me"), _address(peer, "peer")))
-    return shared_key(secret, peer_public, _require_context(context) + f"|pair|{low}|{high}".encode())
+    return _agreed_key(private, peer_public, _require_context(context) + f"|pair|{low}|{high}".encode())
 
 
 def mask_stream(key: bytes, length: int) -> np.ndarray:
@@ -285,11 +299,11 @@ def mask_stream(key: bytes, length: int) -> np.ndarray:
 
 def _signed_streams(me: str, secret: bytes, peers: dict[str, bytes], length: int, context: bytes) -> np.ndarray:
     """Sum over peers p != me of sign(me, p) * mask_stream(pair_key(secret, me, p, peers[p], context))."""
-    total = np.zeros(length, np.uint32)
+    total, private = np.zeros(length, np.uint32), _private_key(secret)
     for peer in sorted(peers):
         if peer == me:
             continue
-        stream = mask_stream(pair_key(secret, me, peer, peers[peer], context), length)
+        stream = mask_stream(_pair_key(private, me, peer, peers[peer], context), length)
         if me < peer:
             np.add(total, stream, out=total)
         else:
