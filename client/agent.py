@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from client.service import ClientService
@@ -40,6 +40,7 @@ class ClientAgent:
         self._finished_rounds: set[int] = set()  # rounds with an outcome: submitted, refused, missed
         self._enrolled_from = 0  # the first round this client may take part in, once the chain says it
         self.resumable: chain.ClientRound | None = None  # a round whose next step may be taken at once
+        self.awaiting: chain.ClientRound | None = None  # a round whose next step awaits a roster
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "last_event": self.last_event}
@@ -55,7 +56,32 @@ class ClientAgent:
         unmask roster comes next)."""
         if logs and all(self._is_clients_message(log) or self._awaits_unmask_roster(log) for log in logs):
             return
+        if self._steps_on_roster(logs):
+            return
         self.check_round(self._announced(logs))
+
+    def _steps_on_roster(self, logs: list | None) -> bool:
+        """Take the next step of the round a roster among `logs` moves on, when the logs hold only
+        secure-round messages: the round as this client last read it serves (the step reads what it
+        needs of the chain, and looks at the round's closing before it publishes), so a hundred
+        devices of a process do not each ask the chain for the round."""
+        if not logs or (self.awaiting is None and self.service.secure_party is None):
+            return False
+        try:
+            registry = self.service.registry
+        except ActionError:
+            return False
+        if not all(registry.sent_by_client(log) is not None for log in logs):
+            return False
+        rounds = {int.from_bytes(bytes(log["topics"][1]), "big") for log in logs if not registry.sent_by_client(log)}
+        party = self.service.secure_party
+        if self.awaiting is not None and self.awaiting.round_id in rounds:
+            self._take_part(self.awaiting)
+        elif party is not None and party.round_id in rounds and party.submitted and not party.revealed:
+            self._after_closing(party.round_id)
+        else:
+            return False
+        return True
 
     def _awaits_unmask_roster(self, raw_log) -> bool:
         party = self.service.secure_party
@@ -138,15 +164,15 @@ class ClientAgent:
         else:
             self._take_part(opened)
 
-    def _take_part(self, opened: chain.ClientRound) -> None:
-        round_id, self.resumable = opened.round_id, None
+    def _take_part(self, opened: chain.ClientRound, resumed: bool = False) -> None:
+        round_id, self.resumable, self.awaiting = opened.round_id, None, None
         if self.jobs.busy:  # a person's action is running: the agent waits for it
             self.state = f"waiting for '{self.jobs.current.name}' to finish"
             return
         self._record(round_id, "noticed")
         self.state = f"taking part in round {round_id}"
         try:
-            job = self.jobs.start("participate", lambda job: self.service.participate(job, opened), wait=True)
+            job = self.jobs.start("participate", lambda job: self.service.participate(job, opened, resumed), wait=True)
         except ActionError as exc:
             if exc.status >= 500:  # a node's outage or a base that cannot be used now: tried again
                 self._record(round_id, "failed", reason=str(exc))
@@ -168,6 +194,8 @@ class ClientAgent:
                 self.state = f"round {round_id}: waiting for {result['waiting']}"
                 if result.get("resume"):  # or its next step is this device's own: taken after the others' look
                     self.resumable = opened
+                else:
+                    self.awaiting = opened
                 return
             self._finished_rounds.add(round_id)
             if "left_out" in result:
@@ -178,11 +206,16 @@ class ClientAgent:
                          seconds=result["seconds"])  # where the device's time went: chain, ipfs, training...
             self.state = f"submitted to round {round_id}; waiting for the next round"
 
+    @property
+    def trains_next(self) -> bool:
+        """Whether the step this agent may take at once is its training."""
+        return self.resumable is not None and not self.service.trained_for(self.resumable)
+
     def resume(self) -> None:
         """Take the next step of the round whose last step said it may go on at once."""
         opened, self.resumable = self.resumable, None
         if opened is not None:
-            self._take_part(opened)
+            self._take_part(opened, resumed=True)
 
     def _after_closing(self, round_id: int) -> None:
         """A secure round this client submitted to is closed: unmask and reveal what the merge needs."""
@@ -208,12 +241,14 @@ class AgentWatcher:
     """One BlockWatcher for any number of agents on one chain connection: woken by a round's opening,
     its closing and its secure-aggregation messages (the other clients' submissions do not concern
     them), it hands every look to each agent, up to `parallel` at a time. Their training takes turns
-    on the process's one model (the task's lock); their IPFS and chain calls overlap it. A hundred
-    agents thus cost one subscription."""
+    on the process's one model (the task's lock), in a lane of its own when `parallel` > 1: a
+    secure round's devices train there as soon as their keys are out, while the others' keys and
+    masked updates go out beside it. A hundred agents thus cost one subscription."""
 
     def __init__(self, agents: list[ClientAgent], poll_seconds: float = POLL_SECONDS, parallel: int = 1) -> None:
         self.agents = agents
         self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="client-agent") if parallel > 1 else None
+        self._training_lane = ThreadPoolExecutor(1, thread_name_prefix="client-training") if parallel > 1 else None
         self._failed: list[ClientAgent] = []  # the agents whose last look failed
         self._watcher = chain.BlockWatcher("client-agents", agents[0].service.w3, self._look, self._waiting,
                                            poll_seconds, RECHECK_SECONDS, MAX_BACKOFF_SECONDS,
@@ -225,8 +260,9 @@ class AgentWatcher:
 
     def stop(self) -> None:
         self._watcher.stop()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._training_lane):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _due(self, logs: list | None) -> list[ClientAgent]:
         """The agents a look concerns. A recheck (no logs) reads the current round once and leaves
@@ -241,22 +277,38 @@ class AgentWatcher:
         return [agent for agent in self.agents if not agent.done_with(current)]
 
     def _look(self, logs: list | None) -> bool:
-        """Every due agent looks, then those that may go on at once take their next step (a secure
-        round's training, once every agent's keys are out: the organization's roster need not wait
-        for the agents' turns at the model); the failed ones are tried again by the watcher's next look."""
+        """Every due agent looks, and those that may go on at once take their next steps (a secure
+        round's training, then its masked update); the failed ones are tried again by the watcher's
+        next look. One at a time, every agent looks before any goes on: the organization's roster
+        then need not wait for the agents' turns at the model."""
         due = self._due(logs)
-        errors = dict(zip(due, self._map(lambda agent: _outcome(lambda: agent.look(logs)), due)))
-        while resumable := [agent for agent in due if errors[agent] is None and agent.resumable]:
-            errors.update(zip(resumable, self._map(lambda agent: _outcome(agent.resume), resumable)))
+        errors = self._in_turn(due, logs) if self._pool is None else self._overlapped(due, logs)
         self._failed = [agent for agent in due if errors[agent] is not None]
         if self._failed:
             raise errors[self._failed[0]]
         return False  # devices take part for as long as they run
 
-    def _map(self, action, agents: list[ClientAgent]) -> list[Exception | None]:
-        if self._pool is None:
-            return [action(agent) for agent in agents]
-        return list(self._pool.map(action, agents))
+    @staticmethod
+    def _in_turn(due: list[ClientAgent], logs: list | None) -> dict[ClientAgent, Exception | None]:
+        errors = {agent: _outcome(lambda: agent.look(logs)) for agent in due}
+        while resumable := [agent for agent in due if errors[agent] is None and agent.resumable]:
+            errors.update({agent: _outcome(agent.resume) for agent in resumable})
+        return errors
+
+    def _overlapped(self, due: list[ClientAgent], logs: list | None) -> dict[ClientAgent, Exception | None]:
+        """Each agent's next step is handed on as soon as its last one ends: its training to the
+        training lane, anything else to the pool."""
+        errors: dict[ClientAgent, Exception | None] = {}
+        running = {self._pool.submit(_outcome, lambda agent=agent: agent.look(logs)): agent for agent in due}
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                agent = running.pop(future)
+                errors[agent] = future.result()
+                if errors[agent] is None and agent.resumable:
+                    lane = self._training_lane if agent.trains_next else self._pool
+                    running[lane.submit(_outcome, agent.resume)] = agent
+        return errors
 
     def _waiting(self, exc: Exception, wait: float) -> None:
         for agent in self._failed or self.agents:  # before any look: the chain itself failed

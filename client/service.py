@@ -376,11 +376,13 @@ class ClientService:
                  "the masked update " if masked else "", cid, len(data), round_id)
         return self.last_tx
 
-    def participate(self, job: Job | None = None, opened: chain.ClientRound | None = None) -> dict[str, Any]:
+    def participate(self, job: Job | None = None, opened: chain.ClientRound | None = None,
+                    resumed: bool = False) -> dict[str, Any]:
         """Pull, train and publish; a failure at any step publishes nothing. `opened`: the round as
         the caller just read it, open and not yet submitted to (the contract still refuses a second
         submission). In a secure round, take its stages as far as they can go now: the result
-        says what it waits for ("waiting") or why this client is left out ("left_out")."""
+        says what it waits for ("waiting") or why this client is left out ("left_out"); `resumed`
+        (the step its last result said to take at once): training is then a step of its own."""
         timer = PhaseTimer()
         with timer.phase("chain"):  # read once for all three steps
             opened = opened or self._unsubmitted_round()
@@ -388,14 +390,15 @@ class ClientService:
             job.step = "pull"
         self.pull(timer, opened)
         if self.base.privacy.secure_aggregation:
-            return {**self._secure_step(job, timer, opened), "seconds": timer.as_dict()}
+            return {**self._secure_step(job, timer, opened, resumed), "seconds": timer.as_dict()}
         for step, action in (("train", lambda: self.train(job, timer)), ("publish", lambda: self.publish(timer, opened))):
             if job is not None:
                 job.step = step
             result = action()
         return {**result, **(self._trained_view() or {}), "seconds": timer.as_dict()}
 
-    def _secure_step(self, job: Job | None, timer: PhaseTimer, opened: chain.ClientRound) -> dict[str, Any]:
+    def _secure_step(self, job: Job | None, timer: PhaseTimer, opened: chain.ClientRound,
+                     resumed: bool) -> dict[str, Any]:
         registry, me, round_id = self.registry, self.address, opened.round_id
         party = self.secure_party
         if party is None or (party.round_id, party.base_cid) != (round_id, opened.base_cid):
@@ -435,12 +438,17 @@ class ClientService:
             posted = True
         # Trained once its shares are out, while the others' come in: a device too slow to submit by
         # the deadline is then a dropout the others' shares recover, not one that holds up the rosters.
-        if self.trained is None or (self.trained.round_id, self.trained.base_cid) != (round_id, opened.base_cid):
-            if posted:  # trained at its next turn: the other devices of its process post theirs first
+        # Posting, training and (when resumed) publishing are steps of their own, taken at the
+        # device's next turn (`resume`): training takes turns on the process's one model, the other
+        # steps wait for IPFS and the chain, and the agents' watcher overlaps the two kinds.
+        if not self.trained_for(opened):
+            if posted:
                 return {"round": round_id, "waiting": "its turn to train (its messages are out)", "resume": True}
             if job is not None:
                 job.step = "train"
             self.train(job, timer)
+            if resumed:
+                return {"round": round_id, "waiting": "its turn to publish (it has trained)", "resume": True}
             with timer.phase("chain"):  # the mask roster may have come meanwhile
                 view = self.round_facts.view(registry, party.info)
             problem = secure_round.roster_problem(view, me, plan.threshold)
@@ -463,6 +471,11 @@ class ClientService:
             submitted = self._submit(data, round_id, plan.reported_samples(result.num_samples), timer, masked=True)
             party.submitted = True
         return {**submitted, **(self._trained_view() or {})}
+
+    def trained_for(self, opened: chain.ClientRound) -> bool:
+        """Whether this device holds its trained update for round `opened` (from its base)."""
+        return self.trained is not None and (self.trained.round_id, self.trained.base_cid) == (opened.round_id,
+                                                                                               opened.base_cid)
 
     def _closed_before_publishing(self, round_id: int) -> str | None:
         """Why this client must not publish its masked update now (None when it may): the round

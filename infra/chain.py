@@ -947,7 +947,8 @@ class BlockWatcher:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=timeout)
 
     @property
     def websocket_url(self) -> str | None:

@@ -3,6 +3,7 @@ four client agents, one decision at a time, through the stages of a secure round
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -164,6 +165,78 @@ def test_the_devices_of_one_process_all_post_their_shares_before_any_of_them_tra
     assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
     stage(agents)
     assert registry.round(1).submissions == CLIENTS
+
+
+def test_with_agents_in_parallel_each_device_trains_in_the_training_lane_and_posts_from_the_pool(network):
+    """A process's pool posts the devices' shares and masked updates; their training, one at a time
+    on the process's model, runs in a lane of its own as soon as each device's shares are out."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    stage(agents)  # keys
+    assert not runner.step() and runner.state.endswith("waiting for the clients' secret shares"), runner.state
+    trained_on, published_on = [], []
+    for agent in agents:
+        service = agent.service
+
+        def train(job=None, timer=None, train=service.train):
+            trained_on.append(threading.current_thread().name)
+            return train(job, timer)
+
+        def submit(*args, submit=service._submit, **kwargs):
+            published_on.append(threading.current_thread().name)
+            return submit(*args, **kwargs)
+
+        service.train, service._submit = train, submit
+    watcher = AgentWatcher(agents, parallel=3)
+    try:
+        watcher._look(None)  # shares, then training
+        assert len(trained_on) == CLIENTS and all(name.startswith("client-training") for name in trained_on)
+        assert published_on == []
+        assert all("mask roster" in agent.state for agent in agents), [a.state for a in agents]
+        assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
+        watcher._look(None)  # the masked updates, from the pool
+    finally:
+        watcher.stop()
+    assert registry.round(1).submissions == CLIENTS and len(trained_on) == CLIENTS
+    assert len(published_on) == CLIENTS and all(name.startswith("client-agent") for name in published_on)
+
+
+def test_a_roster_pushed_to_a_waiting_device_moves_it_on_without_reading_the_round_again(network):
+    """The organization's roster log is enough: a device waiting for it takes its next step with the
+    round as it last read it, and so, once it has submitted, for the unmask roster."""
+    org, runner, agents = network["org"], network["runner"], network["agents"]
+    registry = org.registry
+    assert all("key roster" in state for state in stage(agents))
+    assert not runner.step()  # the key roster
+
+    def pushed_rosters(kind: chain.MessageKind) -> list:
+        logs = registry.w3.eth.get_logs({"address": registry.address, "fromBlock": registry.deployment_block,
+                                          "topics": chain.event_topics("RoundMessage")})
+        blocks = {m.block_number for m in registry.round_messages(registry.round(1)) if m.kind == kind}
+        return [log for log in logs if log["blockNumber"] in blocks and registry.sent_by_client(log) is False]
+
+    def no_round_read(*args):
+        raise AssertionError("the device read the round again")
+
+    for agent in agents:
+        agent.service.registry.current_round_for = no_round_read
+    key_roster = pushed_rosters(chain.MessageKind.KEY_ROSTER)
+    assert len(key_roster) == 1
+    for agent in agents:
+        agent.look(key_roster)
+    assert all("turn to train" in agent.state for agent in agents), [a.state for a in agents]
+    for agent in agents:  # trains, then finds no mask roster to publish to
+        while agent.resumable:
+            agent.resume()
+    assert all("mask roster" in agent.state for agent in agents), [a.state for a in agents]
+    assert not runner.step() and f"0 of {CLIENTS} invited clients have submitted" in runner.state, runner.state
+    for agent in agents:
+        agent.look(pushed_rosters(chain.MessageKind.MASK_ROSTER))
+    assert registry.round(1).submissions == CLIENTS
+    assert not runner.step() and registry.round(1).closed  # all in: closed, the unmask roster posted
+    for agent in agents:
+        agent.look(pushed_rosters(chain.MessageKind.UNMASK_ROSTER))
+    assert all(agent.service.secure_party.unmasked for agent in agents)
 
 
 def test_a_client_that_drops_out_after_masking_is_recovered_from_the_survivors_pairwise_keys(network):
