@@ -49,12 +49,15 @@ class ClientAgent:
         self.last_event = {"time": time.time(), "round": round_id, "event": event, **details}
         append_json_line(self.activity_path, self.last_event)
 
+    def ignores(self, logs: list | None) -> bool:
+        """Whether pushed `logs` call for no look. Other clients' secure-round messages do not: only
+        the organization's rosters move a client's stage on; nor does the closing of a secure round
+        this client submitted to (its unmask roster comes next)."""
+        return bool(logs) and all(self._is_clients_message(log) or self._awaits_unmask_roster(log) for log in logs)
+
     def look(self, logs: list | None) -> None:
-        """What the watcher calls: `logs` are the logs pushed, None for a look at the chain. Other
-        clients' secure-round messages call for no look: only the organization's rosters move a
-        client's stage on; nor does the closing of a secure round this client submitted to (its
-        unmask roster comes next)."""
-        if logs and all(self._is_clients_message(log) or self._awaits_unmask_roster(log) for log in logs):
+        """What the watcher calls: `logs` are the logs pushed, None for a look at the chain."""
+        if self.ignores(logs):
             return
         if self._steps_on_roster(logs):
             return
@@ -281,7 +284,8 @@ class AgentWatcher:
         round's training, then its masked update); the failed ones are tried again by the watcher's
         next look. One at a time, every agent looks before any goes on: the organization's roster
         then need not wait for the agents' turns at the model."""
-        due = self._due(logs)
+        due = [agent for agent in self._due(logs) if not agent.ignores(logs)]  # in this thread: a hundred
+        # agents ignore each client's message, which need not go through the pool
         errors = self._in_turn(due, logs) if self._pool is None else self._overlapped(due, logs)
         self._failed = [agent for agent in due if errors[agent] is not None]
         if self._failed:
