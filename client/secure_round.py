@@ -95,6 +95,7 @@ class RoundFacts:
         self._messages: tuple[tuple[str, int], int, SecureRoundView] | None = None
         self._lock = threading.Lock()
         self._messages_lock = threading.Lock()  # one device reads the new blocks, the others wait for it
+        self._closing_lock = threading.Lock()
 
     def view(self, registry: chain.Registry, info: chain.RoundInfo) -> SecureRoundView:
         """Round `info`'s messages as they stand on chain: only the blocks mined since the last
@@ -117,17 +118,16 @@ class RoundFacts:
         device of the process once the unmask roster is out (what unmasking reads of them is fixed
         from then on), and again while `need_recovery` and no recovery roster is in what was read."""
         key = (registry.address, info.round_id)
-        with self._lock:
+        with self._closing_lock:  # the process's devices ask at once: the first one reads, the others wait
             cached = self._closed if self._closed is not None and self._closed[0] == key else None
-        if cached is not None and not (need_recovery and cached[1].recovery_roster is None):
-            return cached[1], cached[2]
-        view = self.view(registry, info)
-        submitted = cached[2] if cached is not None else {
-            to_checksum_address(s.client) for s in registry.logged_submissions(info)}
-        if view.unmask_roster is not None:
-            with self._lock:
+            if cached is not None and not (need_recovery and cached[1].recovery_roster is None):
+                return cached[1], cached[2]
+            view = self.view(registry, info)
+            submitted = cached[2] if cached is not None else {
+                to_checksum_address(s.client) for s in registry.logged_submissions(info)}
+            if view.unmask_roster is not None:
                 self._closed = (key, view, submitted)
-        return view, submitted
+            return view, submitted
 
     def of(self, registry: chain.Registry, round_id: int, threshold: int) -> tuple[chain.RoundInfo,
                                                                                    dict[str, bytes] | None]:
