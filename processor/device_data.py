@@ -8,6 +8,9 @@
   Features are made as for the bundled dataset: the user's profile beside the item's genres and
   year from the public item catalogue; a rating of 4 or more is "interested".
 
+For a task given as a spec (processor.task_spec), the label's column and each feature's, as
+`spec_columns` lists them.
+
 Every problem is a DeviceDataError that names the file, the row and the column.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from processor.task_spec import CategoricalColumn, NumericColumn, NumericLabel, TaskSpec
 from processor.tasks import Task, movielens_features, read_movielens
 
 MAX_ROWS = 1_000_000  # as many samples as the contract accepts by default (infra.chain.DEFAULT_MAX_SAMPLES)
@@ -32,23 +36,32 @@ class DeviceDataError(ValueError):
 @dataclass(frozen=True)
 class Column:
     name: str
-    low: int | None = None  # an integer column's range, inclusive
-    high: int | None = None
+    low: int | float | None = None  # a number column's range, inclusive (None: unbounded on that side)
+    high: int | float | None = None
     choices: tuple[str, ...] | None = None  # a text column's allowed values
+    real: bool = False  # a real number, not an integer
 
-    def parse(self, text: str, where: str) -> int | str:
+    def parse(self, text: str, where: str) -> int | float | str:
         if self.choices is not None:
             if text not in self.choices:
                 shown = ", ".join(self.choices) if len(self.choices) <= 8 else f"{len(self.choices)} known values"
                 raise DeviceDataError(f"{where}, column {self.name}: {text!r} is not one of {shown}")
             return text
         try:
-            value = int(text)
+            value = float(text) if self.real else int(text)
         except ValueError:
-            raise DeviceDataError(f"{where}, column {self.name}: {text!r} is not an integer") from None
-        if not self.low <= value <= self.high:
-            raise DeviceDataError(f"{where}, column {self.name}: {value} is outside {self.low}-{self.high}")
+            raise DeviceDataError(f"{where}, column {self.name}: {text!r} is not "
+                                  f"{'a number' if self.real else 'an integer'}") from None
+        if self.real and not np.isfinite(value):
+            raise DeviceDataError(f"{where}, column {self.name}: {text!r} is not a finite number")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise DeviceDataError(f"{where}, column {self.name}: {_shown(value)} is outside "
+                                  f"{_shown(self.low)}-{_shown(self.high)}")
         return value
+
+
+def _shown(number: int | float | None) -> str:
+    return "" if number is None else f"{number:g}" if isinstance(number, float) else str(number)
 
 
 def _image_columns(pixels: int, max_value: int) -> list[Column]:
@@ -76,7 +89,7 @@ def columns_for(task: Task) -> list[Column]:
     raise DeviceDataError(f"task {task.name!r} takes no device data file")
 
 
-def _rows(path: Path, columns: list[Column]) -> list[dict[str, int | str]]:
+def _rows(path: Path, columns: list[Column], max_rows: int = MAX_ROWS) -> list[dict[str, int | float | str]]:
     try:
         handle = path.open(newline="", encoding="utf-8")
     except FileNotFoundError:
@@ -106,8 +119,8 @@ def _rows(path: Path, columns: list[Column]) -> list[dict[str, int | str]]:
                 where = f"{path}, row {number}"
                 if len(fields) != len(names):
                     raise DeviceDataError(f"{where}: {len(fields)} values for {len(names)} columns")
-                if len(rows) == MAX_ROWS:
-                    raise DeviceDataError(f"{path} has more than {MAX_ROWS} rows")
+                if len(rows) == max_rows:
+                    raise DeviceDataError(f"{path} has more than {max_rows} rows")
                 rows.append({name: by_name[name].parse(text.strip(), where) for name, text in zip(names, fields)})
         except UnicodeDecodeError:
             raise DeviceDataError(f"{path} is not UTF-8 text") from None
@@ -142,3 +155,41 @@ def read_device_data(task: Task, path: Path | str) -> tuple[np.ndarray, np.ndarr
     if x.shape[1] != task.input_dim:
         raise DeviceDataError(f"{path} makes {x.shape[1]} features, but the task's model takes {task.input_dim}")
     return x.astype(np.float32), y
+
+
+def spec_columns(spec: TaskSpec) -> list[Column]:
+    """The columns of a device's file for `spec`: its label's, then each feature's (a numeric
+    feature of size k > 1 in columns name_0 .. name_{k-1})."""
+    label = spec.label
+    columns = [Column(label.name, real=True) if isinstance(label, NumericLabel)
+               else Column(label.name, choices=tuple(label.classes))]
+    for feature in spec.features:
+        if isinstance(feature, NumericColumn):
+            names = [feature.name] if feature.size == 1 else [f"{feature.name}_{i}" for i in range(feature.size)]
+            columns += [Column(name, feature.min, feature.max, real=True) for name in names]
+        elif isinstance(feature, CategoricalColumn):
+            columns.append(Column(feature.name, choices=tuple(feature.vocabulary)))
+        else:
+            columns.append(Column(feature.name, 0, feature.cardinality - 1))
+    return columns
+
+
+def read_spec_data(spec: TaskSpec, path: Path | str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(features by name, as the spec's model takes them; labels: class indices, or the numbers
+    of a numeric label) of the data file at `path`, checked against `spec` row by row."""
+    path = Path(path)
+    rows = _rows(path, spec_columns(spec), min(MAX_ROWS, spec.limits.rows))
+    features: dict[str, np.ndarray] = {}
+    for feature in spec.features:
+        if isinstance(feature, NumericColumn):
+            names = [feature.name] if feature.size == 1 else [f"{feature.name}_{i}" for i in range(feature.size)]
+            features[feature.name] = np.array([[row[n] for n in names] for row in rows], np.float32)
+        elif isinstance(feature, CategoricalColumn):
+            features[feature.name] = np.array([[row[feature.name]] for row in rows], dtype=object)
+        else:
+            features[feature.name] = np.array([[row[feature.name]] for row in rows], np.int64)
+    label = spec.label
+    if isinstance(label, NumericLabel):
+        return features, np.array([row[label.name] for row in rows], np.float32)
+    index = {name: i for i, name in enumerate(label.classes)}
+    return features, np.array([index[row[label.name]] for row in rows], np.int64)

@@ -157,3 +157,26 @@ def test_what_is_not_a_spec_at_all_is_refused_clearly():
         read_spec(json.dumps({**spec_document(), "format": "fl-task/2"}))
     with pytest.raises(SpecError, match="at most"):
         read_spec(b" " * (task_spec.MAX_SPEC_BYTES + 1))
+
+
+def test_a_device_s_file_is_read_and_checked_against_the_spec_row_by_row(tmp_path):
+    from processor.device_data import DeviceDataError, read_spec_data
+
+    spec = read_spec(json.dumps(spec_document()))
+    path = tmp_path / "device.csv"
+    path.write_text("age,country,item,opened\n30,fr,3,yes\n70.5,de,49,no\n")
+    features, labels = read_spec_data(spec, path)
+    assert features["age"].tolist() == [[30.0], [70.5]] and features["country"].tolist() == [["fr"], ["de"]]
+    assert features["item"].tolist() == [[3], [49]] and labels.tolist() == [1, 0]
+    assert build_model(spec)(features).shape == (2, 2)
+    for text, match in [("30,es,3,yes", "row 2, column country: 'es' is not one of de, fr, it"),
+                        ("130,fr,3,yes", "row 2, column age: 130 is outside 0-120"),
+                        ("30,fr,50,yes", "row 2, column item: 50 is outside 0-49"),
+                        ("30,fr,3,maybe", "row 2, column opened: 'maybe' is not one of no, yes"),
+                        ("nan,fr,3,yes", "row 2, column age: 'nan' is not a finite number")]:
+        path.write_text(f"age,country,item,opened\n{text}\n")
+        with pytest.raises(DeviceDataError, match=match):
+            read_spec_data(spec, path)
+    path.write_text("age,item,opened\n30,3,yes\n")
+    with pytest.raises(DeviceDataError, match="missing column\\(s\\) country"):
+        read_spec_data(spec, path)
