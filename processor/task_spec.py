@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from processor.training import TrainingSettings
 
@@ -59,16 +59,19 @@ class NumericColumn(_Document):
         return self
 
 
+def _distinct(values: list[str]) -> list[str]:
+    if len(set(values)) != len(values):
+        raise ValueError("names a value twice")
+    return values
+
+
+Tokens = Annotated[list[Token], AfterValidator(_distinct)]
+
+
 class CategoricalColumn(_Document):
     kind: Literal["categorical"]
     name: Name
-    vocabulary: list[Token] = Field(min_length=1, max_length=MAX_VOCABULARY)
-
-    @model_validator(mode="after")
-    def _unique(self) -> "CategoricalColumn":
-        if len(set(self.vocabulary)) != len(self.vocabulary):
-            raise ValueError("the vocabulary names a value twice")
-        return self
+    vocabulary: Tokens = Field(min_length=1, max_length=MAX_VOCABULARY)
 
 
 class IdColumn(_Document):
@@ -85,12 +88,10 @@ class ClassLabel(_Document):
     """A class out of `classes`, as the data file writes them; the model gives one logit per class."""
     kind: Literal["binary", "multiclass"]
     name: Name
-    classes: list[Token] = Field(min_length=2, max_length=MAX_CLASSES)
+    classes: Tokens = Field(min_length=2, max_length=MAX_CLASSES)
 
     @model_validator(mode="after")
     def _classes(self) -> "ClassLabel":
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError("the classes name a class twice")
         if (self.kind == "binary") != (len(self.classes) == 2):
             raise ValueError(f"a {self.kind} label has {'2' if self.kind == 'binary' else 'more than 2'} classes, "
                              f"this one {len(self.classes)}")

@@ -77,6 +77,7 @@ def test_a_spec_with_keras_preprocessing_builds_the_model_it_describes():
     (lambda d: d.update(extra=1), "extra: Extra inputs are not permitted"),
     (lambda d: d["label"].update(classes=["no", "yes", "maybe"]), "a binary label has 2 classes, this one 3"),
     (lambda d: d["features"][1].update(vocabulary=[]), "features.1.categorical.vocabulary"),
+    (lambda d: d["features"][1].update(vocabulary=["de", "de"]), "vocabulary: Value error, names a value twice"),
     (lambda d: d["features"][0].update(name="age; rm"), "features.0.numeric.name"),
 ])
 def test_a_spec_that_does_not_hold_together_is_refused_naming_the_field(change, match):
