@@ -71,7 +71,7 @@ def app_settings(args: argparse.Namespace) -> Settings:
 # custom operations are on", once per library).
 TENSORFLOW_NOTES = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\) is called"
                               r"|I\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.]+:\d+\] ")
-TENSORFLOW_COMMANDS = ("app", "client", "clients", "demo")
+TENSORFLOW_COMMANDS = ("app", "client", "clients", "demo", "task")
 
 
 def load_tensorflow_quietly() -> None:
@@ -249,6 +249,39 @@ def cmd_enrol(args: argparse.Namespace) -> None:
         print(f"enrolled {client}: it takes part from round {registry.enrolled_from(client)}")
 
 
+def cmd_task(args: argparse.Namespace) -> None:
+    """Draft a task spec from a data file, or check a spec and data files against it."""
+    import json
+
+    from processor import task_spec
+    from processor.device_data import DeviceDataError, read_spec_data
+
+    try:
+        if args.action == "init":
+            if not args.label:
+                sys.exit("run.py task init: name the column to predict with --label")
+            document = task_spec.draft_spec(args.files[0], args.label, args.name)
+            spec = task_spec.read_spec(json.dumps(document))
+            text = json.dumps(document, indent=1)
+            if args.output:
+                args.output.write_text(text + "\n")
+            else:
+                print(text)
+        else:
+            spec = task_spec.read_spec(Path(args.files[0]).read_bytes())
+        kinds = ", ".join(f"{column.name} ({column.kind})" for column in spec.features)
+        print(f"task {spec.name!r}: {spec.label.kind} label {spec.label.name!r} from {kinds}; "
+              f"{task_spec.check_model(spec).parameters:,} parameters (limit {spec.limits.parameters:,})",
+              file=sys.stderr if args.action == "init" and not args.output else sys.stdout)
+        for path in args.files[1:] if args.action == "check" else ():
+            _, labels = read_spec_data(spec, path)
+            print(f"{path}: {len(labels)} rows fit the spec")
+    except (task_spec.SpecError, DeviceDataError) as exc:
+        sys.exit(f"run.py task {args.action}: {exc}")
+    except OSError as exc:
+        sys.exit(f"run.py task {args.action}: {exc.filename}: {exc.strerror}")
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from infra import chain
 
@@ -420,6 +453,16 @@ def main(argv: list[str] | None = None) -> None:
                        help="instead of addresses: the N accounts of `run.py clients --count N`, each funded first "
                             "from the organization's account when it holds less than 0.1 ether")
     enrol.add_argument("--first-id", type=int, default=0, help="with --clients-of: the group's first client id")
+    task = command("task", cmd_task, "draft a task spec (the problem as a document: columns, label, Keras model) "
+                   "from a data file, or check a spec and data files against it",
+                   (), "python run.py task init device.csv --label opened --output offer.json")
+    task.add_argument("action", choices=["init", "check"], help="init: draft a spec from a CSV; check: read a spec "
+                                                                "(and data files) and say what it holds")
+    task.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                      help="init: the CSV; check: the spec, then any data files to check against it")
+    task.add_argument("--label", help="init: the column to predict")
+    task.add_argument("--name", default="task", help="init: the task's name")
+    task.add_argument("--output", type=Path, help="init: write the spec here (default: standard output)")
     command("compile", cmd_compile, "compile the contract into build/contracts/RoundRegistry.json (setup.sh does it)",
             (), "python run.py compile")
     command("chain", cmd_chain, "start a chain node (Ganache, or anvil) and keep it running",

@@ -391,3 +391,73 @@ def build_model(spec: TaskSpec, seed: int = 0):
         raise SpecError(f"model: Keras built {functional.count_params()} parameters where its config gives "
                         f"{checked.parameters}")
     return EWCModel(inputs=functional.input, outputs=functional.output)
+
+
+# ---- drafting a spec from a data file ------------------------------------------------------------
+
+DRAFT_HIDDEN = 32  # the drafted model's one hidden layer
+NUMERIC_LABEL_MIN_VALUES = 20  # a numeric label with fewer distinct values is drafted as classes
+
+
+def draft_spec(path, label: str, name: str = "task", max_rows: int = 100_000) -> dict:
+    """A first spec for the CSV at `path` (a header, then rows), predicting its column `label`: a
+    column whose values are all numbers is numeric (its range and, in the model's Normalization
+    layer, its mean and variance from the file), any other is categorical (its values, one-hot
+    through a StringLookup); the label is numeric when it is a number with many values, else a
+    class. The model: the features side by side, one ReLU layer, the output. A draft to read and
+    edit (kinds, ranges, the model), then to check with read_spec."""
+    import csv
+
+    import keras
+    import numpy as np
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = [column.strip() for column in next(reader, [])]
+        rows = [row for _, row in zip(range(max_rows), reader) if any(field.strip() for field in row)]
+    if label not in header:
+        raise SpecError(f"{path} has no column {label!r} (its columns: {', '.join(header[:10])})")
+    if not rows or any(len(row) != len(header) for row in rows):
+        raise SpecError(f"{path}: every row holds one value per column of its header, and there is at least one")
+    values = {column: [row[i].strip() for row in rows] for i, column in enumerate(header)}
+
+    def numbers(column: str) -> np.ndarray | None:
+        try:
+            parsed = np.array([float(value) for value in values[column]], np.float64)
+        except ValueError:
+            return None
+        return parsed if np.all(np.isfinite(parsed)) else None
+
+    features, inputs, parts = [], {}, []
+    for column in header:
+        if column == label:
+            continue
+        parsed = numbers(column)
+        if parsed is not None:
+            features.append({"kind": "numeric", "name": column, "min": float(parsed.min()), "max": float(parsed.max())})
+            inputs[column] = keras.Input(shape=(1,), name=column)
+            parts.append(keras.layers.Normalization(mean=[float(parsed.mean())], variance=[float(parsed.var()) or 1.0],
+                                                    name=f"{column}_scaled")(inputs[column]))
+        else:
+            vocabulary = sorted(set(values[column]))
+            features.append({"kind": "categorical", "name": column, "vocabulary": vocabulary})
+            inputs[column] = keras.Input(shape=(1,), name=column, dtype="string")
+            parts.append(keras.layers.StringLookup(vocabulary=vocabulary, output_mode="one_hot",
+                                                   name=f"{column}_onehot")(inputs[column]))
+    if not features:
+        raise SpecError(f"{path} holds no column beside the label to learn from")
+    targets = numbers(label)
+    if targets is not None and len(np.unique(targets)) >= NUMERIC_LABEL_MIN_VALUES:
+        label_spec, outputs = {"kind": "numeric", "name": label}, 1
+        loss, metrics = "mean_squared_error", ["rmse", "mae"]
+    else:
+        classes = sorted(set(values[label]), key=float if targets is not None else str)
+        label_spec = {"kind": "binary" if len(classes) == 2 else "multiclass", "name": label, "classes": classes}
+        outputs, loss = len(classes), "sparse_categorical_crossentropy"
+        metrics = ["accuracy", "auc"] if len(classes) == 2 else ["accuracy"]
+    joined = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
+    hidden = keras.layers.Dense(DRAFT_HIDDEN, activation="relu", name="hidden")(joined)
+    model = keras.Model(inputs=inputs, outputs=keras.layers.Dense(outputs, name="output")(hidden))
+    return {"format": FORMAT, "name": name, "features": features, "label": label_spec,
+            "model": orjson.loads(model.to_json()), "private_layers": [], "loss": loss, "metrics": metrics,
+            "training": {}, "limits": Limits().model_dump()}

@@ -4,6 +4,7 @@ serve with waitress and say only that unless asked for more."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import signal
 import socket
@@ -60,7 +61,7 @@ def test_a_wrong_flag_fails_before_tensorflow_loads(argv, complaint):
     assert complaint in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["app", "client", "clients", "deploy", "enrol", "chain", "ipfs", "demo"])
+@pytest.mark.parametrize("command", ["app", "client", "clients", "deploy", "enrol", "chain", "ipfs", "demo", "task"])
 def test_each_commands_help_shows_defaults_and_an_example(command):
     done = subprocess.run([*PYTHON_RUN, command, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -235,3 +236,28 @@ def test_an_unset_training_flag_takes_the_tasks_plan():
     assert plan_of(["--task", "mnist"]) == TrainingSettings()
     assert plan_of(["--task", "interest", "--epochs", "1"]) == replace(interest, epochs=1)
     assert plan_of(["--task", "mnist", "--regularizer", "fedprox"]) == TrainingSettings(regularizer="fedprox")
+
+
+def test_run_task_drafts_a_spec_from_a_csv_and_checks_data_files_against_it(tmp_path):
+    data = tmp_path / "device.csv"
+    data.write_text("age,country,spend,opened\n30,de,12.5,yes\n45,fr,3.0,no\n22,de,40.1,yes\n61,it,0.0,no\n")
+    spec = tmp_path / "offer.json"
+    drafted = subprocess.run([*PYTHON_RUN, "task", "init", str(data), "--label", "opened", "--name", "offer",
+                              "--output", str(spec)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert drafted.returncode == 0, drafted.stderr
+    assert "binary label 'opened' from age (numeric), country (categorical), spend (numeric)" in drafted.stdout
+    document = json.loads(spec.read_text())
+    assert document["features"][1] == {"kind": "categorical", "name": "country", "vocabulary": ["de", "fr", "it"]}
+    assert document["features"][0]["min"] == 22 and document["features"][0]["max"] == 61
+    other = tmp_path / "other.csv"
+    other.write_text("age,country,spend,opened\n30,es,1,yes\n")
+    checked = subprocess.run([*PYTHON_RUN, "task", "check", str(spec), str(data), str(other)], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 1 and f"{data}: 4 rows fit the spec" in checked.stdout
+    assert checked.stderr.strip().endswith(f"{other}, row 2, column country: 'es' is not one of de, fr, it")
+    assert "Traceback" not in checked.stderr
+    document["model"]["config"]["layers"][-1]["class_name"] = "Lambda"
+    spec.write_text(json.dumps(document))
+    refused = subprocess.run([*PYTHON_RUN, "task", "check", str(spec)], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "'Lambda' of module 'keras.layers' is not one of the built-in" in refused.stderr

@@ -181,3 +181,19 @@ def test_a_device_s_file_is_read_and_checked_against_the_spec_row_by_row(tmp_pat
     path.write_text("age,item,opened\n30,3,yes\n")
     with pytest.raises(DeviceDataError, match="missing column\\(s\\) country"):
         read_spec_data(spec, path)
+
+
+def test_a_drafted_spec_is_a_valid_one_a_number_with_many_values_a_numeric_label(tmp_path):
+    from processor.device_data import read_spec_data
+
+    path = tmp_path / "houses.csv"
+    path.write_text("rooms,area,town,price\n" + "".join(f"{1 + i % 5},{50 + 3 * i},{'ab'[i % 2]},{100 + 7 * i}\n"
+                                                        for i in range(30)))
+    document = task_spec.draft_spec(path, "price", "houses")
+    spec = read_spec(json.dumps(document))
+    assert spec.label.kind == "numeric" and spec.loss == "mean_squared_error" and spec.outputs == 1
+    assert [column.kind for column in spec.features] == ["numeric", "numeric", "categorical"]
+    features, prices = read_spec_data(spec, path)
+    assert build_model(spec)(features).shape == (30, 1) and prices[:2].tolist() == [100.0, 107.0]
+    with pytest.raises(SpecError, match="has no column 'cost'"):
+        task_spec.draft_spec(path, "cost")
