@@ -255,9 +255,4 @@ def test_run_task_drafts_a_spec_from_a_csv_and_checks_data_files_against_it(tmp_
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 1 and f"{data}: 4 rows fit the spec" in checked.stdout
     assert checked.stderr.strip().endswith(f"{other}, row 2, column country: 'es' is not one of de, fr, it")
-    assert "Traceback" not in checked.stderr
-    document["model"]["config"]["layers"][-1]["class_name"] = "Lambda"
-    spec.write_text(json.dumps(document))
-    refused = subprocess.run([*PYTHON_RUN, "task", "check", str(spec)], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=120)
-    assert refused.returncode == 1 and "'Lambda' of module 'keras.layers' is not one of the built-in" in refused.stderr
+    assert "Traceback" not in checked.stderr  # a hostile spec's refusals: tests/test_task_spec.py
