@@ -271,7 +271,7 @@ def cmd_task(args: argparse.Namespace) -> None:
             spec = task_spec.read_spec(Path(args.files[0]).read_bytes())
         kinds = ", ".join(f"{column.name} ({column.kind})" for column in spec.features)
         print(f"task {spec.name!r}: {spec.label.kind} label {spec.label.name!r} from {kinds}; "
-              f"{task_spec.check_model(spec).parameters:,} parameters (limit {spec.limits.parameters:,})",
+              f"{spec.checked.parameters:,} parameters (limit {spec.limits.parameters:,})",
               file=sys.stderr if args.action == "init" and not args.output else sys.stdout)
         for path in args.files[1:] if args.action == "check" else ():
             _, labels = read_spec_data(spec, path)

@@ -74,9 +74,10 @@ class ClientAgent:
             registry = self.service.registry
         except ActionError:
             return False
-        if not all(registry.sent_by_client(log) is not None for log in logs):
+        by_client = [registry.sent_by_client(log) for log in logs]
+        if None in by_client:
             return False
-        rounds = {int.from_bytes(bytes(log["topics"][1]), "big") for log in logs if not registry.sent_by_client(log)}
+        rounds = {int.from_bytes(bytes(log["topics"][1]), "big") for log, sent in zip(logs, by_client) if not sent}
         party = self.service.secure_party
         if self.awaiting is not None and self.awaiting.round_id in rounds:
             self._take_part(self.awaiting)

@@ -158,15 +158,13 @@ def read_device_data(task: Task, path: Path | str) -> tuple[np.ndarray, np.ndarr
 
 
 def spec_columns(spec: TaskSpec) -> list[Column]:
-    """The columns of a device's file for `spec`: its label's, then each feature's (a numeric
-    feature of size k > 1 in columns name_0 .. name_{k-1})."""
+    """The columns of a device's file for `spec`: its label's, then each feature's."""
     label = spec.label
     columns = [Column(label.name, real=True) if isinstance(label, NumericLabel)
                else Column(label.name, choices=tuple(label.classes))]
     for feature in spec.features:
         if isinstance(feature, NumericColumn):
-            names = [feature.name] if feature.size == 1 else [f"{feature.name}_{i}" for i in range(feature.size)]
-            columns += [Column(name, feature.min, feature.max, real=True) for name in names]
+            columns += [Column(name, feature.min, feature.max, real=True) for name in feature.columns]
         elif isinstance(feature, CategoricalColumn):
             columns.append(Column(feature.name, choices=tuple(feature.vocabulary)))
         else:
@@ -182,8 +180,7 @@ def read_spec_data(spec: TaskSpec, path: Path | str) -> tuple[dict[str, np.ndarr
     features: dict[str, np.ndarray] = {}
     for feature in spec.features:
         if isinstance(feature, NumericColumn):
-            names = [feature.name] if feature.size == 1 else [f"{feature.name}_{i}" for i in range(feature.size)]
-            features[feature.name] = np.array([[row[n] for n in names] for row in rows], np.float32)
+            features[feature.name] = np.array([[row[n] for n in feature.columns] for row in rows], np.float32)
         elif isinstance(feature, CategoricalColumn):
             features[feature.name] = np.array([[row[feature.name]] for row in rows], dtype=object)
         else:

@@ -13,6 +13,7 @@ safe mode.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -51,6 +52,11 @@ class NumericColumn(_Document):
     size: int = Field(1, ge=1, le=MAX_WIDTH)
     min: float | None = None
     max: float | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        """The names of the data file's columns it takes."""
+        return [self.name] if self.size == 1 else [f"{self.name}_{i}" for i in range(self.size)]
 
     @model_validator(mode="after")
     def _range(self) -> "NumericColumn":
@@ -155,6 +161,11 @@ class TaskSpec(_Document):
         """How devices train unless the organization's round plan says otherwise."""
         return TrainingSettings(**self.training)
 
+    @functools.cached_property
+    def checked(self) -> "CheckedModel":
+        """The model config as check_model checks it, once for the spec (SpecError if it does not hold)."""
+        return check_model(self)
+
     @property
     def outputs(self) -> int:
         """The width of the model's output: a logit per class, or the one predicted value."""
@@ -173,7 +184,7 @@ def read_spec(data: bytes | str) -> TaskSpec:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "the spec"
         raise SpecError(f"{where}: {first['msg']}") from None
-    check_model(spec)
+    spec.checked  # its model is checked as it is read, and kept for build_model
     return spec
 
 
@@ -384,7 +395,7 @@ def build_model(spec: TaskSpec, seed: int = 0):
 
     from processor.ewc import EWCModel
 
-    checked = check_model(spec)
+    checked = spec.checked
     keras.utils.set_random_seed(seed)
     functional = keras.saving.deserialize_keras_object(checked.config, safe_mode=True)
     if functional.count_params() != checked.parameters:
