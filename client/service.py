@@ -32,7 +32,6 @@ from infra.webapp import (
     store_status,
 )
 from processor import codec, penalty, privacy, rounds, secure_sum
-from processor.device_data import read_device_data
 from processor.evaluation import Evaluation, majority_baseline
 from processor.penalty import Curvature, RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan
@@ -110,7 +109,7 @@ class ClientService:
         self.key = config.key or chain.client_key(config.client_id)
         self.address = Account.from_key(self.key).address
         if config.data_path is not None:
-            x, y = read_device_data(self.task, config.data_path)
+            x, y = self.task.read_device_data(config.data_path)
         else:
             x, y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
                                          seed=config.seed, alpha=config.alpha)

@@ -172,21 +172,18 @@ def spec_columns(spec: TaskSpec) -> list[Column]:
     return columns
 
 
-def read_spec_data(spec: TaskSpec, path: Path | str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(features by name, as the spec's model takes them; labels: class indices, or the numbers
-    of a numeric label) of the data file at `path`, checked against `spec` row by row."""
+def read_spec_data(spec: TaskSpec, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, a table of the features as the spec's model takes them (`TaskSpec.row_dtype`);
+    labels: class indices, or the numbers of a numeric label standardized by its mean and std) of
+    the data file at `path`, checked against `spec` row by row."""
     path = Path(path)
     rows = _rows(path, spec_columns(spec), min(MAX_ROWS, spec.limits.rows))
-    features: dict[str, np.ndarray] = {}
+    table = np.zeros(len(rows), spec.row_dtype())
     for feature in spec.features:
-        if isinstance(feature, NumericColumn):
-            features[feature.name] = np.array([[row[n] for n in feature.columns] for row in rows], np.float32)
-        elif isinstance(feature, CategoricalColumn):
-            features[feature.name] = np.array([[row[feature.name]] for row in rows], dtype=object)
-        else:
-            features[feature.name] = np.array([[row[feature.name]] for row in rows], np.int64)
+        names = feature.columns if isinstance(feature, NumericColumn) else [feature.name]
+        table[feature.name] = [[row[name] for name in names] for row in rows]
     label = spec.label
     if isinstance(label, NumericLabel):
-        return features, np.array([row[label.name] for row in rows], np.float32)
+        return table, ((np.array([row[label.name] for row in rows], np.float64) - label.mean) / label.std).astype(np.float32)
     index = {name: i for i, name in enumerate(label.classes)}
-    return features, np.array([index[row[label.name]] for row in rows], np.int64)
+    return table, np.array([index[row[label.name]] for row in rows], np.int64)

@@ -19,26 +19,37 @@ HOLDOUT_FRACTION = 0.1  # of a device's samples, kept out of training to evaluat
 MAX_REPORT_CHARS = 300
 
 
+METRIC_LIMIT = 1e12  # of a reported RMSE or MAE, in the label's own units
+
+
 class ReportSchema(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     samples: int = Field(ge=1, le=10**9)
-    accuracy: float = Field(ge=0.0, le=1.0)
     loss: float = Field(ge=0.0, le=1e6)
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0)  # of a class label
     auc: float | None = Field(default=None, ge=0.0, le=1.0)
+    rmse: float | None = Field(default=None, ge=0.0, le=METRIC_LIMIT)  # of a numeric label
+    mae: float | None = Field(default=None, ge=0.0, le=METRIC_LIMIT)
+
+
+OPTIONAL_METRICS = ("accuracy", "auc", "rmse", "mae")  # as a task measures them: a class's, or a number's
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A model's metrics on `samples` held-out samples (AUC only for a two-class task)."""
+    """A model's metrics on `samples` held-out samples: the loss, then a class label's accuracy
+    (and AUC for a two-class task) or a numeric label's RMSE and MAE."""
     samples: int
-    accuracy: float
     loss: float
+    accuracy: float | None = None
     auc: float | None = None
+    rmse: float | None = None
+    mae: float | None = None
 
     @classmethod
     def of(cls, metrics: dict[str, float], samples: int) -> "Evaluation":
-        return cls(samples, metrics["accuracy"], metrics["loss"], metrics.get("auc"))
+        return cls(samples, metrics["loss"], **{name: metrics.get(name) for name in OPTIONAL_METRICS})
 
     def to_json(self) -> str:
         return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None}).decode()
@@ -52,9 +63,12 @@ class Evaluation:
             fields = ReportSchema.model_validate(orjson.loads(text))
         except (orjson.JSONDecodeError, ValidationError) as exc:
             raise ValueError(f"the evaluation report does not fit its schema: {exc}") from None
-        if not all(math.isfinite(v) for v in (fields.accuracy, fields.loss, fields.auc or 0.0)):
+        values = fields.model_dump()
+        if not all(math.isfinite(v) for v in values.values() if v is not None):
             raise ValueError("the evaluation report holds non-finite values")
-        return cls(**fields.model_dump())
+        if (fields.accuracy is None) == (fields.rmse is None):
+            raise ValueError("the evaluation report gives a class label's accuracy or a number's RMSE, one of them")
+        return cls(**values)
 
 
 def majority_baseline(labels: np.ndarray) -> dict[str, float | int]:
@@ -75,15 +89,17 @@ def holdout_split(num_samples: int, seed: int, fraction: float = HOLDOUT_FRACTIO
 
 def weighted_mean(reports: Iterable[Evaluation]) -> dict[str, float] | None:
     """The reports' sample-weighted means, with the devices and samples they cover; None without
-    reports. AUC is averaged over the reports that have one."""
+    reports. Each metric is averaged over the reports that have it; RMSE as the root of the mean
+    squared error, as over the devices' rows pooled."""
     reports = list(reports)
     if not reports:
         return None
     samples = sum(r.samples for r in reports)
-    mean = {"devices": len(reports), "samples": samples,
-            "accuracy": sum(r.accuracy * r.samples for r in reports) / samples,
-            "loss": sum(r.loss * r.samples for r in reports) / samples}
-    with_auc = [r for r in reports if r.auc is not None]
-    if with_auc:
-        mean["auc"] = sum(r.auc * r.samples for r in with_auc) / sum(r.samples for r in with_auc)
+    mean = {"devices": len(reports), "samples": samples, "loss": sum(r.loss * r.samples for r in reports) / samples}
+    for name in OPTIONAL_METRICS:
+        having = [r for r in reports if getattr(r, name) is not None]
+        if having:
+            power = 2 if name == "rmse" else 1
+            mean[name] = (sum(getattr(r, name) ** power * r.samples for r in having)
+                          / sum(r.samples for r in having)) ** (1 / power)
     return mean

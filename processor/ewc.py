@@ -108,6 +108,20 @@ def recommender(side_dim: int, num_items: int, factors: int, users: int, user_st
     return EWCModel(inputs=inputs, outputs=keras.ops.concatenate([keras.ops.zeros_like(score), score], axis=-1))
 
 
+def model_inputs(x: np.ndarray):
+    """What a model is called on: a table of named columns (a structured array, as a task spec's
+    rows are) as a dict of its columns, which its inputs are named after; an array as it is."""
+    return {name: x[name] for name in x.dtype.names} if x.dtype.names else x
+
+
+def _class_nll(labels, outputs):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=outputs)
+
+
+def _gaussian_nll(targets, outputs):  # a numeric label's, of unit variance: half the squared error
+    return 0.5 * tf.square(targets - outputs[:, 0])
+
+
 def get_weights(model: keras.Model) -> Weights:
     """The trainable tensors by name (e.g. "hidden_0/kernel"), as float32 copies."""
     return {v.path: np.array(v.numpy(), dtype=np.float32) for v in model.trainable_variables}
@@ -121,17 +135,24 @@ def set_weights(model: keras.Model, weights: Weights) -> None:
 PER_SAMPLE_BATCH = 256  # per-sample gradients are dense: 256 x an item table of 1,683 x 16 is 28 MB
 
 
-def fisher_diagonal(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> Weights:
+def fisher_diagonal(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size: int = 1024,
+                    numeric: bool = False) -> Weights:
     """The diagonal empirical Fisher of the global tensors: the mean over samples of each squared
-    per-sample gradient of the log-likelihood of the true label (private tensors held as they are).
-    `batch_size` is that of the closed form for Dense chains."""
+    per-sample gradient of the log-likelihood of the true label (a class's; with `numeric`, a
+    number's under unit Gaussian noise), private tensors held as they are. `x` is an array or a
+    table (`model_inputs`); `batch_size` is that of the closed form for Dense chains."""
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if all(isinstance(layer, keras.layers.Dense) and layer.use_bias for layer in layers):
-        return _dense_chain_fisher(layers, x, y, batch_size)
-    return _per_sample_fisher(model, x, y, PER_SAMPLE_BATCH)
+    columns = x.dtype.names
+    if all(isinstance(layer, keras.layers.Dense) and layer.use_bias for layer in layers) and len(columns or "x") == 1:
+        return _dense_chain_fisher(layers, x if columns is None else x[columns[0]], y, batch_size, numeric)
+    return _per_sample_fisher(model, x, y, PER_SAMPLE_BATCH, numeric)
 
 
-def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: int) -> Weights:
+def _label_tensor(y: np.ndarray, numeric: bool):
+    return tf.convert_to_tensor(y, tf.float32 if numeric else tf.int32)
+
+
+def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: int, numeric: bool) -> Weights:
     """The Fisher of a chain of Dense layers (as `mlp` builds), in closed form.
 
     A sample's kernel gradient is the outer product of the layer's input a and the gradient g of
@@ -152,7 +173,7 @@ def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: 
                 pre_activations.append(z)
                 h = layer.activation(z)
             # each sample's loss depends on its own row only: the gradient of the sum holds them all
-            nll = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=h))
+            nll = tf.reduce_sum((_gaussian_nll if numeric else _class_nll)(yb, h))
         grads = tape.gradient(nll, pre_activations)
         return [part for a, g in zip(inputs, grads)
                 for part in (tf.matmul(tf.square(a), tf.square(g), transpose_a=True), tf.reduce_sum(tf.square(g), 0))]
@@ -160,13 +181,13 @@ def _dense_chain_fisher(layers: list, x: np.ndarray, y: np.ndarray, batch_size: 
     totals = [np.zeros(v.shape, np.float64) for v in variables]
     for start in range(0, len(x), batch_size):
         xb = tf.convert_to_tensor(x[start:start + batch_size], tf.float32)
-        yb = tf.convert_to_tensor(y[start:start + batch_size], tf.int32)
+        yb = _label_tensor(y[start:start + batch_size], numeric)
         for total, part in zip(totals, summed_squared_gradients(xb, yb)):
             total += part.numpy()
     return {v.path: (t / max(len(x), 1)).astype(np.float32) for v, t in zip(variables, totals)}
 
 
-def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size: int) -> Weights:
+def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size: int, numeric: bool) -> Weights:
     """The Fisher of any model, from per-sample gradients vectorised over a batch (tf.vectorized_map).
 
     Every batch has `batch_size` rows, a short last one padded with copies of its first row that
@@ -176,13 +197,14 @@ def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size
     """
     variables = model.global_variables
     totals = [np.zeros(v.shape, np.float64) for v in variables]
-    summed = _summed_squared_gradients(model)
+    summed = _summed_squared_gradients(model, numeric)
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         counted = np.arange(batch_size) < len(yb)
         padding = np.zeros(batch_size - len(yb), np.int64)
-        parts = summed(tf.convert_to_tensor(np.concatenate([xb, xb[padding]]), tf.float32),
-                       tf.convert_to_tensor(np.concatenate([yb, yb[padding]]), tf.int32),
+        rows = np.concatenate([xb, xb[padding]])
+        parts = summed(tf.nest.map_structure(tf.convert_to_tensor, model_inputs(rows)),
+                       _label_tensor(np.concatenate([yb, yb[padding]]), numeric),
                        tf.convert_to_tensor(counted, tf.float32))
         for total, part in zip(totals, parts):
             total += part.numpy()
@@ -190,15 +212,16 @@ def _per_sample_fisher(model: EWCModel, x: np.ndarray, y: np.ndarray, batch_size
 
 
 @functools.cache
-def _summed_squared_gradients(model: EWCModel):
+def _summed_squared_gradients(model: EWCModel, numeric: bool):
     """A traced function of (x, y, counted) -> per global variable, the sum over the counted
     samples of squared gradients; made once per model, so later rounds reuse its trace."""
     variables = model.global_variables
+    nll_of = _gaussian_nll if numeric else _class_nll
 
     def one(sample):
         xi, yi = sample
         with tf.GradientTape() as tape:
-            nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yi[None], logits=model(xi[None]))
+            nll = nll_of(yi[None], model(tf.nest.map_structure(lambda column: column[None], xi)))
         # an embedding's gradient is sparse (the rows the sample uses): made dense to be squared
         return [tf.convert_to_tensor(g) for g in tape.gradient(nll, variables)]
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from processor import aggregate as agg
 from processor import penalty
-from processor.ewc import fisher_diagonal, get_weights, set_weights
+from processor.ewc import fisher_diagonal, get_weights, model_inputs, set_weights
 from processor.penalty import Curvature
 from processor.tasks import Task
 from processor.training import TrainingSettings
@@ -83,7 +83,7 @@ def fisher_of(task: Task, weights: Weights, x: np.ndarray, y: np.ndarray, privat
     with task.lock:
         model = task.model()
         set_weights(model, {**weights, **(task.initial_private() if private is None else private)})
-        return fisher_diagonal(model, x, y)
+        return fisher_diagonal(model, x, y, numeric=task.numeric_label)
 
 
 def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.ndarray, training: TrainingSettings,
@@ -108,7 +108,7 @@ def train(task: Task, weights: Weights, fisher: Weights, x: np.ndarray, y: np.nd
             order = orders.permutation(len(y))
             # Batches of arrays shuffled here: given the arrays, Keras builds and traces a shuffling
             # tf.data pipeline on every fit, which cost three times the epoch itself (mnist client).
-            batches = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(training.batch_size)
+            batches = tf.data.Dataset.from_tensor_slices((model_inputs(x[order]), y[order])).batch(training.batch_size)
             callbacks = [BatchProgress(progress, epoch, training.epochs, batches_per_epoch)] if progress else []
             logs = model.fit(batches, epochs=1, shuffle=False, verbose=0, callbacks=callbacks).history
             if progress:

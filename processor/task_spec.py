@@ -13,7 +13,9 @@ safe mode.
 """
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -105,9 +107,12 @@ class ClassLabel(_Document):
 
 
 class NumericLabel(_Document):
-    """A number to predict (regression); the model gives one value."""
+    """A number to predict (regression). The model gives it standardized, (y - mean) / std, so that
+    it trains in units of the label's spread whatever its own units; metrics are in its own units."""
     kind: Literal["numeric"]
     name: Name
+    mean: float = Field(0.0, allow_inf_nan=False)
+    std: float = Field(1.0, gt=0.0, allow_inf_nan=False)
 
 
 Label = Annotated[ClassLabel | NumericLabel, Field(discriminator="kind")]
@@ -165,6 +170,21 @@ class TaskSpec(_Document):
     def checked(self) -> "CheckedModel":
         """The model config as check_model checks it, once for the spec (SpecError if it does not hold)."""
         return check_model(self)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Names what the spec says, whatever the order or spacing of its file: a task's architecture,
+        so that a model or an update made for another spec is refused."""
+        canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()[:32]
+
+    def row_dtype(self):
+        """A table of the spec's rows, one field per feature as its model input takes it (a numeric
+        feature's `size` numbers, a category's text, an id): a NumPy structured dtype."""
+        import numpy as np
+
+        kinds = {"numeric": np.float32, "categorical": object, "id": np.int64}
+        return np.dtype([(column.name, kinds[column.kind], (getattr(column, "size", 1),)) for column in self.features])
 
     @property
     def outputs(self) -> int:
@@ -397,7 +417,8 @@ def build_model(spec: TaskSpec, seed: int = 0):
 
     checked = spec.checked
     keras.utils.set_random_seed(seed)
-    functional = keras.saving.deserialize_keras_object(checked.config, safe_mode=True)
+    # Keras takes the config apart as it reads it: it is given a copy, and the spec's is kept for the next model
+    functional = keras.saving.deserialize_keras_object(copy.deepcopy(checked.config), safe_mode=True)
     if functional.count_params() != checked.parameters:
         raise SpecError(f"model: Keras built {functional.count_params()} parameters where its config gives "
                         f"{checked.parameters}")
@@ -459,7 +480,8 @@ def draft_spec(path, label: str, name: str = "task", max_rows: int = 100_000) ->
         raise SpecError(f"{path} holds no column beside the label to learn from")
     targets = numbers(label)
     if targets is not None and len(np.unique(targets)) >= NUMERIC_LABEL_MIN_VALUES:
-        label_spec, outputs = {"kind": "numeric", "name": label}, 1
+        label_spec = {"kind": "numeric", "name": label, "mean": float(targets.mean()), "std": float(targets.std()) or 1.0}
+        outputs = 1
         loss, metrics = "mean_squared_error", ["rmse", "mae"]
     else:
         classes = sorted(set(values[label]), key=float if targets is not None else str)

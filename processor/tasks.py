@@ -36,16 +36,18 @@ class TaskData:
     groups_train: np.ndarray | None = None  # the user of each training row, where rows belong to users
 
 
-def holdout_split(x: np.ndarray, y: np.ndarray) -> TaskData:
-    """Stratified train / validation / test split, fixed for the task."""
+def holdout_split(x: np.ndarray, y: np.ndarray, stratify: bool = True) -> TaskData:
+    """Train / validation / test split (stratified by label: the classes' shares kept in each),
+    fixed for the task."""
     # scikit-learn is imported where it is used: the command line reads the task names from this
     # module, and checks them in a tenth of the time it takes to load it.
     from sklearn.model_selection import train_test_split
 
-    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=TEST_FRACTION, stratify=y,
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=TEST_FRACTION, stratify=y if stratify else None,
                                                       random_state=HOLDOUT_SEED)
     x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=VAL_FRACTION / (1 - TEST_FRACTION), stratify=y_rest, random_state=HOLDOUT_SEED)
+        x_rest, y_rest, test_size=VAL_FRACTION / (1 - TEST_FRACTION), stratify=y_rest if stratify else None,
+        random_state=HOLDOUT_SEED)
     return TaskData(x_train, y_train, x_val, y_val, x_test, y_test)
 
 
@@ -194,14 +196,20 @@ class Task:
 
         return mlp(self.input_dim, self.hidden, self.num_classes, seed)
 
+    numeric_label = False  # a number to predict (regression), not a class
+
+    def compile_settings(self) -> dict[str, Any]:
+        """The loss and the metrics the working model trains with."""
+        import keras
+
+        return {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "metrics": ["accuracy"]}
+
     @cached_property
     def _model(self):
         import keras
 
         model = self.build_model()
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"], jit_compile=False)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05), jit_compile=False, **self.compile_settings())
         return model
 
     def model(self):
@@ -255,6 +263,12 @@ class Task:
             period[np.isin(labels, group)] = p
         return period
 
+    def read_device_data(self, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, labels) of a device's own data file, checked against the task's columns."""
+        from processor.device_data import read_device_data
+
+        return read_device_data(self, path)
+
     def device_rows(self, data: TaskData, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The training pool's rows `index` as one device holds them."""
         return data.x_train[index], data.y_train[index]
@@ -270,12 +284,12 @@ class Task:
                batch_size: int = 4096) -> np.ndarray:
         """The model's logits on `x`: global `weights` with the device's `private` tensors (zero
         when None: users the model has never seen)."""
-        from processor.ewc import set_weights
+        from processor.ewc import model_inputs, set_weights
 
         with self._lock:
             model = self.model()
             set_weights(model, {**weights, **(self.initial_private() if private is None else private)})
-            return np.concatenate([np.asarray(model(x[i:i + batch_size], training=False))
+            return np.concatenate([np.asarray(model(model_inputs(x[i:i + batch_size]), training=False))
                                    for i in range(0, len(x), batch_size)])
 
     def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray,

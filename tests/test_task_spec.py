@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from processor import task_spec
+from processor.ewc import model_inputs
 from processor.task_spec import SpecError, build_model, check_model, read_spec
 
 FEATURES = [{"kind": "numeric", "name": "age", "min": 0, "max": 120},
@@ -166,10 +167,11 @@ def test_a_device_s_file_is_read_and_checked_against_the_spec_row_by_row(tmp_pat
     spec = read_spec(json.dumps(spec_document()))
     path = tmp_path / "device.csv"
     path.write_text("age,country,item,opened\n30,fr,3,yes\n70.5,de,49,no\n")
-    features, labels = read_spec_data(spec, path)
-    assert features["age"].tolist() == [[30.0], [70.5]] and features["country"].tolist() == [["fr"], ["de"]]
-    assert features["item"].tolist() == [[3], [49]] and labels.tolist() == [1, 0]
-    assert build_model(spec)(features).shape == (2, 2)
+    rows, labels = read_spec_data(spec, path)
+    assert rows["age"].tolist() == [[30.0], [70.5]] and rows["country"].tolist() == [["fr"], ["de"]]
+    assert rows["item"].tolist() == [[3], [49]] and labels.tolist() == [1, 0]
+    assert rows[::-1]["country"].tolist() == [["de"], ["fr"]]  # a table: rows are taken as one
+    assert build_model(spec)(model_inputs(rows)).shape == (2, 2)
     for text, match in [("30,es,3,yes", "row 2, column country: 'es' is not one of de, fr, it"),
                         ("130,fr,3,yes", "row 2, column age: 130 is outside 0-120"),
                         ("30,fr,50,yes", "row 2, column item: 50 is outside 0-49"),
@@ -193,7 +195,10 @@ def test_a_drafted_spec_is_a_valid_one_a_number_with_many_values_a_numeric_label
     spec = read_spec(json.dumps(document))
     assert spec.label.kind == "numeric" and spec.loss == "mean_squared_error" and spec.outputs == 1
     assert [column.kind for column in spec.features] == ["numeric", "numeric", "categorical"]
-    features, prices = read_spec_data(spec, path)
-    assert build_model(spec)(features).shape == (30, 1) and prices[:2].tolist() == [100.0, 107.0]
+    rows, prices = read_spec_data(spec, path)
+    assert build_model(spec)(model_inputs(rows)).shape == (30, 1)
+    # the model learns the price standardized by the file's mean and spread
+    assert spec.label.mean == pytest.approx(100 + 7 * 14.5) and prices.mean() == pytest.approx(0, abs=1e-6)
+    assert prices.std() == pytest.approx(1, abs=1e-6)
     with pytest.raises(SpecError, match="has no column 'cost'"):
         task_spec.draft_spec(path, "cost")

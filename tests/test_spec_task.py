@@ -1,0 +1,109 @@
+"""A task given as a spec runs through the same round steps as a built-in one: its rows a table of
+named columns, its model the spec's, a class or a number to predict."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from processor import codec, rounds, task_spec
+from processor.evaluation import Evaluation, weighted_mean
+from processor.simulation import SimulationConfig, simulate
+from processor.spec_task import spec_task
+from processor.training import TrainingSettings
+
+
+def write_rows(path, count: int, seed: int = 0, numeric: bool = False) -> None:
+    """Rows whose label follows from a number and a category: "yes" when x + (1 if town is b) > 1,
+    or with `numeric` the number 100 + 30 x + 20 [town is b] plus noise."""
+    rng = np.random.default_rng(seed)
+    x, town = rng.uniform(0, 2, count), rng.choice(["a", "b", "c"], count)
+    lines = ["x,town,label"]
+    for value, place in zip(x, town):
+        if numeric:
+            label = f"{100 + 30 * value + 20 * (place == 'b') + rng.normal(0, 2):.3f}"
+        else:
+            label = "yes" if value + (place == "b") > 1 else "no"
+        lines.append(f"{value:.4f},{place},{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def drafted(path, label: str = "label"):
+    return task_spec.read_spec(json.dumps(task_spec.draft_spec(path, label, "offer")))
+
+
+def test_a_spec_s_class_task_learns_in_the_simulation_from_a_table_with_a_category(tmp_path):
+    write_rows(tmp_path / "pool.csv", 600)
+    task = spec_task(drafted(tmp_path / "pool.csv"), pool=tmp_path / "pool.csv")
+    data = task.data()
+    assert data.x_train.dtype.names == ("x", "town") and len(data.y_test) == 120
+    config = SimulationConfig(num_clients=3, rounds=4, training=TrainingSettings(epochs=3, learning_rate=0.1),
+                              holdout=True)
+    result = simulate(task, config)
+    baseline = task.baseline()
+    assert baseline["answer"] in ("no", "yes")
+    assert result.rounds[-1].test["accuracy"] > baseline["accuracy"] + 0.25
+    assert result.rounds[-1].federated["accuracy"] > baseline["accuracy"]
+    # the base model names the spec it was built for: a model of another spec is refused
+    base = rounds.make_base(task, result.final_weights)
+    encoded = codec.encode_model(task, base.weights, base.fisher, 1, task.plan)
+    assert codec.decode_model(task, encoded).weights.keys() == base.weights.keys()
+    other = spec_task(task_spec.read_spec(json.dumps({**task_spec.draft_spec(tmp_path / "pool.csv", "label", "offer"),
+                                                      "metrics": ["accuracy"]})))
+    assert other.spec == task.spec and other.arch_id != task.arch_id
+    with pytest.raises(codec.CodecError, match="arch"):
+        codec.decode_model(other, encoded)
+
+
+def test_the_fisher_of_a_table_of_one_column_is_the_closed_form_s_and_agrees_with_per_sample_gradients(
+        tmp_path, monkeypatch):
+    import keras
+
+    from processor import ewc
+
+    inputs = keras.Input(shape=(2,), name="v")
+    hidden = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs={"v": inputs}, outputs=keras.layers.Dense(2, name="output")(hidden))
+    document = {"format": task_spec.FORMAT, "name": "pairs", "features": [{"kind": "numeric", "name": "v", "size": 2}],
+                "label": {"kind": "binary", "name": "label", "classes": ["no", "yes"]},
+                "model": json.loads(model.to_json()), "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+    path = tmp_path / "pool.csv"
+    path.write_text("v_0,v_1,label\n" + "".join(f"{i % 7},{(3 * i) % 5},{'yes' if i % 3 else 'no'}\n" for i in range(50)))
+    task = spec_task(task_spec.read_spec(json.dumps(document)), pool=path)
+    x, y = task.data().x_train, task.data().y_train
+    built, per_sample_fisher = task.model(), ewc._per_sample_fisher
+    with monkeypatch.context() as patch:
+        patch.setattr(ewc, "_per_sample_fisher", None)  # a Dense chain on one column: the closed form only
+        closed = ewc.fisher_diagonal(built, x, y)
+    per_sample = per_sample_fisher(built, x, y, 16, numeric=False)
+    assert set(closed) == {"hidden/kernel", "hidden/bias", "output/kernel", "output/bias"}
+    for name in closed:
+        np.testing.assert_allclose(closed[name], per_sample[name], rtol=1e-4, atol=1e-7)
+    assert sum(float(f.sum()) for f in closed.values()) > 0
+
+
+def test_a_numeric_label_trains_standardized_and_is_measured_in_its_own_units(tmp_path):
+    write_rows(tmp_path / "pool.csv", 500, numeric=True)
+    spec = drafted(tmp_path / "pool.csv")
+    assert spec.label.kind == "numeric" and spec.label.std > 10  # the price spreads over tens
+    task = spec_task(spec, pool=tmp_path / "pool.csv")
+    baseline = task.baseline()
+    assert baseline["rmse"] > 15 and 110 < baseline["answer"] < 150
+    config = SimulationConfig(num_clients=3, rounds=4, training=TrainingSettings(epochs=3, learning_rate=0.05),
+                              holdout=True)
+    result = simulate(task, config)
+    final = result.rounds[-1]
+    assert final.test["rmse"] < baseline["rmse"] / 2 and final.test["mae"] < final.test["rmse"]
+    assert "accuracy" not in final.test and final.federated["rmse"] < baseline["rmse"] / 2
+    report = Evaluation.of(final.test, 100)
+    assert Evaluation.from_json(report.to_json()) == report and report.accuracy is None
+
+
+def test_a_report_gives_a_class_s_metrics_or_a_number_s_and_rmse_pools_as_a_root_mean_square():
+    with pytest.raises(ValueError, match="accuracy or a number's RMSE"):
+        Evaluation.from_json('{"samples": 3, "loss": 0.5}')
+    with pytest.raises(ValueError, match="accuracy or a number's RMSE"):
+        Evaluation.from_json('{"samples": 3, "loss": 0.5, "accuracy": 0.5, "rmse": 1.0}')
+    mean = weighted_mean([Evaluation(1, 1.0, rmse=3.0), Evaluation(3, 1.0, rmse=1.0)])
+    assert mean["rmse"] == pytest.approx(np.sqrt((9 + 3) / 4)) and "accuracy" not in mean
