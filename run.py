@@ -115,9 +115,29 @@ def wait_forever(what: str) -> None:
         pass
 
 
+def task_reference(text: str) -> str:
+    """A --task: a built-in task's name, a task spec file, or the CID a spec was published under."""
+    from processor.spec_task import is_spec_file
+
+    if text in TASKS or is_spec_file(text):
+        return text
+    from infra.ipfs import StorageError, parse_cid
+
+    try:
+        parse_cid(text)
+    except StorageError:
+        raise argparse.ArgumentTypeError(f"{text!r} is none of the tasks {', '.join(TASKS)}, nor a task spec "
+                                         "file (*.json), nor a CID") from None
+    return text
+
+
 def plan_from(args: argparse.Namespace) -> TrainingSettings:
     """The round plan: the flags given, the task's own plan for the rest."""
-    return TrainingSettings.from_args(args, base=TASKS[args.task].plan)
+    if args.task in TASKS:
+        return TrainingSettings.from_args(args, base=TASKS[args.task].plan)
+    from processor.spec_task import read_task_file
+
+    return TrainingSettings.from_args(args, base=read_task_file(args.task).plan)
 
 
 def cmd_app(args: argparse.Namespace) -> None:
@@ -126,16 +146,24 @@ def cmd_app(args: argparse.Namespace) -> None:
     from organization import create_app
     from organization.service import OrganizationConfig
     from processor.screen import policy_for
+    from processor.task_spec import SpecError
 
-    config = OrganizationConfig(task=args.task, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                                training=plan_from(args),
+    try:
+        training = plan_from(args)
+    except SpecError as exc:
+        sys.exit(f"run.py app: the task spec {args.task}: {exc}")
+    config = OrganizationConfig(task=args.task, held_out=args.test_data, seed=args.seed,
+                                pretrain_epochs=args.pretrain_epochs, training=training,
                                 merge=policy_for(args.bounds, aggregation=args.aggregation, clip_norm=args.clip_norm),
                                 privacy=args.privacy,
                                 open_enrolment=args.open_enrolment,
                                 max_samples=args.max_samples or chain.DEFAULT_MAX_SAMPLES,
                                 rules=round_rules_from(args), rounds=args.rounds,
                                 target_accuracy=args.target_accuracy, stage_seconds=args.stage_seconds)
-    app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
+    try:
+        app = create_app({"SETTINGS": app_settings(args), "ORG_CONFIG": config})
+    except ValueError as exc:  # a held-out file that does not fit the spec, or none given: said in one line
+        sys.exit(f"run.py app: {exc}")
     serve(app, args.host, args.port, debug=args.debug)
 
 
@@ -168,15 +196,17 @@ def round_rules_from(args: argparse.Namespace):
 
 def partition_of(args: argparse.Namespace) -> str:
     """The --partition asked for, else the task's own (by-user for interest)."""
-    return args.partition or TASKS[args.task].default_partition
+    return args.partition or (TASKS[args.task].default_partition if args.task in TASKS else "iid")
 
 
 def cmd_client(args: argparse.Namespace) -> None:
     from client import create_app
     from client.service import ClientConfig, WrongNetwork
     from infra import chain
+    from infra.ipfs import StorageError
     from infra.webapp import serve
     from processor.device_data import DeviceDataError
+    from processor.task_spec import SpecError
 
     key = args.key or (chain.DEV_KEYS[args.account] if args.account is not None else None)
     config = ClientConfig(client_id=args.id, num_clients=args.clients, task=args.task, partition=partition_of(args),
@@ -184,7 +214,7 @@ def cmd_client(args: argparse.Namespace) -> None:
                           train_delay=args.train_delay)
     try:
         app = create_app({"SETTINGS": app_settings(args), "CLIENT_CONFIG": config})
-    except (DeviceDataError, WrongNetwork) as exc:  # checked before the first round, said in one line
+    except (DeviceDataError, WrongNetwork, SpecError, StorageError) as exc:  # before the first round, in one line
         sys.exit(f"client {args.id}: {exc}")
     serve(app, args.host, args.port if args.port else 5100 + args.id, debug=args.debug)
 
@@ -363,13 +393,17 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--debug", action="store_true",
                          help="serve with Werkzeug's development server instead of waitress")
 
-    def task_flag(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--task", default="mnist", choices=list(TASKS),
-                         help="what is learned: handwritten digits (mnist, digits) or whether a user likes a film "
-                              "(interest)")
+    def task_flag(sub: argparse.ArgumentParser, spec: str = "") -> None:
+        """--task; with `spec`, what else names a task spec (for the README: "Your own problem")."""
+        text = ("what is learned: handwritten digits (mnist, digits) or whether a user likes a film (interest)"
+                + (f", or your own problem: {spec}" if spec else ""))
+        if spec:
+            sub.add_argument("--task", default="mnist", type=task_reference, help=text)
+        else:
+            sub.add_argument("--task", default="mnist", choices=list(TASKS), help=text)
 
-    def data_flags(sub: argparse.ArgumentParser) -> None:
-        task_flag(sub)
+    def data_flags(sub: argparse.ArgumentParser, spec: str = "") -> None:
+        task_flag(sub, spec)
         sub.add_argument("--partition", choices=SCHEMES,
                          help="how the bundled dataset is split among the clients (default: the task's own: "
                               "by-user for interest, each client a group of MovieLens users; iid for the others)")
@@ -378,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     everything = ("chain_url", "ipfs_api", "state_dir", "contract_record")  # an app's; the demo's and chain's add the node
     app = command("app", cmd_app, "the organization's app", everything,
                   "python run.py app --rounds 10  # runs 10 rounds by itself; dashboard on http://127.0.0.1:5000")
-    task_flag(app)
+    task_flag(app, "a task spec file (run.py task init drafts one)")
+    app.add_argument("--test-data", type=Path, help="with a task spec: the organization's own rows of its columns, "
+                                                    "a CSV file it measures every round on (its test set)")
     app.add_argument("--host", default="127.0.0.1", help="address to serve the dashboard and API on")
     app.add_argument("--port", type=int, default=5000, help="port to serve the dashboard and API on")
     debug_flag(app)
@@ -406,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     cli = command("client", cmd_client, "one device's app", everything,
                   "python run.py client --id 0 --clients 3  # takes part in every round; page on "
                   "http://127.0.0.1:5100")
-    data_flags(cli)
+    data_flags(cli, "a task spec file, or the CID the organization published its spec under")
     cli.add_argument("--id", type=int, required=True, help="client number K (its data partition)")
     cli.add_argument("--clients", type=int, default=2, help="number of clients the data is split among")
     cli.add_argument("--data", type=Path, help="the device's own data: a CSV file with the task's columns "

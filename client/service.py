@@ -35,7 +35,9 @@ from processor import codec, penalty, privacy, rounds, secure_sum
 from processor.evaluation import Evaluation, majority_baseline
 from processor.penalty import Curvature, RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan
-from processor.tasks import get_task
+from processor.device_data import DeviceDataError
+from processor.spec_task import SpecTask, load_task
+from processor.task_spec import MAX_SPEC_BYTES
 from processor.training import TrainingSettings
 
 log = logging.getLogger("client")
@@ -66,7 +68,7 @@ def scene_of(current: chain.ClientRound | None, chain_ok: bool = True) -> str:
 class ClientConfig:
     client_id: int = 0
     num_clients: int = 2
-    task: str = "mnist"
+    task: str = "mnist"  # a built-in task's name, a task spec file, or the CID the organization published a spec under
     partition: str = "iid"  # iid, dirichlet, skewed, by-user
     alpha: float = 0.5
     seed: int = 0
@@ -102,7 +104,8 @@ class ClientService:
                  round_facts: secure_round.RoundFacts | None = None) -> None:
         self.settings = settings
         self.config = config
-        self.task = get_task(config.task)
+        # a spec published on IPFS is fetched by its CID, checked against it
+        self.task = load_task(config.task, fetch=lambda cid: store.get(cid, max_bytes=MAX_SPEC_BYTES))
         self.w3 = w3
         self.store = store
         self._registry = registry
@@ -110,6 +113,9 @@ class ClientService:
         self.address = Account.from_key(self.key).address
         if config.data_path is not None:
             x, y = self.task.read_device_data(config.data_path)
+        elif isinstance(self.task, SpecTask):
+            raise DeviceDataError(f"the task spec {self.task.name!r} is learned from the device's own data file: "
+                                  "give it (--data FILE)")
         else:
             x, y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
                                          seed=config.seed, alpha=config.alpha)
@@ -255,14 +261,19 @@ class ClientService:
             return {"round": opened.round_id, "base_cid": opened.base_cid, "seconds": timer.as_dict()}
 
     def _check_task(self, base: bytes, cid: str) -> None:
-        """Refuse a base model of another task than this device's, saying which task the network runs."""
+        """Refuse a base model of another task than this device's, saying which task the network
+        runs: a built-in one by its name, a task spec by the CID it is published under."""
         try:
-            task = codec.read_header(base)[1].get("task")
+            metadata = codec.read_header(base)[1]
         except codec.CodecError:
             return  # decoding the base says what is wrong with it
-        if task is not None and task != self.task.name:
-            raise WrongNetwork(f"the organization's rounds learn the task '{task}' (base model {cid}), but this "
-                               f"client was started for '{self.task.name}': start it with --task {task}")
+        task, spec_cid = metadata.get("task"), metadata.get("task_spec")
+        spec_differs = (spec_cid is not None or isinstance(self.task, SpecTask)) and \
+            metadata.get("arch") != self.task.arch_id
+        if task is not None and (task != self.task.name or spec_differs):
+            learned = f"the task spec {spec_cid} ('{task}')" if spec_cid else f"the task '{task}'"
+            raise WrongNetwork(f"the organization's rounds learn {learned} (base model {cid}), but this client was "
+                               f"started for '{self.task.name}': start it with --task {spec_cid or task}")
 
     def check_network(self) -> None:
         """At start-up: refuse to join a network whose current round learns another task. When the

@@ -38,7 +38,7 @@ from processor.evaluation import weighted_mean
 from processor.penalty import RoundCurvature
 from processor.privacy import PrivacyPlan
 from processor.screen import MergePolicy, Received, RoundMerge, merge_round
-from processor.tasks import get_task
+from processor.spec_task import SpecTask, load_task
 from processor.training import TrainingSettings
 
 log = logging.getLogger("organization")
@@ -53,7 +53,8 @@ PREFETCH_LIMIT = 256
 
 @dataclass(frozen=True)
 class OrganizationConfig:
-    task: str = "mnist"
+    task: str = "mnist"  # a built-in task's name, or a task spec file (processor.spec_task.load_task)
+    held_out: Path | None = None  # with a task spec: the organization's own rows of its columns, its test set
     seed: int = 0
     pretrain_epochs: int = 0  # 0 = random initial model; >0 = pretrained on the organization's own data
     training: TrainingSettings = field(default_factory=TrainingSettings)  # the plan every client trains by
@@ -101,7 +102,10 @@ class OrganizationService:
     ) -> None:
         self.settings = settings
         self.config = config
-        self.task = get_task(config.task)
+        self.task = load_task(config.task, config.held_out)
+        if isinstance(self.task, SpecTask) and config.held_out is None:
+            raise ValueError("an organization learning a task spec gives its own held-out rows of the spec's "
+                             "columns, its test set (--test-data FILE)")
         self.w3 = w3
         self.store = store
         self.key = settings.org_key or chain.DEV_KEYS[0]
@@ -109,6 +113,7 @@ class OrganizationService:
         self.registry = registry or find_registry(w3, settings)
         self._lock = threading.Lock()  # one round-moving action at a time
         self._published: tuple[str, dict] | None = None  # (CID, weights) of the last model this process published
+        self._spec_cid: str | None = None  # where this process published its task's spec
         self._rules_checked = False  # whether the chain's round rules are known to be the configured ones
         self._enrolment = chain.EnrolmentLog()  # who may take part from which round, from the chain's events
         self._invited: dict[int, list[str] | None] = {}  # the open round's invited clients, drawn once
@@ -373,8 +378,15 @@ class OrganizationService:
 
     def _published_notes(self) -> dict[str, str]:
         """What every base model states besides its training plan: how the organization merges
-        updates, and how each client privatizes its delta (`codec.privacy_plan` reads it)."""
-        return {"merge": json.dumps(asdict(self.config.merge), sort_keys=True), "privacy": self.config.privacy.to_json()}
+        updates, how each client privatizes its delta (`codec.privacy_plan` reads it), and for a task
+        spec, the CID of the spec: any device or auditor fetches the problem a round trains from it."""
+        notes = {"merge": json.dumps(asdict(self.config.merge), sort_keys=True), "privacy": self.config.privacy.to_json()}
+        if isinstance(self.task, SpecTask):
+            if self._spec_cid is None:
+                self._spec_cid = retrying(self.settings, "adding the task spec to IPFS",
+                                          lambda: self.store.add(self.task.source))
+            notes["task_spec"] = self._spec_cid
+        return notes
 
     def _apply_rules(self, registry: chain.Registry) -> None:
         """Make the chain's round rules the configured ones before a round opens (once per process)."""

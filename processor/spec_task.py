@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from processor import task_spec
 from processor.task_spec import ClassLabel, NumericLabel, TaskSpec
-from processor.tasks import Task, TaskData, holdout_split
+from processor.tasks import TASKS, Task, TaskData, get_task, holdout_split
 
 
 @dataclass
 class SpecTask(Task):
     document: TaskSpec | None = None
+    source: bytes = b""  # the spec's file as it was read: what the organization publishes
 
     @property
     def arch_id(self) -> str:
@@ -70,7 +71,8 @@ class SpecTask(Task):
                 "mae": float(np.mean(np.abs(y - y.mean())) * label.std)}
 
 
-def spec_task(spec: TaskSpec, pool: Path | str | None = None, held_out: Path | str | None = None) -> SpecTask:
+def spec_task(spec: TaskSpec, pool: Path | str | None = None, held_out: Path | str | None = None,
+              source: bytes = b"") -> SpecTask:
     """The task of `spec`. `held_out`: the organization's own file of rows (its test set, never
     trained on); `pool`: a file of rows to deal out to simulated devices, split into a training
     pool and held-out validation and test sets (its test set unless `held_out` is given). Files
@@ -91,7 +93,7 @@ def spec_task(spec: TaskSpec, pool: Path | str | None = None, held_out: Path | s
     numeric = isinstance(spec.label, NumericLabel)
     return SpecTask(spec.name, load, input_dim=0, hidden=(), num_classes=spec.outputs, plan=spec.plan,
                     label_names=tuple(spec.label.classes) if isinstance(spec.label, ClassLabel) else (),
-                    document=spec)
+                    document=spec, source=source)
 
 
 def read_task_file(path: Path | str, pool: Path | str | None = None, held_out: Path | str | None = None) -> SpecTask:
@@ -100,4 +102,25 @@ def read_task_file(path: Path | str, pool: Path | str | None = None, held_out: P
         data = Path(path).read_bytes()
     except OSError as exc:
         raise task_spec.SpecError(f"cannot read the task spec {path}: {exc.strerror}") from None
-    return spec_task(task_spec.read_spec(data), pool, held_out)
+    return spec_task(task_spec.read_spec(data), pool, held_out, source=data)
+
+
+def is_spec_file(reference: str) -> bool:
+    return reference.endswith(".json")
+
+
+def load_task(reference: str, held_out: Path | str | None = None,
+              fetch: Callable[[str], bytes] | None = None) -> Task:
+    """The task `reference` names: a built-in task's name, a task spec file (`*.json`), or, given
+    `fetch` (which returns the verified bytes of a CID), the CID a spec was published under.
+    `held_out`: the organization's own rows of a spec's columns, its test set."""
+    if reference in TASKS:
+        if held_out is not None:
+            raise ValueError(f"the built-in task {reference!r} has its own test set: it takes no held-out file")
+        return get_task(reference)
+    if is_spec_file(reference):
+        return read_task_file(reference, held_out=held_out)
+    if fetch is None:
+        raise ValueError(f"unknown task {reference!r}: name one of {', '.join(TASKS)}, or a task spec file (*.json)")
+    data = fetch(reference)
+    return spec_task(task_spec.read_spec(data), held_out=held_out, source=data)

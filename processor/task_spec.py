@@ -433,11 +433,11 @@ NUMERIC_LABEL_MIN_VALUES = 20  # a numeric label with fewer distinct values is d
 
 def draft_spec(path, label: str, name: str = "task", max_rows: int = 100_000) -> dict:
     """A first spec for the CSV at `path` (a header, then rows), predicting its column `label`: a
-    column whose values are all numbers is numeric (its range and, in the model's Normalization
-    layer, its mean and variance from the file), any other is categorical (its values, one-hot
+    column whose values are all numbers is numeric (unbounded; the model's Normalization layer
+    has its mean and variance from the file), any other is categorical (its values, one-hot
     through a StringLookup); the label is numeric when it is a number with many values, else a
     class. The model: the features side by side, one ReLU layer, the output. A draft to read and
-    edit (kinds, ranges, the model), then to check with read_spec."""
+    edit (kinds, the numbers' ranges, the model), then to check with read_spec."""
     import csv
 
     import keras
@@ -466,7 +466,8 @@ def draft_spec(path, label: str, name: str = "task", max_rows: int = 100_000) ->
             continue
         parsed = numbers(column)
         if parsed is not None:
-            features.append({"kind": "numeric", "name": column, "min": float(parsed.min()), "max": float(parsed.max())})
+            # unbounded: the range one file shows is not every device's (a user adds the bounds that hold)
+            features.append({"kind": "numeric", "name": column})
             inputs[column] = keras.Input(shape=(1,), name=column)
             parts.append(keras.layers.Normalization(mean=[float(parsed.mean())], variance=[float(parsed.var()) or 1.0],
                                                     name=f"{column}_scaled")(inputs[column]))

@@ -31,7 +31,7 @@ PARSE_ONLY = ("import sys, run\n"
 
 
 @pytest.mark.parametrize("argv, complaint", [
-    (["client", "--id", "0", "--task", "nope"], "argument --task: invalid choice: 'nope'"),
+    (["client", "--id", "0", "--task", "nope"], "argument --task: 'nope' is none of the tasks mnist, digits, interest"),
     (["client", "--id", "0", "--partition", "random"], "argument --partition: invalid choice: 'random'"),
     (["app", "--aggregation", "mean"], "argument --aggregation: invalid choice: 'mean'"),
     (["demo", "--update-dtype", "int8"], "argument --update-dtype: invalid choice: 'int8'"),
@@ -248,7 +248,7 @@ def test_run_task_drafts_a_spec_from_a_csv_and_checks_data_files_against_it(tmp_
     assert "binary label 'opened' from age (numeric), country (categorical), spend (numeric)" in drafted.stdout
     document = json.loads(spec.read_text())
     assert document["features"][1] == {"kind": "categorical", "name": "country", "vocabulary": ["de", "fr", "it"]}
-    assert document["features"][0]["min"] == 22 and document["features"][0]["max"] == 61
+    assert document["features"][0] == {"kind": "numeric", "name": "age"}  # unbounded: other devices' ages vary
     other = tmp_path / "other.csv"
     other.write_text("age,country,spend,opened\n30,es,1,yes\n")
     checked = subprocess.run([*PYTHON_RUN, "task", "check", str(spec), str(data), str(other)], cwd=REPO_ROOT,

@@ -107,3 +107,52 @@ def test_a_report_gives_a_class_s_metrics_or_a_number_s_and_rmse_pools_as_a_root
         Evaluation.from_json('{"samples": 3, "loss": 0.5, "accuracy": 0.5, "rmse": 1.0}')
     mean = weighted_mean([Evaluation(1, 1.0, rmse=3.0), Evaluation(3, 1.0, rmse=1.0)])
     assert mean["rmse"] == pytest.approx(np.sqrt((9 + 3) / 4)) and "accuracy" not in mean
+
+
+def test_a_round_of_a_task_spec_through_the_apps_one_device_holding_only_the_cid_the_organization_published(
+        tmp_path):
+    """No code for the problem anywhere: the organization is given a spec file and its held-out rows,
+    one device the same spec file, the other only the CID the first base model names."""
+    import client
+    from client.service import ClientConfig, WrongNetwork
+    from demo import embedded_system
+    from infra import chain, ipfs
+    from organization.service import OrganizationConfig
+
+    for name, count, seed in (("pool", 300, 0), ("org", 200, 1), ("device0", 150, 2), ("device1", 150, 3)):
+        write_rows(tmp_path / f"{name}.csv", count, seed)
+    spec_path = tmp_path / "offer.json"
+    spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "pool.csv", "label", "offer"), indent=1))
+    plan = TrainingSettings(epochs=3, learning_rate=0.1)
+    with pytest.raises(ValueError, match="gives its own held-out rows"):
+        embedded_system(tmp_path / "without", OrganizationConfig(task=str(spec_path), training=plan))
+    system = embedded_system(tmp_path / "net", OrganizationConfig(task=str(spec_path), held_out=tmp_path / "org.csv",
+                                                                  training=plan),
+                             [ClientConfig(client_id=0, task=str(spec_path), data_path=tmp_path / "device0.csv")])
+    org = system.org.test_client()
+    assert org.post("/api/deploy").status_code == 201
+    for k in range(2):  # the second device starts once the round names the spec's CID: enrolled by its address
+        assert org.post("/api/clients", json={"address": chain.client_address(k)}).status_code == 200
+    first = org.post("/api/rounds").get_json()
+    base = system.store.get(first["base_cid"])
+    spec_cid = codec.read_header(base)[1]["task_spec"]
+    assert system.store.get(spec_cid) == spec_path.read_bytes()  # the spec as the organization was given it
+    shared = {"SETTINGS": system.settings, "W3": system.w3, "STORE": system.store}
+    by_cid = client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(client_id=1, task=spec_cid,
+                                                                        data_path=tmp_path / "device1.csv")})
+    devices = [system.clients[0].test_client(), by_cid.test_client()]
+    for device in devices:
+        job = device.post("/api/participate", json={"wait": True}).get_json()
+        assert job.get("state") == "done", job
+    result = org.post("/api/rounds/1/aggregate").get_json()
+    assert result["accepted"] == 2
+    assert result["metrics"]["accuracy"] > first["metrics"]["accuracy"] + 0.1
+    # a device given another problem is told which spec the network learns, by its CID
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(spec_path.read_text()), "metrics": ["accuracy"]}))
+    with pytest.raises(WrongNetwork, match=f"learn the task spec {spec_cid} .* start it with --task {spec_cid}"):
+        client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(client_id=2, task=str(other),
+                                                                    data_path=tmp_path / "device1.csv")})
+    with pytest.raises(ipfs.StorageError):  # a CID nobody published is not a task
+        client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
+            client_id=3, task=ipfs.compute_cid(b"{}"), data_path=tmp_path / "device1.csv")})
