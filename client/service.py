@@ -164,10 +164,13 @@ class ClientService:
     # ---- state -------------------------------------------------------------------------
 
     def data_summary(self) -> dict[str, Any]:
-        labels, counts = np.unique(self.y, return_counts=True)
         source = str(self.config.data_path) if self.config.data_path else f"{self.config.partition} partition"
-        return {"samples": int(len(self.y)), "held_out": int(len(self.y_eval)), "source": source,
-                "majority": majority_baseline(self.y),
+        summary = {"samples": int(len(self.y)), "held_out": int(len(self.y_eval)), "source": source}
+        if self.task.numeric_label:  # the spread a model's RMSE is worth beside
+            spread = float(np.std(self.y) * self.task.document.label.std)  # the rows hold the label standardized
+            return {**summary, "label_counts": {}, "majority": None, "label_std": spread}
+        labels, counts = np.unique(self.y, return_counts=True)
+        return {**summary, "majority": majority_baseline(self.y),
                 "label_counts": {str(int(label)): int(count) for label, count in zip(labels, counts)}}
 
     def open_round(self) -> chain.ClientRound:
@@ -232,10 +235,10 @@ class ClientService:
             return None
         result = self.trained.result
         evaluation = self.trained.evaluation
-        return {"round": self.trained.round_id, "num_samples": result.num_samples,
-                "accuracy_before": result.metrics_before["accuracy"],
-                "accuracy_after": result.metrics_after["accuracy"],
-                "held_out_accuracy": evaluation.accuracy if evaluation else None}
+        metric = self.task.headline  # accuracy, or a numeric label's RMSE
+        return {"round": self.trained.round_id, "num_samples": result.num_samples, "metric": metric,
+                "before": result.metrics_before[metric], "after": result.metrics_after[metric],
+                "held_out": getattr(evaluation, metric) if evaluation else None}
 
     # ---- actions -----------------------------------------------------------------------
 

@@ -30,6 +30,21 @@ def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
     return _png(fig, path)
 
 
+def error_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str, metric: str,
+              baseline: tuple[str, float] | None = None) -> bytes:
+    """Plot one line per curve of (round, error) points of a numeric label (`metric`: its RMSE, in
+    the label's units) on an axis from 0; `baseline` (label, error) is drawn dashed."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
+    _plot_rounds(ax, curves, "round (0 = initial model)", f"test {metric}")
+    ax.set_ylim(bottom=0)
+    if baseline is not None:
+        ax.legend()
+    ax.set_title(title)
+    return _png(fig, None)
+
+
 def round_cost_png(runs: Mapping[str, Mapping[str, Sequence[float]]], title: str, path: Path | None = None,
                    first_round: int = 2) -> bytes:
     """Wall seconds and the machine's CPU-seconds per round, one line per run, from `first_round` on

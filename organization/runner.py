@@ -58,12 +58,12 @@ class RoundRunner:
         self.state = f"waiting: {describe_error(exc)}"
         log.warning("%s; trying again in %.1f s", self.state, wait)
 
-    def rounds_done(self) -> tuple[int, float | None]:
-        """Rounds merged so far and the latest model's test accuracy: a round counts once it merged
+    def rounds_done(self) -> tuple[int, dict | None]:
+        """Rounds merged so far and the latest model's test metrics: a round counts once it merged
         an update (not when it missed its quorum, or refused every update it had)."""
         points = self.service.accuracy_history()
         merged = [p for p in points if p["round"] > 0 and p["merged"]]
-        return len(merged), (points[-1]["accuracy"] if points else None)
+        return len(merged), (points[-1] if points else None)
 
     def _current_round(self, registry: chain.Registry) -> tuple[int, chain.RoundInfo | None]:
         """The current round and its record. The number is asked anew only once the round known
@@ -103,15 +103,15 @@ class RoundRunner:
             self.state = "deploying the round registry"
             service.deploy()
         registry = service.registry
-        done, accuracy = self.rounds_done()
-        target = service.config.target_accuracy
-        if done >= service.config.rounds or (target is not None and accuracy is not None and accuracy >= target):
-            self.state = f"finished: {done} rounds merged, test accuracy {accuracy:.4f}"
+        done, latest = self.rounds_done()
+        target = service.config.target_accuracy  # a class label's only (the service refuses one for a number)
+        if done >= service.config.rounds or (target is not None and latest is not None and latest["accuracy"] >= target):
+            self.state = f"finished: {done} rounds merged, {service.task.describe(latest)}"
             log.info(self.state)
             return True
         current, info = self._current_round(registry)
         if self._rounds_allowed is not None and max(current, 1) > self._rounds_allowed:
-            self.state = self._budget_spent(max(current, 1), done, accuracy)
+            self.state = self._budget_spent(max(current, 1), done, latest)
             log.info(self.state)
             return True
         if current == 0:
@@ -164,14 +164,14 @@ class RoundRunner:
         self._current = current + 1  # finalizing opened the next round
         return False
 
-    def _budget_spent(self, round_id: int, done: int, accuracy: float | None) -> str:
+    def _budget_spent(self, round_id: int, done: int, latest: dict | None) -> str:
         """Why the run ends before round `round_id`: its updates would spend more than the budget.
         Its clients refuse to train in it (client.service), should it be open already."""
         plan = self.service.config.privacy
-        shown = "none yet" if accuracy is None else f"{accuracy:.4f}"
+        shown = "no test metrics yet" if latest is None else self.service.task.describe(latest)
         return (f"finished: the privacy budget is spent: round {round_id} would take epsilon to "
                 f"{privacy.epsilon_spent(round_id, plan):.2f}, above the budget of {plan.epsilon_budget:g} "
-                f"(delta {plan.delta:g}); {done} rounds merged, test accuracy {shown}")
+                f"(delta {plan.delta:g}); {done} rounds merged, {shown}")
 
     def _look_at_deadline(self) -> None:
         """Have the watcher look once the open round's deadline is surely past (and a secure round's

@@ -106,6 +106,8 @@ class OrganizationService:
         if isinstance(self.task, SpecTask) and config.held_out is None:
             raise ValueError("an organization learning a task spec gives its own held-out rows of the spec's "
                              "columns, its test set (--test-data FILE)")
+        if self.task.numeric_label and config.target_accuracy is not None:
+            raise ValueError(f"the task {self.task.name!r} predicts a number: it has no accuracy to stop at")
         self.w3 = w3
         self.store = store
         self.key = settings.org_key or chain.DEV_KEYS[0]
@@ -353,7 +355,7 @@ class OrganizationService:
                 tx = registry.start_round(self.key, cid)
             history.update(first_opening_sent_at=sent_at, first_opened_at=time.time())
             self._save_history(history)
-            log.info("round 1 started from %s (test accuracy %.4f)", cid, metrics["accuracy"])
+            log.info("round 1 started from %s (%s)", cid, self.task.describe(metrics))
             return {"round": 1, "base_cid": cid, "metrics": metrics, "tx": tx.tx_hash,
                     "gas": tx.gas_used, "seconds": timer.as_dict()}
 
@@ -505,8 +507,8 @@ class OrganizationService:
             metrics = self.evaluate_on_test(merged)
         model_cid, model_bytes = self._publish_model(merged, round_id=round_id + 1, timer=timer,
                                                      curvature=merge.curvature, merged_samples=samples)
-        log.info("round %d: merged %d of %d updates, test accuracy %.4f",
-                 round_id, merge.accepted, len(submissions), metrics["accuracy"])
+        log.info("round %d: merged %d of %d updates, %s",
+                 round_id, merge.accepted, len(submissions), self.task.describe(metrics))
         return {"metrics": metrics, "model_cid": model_cid, "model_bytes": model_bytes, "submissions": len(submissions),
                 **({"merged_samples": samples} if samples is not None else {}),
                 "accepted": merge.accepted, "verdicts": verdicts, "seconds": timer.as_dict(),

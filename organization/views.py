@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, flash, jsonify, redirect, render_template, request, url_for
 
-from infra.plots import accuracy_png
+from infra.plots import accuracy_png, error_png
 from infra.webapp import ActionError, describe_error
 from organization.service import OrganizationService
 
@@ -43,10 +43,14 @@ def live():
 
 @bp.get("/chart.png")
 def chart():
-    points = [(p["round"], p["accuracy"]) for p in service().accuracy_history()]
-    baseline = service().baseline
-    png = accuracy_png({"test accuracy": points}, title=f"{service().task.name}: accuracy per round",
-                       baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
+    task, baseline = service().task, service().baseline
+    points = [(p["round"], p[task.headline]) for p in service().accuracy_history()]
+    if task.numeric_label:
+        png = error_png({"test RMSE": points}, title=f"{task.name}: RMSE per round", metric="RMSE",
+                        baseline=(f"always {baseline['answer']:.4g}", baseline["rmse"]))
+    else:
+        png = accuracy_png({"test accuracy": points}, title=f"{task.name}: accuracy per round",
+                           baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
 

@@ -198,6 +198,15 @@ class Task:
 
     numeric_label = False  # a number to predict (regression), not a class
 
+    @property
+    def headline(self) -> str:
+        """The test metric a model is summed up by: accuracy, or a numeric label's RMSE."""
+        return "rmse" if self.numeric_label else "accuracy"
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """`metrics` in a few words, for a log line or a status."""
+        return f"test RMSE {metrics['rmse']:.4g}" if self.numeric_label else f"test accuracy {metrics['accuracy']:.4f}"
+
     def compile_settings(self) -> dict[str, Any]:
         """The loss and the metrics the working model trains with."""
         import keras

@@ -83,7 +83,7 @@ def test_a_round_through_the_apis(system):
         assert job["state"] == "done", job
         assert job["result"]["round"] == 1 and job["result"]["gas"] > 0
         # two epochs on its own data: the local model fits that data better than the random base did
-        assert job["result"]["accuracy_after"] > job["result"]["accuracy_before"]
+        assert job["result"]["metric"] == "accuracy" and job["result"]["after"] > job["result"]["before"]
     again = clients[0].post("/api/participate", json={"wait": True})
     assert again.status_code == 409 and "already submitted" in again.get_json()["error"]
 

@@ -156,3 +156,34 @@ def test_a_round_of_a_task_spec_through_the_apps_one_device_holding_only_the_cid
     with pytest.raises(ipfs.StorageError):  # a CID nobody published is not a task
         client.create_app({**shared, "CLIENT_CONFIG": ClientConfig(
             client_id=3, task=ipfs.compute_cid(b"{}"), data_path=tmp_path / "device1.csv")})
+
+
+def test_a_numeric_spec_s_round_through_the_apps_is_shown_by_its_rmse(tmp_path):
+    from client.service import ClientConfig
+    from demo import embedded_system
+    from infra import chain
+    from organization.service import OrganizationConfig
+
+    for name, count, seed in (("pool", 300, 0), ("org", 150, 1), ("device0", 150, 2)):
+        write_rows(tmp_path / f"{name}.csv", count, seed, numeric=True)
+    spec_path = tmp_path / "price.json"
+    spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "pool.csv", "label", "price")))
+    with pytest.raises(ValueError, match="predicts a number: it has no accuracy to stop at"):
+        embedded_system(tmp_path / "target", OrganizationConfig(task=str(spec_path), held_out=tmp_path / "org.csv",
+                                                                target_accuracy=0.9))
+    system = embedded_system(tmp_path / "net", OrganizationConfig(task=str(spec_path), held_out=tmp_path / "org.csv",
+                                                                  training=TrainingSettings(epochs=5)),
+                             [ClientConfig(client_id=0, task=str(spec_path), data_path=tmp_path / "device0.csv")])
+    org, device = system.org.test_client(), system.clients[0].test_client()
+    assert org.post("/api/deploy").status_code == 201
+    assert org.post("/api/clients", json={"address": chain.client_address(0)}).status_code == 200
+    first = org.post("/api/rounds").get_json()
+    job = device.post("/api/participate", json={"wait": True}).get_json()
+    assert job["result"]["metric"] == "rmse" and job["result"]["after"] < job["result"]["before"]
+    result = org.post("/api/rounds/1/aggregate").get_json()
+    assert result["metrics"]["rmse"] < first["metrics"]["rmse"] and "accuracy" not in result["metrics"]
+    page = org.get("/").get_data(as_text=True)
+    assert "Error per round" in page and "has an RMSE of" in page
+    assert org.get("/chart.png").mimetype == "image/png"
+    device_page = device.get("/").get_data(as_text=True)
+    assert "Local RMSE" in device_page and "the label spreads by" in device_page
