@@ -37,6 +37,7 @@ from processor.penalty import Curvature, RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan
 from processor.device_data import DeviceDataError
 from processor.spec_task import SpecTask, load_task
+from processor.tasks import Task
 from processor.task_spec import MAX_SPEC_BYTES
 from processor.training import TrainingSettings
 
@@ -98,27 +99,41 @@ class TrainedUpdate:
     evaluation: Evaluation | None  # the base on this device's held-out data
 
 
+@dataclass(frozen=True)
+class DeviceData:
+    """A device's task and its rows (x, y): its own file checked against the task, or its partition."""
+    task: Task
+    x: np.ndarray
+    y: np.ndarray
+
+
+def read_device(config: ClientConfig, fetch: Callable[[str], bytes] | None = None) -> DeviceData:
+    """The task `config` names and the device's rows. `fetch` gets a spec named by its CID; a task
+    given by name or file needs neither the chain nor IPFS, so a wrong data file is said at once."""
+    task = load_task(config.task, fetch=fetch)
+    if config.data_path is not None:
+        return DeviceData(task, *task.read_device_data(config.data_path))
+    if isinstance(task, SpecTask):
+        raise DeviceDataError(f"the task spec {task.name!r} is learned from the device's own data file: "
+                              "give it (--data FILE)")
+    return DeviceData(task, *task.client_data(config.client_id, config.num_clients, scheme=config.partition,
+                                              seed=config.seed, alpha=config.alpha))
+
+
 class ClientService:
     def __init__(self, settings: Settings, config: ClientConfig, w3, store: ipfs.ContentStore,
                  registry: chain.Registry | None = None,
-                 round_facts: secure_round.RoundFacts | None = None) -> None:
+                 round_facts: secure_round.RoundFacts | None = None, device: DeviceData | None = None) -> None:
         self.settings = settings
         self.config = config
         # a spec published on IPFS is fetched by its CID, checked against it
-        self.task = load_task(config.task, fetch=lambda cid: store.get(cid, max_bytes=MAX_SPEC_BYTES))
+        device = device or read_device(config, fetch=lambda cid: store.get(cid, max_bytes=MAX_SPEC_BYTES))
+        self.task, x, y = device.task, device.x, device.y
         self.w3 = w3
         self.store = store
         self._registry = registry
         self.key = config.key or chain.client_key(config.client_id)
         self.address = Account.from_key(self.key).address
-        if config.data_path is not None:
-            x, y = self.task.read_device_data(config.data_path)
-        elif isinstance(self.task, SpecTask):
-            raise DeviceDataError(f"the task spec {self.task.name!r} is learned from the device's own data file: "
-                                  "give it (--data FILE)")
-        else:
-            x, y = self.task.client_data(config.client_id, config.num_clients, scheme=config.partition,
-                                         seed=config.seed, alpha=config.alpha)
         # A share of the samples never trains: each round's base is evaluated on it (federated evaluation).
         train, held_out = self.task.device_holdout(x, seed=config.seed + config.client_id)
         self.x, self.y, self.x_eval, self.y_eval = x[train], y[train], x[held_out], y[held_out]

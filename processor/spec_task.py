@@ -109,6 +109,12 @@ def is_spec_file(reference: str) -> bool:
     return reference.endswith(".json")
 
 
+def is_fetched(reference: str) -> bool:
+    """Whether `reference` names a task by the CID its spec was published under (neither a
+    built-in task's name nor a spec file): `load_task` must fetch it."""
+    return reference not in TASKS and not is_spec_file(reference)
+
+
 def load_task(reference: str, held_out: Path | str | None = None,
               fetch: Callable[[str], bytes] | None = None) -> Task:
     """The task `reference` names: a built-in task's name, a task spec file (`*.json`), or, given

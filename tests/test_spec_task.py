@@ -187,3 +187,20 @@ def test_a_numeric_spec_s_round_through_the_apps_is_shown_by_its_rmse(tmp_path):
     assert org.get("/chart.png").mimetype == "image/png"
     device_page = device.get("/").get_data(as_text=True)
     assert "Local RMSE" in device_page and "the label spreads by" in device_page
+
+
+def test_a_device_s_wrong_file_is_said_before_the_chain_or_ipfs_is_asked_anything(tmp_path):
+    import client
+    from client.service import ClientConfig
+    from infra.settings import Settings
+    from processor.device_data import DeviceDataError
+
+    write_rows(tmp_path / "pool.csv", 50)
+    spec_path = tmp_path / "offer.json"
+    spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "pool.csv", "label", "offer")))
+    (tmp_path / "device.csv").write_text("x,town,label\n0.5,z,yes\n")
+    nowhere = Settings.from_env(state_dir=tmp_path, chain_url="http://127.0.0.1:9", ipfs_api="http://127.0.0.1:9")
+    for task in (str(spec_path), "digits"):
+        data = tmp_path / "device.csv"
+        with pytest.raises(DeviceDataError, match="row 2, column (town: 'z' is not one of a, b, c|)|missing column"):
+            client.create_app({"SETTINGS": nowhere, "CLIENT_CONFIG": ClientConfig(task=task, data_path=data)})
