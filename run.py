@@ -312,6 +312,48 @@ def cmd_task(args: argparse.Namespace) -> None:
         sys.exit(f"run.py task {args.action}: {exc.filename}: {exc.strerror}")
 
 
+def published_model(args: argparse.Namespace):
+    """The model `args.model` names, of `args.task` (exits with one line when it cannot be had)."""
+    from infra import models
+    from infra.ipfs import StorageError
+    from processor.task_spec import SpecError
+
+    try:
+        return models.fetch_model(settings_from(args), args.task, args.model)
+    except (models.ModelError, StorageError, SpecError) as exc:
+        sys.exit(f"run.py {args.command}: {exc}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """Score a data file with a round's model: its metrics when the file has the label, and each
+    row's answer with --output."""
+    import json
+
+    from infra import models
+    from processor.device_data import DeviceDataError
+
+    published = published_model(args)
+    try:
+        metrics, predictions = models.score(published, args.data)
+    except DeviceDataError as exc:
+        sys.exit(f"run.py score: {exc}")
+    rows = len(predictions["predicted"])
+    if metrics is None:
+        print(f"{args.data}: {rows} rows scored by {published.cid} (no label column: no metrics)")
+    else:
+        print(f"{args.data}: {rows} rows, {published.task.describe(metrics)} ({published.cid}): {json.dumps(metrics)}")
+    if args.output:
+        models.write_predictions(predictions, args.output)
+        print(f"each row's answer: {args.output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from infra import models
+
+    written = models.export(published_model(args), args.output)
+    print(f"wrote {', '.join(str(path) for path in written)}")
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from infra import chain
 
@@ -499,6 +541,19 @@ def main(argv: list[str] | None = None) -> None:
     task.add_argument("--label", help="init: the column to predict")
     task.add_argument("--name", default="task", help="init: the task's name")
     task.add_argument("--output", type=Path, help="init: write the spec here (default: standard output)")
+    model_help = "the model: its CID, or the number of the round that merged it (read from the chain)"
+    score = command("score", cmd_score, "score a data file with a round's model: its test metrics, each row's answer",
+                    everything, "python run.py score 10 test.csv --task offer.json --output answers.csv")
+    score.add_argument("model", help=model_help)
+    score.add_argument("data", type=Path, help="a CSV file of the task's columns (a spec's may leave out the label)")
+    task_flag(score, "a task spec file, or the CID its spec was published under")
+    score.add_argument("--output", type=Path, help="write each row's answer here (CSV: the prediction, and each "
+                                                   "class's probability)")
+    export = command("export", cmd_export, "export a round's model as a Keras file (and its task spec beside it)",
+                     everything, "python run.py export 10 --task offer.json --output offer.keras")
+    export.add_argument("model", help=model_help)
+    task_flag(export, "a task spec file, or the CID its spec was published under")
+    export.add_argument("--output", type=Path, required=True, help="the Keras file to write (*.keras)")
     command("compile", cmd_compile, "compile the contract into build/contracts/RoundRegistry.json (setup.sh does it)",
             (), "python run.py compile")
     command("chain", cmd_chain, "start a chain node (Ganache, or anvil) and keep it running",

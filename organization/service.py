@@ -288,15 +288,16 @@ class OrganizationService:
                 for client in enrolled]
 
     def accuracy_history(self) -> list[dict[str, Any]]:
-        """Test metrics of the initial model (round 0) and of each round's merged model, with the
-        federated evaluation of each (the clients' held-out data, reported in the next round)."""
+        """Test metrics of the initial model (round 0) and of each round's merged model (with its CID:
+        `run.py score` and `run.py export` take it, or the round), with the federated evaluation of
+        each (the clients' held-out data, reported in the next round)."""
         history = self.history()
         points = [{"round": 0, **history["initial"]}] if history["initial"] else []
         for key in sorted(history["rounds"], key=int):
             entry = history["rounds"][key]
             missed = entry.get("missed_quorum", False)
             points.append({"round": int(key), **entry["metrics"], "missed_quorum": missed,
-                           "merged": not missed and entry.get("accepted", 0) > 0,
+                           "merged": not missed and entry.get("accepted", 0) > 0, "model_cid": entry.get("model_cid"),
                            "federated": entry.get("federated"), "epsilon": entry.get("epsilon")})
         return points
 

@@ -172,18 +172,39 @@ def spec_columns(spec: TaskSpec) -> list[Column]:
     return columns
 
 
-def read_spec_data(spec: TaskSpec, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+def _header(path: Path) -> list[str]:
+    """The names in the first line of the CSV file at `path` (none when it cannot be read: reading
+    the file says why)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [name.strip() for name in next(csv.reader(handle), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def read_spec_data(spec: TaskSpec, path: Path | str,
+                   label_optional: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, a table of the features as the spec's model takes them (`TaskSpec.row_dtype`);
     labels: class indices, or the numbers of a numeric label standardized by its mean and std) of
-    the data file at `path`, checked against `spec` row by row."""
+    the data file at `path`, checked against `spec` row by row. With `label_optional`, a file
+    without the label's column is read too, its labels None (rows to score)."""
     path = Path(path)
-    rows = _rows(path, spec_columns(spec), min(MAX_ROWS, spec.limits.rows))
-    table = np.zeros(len(rows), spec.row_dtype())
-    for feature in spec.features:
-        names = feature.columns if isinstance(feature, NumericColumn) else [feature.name]
-        table[feature.name] = [[row[name] for name in names] for row in rows]
+    columns = spec_columns(spec)
+    if label_optional and spec.label.name not in _header(path):
+        rows = _rows(path, columns[1:], min(MAX_ROWS, spec.limits.rows))
+        return _table(spec, rows), None
+    rows = _rows(path, columns, min(MAX_ROWS, spec.limits.rows))
+    table = _table(spec, rows)
     label = spec.label
     if isinstance(label, NumericLabel):
         return table, ((np.array([row[label.name] for row in rows], np.float64) - label.mean) / label.std).astype(np.float32)
     index = {name: i for i, name in enumerate(label.classes)}
     return table, np.array([index[row[label.name]] for row in rows], np.int64)
+
+
+def _table(spec: TaskSpec, rows: list[dict]) -> np.ndarray:
+    table = np.zeros(len(rows), spec.row_dtype())
+    for feature in spec.features:
+        names = feature.columns if isinstance(feature, NumericColumn) else [feature.name]
+        table[feature.name] = [[row[name] for name in names] for row in rows]
+    return table

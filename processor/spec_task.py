@@ -62,6 +62,13 @@ class SpecTask(Task):
         return {"rmse": rmse * std, "mae": mae * std,
                 "loss": rmse ** 2 if self.document.loss == "mean_squared_error" else mae}
 
+    def predictions(self, outputs: np.ndarray) -> dict[str, list]:
+        """A class label's as every task's; a number's: the predicted number, in its own units."""
+        if not self.numeric_label:
+            return super().predictions(outputs)
+        label = self.document.label
+        return {"predicted": (outputs[:, 0].astype(np.float64) * label.std + label.mean).round(6).tolist()}
+
     def baseline(self) -> dict[str, Any]:
         """A class label's as every task's; a number's: always answering the test set's mean."""
         if not self.numeric_label:

@@ -309,6 +309,15 @@ class Task:
             raise ValueError("cannot evaluate on an empty set")
         return self.metrics(self.logits(weights, x, private), y)
 
+    def predictions(self, logits: np.ndarray) -> dict[str, list]:
+        """What the model answers for each row, as columns of a table: the predicted label, then
+        each label's probability (`p_<label>`)."""
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        names = [self.label_names[i] if i < len(self.label_names) else str(i) for i in range(logits.shape[1])]
+        return {"predicted": [names[i] for i in probabilities.argmax(axis=1)],
+                **{f"p_{name}": probabilities[:, i].round(6).tolist() for i, name in enumerate(names)}}
+
     def metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Accuracy and mean cross-entropy (and AUC for a two-class task) of `logits` for labels `y`."""
         logits = logits.astype(np.float64)

@@ -110,7 +110,7 @@ def test_a_report_gives_a_class_s_metrics_or_a_number_s_and_rmse_pools_as_a_root
 
 
 def test_a_round_of_a_task_spec_through_the_apps_one_device_holding_only_the_cid_the_organization_published(
-        tmp_path):
+        tmp_path, capsys):
     """No code for the problem anywhere: the organization is given a spec file and its held-out rows,
     one device the same spec file, the other only the CID the first base model names."""
     import client
@@ -147,6 +147,36 @@ def test_a_round_of_a_task_spec_through_the_apps_one_device_holding_only_the_cid
     result = org.post("/api/rounds/1/aggregate").get_json()
     assert result["accepted"] == 2
     assert result["metrics"]["accuracy"] > first["metrics"]["accuracy"] + 0.1
+
+    # the merged model taken out by its round, scored on the organization's file and on rows without
+    # a label, and exported as a Keras file that scores the same
+    import keras
+
+    import run
+    from processor.ewc import model_inputs
+    from processor.spec_task import read_task_file
+
+    where = ["--chain-url", "embedded", "--ipfs-api", "embedded", "--state-dir", str(tmp_path / "net"),
+             "--contract-record", str(system.settings.contract_record), "--task", spec_cid]
+    run.main(["score", "1", str(tmp_path / "org.csv"), "--output", str(tmp_path / "answers.csv"), *where])
+    printed = capsys.readouterr().out
+    assert f"200 rows, test accuracy {result['metrics']['accuracy']:.4f} ({result['model_cid']})" in printed
+    answers = (tmp_path / "answers.csv").read_text().splitlines()
+    assert answers[0] == "row,predicted,p_no,p_yes" and len(answers) == 201 and answers[1].split(",")[1] in ("no", "yes")
+    unlabelled = tmp_path / "new.csv"
+    unlabelled.write_text("x,town\n0.2,a\n1.9,b\n")
+    run.main(["score", result["model_cid"], str(unlabelled), "--output", str(tmp_path / "new_answers.csv"), *where])
+    assert "2 rows scored" in capsys.readouterr().out
+    assert [line.split(",")[1] for line in (tmp_path / "new_answers.csv").read_text().splitlines()[1:]] == ["no", "yes"]
+    run.main(["export", "1", "--output", str(tmp_path / "offer.keras"), *where])
+    assert (tmp_path / "offer.spec.json").read_bytes() == spec_path.read_bytes()
+    exported = keras.saving.load_model(tmp_path / "offer.keras")  # Keras's own layers: no custom object needed
+    task = read_task_file(spec_path, held_out=tmp_path / "org.csv")
+    data = task.data()
+    accuracy = np.mean(np.argmax(exported(model_inputs(data.x_test)), axis=1) == data.y_test)
+    assert accuracy == pytest.approx(result["metrics"]["accuracy"])
+    with pytest.raises(SystemExit, match="round 2 has merged no model yet"):
+        run.main(["score", "2", str(tmp_path / "org.csv"), *where])
     # a device given another problem is told which spec the network learns, by its CID
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**json.loads(spec_path.read_text()), "metrics": ["accuracy"]}))
