@@ -314,13 +314,13 @@ def cmd_task(args: argparse.Namespace) -> None:
 
 def published_model(args: argparse.Namespace):
     """The model `args.model` names, of `args.task` (exits with one line when it cannot be had)."""
-    from infra import models
+    from infra import chain, models
     from infra.ipfs import StorageError
     from processor.task_spec import SpecError
 
     try:
         return models.fetch_model(settings_from(args), args.task, args.model)
-    except (models.ModelError, StorageError, SpecError) as exc:
+    except (models.ModelError, StorageError, SpecError, chain.ChainUnavailable) as exc:
         sys.exit(f"run.py {args.command}: {exc}")
 
 

@@ -234,3 +234,13 @@ def test_a_device_s_wrong_file_is_said_before_the_chain_or_ipfs_is_asked_anythin
         data = tmp_path / "device.csv"
         with pytest.raises(DeviceDataError, match="row 2, column (town: 'z' is not one of a, b, c|)|missing column"):
             client.create_app({"SETTINGS": nowhere, "CLIENT_CONFIG": ClientConfig(task=task, data_path=data)})
+
+
+def test_score_says_in_one_line_when_the_chain_or_the_model_cannot_be_had(tmp_path, capsys):
+    import run
+
+    where = ["--ipfs-api", "embedded", "--state-dir", str(tmp_path), "--task", "digits"]
+    with pytest.raises(SystemExit, match="no Ethereum JSON-RPC node answers at http://127.0.0.1:9"):
+        run.main(["score", "3", str(tmp_path / "rows.csv"), "--chain-url", "http://127.0.0.1:9", *where])
+    with pytest.raises(SystemExit, match="not a valid CID"):
+        run.main(["score", "bafy-not-a-cid", str(tmp_path / "rows.csv"), *where])
