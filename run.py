@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
                   "python run.py app --rounds 10  # runs 10 rounds by itself; dashboard on http://127.0.0.1:5000")
     task_flag(app, "a task spec file (run.py task init drafts one)")
     app.add_argument("--test-data", type=Path, help="with a task spec: the organization's own rows of its columns, "
-                                                    "a CSV file it measures every round on (its test set)")
+                                                    "a CSV file it measures every round on (its test set); "
+                                                    "without one, the devices' held-out evaluation is shown")
     app.add_argument("--host", default="127.0.0.1", help="address to serve the dashboard and API on")
     app.add_argument("--port", type=int, default=5000, help="port to serve the dashboard and API on")
     debug_flag(app)

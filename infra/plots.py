@@ -22,7 +22,7 @@ def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
     if baseline is not None:
         ax.axhline(100 * baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
     _plot_rounds(ax, {label: [(r, 100 * a) for r, a in points] for label, points in curves.items()},
-                 "round (0 = initial model)", "test accuracy (%)")
+                 "round (0 = initial model)", "accuracy (%)")
     ax.set_ylim(0, 100)
     if baseline is not None:
         ax.legend()
@@ -37,7 +37,7 @@ def error_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str, met
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if baseline is not None:
         ax.axhline(baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
-    _plot_rounds(ax, curves, "round (0 = initial model)", f"test {metric}")
+    _plot_rounds(ax, curves, "round (0 = initial model)", metric)
     ax.set_ylim(bottom=0)
     if baseline is not None:
         ax.legend()

@@ -103,11 +103,17 @@ class OrganizationService:
         self.settings = settings
         self.config = config
         self.task = load_task(config.task, config.held_out)
-        if isinstance(self.task, SpecTask) and config.held_out is None:
-            raise ValueError("an organization learning a task spec gives its own held-out rows of the spec's "
-                             "columns, its test set (--test-data FILE)")
         if self.task.numeric_label and config.target_accuracy is not None:
             raise ValueError(f"the task {self.task.name!r} predicts a number: it has no accuracy to stop at")
+        if config.target_accuracy is not None and not self.task.has_test_set:
+            raise ValueError("a target accuracy is measured on the organization's test set: give one (--test-data)")
+        if isinstance(self.task, SpecTask) and config.pretrain_epochs > 0:
+            raise ValueError("the organization's rows of a task spec are its test set: it never trains on them "
+                             "(leave out --pretrain-epochs)")
+        plan = config.training
+        if not self.task.has_test_set and plan.regularizer == "ewc" and plan.ewc_lambda > 0:
+            raise ValueError("EWC anchors on the Fisher of the organization's own rows, and it holds none: give a "
+                             "test set (--test-data), or pull with --regularizer fedprox or fedcurv")
         self.w3 = w3
         self.store = store
         self.key = settings.org_key or chain.DEV_KEYS[0]
@@ -160,8 +166,9 @@ class OrganizationService:
         return store_status(self.store, self.settings.ipfs_api)
 
     @functools.cached_property
-    def baseline(self) -> dict[str, Any]:
-        return self.task.baseline()
+    def baseline(self) -> dict[str, Any] | None:
+        """The test set's trivial baseline; None without a test set."""
+        return self.task.baseline() if self.task.has_test_set else None
 
     @staticmethod
     def _started_round(registry: chain.Registry, round_id: int) -> chain.RoundInfo:
@@ -240,7 +247,7 @@ class OrganizationService:
         outage is described in words, never raised."""
         chain_state = self.chain_status()
         status: dict[str, Any] = {
-            "task": self.task.name, "organization": self.address, "chain": chain_state,
+            "task": self.task.name, "metric": self.task.headline, "organization": self.address, "chain": chain_state,
             "ipfs": self.ipfs_status(), "contract": None, "current_round": None, "previous_round": None,
             "clients": None, "history": self.accuracy_history(), "baseline": self.baseline,
             "runner": self.runner.status() if self.runner else None,
@@ -309,6 +316,9 @@ class OrganizationService:
         return privacy.epsilon_spent(round_id, plan) if plan.is_dp else None
 
     def evaluate_on_test(self, weights) -> dict[str, float]:
+        """The model's metrics on the organization's test set; none without one."""
+        if not self.task.has_test_set:
+            return {}
         data = self.task.data()
         return self.task.evaluate(weights, data.x_test, data.y_test)
 

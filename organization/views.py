@@ -43,14 +43,21 @@ def live():
 
 @bp.get("/chart.png")
 def chart():
-    task, baseline = service().task, service().baseline
-    points = [(p["round"], p[task.headline]) for p in service().accuracy_history()]
+    task, baseline, history = service().task, service().baseline, service().accuracy_history()
+    metric = task.headline
+    shown = "RMSE" if task.numeric_label else "accuracy"
+    if task.has_test_set:
+        name, points = f"test {shown}", [(p["round"], p[metric]) for p in history]
+    else:  # the devices' held-out evaluation of each model, reported with the next round's updates
+        name, points = f"devices' held-out {shown}", [(p["round"], p["federated"][metric]) for p in history
+                                                     if p["federated"]]
+    title = f"{task.name}: {name} per round"
     if task.numeric_label:
-        png = error_png({"test RMSE": points}, title=f"{task.name}: RMSE per round", metric="RMSE",
-                        baseline=(f"always {baseline['answer']:.4g}", baseline["rmse"]))
+        png = error_png({name: points}, title=title, metric="RMSE",
+                        baseline=baseline and (f"always {baseline['answer']:.4g}", baseline["rmse"]))
     else:
-        png = accuracy_png({"test accuracy": points}, title=f"{task.name}: accuracy per round",
-                           baseline=(f"always {baseline['answer']}", baseline["accuracy"]))
+        png = accuracy_png({name: points}, title=title,
+                           baseline=baseline and (f"always {baseline['answer']}", baseline["accuracy"]))
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})
 
 

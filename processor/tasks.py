@@ -203,8 +203,15 @@ class Task:
         """The test metric a model is summed up by: accuracy, or a numeric label's RMSE."""
         return "rmse" if self.numeric_label else "accuracy"
 
+    @property
+    def has_test_set(self) -> bool:
+        """Whether the organization holds test rows (a task spec's organization may hold none)."""
+        return len(self.data().y_test) > 0
+
     def describe(self, metrics: dict[str, float]) -> str:
         """`metrics` in a few words, for a log line or a status."""
+        if self.headline not in metrics:
+            return "no test set (the devices' held-out evaluation measures each model)"
         return f"test RMSE {metrics['rmse']:.4g}" if self.numeric_label else f"test accuracy {metrics['accuracy']:.4f}"
 
     def compile_settings(self) -> dict[str, Any]:

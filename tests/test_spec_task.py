@@ -124,8 +124,9 @@ def test_a_round_of_a_task_spec_through_the_apps_one_device_holding_only_the_cid
     spec_path = tmp_path / "offer.json"
     spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "pool.csv", "label", "offer"), indent=1))
     plan = TrainingSettings(epochs=3, learning_rate=0.1)
-    with pytest.raises(ValueError, match="gives its own held-out rows"):
-        embedded_system(tmp_path / "without", OrganizationConfig(task=str(spec_path), training=plan))
+    with pytest.raises(ValueError, match="its test set: it never trains on them"):
+        embedded_system(tmp_path / "pretrained", OrganizationConfig(task=str(spec_path), held_out=tmp_path / "org.csv",
+                                                                    pretrain_epochs=2))
     system = embedded_system(tmp_path / "net", OrganizationConfig(task=str(spec_path), held_out=tmp_path / "org.csv",
                                                                   training=plan),
                              [ClientConfig(client_id=0, task=str(spec_path), data_path=tmp_path / "device0.csv")])
@@ -244,3 +245,38 @@ def test_score_says_in_one_line_when_the_chain_or_the_model_cannot_be_had(tmp_pa
         run.main(["score", "3", str(tmp_path / "rows.csv"), "--chain-url", "http://127.0.0.1:9", *where])
     with pytest.raises(SystemExit, match="not a valid CID"):
         run.main(["score", "bafy-not-a-cid", str(tmp_path / "rows.csv"), *where])
+
+
+def test_an_organization_without_rows_of_its_own_shows_the_devices_evaluation(tmp_path):
+    from client.service import ClientConfig
+    from demo import embedded_system
+    from infra import chain
+    from organization.service import OrganizationConfig
+
+    for name, count, seed in (("pool", 200, 0), ("device0", 150, 2), ("device1", 150, 3)):
+        write_rows(tmp_path / f"{name}.csv", count, seed)
+    spec_path = tmp_path / "offer.json"
+    spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "pool.csv", "label", "offer")))
+    with pytest.raises(ValueError, match="EWC anchors on the Fisher of the organization's own rows"):
+        embedded_system(tmp_path / "ewc", OrganizationConfig(task=str(spec_path), training=TrainingSettings(
+            ewc_lambda=1.0)))
+    system = embedded_system(tmp_path / "net", OrganizationConfig(task=str(spec_path), training=TrainingSettings(
+        epochs=3, learning_rate=0.1)), [ClientConfig(client_id=k, task=str(spec_path),
+                                                     data_path=tmp_path / f"device{k}.csv") for k in range(2)])
+    org, devices = system.org.test_client(), [app.test_client() for app in system.clients]
+    assert org.post("/api/deploy").status_code == 201
+    for k in range(2):
+        assert org.post("/api/clients", json={"address": chain.client_address(k)}).status_code == 200
+    assert org.post("/api/rounds").get_json()["metrics"] == {}
+    for round_id in (1, 2):
+        for device in devices:
+            assert device.post("/api/participate", json={"wait": True}).get_json().get("state") == "done"
+        assert org.post(f"/api/rounds/{round_id}/aggregate").get_json()["accepted"] == 2
+    history = org.get("/api/history").get_json()
+    assert [sorted(set(point) & {"accuracy", "loss"}) for point in history] == [[], [], []]
+    # each model's held-out evaluation comes with the next round's updates: round 2's are in
+    assert history[0]["federated"]["devices"] == 2 and history[1]["federated"]["accuracy"] > 0.6
+    assert history[2]["federated"] is None and history[2]["model_cid"]
+    page = org.get("/").get_data(as_text=True)
+    assert "No test set" in page and "no test set" in page
+    assert org.get("/chart.png").mimetype == "image/png"
