@@ -319,17 +319,19 @@ class Task:
     def predictions(self, logits: np.ndarray) -> dict[str, list]:
         """What the model answers for each row, as columns of a table: the predicted label, then
         each label's probability (`p_<label>`)."""
-        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        from scipy.special import softmax
+
+        probabilities = softmax(logits.astype(np.float64), axis=1)
         names = [self.label_names[i] if i < len(self.label_names) else str(i) for i in range(logits.shape[1])]
         return {"predicted": [names[i] for i in probabilities.argmax(axis=1)],
                 **{f"p_{name}": probabilities[:, i].round(6).tolist() for i, name in enumerate(names)}}
 
     def metrics(self, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Accuracy and mean cross-entropy (and AUC for a two-class task) of `logits` for labels `y`."""
+        from scipy.special import log_softmax
+
         logits = logits.astype(np.float64)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_probs = log_softmax(logits, axis=1)
         metrics = {"accuracy": float(np.mean(logits.argmax(axis=1) == y)),
                    "loss": float(-np.mean(log_probs[np.arange(len(y)), y]))}
         if self.num_classes == 2 and len(np.unique(y)) == 2:
