@@ -32,13 +32,13 @@ from infra.webapp import (
     store_status,
 )
 from processor import codec, penalty, privacy, rounds, secure_sum
+from processor.device_data import DeviceDataError
 from processor.evaluation import Evaluation, majority_baseline
 from processor.penalty import Curvature, RoundCurvature, SentStatistics
 from processor.privacy import PrivacyPlan
-from processor.device_data import DeviceDataError
 from processor.spec_task import SpecTask, load_task
-from processor.tasks import Task
 from processor.task_spec import MAX_SPEC_BYTES
+from processor.tasks import Task
 from processor.training import TrainingSettings
 
 log = logging.getLogger("client")

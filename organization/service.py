@@ -39,6 +39,7 @@ from processor.penalty import RoundCurvature
 from processor.privacy import PrivacyPlan
 from processor.screen import MergePolicy, Received, RoundMerge, merge_round
 from processor.spec_task import SpecTask, load_task
+from processor.tasks import Task
 from processor.training import TrainingSettings
 
 log = logging.getLogger("organization")
@@ -91,6 +92,21 @@ def history_path(state_dir: Path, registry_address: str) -> Path:
     return state_dir / "organization" / registry_address / "history.json"
 
 
+def refuse_what_cannot_run(task: Task, config: OrganizationConfig) -> None:
+    """ValueError for settings the task cannot honour, said at start rather than in a round."""
+    if task.numeric_label and config.target_accuracy is not None:
+        raise ValueError(f"the task {task.name!r} predicts a number: it has no accuracy to stop at")
+    if config.target_accuracy is not None and not task.has_test_set:
+        raise ValueError("a target accuracy is measured on the organization's test set: give one (--test-data)")
+    if isinstance(task, SpecTask) and config.pretrain_epochs > 0:
+        raise ValueError("the organization's rows of a task spec are its test set: it never trains on them "
+                         "(leave out --pretrain-epochs)")
+    plan = config.training
+    if not task.has_test_set and plan.regularizer == "ewc" and plan.ewc_lambda > 0:
+        raise ValueError("EWC anchors on the Fisher of the organization's own rows, and it holds none: give a "
+                         "test set (--test-data), or pull with --regularizer fedprox or fedcurv")
+
+
 class OrganizationService:
     def __init__(
         self,
@@ -103,17 +119,7 @@ class OrganizationService:
         self.settings = settings
         self.config = config
         self.task = load_task(config.task, config.held_out)
-        if self.task.numeric_label and config.target_accuracy is not None:
-            raise ValueError(f"the task {self.task.name!r} predicts a number: it has no accuracy to stop at")
-        if config.target_accuracy is not None and not self.task.has_test_set:
-            raise ValueError("a target accuracy is measured on the organization's test set: give one (--test-data)")
-        if isinstance(self.task, SpecTask) and config.pretrain_epochs > 0:
-            raise ValueError("the organization's rows of a task spec are its test set: it never trains on them "
-                             "(leave out --pretrain-epochs)")
-        plan = config.training
-        if not self.task.has_test_set and plan.regularizer == "ewc" and plan.ewc_lambda > 0:
-            raise ValueError("EWC anchors on the Fisher of the organization's own rows, and it holds none: give a "
-                             "test set (--test-data), or pull with --regularizer fedprox or fedcurv")
+        refuse_what_cannot_run(self.task, config)
         self.w3 = w3
         self.store = store
         self.key = settings.org_key or chain.DEV_KEYS[0]
