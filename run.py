@@ -222,16 +222,17 @@ def cmd_client(args: argparse.Namespace) -> None:
 def cmd_clients(args: argparse.Namespace) -> None:
     from client.group import GroupConfig, create_app
     from client.service import ClientConfig, WrongNetwork
+    from infra.ipfs import StorageError
     from infra.webapp import serve
     from processor.device_data import DeviceDataError
 
     first = ClientConfig(client_id=args.first_id, num_clients=args.clients or args.first_id + args.count,
                          task=args.task, partition=partition_of(args), alpha=args.alpha, seed=args.seed, agent=True,
-                         train_delay=args.train_delay)
+                         data_path=args.data, train_delay=args.train_delay)
     devices = f"clients {args.first_id}-{args.first_id + args.count - 1}"
     try:
         app = create_app({"SETTINGS": app_settings(args), "GROUP_CONFIG": GroupConfig(first, args.count)})
-    except (DeviceDataError, WrongNetwork, ValueError) as exc:  # a wrong count, split or task, in one line
+    except (DeviceDataError, WrongNetwork, ValueError, StorageError) as exc:  # a wrong count, split or task
         sys.exit(f"{devices}: {exc}")
     unfunded = app.extensions["group"].unfunded()
     if unfunded:
@@ -506,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
     group = command("clients", cmd_clients, "many devices in one process, each taking part in every round by itself",
                     everything, "python run.py clients --count 100  # clients 0-99, status on "
                                 "http://127.0.0.1:5099/api/status; enrol them with `run.py enrol --clients-of 100`")
-    data_flags(group)
+    data_flags(group, "a task spec file, or the CID the organization published its spec under")
+    group.add_argument("--data", type=Path, help="each device's own data, named with {id}: 'devices/device{id}.csv' "
+                                                 "(default: partition K of the bundled dataset)")
     group.add_argument("--count", type=int, required=True, help="number of devices N")
     group.add_argument("--first-id", type=int, default=0, help="the first device's client number K: the devices "
                                                                 "are K .. K + N - 1 (their partitions and keys)")

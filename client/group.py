@@ -10,16 +10,18 @@ One small app serves them all: GET /api/status lists each device's state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, jsonify
 
 from client.agent import AgentWatcher, ClientAgent
 from client.secure_round import RoundFacts
-from client.service import ClientConfig, ClientService
+from client.service import ClientConfig, ClientService, read_device, spec_fetcher
 from infra import chain, webapp
 from infra.settings import Settings
 from infra.webapp import JobRunner
+from processor.spec_task import load_task
 
 # Agents looking at once: one trains while the others pull, encode or wait for IPFS and the chain.
 PARALLEL_AGENTS = 8
@@ -31,18 +33,31 @@ class GroupConfig:
     count: int = 1
 
 
+def device_config(first: ClientConfig, client_id: int) -> ClientConfig:
+    """Device `client_id`'s configuration: `first`'s, with its id, and its own data file where
+    `first`'s names one per device (`devices/device{id}.csv`)."""
+    data = first.data_path
+    if data is not None and "{id}" in str(data):
+        data = Path(str(data).replace("{id}", str(client_id)))
+    elif data is not None:
+        raise ValueError(f"a group's devices each read their own file: name them with {{id}} ({data})")
+    return replace(first, client_id=client_id, data_path=data)
+
+
 class ClientGroup:
     """Clients `config.first.client_id` .. + `config.count` - 1, each configured as `config.first`
-    with its own id (its partition of the data, its key and its batch order)."""
+    with its own id (its partition of the data, its key and its batch order), and its own data
+    file where `config.first.data_path` names one per device with `{id}`. They share one task."""
 
     def __init__(self, settings: Settings, config: GroupConfig, w3, store, registry: chain.Registry | None) -> None:
         if config.count < 1:
             raise ValueError(f"a group has at least one device, not {config.count}")
         first = config.first.client_id
         facts = RoundFacts()  # a secure round's facts, read once for every device
-        self.services = [ClientService(settings, replace(config.first, client_id=k), w3, store, registry=registry,
-                                       round_facts=facts)
-                         for k in range(first, first + config.count)]
+        task = load_task(config.first.task, fetch=spec_fetcher(store))  # one working model for all
+        configs = [device_config(config.first, k) for k in range(first, first + config.count)]
+        self.services = [ClientService(settings, device, w3, store, registry=registry, round_facts=facts,
+                                       device=read_device(device, task)) for device in configs]
         self.services[0].check_network()  # one task for the whole group: one device checks it
         self.agents = [ClientAgent(service, JobRunner()) for service in self.services]
         for service, agent in zip(self.services, self.agents):

@@ -107,10 +107,12 @@ class DeviceData:
     y: np.ndarray
 
 
-def read_device(config: ClientConfig, fetch: Callable[[str], bytes] | None = None) -> DeviceData:
-    """The task `config` names and the device's rows. `fetch` gets a spec named by its CID; a task
-    given by name or file needs neither the chain nor IPFS, so a wrong data file is said at once."""
-    task = load_task(config.task, fetch=fetch)
+def read_device(config: ClientConfig, task: Task | None = None,
+                fetch: Callable[[str], bytes] | None = None) -> DeviceData:
+    """The device's task (`task`, else the one `config` names) and its rows. `fetch` gets a spec
+    named by its CID; a task given by name or file needs neither the chain nor IPFS, so a wrong
+    data file is said at once."""
+    task = task or load_task(config.task, fetch=fetch)
     if config.data_path is not None:
         return DeviceData(task, *task.read_device_data(config.data_path))
     if isinstance(task, SpecTask):
@@ -120,6 +122,11 @@ def read_device(config: ClientConfig, fetch: Callable[[str], bytes] | None = Non
                                               seed=config.seed, alpha=config.alpha))
 
 
+def spec_fetcher(store: ipfs.ContentStore) -> Callable[[str], bytes]:
+    """Gets a spec published on IPFS by its CID, checked against it and no larger than a spec may be."""
+    return lambda cid: store.get(cid, max_bytes=MAX_SPEC_BYTES)
+
+
 class ClientService:
     def __init__(self, settings: Settings, config: ClientConfig, w3, store: ipfs.ContentStore,
                  registry: chain.Registry | None = None,
@@ -127,7 +134,7 @@ class ClientService:
         self.settings = settings
         self.config = config
         # a spec published on IPFS is fetched by its CID, checked against it
-        device = device or read_device(config, fetch=lambda cid: store.get(cid, max_bytes=MAX_SPEC_BYTES))
+        device = device or read_device(config, fetch=spec_fetcher(store))
         self.task, x, y = device.task, device.x, device.y
         self.w3 = w3
         self.store = store

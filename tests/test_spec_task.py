@@ -3,6 +3,7 @@ named columns, its model the spec's, a class or a number to predict."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -280,3 +281,23 @@ def test_an_organization_without_rows_of_its_own_shows_the_devices_evaluation(tm
     page = org.get("/").get_data(as_text=True)
     assert "No test set" in page and "no test set" in page
     assert org.get("/chart.png").mimetype == "image/png"
+
+
+def test_a_group_of_devices_shares_one_spec_task_each_reading_its_own_file(tmp_path):
+    from client.group import ClientGroup, GroupConfig
+    from client.service import ClientConfig
+    from demo import embedded_system
+    from organization.service import OrganizationConfig
+
+    for k, count in enumerate((40, 70)):
+        write_rows(tmp_path / f"device{k}.csv", count, seed=k)
+    spec_path = tmp_path / "offer.json"
+    spec_path.write_text(json.dumps(task_spec.draft_spec(tmp_path / "device0.csv", "label", "offer")))
+    system = embedded_system(tmp_path / "net", OrganizationConfig(task=str(spec_path)))
+    first = ClientConfig(task=str(spec_path), data_path=tmp_path / "device{id}.csv", agent=True)
+    group = ClientGroup(system.settings, GroupConfig(first, count=2), system.w3, system.store, None)
+    assert group.services[0].task is group.services[1].task  # one working model for the process
+    assert [len(s.y) + len(s.y_eval) for s in group.services] == [40, 70]
+    with pytest.raises(ValueError, match=r"each read their own file: name them with \{id\}"):
+        ClientGroup(system.settings, GroupConfig(replace(first, data_path=tmp_path / "device0.csv"), count=2),
+                    system.w3, system.store, None)
