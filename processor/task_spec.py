@@ -24,6 +24,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from processor.training import TrainingSettings
+from processor.weights import PRIVATE_PREFIX, is_private
 
 FORMAT = "fl-task/1"
 MAX_SPEC_BYTES = 16 * 2**20
@@ -406,6 +407,12 @@ def _check_ends(spec: TaskSpec, body: dict, outputs: dict[str, tuple], weights: 
     for name in spec.private_layers:
         if not weights.get(name):
             _refuse("private_layers", f"{name!r} is not a layer of the model that holds weights")
+        if not is_private(name):  # the codec, the merge and the devices know private tensors by that prefix
+            _refuse("private_layers", f"{name!r}: a private layer's name starts with {PRIVATE_PREFIX!r}")
+    unlisted = [name for name, count in weights.items() if count and is_private(name)
+                and name not in spec.private_layers]
+    if unlisted:
+        _refuse("private_layers", f"{unlisted[0]!r} is named as a private layer ({PRIVATE_PREFIX}...) but not listed")
 
 
 def build_model(spec: TaskSpec, seed: int = 0):

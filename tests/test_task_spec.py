@@ -148,8 +148,16 @@ def test_the_model_s_inputs_are_the_spec_s_features_and_its_output_fits_the_labe
                              metrics=["accuracy"])
     refused(document, "the output is of shape \\[None, 2\\], where the multiclass label needs \\[null, 3\\]")
     refused(spec_document(private_layers=["joined"]), "'joined' is not a layer of the model that holds weights")
-    spec = read_spec(json.dumps(spec_document(private_layers=["item_factors"])))
-    assert spec.private_layers == ["item_factors"]
+    # a private layer stays on the device only under the name every part knows it by
+    refused(spec_document(private_layers=["item_factors"]), "'item_factors': a private layer's name starts with 'user_'")
+    private = json.loads(json.dumps(offer_model()).replace('"item_factors"', '"user_factors"'))
+    refused(spec_document(model=private), "'user_factors' is named as a private layer \\(user_...\\) but not listed")
+    spec = read_spec(json.dumps(spec_document(model=private, private_layers=["user_factors"])))
+    assert spec.private_layers == ["user_factors"]
+    from processor.spec_task import spec_task
+
+    task = spec_task(spec)
+    assert set(task.private_spec) == {"user_factors/embeddings"} and "user_factors/embeddings" not in task.spec
 
 
 def test_what_is_not_a_spec_at_all_is_refused_clearly():
