@@ -18,31 +18,28 @@ def accuracy_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str,
     """Plot one line per curve of (round, accuracy) points, on an axis from 0 to 100 % so that a
     gain looks its size; `baseline` (label, accuracy) is drawn dashed. Written to `path` if given;
     returns the PNG bytes."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    if baseline is not None:
-        ax.axhline(100 * baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
-    _plot_rounds(ax, {label: [(r, 100 * a) for r, a in points] for label, points in curves.items()},
-                 "round (0 = initial model)", "accuracy (%)")
-    ax.set_ylim(0, 100)
-    if baseline is not None:
-        ax.legend()
-    ax.set_title(title)
-    return _png(fig, path)
+    return _metric_png(curves, title, "accuracy (%)", path, baseline, scale=100.0, top=100.0)
 
 
 def error_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str, metric: str,
               baseline: tuple[str, float] | None = None) -> bytes:
     """Plot one line per curve of (round, error) points of a numeric label (`metric`: its RMSE, in
     the label's units) on an axis from 0; `baseline` (label, error) is drawn dashed."""
+    return _metric_png(curves, title, metric, None, baseline)
+
+
+def _metric_png(curves: Mapping[str, Sequence[tuple[int, float]]], title: str, ylabel: str, path: Path | None,
+                baseline: tuple[str, float] | None, scale: float = 1.0, top: float | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if baseline is not None:
-        ax.axhline(baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
-    _plot_rounds(ax, curves, "round (0 = initial model)", metric)
-    ax.set_ylim(bottom=0)
+        ax.axhline(scale * baseline[1], color="grey", linestyle="--", label=f"baseline: {baseline[0]}")
+    _plot_rounds(ax, {label: [(r, scale * value) for r, value in points] for label, points in curves.items()},
+                 "round (0 = initial model)", ylabel)
+    ax.set_ylim(0, top)
     if baseline is not None:
         ax.legend()
     ax.set_title(title)
-    return _png(fig, None)
+    return _png(fig, path)
 
 
 def round_cost_png(runs: Mapping[str, Mapping[str, Sequence[float]]], title: str, path: Path | None = None,
