@@ -26,11 +26,11 @@ from pathlib import Path
 import psutil
 from eth_account import Account
 
-from benchmarks.measure import log, report
+from benchmarks.measure import log, report, stack_settings
 from demo import DemoOptions, free_port, run_self_running
 from infra import chain
 from infra.ipfs import compute_cid
-from infra.settings import CHAIN_NODE_KINDS, Settings
+from infra.settings import CHAIN_NODE_KINDS
 
 TX_CLIENTS, TX_ROUNDS = 20, 3  # chain-only traffic: 20 submissions a round, plus close and finalize
 
@@ -62,9 +62,7 @@ def cpu_ms_per_transaction(node: chain.LocalChain) -> float:
 
 def full_stack_round(kind: str, clients: int, rounds: int, folder: Path) -> float:
     """The median seconds per round (rounds 2 and later) of the self-running demo on a `kind` node."""
-    settings = Settings.from_env(state_dir=folder / f"stack-{kind}", chain_node=kind,
-                                 chain_url=f"http://127.0.0.1:{free_port(0)}",
-                                 ipfs_api=f"http://127.0.0.1:{free_port(0)}")
+    settings = stack_settings(folder / f"stack-{kind}", chain_node=kind)
     options = replace(DemoOptions(clients=clients, rounds=rounds, round_seconds=60, straggler=False,
                                   late_joiner=False, org_port=free_port(0), first_client_port=free_port(0)),
                       plot_path=folder / "plot.png")

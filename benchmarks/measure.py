@@ -17,6 +17,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def stack_settings(folder: Path, **settings):
+    """Settings for a new chain node and IPFS daemon on free ports, their state under `folder`."""
+    from demo import free_port
+    from infra.settings import Settings
+
+    return Settings.from_env(state_dir=folder, chain_url=f"http://127.0.0.1:{free_port(0)}",
+                             ipfs_api=f"http://127.0.0.1:{free_port(0)}", **settings)
+
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # a JSON-lines file per benchmark, kept in git
 
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import requests
 
 import demo
-from benchmarks.measure import log, report
+from benchmarks.measure import log, report, stack_settings
 from infra.settings import Settings
 from processor.training import TrainingSettings
 
@@ -51,8 +51,7 @@ CLOSE_MARGIN_SECONDS = 3
 
 
 def settings_for(folder: Path) -> Settings:
-    return Settings.from_env(state_dir=folder, chain_url=f"http://127.0.0.1:{demo.free_port(0)}",
-                             ipfs_api=f"http://127.0.0.1:{demo.free_port(0)}")
+    return stack_settings(folder)
 
 
 def options(rounds: int, round_seconds: int, **changes) -> demo.DemoOptions:

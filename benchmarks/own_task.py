@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import demo
-from benchmarks.measure import log, report
-from infra.settings import Settings
+from benchmarks.measure import log, report, stack_settings
 from processor import partition, rounds
 from processor.screen import BOUNDS
 from processor.device_data import read_spec_data
@@ -102,8 +101,7 @@ def draft(folder: Path, device_file: Path, label: str, name: str) -> Path:
 def federated(folder: Path, spec: Path, files: list[Path], bounds: str) -> tuple[dict, float]:
     """The spec learned on the full stack for ROUNDS rounds: the last merged model's test metrics,
     and the seconds from starting the organization to round 1 open."""
-    settings = Settings.from_env(state_dir=folder / "state", chain_url=f"http://127.0.0.1:{demo.free_port(0)}",
-                                 ipfs_api=f"http://127.0.0.1:{demo.free_port(0)}")
+    settings = stack_settings(folder / "state")
     options = demo.DemoOptions(task=str(spec), clients=DEVICES, rounds=ROUNDS, training=read_task_file(spec).plan,
                                seed=SEED, bounds=bounds, round_seconds=ROUND_SECONDS, straggler=False,
                                late_joiner=False,
