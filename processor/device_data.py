@@ -89,7 +89,10 @@ def columns_for(task: Task) -> list[Column]:
     raise DeviceDataError(f"task {task.name!r} takes no device data file")
 
 
-def _rows(path: Path, columns: list[Column], max_rows: int = MAX_ROWS) -> list[dict[str, int | float | str]]:
+def _rows(path: Path, columns: list[Column], max_rows: int = MAX_ROWS,
+          optional: tuple[str, ...] = ()) -> list[dict[str, int | float | str]]:
+    """The rows of the file at `path`, each value parsed by its column; a column named in
+    `optional` may be left out of the file."""
     try:
         handle = path.open(newline="", encoding="utf-8")
     except FileNotFoundError:
@@ -104,7 +107,7 @@ def _rows(path: Path, columns: list[Column], max_rows: int = MAX_ROWS) -> list[d
                 raise DeviceDataError(f"{path} is empty: it needs a header row naming its columns")
             names = [name.strip() for name in header]
             expected = [c.name for c in columns]
-            missing = [n for n in expected if n not in names]
+            missing = [n for n in expected if n not in names and n not in optional]
             extra = [n for n in names if n not in expected]
             if missing or extra or len(set(names)) != len(names):
                 problems = [f"missing column(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
@@ -172,16 +175,6 @@ def spec_columns(spec: TaskSpec) -> list[Column]:
     return columns
 
 
-def _header(path: Path) -> list[str]:
-    """The names in the first line of the CSV file at `path` (none when it cannot be read: reading
-    the file says why)."""
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [name.strip() for name in next(csv.reader(handle), [])]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
-
-
 def read_spec_data(spec: TaskSpec, path: Path | str,
                    label_optional: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, a table of the features as the spec's model takes them (`TaskSpec.row_dtype`);
@@ -189,13 +182,12 @@ def read_spec_data(spec: TaskSpec, path: Path | str,
     the data file at `path`, checked against `spec` row by row. With `label_optional`, a file
     without the label's column is read too, its labels None (rows to score)."""
     path = Path(path)
-    columns = spec_columns(spec)
-    if label_optional and spec.label.name not in _header(path):
-        rows = _rows(path, columns[1:], min(MAX_ROWS, spec.limits.rows))
-        return _table(spec, rows), None
-    rows = _rows(path, columns, min(MAX_ROWS, spec.limits.rows))
-    table = _table(spec, rows)
     label = spec.label
+    rows = _rows(path, spec_columns(spec), min(MAX_ROWS, spec.limits.rows),
+                 optional=(label.name,) if label_optional else ())
+    table = _table(spec, rows)
+    if label.name not in rows[0]:  # left out, as `label_optional` allows
+        return table, None
     if isinstance(label, NumericLabel):
         return table, ((np.array([row[label.name] for row in rows], np.float64) - label.mean) / label.std).astype(np.float32)
     index = {name: i for i, name in enumerate(label.classes)}
